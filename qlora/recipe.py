@@ -1,0 +1,409 @@
+"""Recipes: the one typed schema for YAML files and `--set key=value` overrides.
+
+Every key is a dataclass field, so a misspelt key is an error that names the closest valid key
+(never a silent fallback to a default), a value of the wrong type is an error that names the key
+and the expected type, and out-of-range values are caught before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from qlora.errors import QLoraError, did_you_mean
+
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit")
+SCHEDULERS = ("constant", "cosine", "linear")
+TARGET_PRESETS = ("all-linear", "attention", "qv", "mlp")
+TASKS = ("causal_lm", "classification")
+DATA_FORMATS = ("alpaca", "chat", "text", "classification")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANT_TYPES = ("nf4", "fp4")
+METRICS = ("none", "exact_match", "accuracy")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+@dataclass
+class ModelSpec:
+    """The base model: a local folder or a Hub name."""
+
+    name_or_path: str = ""
+    revision: str | None = None
+    trust_remote_code: bool = False  # off unless the recipe asks: remote code runs on your machine
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class QuantizationSpec:
+    """How the frozen base is stored: 4-bit (QLoRA), 8-bit, or none (16-bit LoRA)."""
+
+    bits: int | None = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp16 on older GPUs (T4), fp32 on CPU
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters; `targets` is a preset (all-linear, attention, qv, mlp) or module names."""
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"
+
+
+@dataclass
+class DataSpec:
+    """Where the examples come from and how they become token sequences."""
+
+    path: str = ""
+    format: str = "alpaca"
+    max_seq_len: int = 512
+    eval_size: float = 0.1  # < 1: fraction held out; >= 1: number of examples held out
+    eval_path: str | None = None  # a separate eval file instead of a held-out split
+    split: str = "train"  # for Hub datasets
+    columns: dict[str, str] = field(default_factory=dict)  # role -> column, e.g. {output: response}
+    packing: bool = False
+    group_by_length: bool = False
+    max_examples: int | None = None
+
+
+@dataclass
+class TrainingSpec:
+    """Optimisation; defaults are the QLoRA paper's (paged AdamW 32-bit, max grad norm 0.3)."""
+
+    optimizer: str = "paged_adamw_32bit"
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    num_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_epochs
+    batch_size: int = 1
+    grad_accum: int = 16
+    max_grad_norm: float = 0.3
+    gradient_checkpointing: bool = True
+    eval_steps: int | None = None  # None: evaluate only before and after training
+    save_steps: int = 100
+    save_total_limit: int | None = 3
+    logging_steps: int = 10
+    seed: int = 42
+
+
+@dataclass
+class EvalSpec:
+    """The task metric measured on the held-out split before and after training."""
+
+    metric: str = "none"
+    max_examples: int = 64
+    max_new_tokens: int = 32
+
+
+@dataclass
+class Recipe:
+    """A whole training run. `source` (the YAML file it came from) is not a key."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    task: str = "causal_lm"
+    output_dir: str = ""
+    target_gpu: str | None = None
+    source: Path | None = field(default=None, repr=False, compare=False, metadata={"key": False})
+
+    @property
+    def method(self) -> str:
+        """The profiler's name for what this recipe trains: qlora, lora-8bit or lora."""
+        return {4: "qlora", 8: "lora-8bit", None: "lora"}[self.quantization.bits]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (what `recipe.yaml` in the output folder holds)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in _keys(Recipe)}
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved recipe as YAML (atomically: a reader never sees half a file)."""
+        from qlora.io import atomic_write_text
+
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in _keys(type(value))}
+    return value
+
+
+def _keys(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
+
+
+def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key a recipe accepts, e.g. 'lora.r', 'training.max_steps'."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in _keys(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(all_keys(tp, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+# --- building a recipe from YAML data -------------------------------------------------------------
+
+
+def from_dict(data: Any, cls: type = Recipe, prefix: str = "") -> Any:
+    """Build the dataclass `cls` from nested dicts, checking every key and type."""
+    where = prefix.rstrip(".") or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise QLoraError(f"{where}: expected a mapping of keys, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in _keys(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise QLoraError(f"unknown recipe key '{dotted}'{did_you_mean(dotted, all_keys())}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(value, tp, f"{dotted}.")
+        else:
+            kwargs[key] = coerce(dotted, value, tp)
+    return cls(**kwargs)
+
+
+def coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; convert only where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return coerce(key, value, option)
+            except QLoraError as exc:
+                errors.append(exc)
+        raise errors[0] if len(errors) == 1 else _type_error(key, value, tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise _type_error(key, value, tp)
+        return [coerce(key, v, item_tp) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise _type_error(key, value, tp)
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise _type_error(key, value, tp)
+
+
+_TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping of strings"
+    return _TYPE_NAMES.get(tp, str(tp))
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _type_error(key: str, value: Any, tp: Any) -> QLoraError:
+    return QLoraError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+# --- overrides ------------------------------------------------------------------------------------
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply `dotted.key=value` strings to raw recipe data; values are parsed as YAML scalars."""
+    valid = set(all_keys())
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise QLoraError(f"--set expects key=value, got '{item}'")
+        if key not in valid:
+            raise QLoraError(f"unknown recipe key '{key}' in --set{did_you_mean(key, valid)}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise QLoraError(f"{key}: '{part}' in the recipe is not a section of keys")
+            node = node[part]
+        node[leaf] = value
+    return data
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise QLoraError(message)
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    _check(value in choices, f"{key}: unknown value '{value}'{did_you_mean(value, choices)}")
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)\s*$", re.IGNORECASE)
+
+
+def parse_gpu_memory(text: str) -> int:
+    """'24GB' -> bytes. GPU makers' 'GB' are binary (a 24 GB card has 24 GiB), so GB == GiB here."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise QLoraError(f"target_gpu: expected a size such as '24GB', got '{text}'")
+    return int(float(match.group(1)) * 2**30)
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Range and choice checks that types alone cannot express."""
+    m, q, lo, d, t, e = recipe.model, recipe.quantization, recipe.lora, recipe.data, recipe.training, recipe.eval
+    _check(bool(m.name_or_path), "model.name_or_path: required (a local model folder or a Hub name)")
+    _check(bool(d.path), "data.path: required (a JSON/JSONL/CSV/Parquet file, a folder, or a Hub dataset)")
+    _check(bool(recipe.output_dir), "output_dir: required (where the adapter and metrics are written)")
+    _check(q.bits in (4, 8, None), f"quantization.bits: must be 4, 8 or none, got {q.bits}")
+    _check_choice("quantization.quant_type", q.quant_type, QUANT_TYPES)
+    _check_choice("quantization.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
+    _check_choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
+    _check(lo.r > 0, f"lora.r: must be > 0, got {lo.r}")
+    _check(lo.alpha > 0, f"lora.alpha: must be > 0, got {lo.alpha}")
+    _check(0 <= lo.dropout < 1, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if isinstance(lo.targets, str):
+        _check_choice("lora.targets", lo.targets, TARGET_PRESETS)
+    else:
+        _check(bool(lo.targets) and all(lo.targets), "lora.targets: the list of module names is empty")
+    _check_choice("data.format", d.format, DATA_FORMATS)
+    _check(d.max_seq_len > 0, f"data.max_seq_len: must be > 0, got {d.max_seq_len}")
+    _check(d.eval_size >= 0, f"data.eval_size: must be >= 0, got {d.eval_size}")
+    _check(d.max_examples is None or d.max_examples > 0, f"data.max_examples: must be > 0, got {d.max_examples}")
+    _check_choice("training.optimizer", t.optimizer, OPTIMIZERS)
+    _check_choice("training.lr_scheduler", t.lr_scheduler, SCHEDULERS)
+    _check(t.learning_rate > 0, f"training.learning_rate: must be > 0, got {t.learning_rate}")
+    _check(0 <= t.warmup_ratio <= 1, f"training.warmup_ratio: must be in [0, 1], got {t.warmup_ratio}")
+    _check(t.batch_size >= 1, f"training.batch_size: must be >= 1, got {t.batch_size}")
+    _check(t.grad_accum >= 1, f"training.grad_accum: must be >= 1, got {t.grad_accum}")
+    _check(t.max_grad_norm >= 0, f"training.max_grad_norm: must be >= 0, got {t.max_grad_norm}")
+    _check(t.max_steps == -1 or t.max_steps > 0, f"training.max_steps: must be > 0 (or -1 for epochs), got {t.max_steps}")
+    _check(t.num_epochs > 0, f"training.num_epochs: must be > 0, got {t.num_epochs}")
+    _check(t.save_steps > 0, f"training.save_steps: must be > 0, got {t.save_steps}")
+    _check(t.logging_steps > 0, f"training.logging_steps: must be > 0, got {t.logging_steps}")
+    _check(t.eval_steps is None or t.eval_steps > 0, f"training.eval_steps: must be > 0, got {t.eval_steps}")
+    _check_choice("eval.metric", e.metric, METRICS)
+    _check(e.max_examples > 0, f"eval.max_examples: must be > 0, got {e.max_examples}")
+    _check(e.max_new_tokens > 0, f"eval.max_new_tokens: must be > 0, got {e.max_new_tokens}")
+    _check_choice("task", recipe.task, TASKS)
+    if recipe.task == "classification":
+        _check(d.format == "classification", f"data.format: task 'classification' needs format 'classification', got '{d.format}'")
+    if recipe.target_gpu is not None:
+        parse_gpu_memory(recipe.target_gpu)
+    return recipe
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def _resolve_input_paths(recipe: Recipe, base: Path) -> None:
+    """Relative input paths in a recipe file are relative to that file, when they exist there.
+
+    A relative string that does not exist next to the recipe is left alone: it may be a Hub name
+    ('meta-llama/Llama-2-7b-hf') or a path relative to the working directory.
+    """
+    for spec, attr in ((recipe.model, "name_or_path"), (recipe.data, "path"), (recipe.data, "eval_path")):
+        value = getattr(spec, attr)
+        if value and not Path(value).is_absolute() and (base / value).exists():
+            setattr(spec, attr, str((base / value).resolve()))
+
+
+def _normalise_bits(data: dict) -> None:
+    """`quantization.bits: none` (a string in YAML) means no quantization."""
+    quant = data.get("quantization")
+    if isinstance(quant, dict) and isinstance(quant.get("bits"), str) and quant["bits"].lower() in ("none", "null", "16"):
+        quant["bits"] = None
+    elif isinstance(quant, dict) and quant.get("bits") == 16:
+        quant["bits"] = None
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """The raw YAML mapping of a recipe file, with a clear error for every way reading can fail."""
+    path = Path(path)
+    if not path.exists():
+        raise QLoraError(f"recipe file not found: {path}")
+    if path.is_dir():
+        raise QLoraError(f"recipe path is a folder, expected a YAML file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise QLoraError(f"malformed YAML in {path}{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise QLoraError(f"recipe file is not UTF-8 text: {path}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise QLoraError(f"recipe {path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override, type-check and validate a recipe file."""
+    path = Path(path)
+    data = read_recipe_file(path)
+    data = apply_overrides(data, overrides)
+    _normalise_bits(data)
+    recipe = from_dict(data)
+    recipe.source = path.resolve()
+    _resolve_input_paths(recipe, path.resolve().parent)
+    return validate(recipe)
+
+
+def recipe_from_mapping(data: dict, overrides: Sequence[str] = ()) -> Recipe:
+    """Build a recipe from in-memory data (tests, sweeps), with the same checks as a file."""
+    data = apply_overrides(copy.deepcopy(data), overrides)
+    _normalise_bits(data)
+    return validate(from_dict(data))
