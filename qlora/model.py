@@ -1,0 +1,185 @@
+"""Load the frozen base (4-bit NF4 + double quant, 8-bit, or 16-bit), attach LoRA, enable checkpointing.
+
+The profiler's measured mode builds its models through these same functions, so what it measures
+is what `qlora train` holds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora.errors import QLoraError, did_you_mean
+from qlora.precision import base_weight_dtype, resolve_compute_dtype
+from qlora.recipe import LoraSpec, ModelSpec, QuantizationSpec, Recipe
+
+# Leaf names of linear layers per preset, across the common decoder families (Llama, Mistral, Qwen2,
+# Gemma, Phi-3, GPT-NeoX, Falcon, GPT-2). 'all-linear' is left to peft, which also knows to skip the head.
+ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "dense", "out_proj", "c_proj"}
+QV_NAMES = {"q_proj", "v_proj", "query", "value"}
+MLP_NAMES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"}
+PRESETS = {"attention": ATTENTION_NAMES, "qv": QV_NAMES, "mlp": MLP_NAMES}
+CLASSIFIER_HEADS = ("score", "classifier")
+
+
+@dataclass
+class LoadedModel:
+    """What training needs from loading: the peft model, its tokenizer and the dtype it computes in."""
+
+    model: Any
+    tokenizer: Any
+    compute_dtype: torch.dtype
+
+
+def is_local_path(name: str) -> bool:
+    """A string the user meant as a path (it cannot be a Hub id 'org/name')."""
+    return os.path.exists(name) or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+
+
+def check_model_source(spec: ModelSpec) -> None:
+    """Fail early, with the key, when a local model folder does not exist or holds no config."""
+    name = spec.name_or_path
+    if not is_local_path(name):
+        return
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise QLoraError(f"model.name_or_path: folder not found: {name}")
+    if not (path / "config.json").exists():
+        raise QLoraError(f"model.name_or_path: {name} has no config.json (not a transformers model folder)")
+
+
+def quantization_config(spec: QuantizationSpec, compute_dtype: torch.dtype):
+    """transformers' `BitsAndBytesConfig` for the recipe (None for a 16-bit base)."""
+    from transformers import BitsAndBytesConfig
+
+    if spec.bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=spec.quant_type,
+            bnb_4bit_use_double_quant=spec.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if spec.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def _from_pretrained(loader, spec: ModelSpec, **kwargs):
+    """Call a transformers `from_pretrained`, turning 'not found' into a one-line user error."""
+    check_model_source(spec)
+    try:
+        return loader.from_pretrained(
+            spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs
+        )
+    except (OSError, EnvironmentError) as exc:
+        if is_local_path(spec.name_or_path):
+            raise QLoraError(f"model.name_or_path: cannot load {spec.name_or_path}: {str(exc).splitlines()[0]}") from None
+        raise QLoraError(
+            f"model.name_or_path: '{spec.name_or_path}' is not a local folder and could not be fetched from the "
+            "Hugging Face Hub (offline, gated or misspelt?)"
+        ) from None
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The base model's tokenizer, with a pad token (many causal LMs ship without one)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, spec)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: list[str] | None = None):
+    """The frozen base: causal LM, or sequence classifier with `len(label_names)` classes."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {
+        "dtype": base_weight_dtype(compute_dtype),
+        "attn_implementation": recipe.model.attn_implementation,
+        "quantization_config": quantization_config(recipe.quantization, compute_dtype),
+    }
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if recipe.task == "classification":
+        labels = label_names or []
+        kwargs.update(
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+        )
+        return _from_pretrained(AutoModelForSequenceClassification, recipe.model, **kwargs)
+    return _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
+
+
+def linear_leaf_names(model) -> set[str]:
+    """Leaf names of every linear layer (plain, 4-bit or 8-bit), e.g. {'q_proj', 'down_proj', 'lm_head'}."""
+    import bitsandbytes as bnb
+
+    kinds = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, kinds)}
+
+
+def lora_target_modules(model, targets: str | list[str]) -> str | list[str]:
+    """Resolve `lora.targets` (a preset or names) against the model's own linear layers."""
+    if targets == "all-linear":
+        return "all-linear"  # peft resolves it, excluding the output head
+    present = linear_leaf_names(model)
+    if isinstance(targets, str):
+        chosen = sorted(present & PRESETS[targets])
+        if not chosen:
+            raise QLoraError(
+                f"lora.targets: preset '{targets}' matches no linear layer of this model "
+                f"(its linear layers: {', '.join(sorted(present))}); list module names instead"
+            )
+        return chosen
+    for name in targets:
+        if name not in present:
+            raise QLoraError(f"lora.targets: this model has no linear layer named '{name}'{did_you_mean(name, present)}")
+    return list(targets)
+
+
+def attach_lora(model, spec: LoraSpec, task: str = "causal_lm"):
+    """Wrap the frozen base with LoRA adapters; only adapter (and a new classifier head) train."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=lora_target_modules(model, spec.targets),
+        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+        modules_to_save=[n for n in CLASSIFIER_HEADS if hasattr(model, n)] if task == "classification" else None,
+    )
+    # autocast_adapter_dtype keeps LoRA weights in fp32 even on a 16-bit base (precision.ADAPTER_DTYPE).
+    return get_peft_model(model, config, autocast_adapter_dtype=True)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing: recompute each layer in backward instead of keeping its activations."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+def build_model(recipe: Recipe, label_names: list[str] | None = None, device: str | None = None) -> LoadedModel:
+    """Tokenizer + quantized base + LoRA (+ checkpointing), all as the recipe says."""
+    compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype, device)
+    tokenizer = load_tokenizer(recipe.model)
+    base = load_base_model(recipe, compute_dtype, label_names)
+    if recipe.task == "classification" and base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools the last non-pad token
+    if recipe.training.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
+    model = attach_lora(base, recipe.lora, recipe.task)
+    return LoadedModel(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters, counting a 4-bit weight as its unpacked element count."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total)

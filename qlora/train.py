@@ -1,0 +1,240 @@
+"""`qlora train RECIPE` / `python -m qlora.train RECIPE`: recipe in, adapter + metrics out.
+
+Reads top to bottom: check the output folder -> load model and data -> measure before ->
+train (transformers.Trainer, paged optimizer, checkpoints) -> measure after -> save atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from qlora.errors import QLoraError, run_cli
+
+OOM_EXIT_CODE = 3
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = argparse.ArgumentParser(prog="qlora train", description="Fine-tune a model with (Q)LoRA from a YAML recipe.")
+    parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/demo.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set lora.r=16 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in output_dir")
+    return parser.parse_args(argv)
+
+
+def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool):
+    """transformers `TrainingArguments` from the recipe's training section."""
+    from transformers import TrainingArguments
+
+    from qlora.precision import trainer_precision_flags
+
+    t = recipe.training
+    return TrainingArguments(
+        output_dir=str(checkpoint_root),
+        optim=t.optimizer,
+        learning_rate=t.learning_rate,
+        # 'constant' would ignore warmup; transformers names the warmed-up variant separately.
+        lr_scheduler_type="constant_with_warmup" if (t.lr_scheduler == "constant" and t.warmup_ratio) else t.lr_scheduler,
+        warmup_steps=t.warmup_ratio if t.warmup_ratio < 1 else 0.999,  # a float < 1 is a ratio of total steps
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=max(t.batch_size, 8),
+        gradient_accumulation_steps=t.grad_accum,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=False,  # already enabled by qlora.model, non-reentrant
+        eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        train_sampling_strategy="group_by_length" if recipe.data.group_by_length else "random",
+        label_names=["labels"],
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=False,
+        **trainer_precision_flags(compute_dtype),
+    )
+
+
+def checkpoint_marker_callback():
+    """A Trainer callback that marks each checkpoint complete once Trainer has finished writing it."""
+    from transformers import TrainerCallback
+
+    from qlora.checkpoints import mark_complete
+
+    class MarkCheckpointComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return MarkCheckpointComplete()
+
+
+def build_trainer(recipe, loaded, data, checkpoint_root: Path):
+    from transformers import Trainer
+
+    from qlora.data import data_collator
+
+    return Trainer(
+        model=loaded.model,
+        args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data_collator(loaded.tokenizer),
+        processing_class=loaded.tokenizer,
+        callbacks=[checkpoint_marker_callback()],
+    )
+
+
+def measure(trainer, loaded, data, recipe) -> dict[str, float]:
+    """Eval loss and the task metric on the held-out split (empty when there is none)."""
+    from qlora.metrics import task_metrics
+
+    if data.eval is None:
+        return {}
+    results = {"eval_loss": float(trainer.evaluate()["eval_loss"])}
+    results.update(task_metrics(recipe, trainer, loaded, data))
+    return results
+
+
+def baseline(trainer, loaded, data, recipe, output_dir: Path, resuming: bool) -> dict[str, float]:
+    """Metrics before training, kept on disk so that a resumed run reports the true 'before'."""
+    from qlora.io import atomic_write_json
+
+    path = output_dir / "checkpoints" / "baseline.json"
+    if resuming and path.exists():
+        return json.loads(path.read_text())
+    before = measure(trainer, loaded, data, recipe)
+    atomic_write_json(path, before)
+    return before
+
+
+def save_adapter(loaded, output_dir: Path) -> Path:
+    """Write the adapter (peft format, safetensors) + tokenizer to `output_dir/adapter` atomically."""
+    from qlora.io import publish_dir, staging_dir_for
+
+    final = output_dir / "adapter"
+    staging = staging_dir_for(final)
+    loaded.model.save_pretrained(staging, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(staging)
+    publish_dir(staging, final)
+    return final
+
+
+def out_of_memory_message(recipe) -> str:
+    """What to change when the GPU ran out: the profiler's fit plan for this GPU, when it can tell."""
+    import torch
+
+    lines = ["out of GPU memory; the last complete checkpoint is kept (continue with --resume after a change)"]
+    try:
+        from qlora.profile import plan_fit
+
+        gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+        if gpu_bytes is None and recipe.target_gpu:
+            from qlora.recipe import parse_gpu_memory
+
+            gpu_bytes = parse_gpu_memory(recipe.target_gpu)
+        if gpu_bytes:
+            lines.append(plan_fit(recipe, gpu_bytes).advice())
+    except ImportError:
+        pass
+    lines.append("see `qlora profile --recipe RECIPE --gpu <memory>` for the full table")
+    return "\n".join(lines)
+
+
+def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run one recipe end to end; returns what was written to metrics.json."""
+    import torch
+    from transformers import set_seed
+
+    from qlora.checkpoints import prepare_output_dir
+    from qlora.data import describe, prepare_data
+    from qlora.io import atomic_write_json
+    from qlora.metrics import peak_memory_bytes
+    from qlora.model import build_model, parameter_counts
+
+    output_dir = Path(recipe.output_dir)
+    resume_from = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
+    recipe.save(output_dir / "recipe.yaml")
+    set_seed(recipe.training.seed)
+    loaded = build_model(recipe)
+    data = prepare_data(recipe, loaded.tokenizer)
+    print(f"data: {describe(data.stats)}", file=sys.stderr)
+    trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints")
+    before = baseline(trainer, loaded, data, recipe, output_dir, resuming=resume_from is not None)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except torch.OutOfMemoryError:
+        print(f"error: {out_of_memory_message(recipe)}", file=sys.stderr)
+        raise SystemExit(OOM_EXIT_CODE) from None
+    runtime = time.perf_counter() - started
+    peak = peak_memory_bytes()
+    after = measure(trainer, loaded, data, recipe)
+    adapter_dir = save_adapter(loaded, output_dir)
+    trainable, total = parameter_counts(loaded.model)
+    metrics: dict[str, Any] = {f"{k}_before": v for k, v in before.items()}
+    metrics.update({f"{k}_after": v for k, v in after.items()})
+    metrics.update(
+        method=recipe.method,
+        trainable_params=trainable,
+        total_params=total,
+        peak_memory_bytes=peak,
+        train_runtime_s=round(runtime, 2),
+        train_steps=int(result.global_step),
+        train_loss=float(result.training_loss),
+        tokens_per_s=round(trainer.state.num_input_tokens_seen / runtime, 1) if runtime > 0 else 0.0,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        compute_dtype=str(loaded.compute_dtype).removeprefix("torch."),
+        data=data.stats,
+        adapter_dir=str(adapter_dir),
+    )
+    atomic_write_json(output_dir / "metrics.json", metrics)
+    print_summary(metrics, output_dir)
+    return metrics
+
+
+def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
+    """Before/after at a glance, on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"qlora: {output_dir}")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in sorted(k.removesuffix("_after") for k in metrics if k.endswith("_after")):
+        table.add_row(key, f"{metrics.get(key + '_before', float('nan')):.4f}", f"{metrics[key + '_after']:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"trainable params {metrics['trainable_params']:,} of {metrics['total_params']:,} | "
+        f"peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB | {metrics['train_steps']} steps in "
+        f"{metrics['train_runtime_s']:.1f} s | {metrics['tokens_per_s']:.0f} tokens/s | adapter: {metrics['adapter_dir']}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from qlora.recipe import load_recipe
+
+    args = parse_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    train(recipe, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny offline models built from a config (nothing comes from the Hub)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+TOKENIZER_TEXT = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:", "### Input:", "### Response:",
+    "the quick brown fox jumps over the lazy dog", "one two three four five six seven eight nine ten",
+    "hello world, this is a tiny model for tests.", "a cat and a dog and a bird sat on the mat",
+]
+
+
+def make_tokenizer(save_dir: Path):
+    """A small byte-level BPE tokenizer trained on a few lines, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_TEXT * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    fast.save_pretrained(save_dir)
+    return fast
+
+
+def make_tiny_llama(save_dir: Path, **overrides) -> Path:
+    """Save a tiny random Llama (GQA, untied head) + tokenizer to `save_dir`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer(save_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False, **overrides,
+    )
+    LlamaForCausalLM(config).save_pretrained(save_dir, safe_serialization=True)
+    return save_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama folder shared by the whole session (read-only by convention)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory) -> Path:
+    """A small Alpaca-format JSONL dataset."""
+    path = tmp_path_factory.mktemp("data") / "alpaca.jsonl"
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    rows = [
+        {"instruction": "Say the next number.", "input": w, "output": words[(i + 1) % len(words)]}
+        for i, w in enumerate(words * 4)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
