@@ -219,12 +219,15 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.match(value):  # YAML 1.1 reads '2e-4' as a string
+            return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
     raise _type_error(key, value, tp)
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
 
 
