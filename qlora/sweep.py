@@ -1,0 +1,336 @@
+"""`qlora sweep RECIPE --grid key=v1,v2 [--grid ...] [--set ...]`: train every grid point, one table.
+
+Each point is an ordinary training run in its own sub-folder of `output_dir`, so its results are
+exactly what `qlora train` would write. Every point is built and validated before the first one
+trains (a typo costs seconds, not the first point's hours). The results table is rewritten
+atomically after each point, and a rerun of the same command skips finished points, resumes
+points that left a complete checkpoint, and restarts the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import io
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from qlora.checkpoints import latest_complete_checkpoint
+from qlora.errors import QLoraError, did_you_mean, run_cli
+from qlora.io import atomic_write_text
+from qlora.recipe import Recipe, all_keys, load_recipe
+from qlora.train import OOM_EXIT_CODE, train
+
+RESULTS_NAME = "sweep_results"
+RESULT_COLUMNS = ("trainable_params", "eval_loss_before", "eval_loss_after")
+TAIL_COLUMNS = ("peak_memory_bytes", "train_runtime_s", "status")
+UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]")
+
+
+@dataclass
+class Point:
+    """One grid point: its values, its sub-folder name and the full recipe it trains."""
+
+    values: dict[str, Any]
+    name: str
+    recipe: Recipe
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+
+def parse_args(argv: Sequence[str] | None):
+    parser = argparse.ArgumentParser(
+        prog="qlora sweep", description="Train every point of a grid over recipe keys and tabulate the results."
+    )
+    parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/demo.yaml")
+    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                        help="a recipe key and its values, e.g. --grid lora.alpha=8,32 (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key for every point, e.g. --set training.max_steps=8 (repeatable)")
+    return parser.parse_args(argv)
+
+
+# --- the grid -------------------------------------------------------------------------------------
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """`['lora.alpha=8,32']` -> `{'lora.alpha': [8, 32]}`, values typed like `--set` (YAML)."""
+    valid = set(all_keys()) - {"output_dir"}  # the sweep owns each point's output_dir
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise QLoraError(f"--grid expects key=v1,v2,..., got '{item}'")
+        if key not in valid:
+            raise QLoraError(f"unknown recipe key '{key}' in --grid{did_you_mean(key, valid)}")
+        if key in grid:
+            raise QLoraError(f"--grid {key} is given twice; list all its values in one --grid")
+        grid[key] = parse_values(key, raw)
+    return grid
+
+
+def parse_values(key: str, raw: str) -> list[Any]:
+    """Comma-separated YAML values; a bracketed list such as `[q_proj,v_proj]` stays one value."""
+    try:
+        values = yaml.safe_load(f"[{raw}]")
+    except yaml.YAMLError:
+        raise QLoraError(f"--grid {key}: cannot read the values '{raw}' (expected v1,v2,...)") from None
+    if not values:
+        raise QLoraError(f"--grid {key}: no values given (expected {key}=v1,v2,...)")
+    return values
+
+
+def display(value: Any) -> str:
+    """A grid value as people write it: `8`, `qv`, `[q_proj, v_proj]`."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def point_name(values: dict[str, Any]) -> str:
+    """A readable, filesystem-safe sub-folder name, e.g. `lora.alpha=8__lora.targets=qv`."""
+    parts = []
+    for key, value in values.items():
+        text = "+".join(map(str, value)) if isinstance(value, list) else str(value)
+        parts.append(UNSAFE_NAME_CHARS.sub("_", f"{key}={text}"))
+    return "__".join(parts)
+
+
+def build_points(recipe_path: str, overrides: Sequence[str], grid: dict[str, list[Any]], base_dir: Path) -> list[Point]:
+    """Every point of the cartesian product as a validated recipe under `base_dir` (nothing trains yet)."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in grid:
+            raise QLoraError(f"{key} is both in --set and in --grid; keep one")
+    points = []
+    for combo in itertools.product(*grid.values()):
+        values = dict(zip(grid, combo))
+        name = point_name(values)
+        # JSON is YAML, so each value reaches the recipe exactly as it was parsed from --grid.
+        point_overrides = [f"{key}={json.dumps(value)}" for key, value in values.items()]
+        point_overrides.append(f"output_dir={json.dumps(str(base_dir / name))}")
+        try:
+            recipe = load_recipe(recipe_path, [*overrides, *point_overrides])
+        except QLoraError as exc:
+            raise QLoraError(f"grid point {name}: {exc}") from None
+        points.append(Point(values, name, recipe))
+    check_unique_names(points)
+    return points
+
+
+def check_unique_names(points: list[Point]) -> None:
+    """Two points in one folder would overwrite each other (a repeated value, or names made equal by '_')."""
+    seen: dict[str, Point] = {}
+    for point in points:
+        if point.name in seen:
+            raise QLoraError(f"--grid: two points share the folder '{point.name}'; remove the repeated value")
+        seen[point.name] = point
+
+
+# --- running the points ---------------------------------------------------------------------------
+
+
+def read_metrics(folder: Path) -> dict[str, Any] | None:
+    """A finished point's metrics.json (written atomically, so present means complete), else None."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def lookup(data: dict, key: str) -> Any:
+    """The value at a dotted key in plain recipe data (None where a section is missing)."""
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def check_same_recipe(point: Point) -> None:
+    """Refuse to reuse a point folder trained with another recipe (its results would be mislabelled)."""
+    saved_path = point.folder / "recipe.yaml"
+    if not saved_path.is_file():
+        return
+    saved, current = yaml.safe_load(saved_path.read_text(encoding="utf-8")), point.recipe.to_dict()
+    for key in all_keys():
+        old, new = lookup(saved, key), lookup(current, key)
+        if old != new:
+            raise QLoraError(
+                f"{point.folder} was trained with {key}={display(old)}, this sweep has {key}={display(new)}; "
+                "use another output_dir or delete that folder"
+            )
+
+
+def free_memory() -> None:
+    """Release the previous point's model before the next one loads (in-process, one at a time)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_point(point: Point) -> tuple[str, dict[str, Any] | None]:
+    """Train one point (or resume it); a failure specific to it is returned as a status, not raised."""
+    import torch
+
+    resume = latest_complete_checkpoint(point.folder) is not None
+    try:
+        return "ok", train(point.recipe, resume=resume, overwrite=not resume)
+    except QLoraError as exc:
+        return f"failed: {str(exc).splitlines()[0]}", None
+    except torch.OutOfMemoryError:
+        return "failed: out of GPU memory", None
+    except SystemExit as exc:  # train() reports an out-of-memory step itself, then exits with this code
+        if exc.code != OOM_EXIT_CODE:
+            raise
+        return "failed: out of GPU memory", None
+    finally:
+        free_memory()
+
+
+# --- the results table ----------------------------------------------------------------------------
+
+
+def metric_names(points: list[Point]) -> list[str]:
+    """The task metrics the points measure, e.g. ['exact_match'] (the first one ranks the table)."""
+    return sorted({p.recipe.eval.metric for p in points} - {"none"})
+
+
+def columns(grid_keys: Sequence[str], metrics: Sequence[str]) -> list[str]:
+    metric_columns = [f"eval_{m}_{when}" for m in metrics for when in ("before", "after")]
+    return [*grid_keys, *RESULT_COLUMNS, *metric_columns, *TAIL_COLUMNS]
+
+
+def result_row(point: Point, status: str, metrics: dict[str, Any] | None, cols: Sequence[str]) -> dict[str, Any]:
+    row = {key: display(value) for key, value in point.values.items()}
+    row.update({c: (metrics or {}).get(c) for c in cols if c not in row})
+    row["status"] = status
+    return row
+
+
+def sort_key(metric: str | None):
+    """Best first: ok rows by the task metric (higher is better) else eval loss (lower); then the rest."""
+
+    def key(row: dict[str, Any]):
+        if row["status"] != "ok":
+            return (2, 0.0)
+        if metric and row.get(f"eval_{metric}_after") is not None:
+            return (0, -row[f"eval_{metric}_after"])
+        loss = row.get("eval_loss_after")
+        return (1, loss if loss is not None else float("inf"))
+
+    return key
+
+
+def to_csv(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def cell(column: str, value: Any) -> str:
+    """How one value reads in the Markdown and terminal tables."""
+    if value is None:
+        return ""
+    if column == "peak_memory_GiB":
+        return f"{value / 2**30:.2f}"
+    if column == "train_runtime_s":
+        return f"{value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value).replace("|", "\\|")
+
+
+def display_table(rows: list[dict[str, Any]], cols: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells for people: peak memory in GiB next to (or instead of) the bytes."""
+    header = list(cols)
+    header.insert(header.index("train_runtime_s"), "peak_memory_GiB")
+    body = [[cell(c, row.get("peak_memory_bytes" if c == "peak_memory_GiB" else c)) for c in header] for row in rows]
+    return header, body
+
+
+def to_markdown(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
+    header, body = display_table(rows, cols)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(base_dir: Path, rows: list[dict[str, Any]], cols: Sequence[str]) -> None:
+    """`sweep_results.csv` and `.md`, each replaced atomically (a reader never sees half a table)."""
+    atomic_write_text(base_dir / f"{RESULTS_NAME}.csv", to_csv(rows, cols))
+    atomic_write_text(base_dir / f"{RESULTS_NAME}.md", to_markdown(rows, cols))
+
+
+def print_results(rows: list[dict[str, Any]], cols: Sequence[str], base_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, body = display_table(rows, [c for c in cols if c != "peak_memory_bytes"])
+    table = Table(title=f"qlora sweep: {base_dir}")
+    for name in header:
+        table.add_column(name, overflow="fold")  # wrap long names and values, never cut them
+    for cells in body:
+        table.add_row(*cells)
+    console = Console()
+    console.print(table)
+    console.print(f"results: {base_dir / RESULTS_NAME}.csv and .md")
+
+
+# --- the sweep ------------------------------------------------------------------------------------
+
+
+def sweep(points: list[Point], base_dir: Path, grid_keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Run the points in order, rewriting the table after each; returns the rows, best first."""
+    names = metric_names(points)
+    cols = columns(grid_keys, names)
+    rank = sort_key(names[0] if names else None)
+    rows = [result_row(p, "pending", None, cols) for p in points]
+    for i, point in enumerate(points):
+        done = read_metrics(point.folder)
+        if done is not None:
+            print(f"sweep: [{i + 1}/{len(points)}] {point.name}: finished earlier, skipped", file=sys.stderr)
+            rows[i] = result_row(point, "ok", done, cols)
+            continue
+        print(f"sweep: [{i + 1}/{len(points)}] {point.name}", file=sys.stderr)
+        status, metrics = run_point(point)
+        rows[i] = result_row(point, status, metrics, cols)
+        write_results(base_dir, sorted(rows, key=rank), cols)
+    ranked = sorted(rows, key=rank)
+    write_results(base_dir, ranked, cols)
+    print_results(ranked, cols, base_dir)
+    return ranked
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    grid = parse_grid(args.grid)
+    base_dir = Path(load_recipe(args.recipe, args.overrides).output_dir)
+    points = build_points(args.recipe, args.overrides, grid, base_dir)
+    for point in points:
+        check_same_recipe(point)
+    print(f"sweep: {len(points)} points under {base_dir}", file=sys.stderr)
+    rows = sweep(points, base_dir, list(grid))
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

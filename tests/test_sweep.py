@@ -1,0 +1,214 @@
+"""`qlora sweep`: grid parsing, validation before any run, failures, ranking, and resuming."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import qlora.sweep
+from qlora.errors import QLoraError, run_cli
+from qlora.io import atomic_write_json
+from qlora.recipe import load_recipe
+from qlora.sweep import parse_grid, point_name
+from qlora.train import OOM_EXIT_CODE
+
+
+def write_recipe(tmp_path: Path, model: str = "org/model", data: str = "data.jsonl", **extra) -> Path:
+    recipe = {"model": {"name_or_path": model}, "data": {"path": data}, "output_dir": str(tmp_path / "sweep"), **extra}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def read_rows(base: Path) -> list[dict[str, str]]:
+    with open(base / "sweep_results.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def fake_train(outcomes: dict[int, object], calls: list):
+    """A stand-in for `train`: metrics from lora.alpha, or the exception `outcomes` names for that alpha."""
+
+    def train(recipe, resume=False, overwrite=False):
+        calls.append((Path(recipe.output_dir).name, resume, overwrite))
+        outcome = outcomes.get(recipe.lora.alpha)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        metrics = {"trainable_params": 100 * recipe.lora.alpha, "eval_loss_before": 3.0,
+                   "eval_loss_after": 3.0 - recipe.lora.alpha / 100, "eval_exact_match_before": 0.0,
+                   "eval_exact_match_after": outcome if outcome is not None else 0.0,
+                   "peak_memory_bytes": 3 * 2**30, "train_runtime_s": 1.5}
+        atomic_write_json(Path(recipe.output_dir) / "metrics.json", metrics)
+        return metrics
+
+    return train
+
+
+# --- the grid -------------------------------------------------------------------------------------
+
+
+def test_grid_values_are_typed_like_set():
+    grid = parse_grid(["lora.alpha=8,32", "lora.targets=qv,[q_proj,v_proj]", "training.learning_rate=1e-4,2e-4"])
+    assert grid == {"lora.alpha": [8, 32], "lora.targets": ["qv", ["q_proj", "v_proj"]],
+                    "training.learning_rate": ["1e-4", "2e-4"]}  # YAML 1.1 strings; the recipe reads them as floats
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (["lora.alpa=8,32"], "unknown recipe key 'lora.alpa' in --grid (did you mean 'lora.alpha'?)"),
+        (["output_dir=a,b"], "unknown recipe key 'output_dir' in --grid"),
+        (["lora.alpha"], "--grid expects key=v1,v2,..., got 'lora.alpha'"),
+        (["lora.alpha="], "--grid lora.alpha: no values given"),
+        (["lora.targets=[q_proj,qv"], "--grid lora.targets: cannot read the values"),
+        (["lora.r=8", "lora.r=16"], "--grid lora.r is given twice"),
+    ],
+)
+def test_grid_mistakes_name_the_key(item, message):
+    with pytest.raises(QLoraError, match="^" + re.escape(message)):
+        parse_grid(item)
+
+
+def test_point_names_are_readable_and_filesystem_safe():
+    assert point_name({"lora.alpha": 8, "lora.targets": "qv"}) == "lora.alpha=8__lora.targets=qv"
+    assert point_name({"lora.targets": ["q_proj", "v_proj"]}) == "lora.targets=q_proj+v_proj"
+    assert point_name({"data.path": "/data/my set.jsonl"}) == "data.path=_data_my_set.jsonl"
+
+
+# --- validation before any run --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--grid", "lora.alpha=8,-1"], "error: grid point lora.alpha=-1: lora.alpha: must be > 0, got -1"),
+        (["--grid", "lora.alpha=8,8"], "error: --grid: two points share the folder 'lora.alpha=8'"),
+        (["--grid", "lora.alpha=8", "--set", "lora.alpha=4"], "error: lora.alpha is both in --set and in --grid"),
+    ],
+)
+def test_every_point_is_checked_before_the_first_run(tmp_path, monkeypatch, capsys, argv, message):
+    calls = []
+    monkeypatch.setattr(qlora.sweep, "train", fake_train({}, calls))
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), *argv]) == 2
+    assert capsys.readouterr().err.startswith(message)
+    assert calls == [] and not (tmp_path / "sweep").exists()
+
+
+def test_folder_trained_with_another_recipe_is_refused(tmp_path, monkeypatch, capsys):
+    recipe = write_recipe(tmp_path)
+    monkeypatch.setattr(qlora.sweep, "train", fake_train({}, []))
+    point = tmp_path / "sweep" / "lora.alpha=8"
+    load_recipe(recipe, ["lora.alpha=8", "training.max_steps=5", f"output_dir={point}"]).save(point / "recipe.yaml")
+    assert run_cli(qlora.sweep.main, [str(recipe), "--grid", "lora.alpha=8"]) == 2
+    assert "was trained with training.max_steps=5, this sweep has training.max_steps=-1" in capsys.readouterr().err
+
+
+# --- failures and ranking -------------------------------------------------------------------------
+
+
+def test_failed_points_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    calls = []
+    outcomes = {16: QLoraError("lora.targets: this model has no linear layer named 'x'"), 32: SystemExit(OOM_EXIT_CODE)}
+    monkeypatch.setattr(qlora.sweep, "train", fake_train(outcomes, calls))
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32,64"]) == 1
+    rows = read_rows(tmp_path / "sweep")
+    assert [(r["lora.alpha"], r["status"]) for r in rows] == [
+        ("64", "ok"), ("8", "ok"),  # lower eval loss first
+        ("16", "failed: lora.targets: this model has no linear layer named 'x'"),
+        ("32", "failed: out of GPU memory"),
+    ]
+    assert rows[0]["eval_loss_after"] == "2.36" and rows[0]["trainable_params"] == "6400"
+    assert rows[2]["eval_loss_after"] == ""
+    assert len(calls) == 4
+
+
+def test_task_metric_ranks_first_and_gets_columns(tmp_path, monkeypatch):
+    monkeypatch.setattr(qlora.sweep, "train", fake_train({8: 0.9, 64: 0.5}, []))
+    recipe = write_recipe(tmp_path, eval={"metric": "exact_match"})
+    assert run_cli(qlora.sweep.main, [str(recipe), "--grid", "lora.alpha=64,8"]) == 0
+    rows = read_rows(tmp_path / "sweep")
+    assert list(rows[0]) == ["lora.alpha", "trainable_params", "eval_loss_before", "eval_loss_after",
+                             "eval_exact_match_before", "eval_exact_match_after", "peak_memory_bytes",
+                             "train_runtime_s", "status"]
+    assert [r["lora.alpha"] for r in rows] == ["8", "64"]  # higher exact match first, despite a higher loss
+    markdown = (tmp_path / "sweep" / "sweep_results.md").read_text().splitlines()
+    assert markdown[0].startswith("| lora.alpha | trainable_params |") and "peak_memory_GiB" in markdown[0]
+    assert markdown[2] == "| 8 | 800 | 3.0000 | 2.9200 | 0.0000 | 0.9000 | 3,221,225,472 | 3.00 | 1.5 | ok |"
+
+
+def test_resume_skips_finished_resumes_checkpointed_restarts_junk(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(qlora.sweep, "train", fake_train({}, calls))
+    base = tmp_path / "sweep"
+    atomic_write_json(base / "lora.alpha=8" / "metrics.json", {"eval_loss_after": 1.0, "trainable_params": 5})
+    (base / "lora.alpha=16" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (base / "lora.alpha=16" / "checkpoints" / "checkpoint-2" / "COMPLETE").write_text("ok\n")
+    (base / "lora.alpha=32" / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # no marker: half written
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32"]) == 0
+    assert calls == [("lora.alpha=16", True, False), ("lora.alpha=32", False, True)]
+    assert {r["lora.alpha"]: r["eval_loss_after"] for r in read_rows(base)}["8"] == "1.0"
+
+
+# --- real training on the tiny model --------------------------------------------------------------
+
+
+def tiny_recipe(tmp_path: Path, tiny_llama: Path, alpaca_file: Path) -> Path:
+    return write_recipe(
+        tmp_path, model=str(tiny_llama), data=str(alpaca_file),
+        lora={"r": 8}, training={"max_steps": 2, "batch_size": 4, "grad_accum": 1, "save_steps": 100},
+    )
+
+
+def test_interrupted_sweep_resumes_without_retraining(tmp_path, monkeypatch, tiny_llama, alpaca_file):
+    recipe = tiny_recipe(tmp_path, tiny_llama, alpaca_file)
+    argv = [str(recipe), "--grid", "lora.alpha=8,32", "--grid", "lora.targets=qv,all-linear"]
+    real_train, trained = qlora.sweep.train, []
+
+    def interrupted_after_two(recipe, **kwargs):
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        trained.append(Path(recipe.output_dir).name)
+        return real_train(recipe, **kwargs)
+
+    monkeypatch.setattr(qlora.sweep, "train", interrupted_after_two)
+    assert run_cli(qlora.sweep.main, argv) == 130
+    base = tmp_path / "sweep"
+    assert trained == ["lora.alpha=8__lora.targets=qv", "lora.alpha=8__lora.targets=all-linear"]
+    assert [r["status"] for r in read_rows(base)] == ["ok", "ok", "pending", "pending"]
+    mtimes = {name: (base / name / "metrics.json").stat().st_mtime_ns for name in trained}
+
+    monkeypatch.setattr(qlora.sweep, "train", real_train)
+    assert run_cli(qlora.sweep.main, argv) == 0
+    assert {name: (base / name / "metrics.json").stat().st_mtime_ns for name in trained} == mtimes
+    rows = read_rows(base)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    losses = [float(r["eval_loss_after"]) for r in rows]
+    assert losses == sorted(losses)
+    # r=8 on q (64->64) and v (64->32, two KV heads) in both layers; all-linear adds k, o and the MLP.
+    params = {(r["lora.alpha"], r["lora.targets"]): int(r["trainable_params"]) for r in rows}
+    assert params[("8", "qv")] == params[("32", "qv")] == 2 * 8 * ((64 + 64) + (64 + 32))
+    assert params[("8", "all-linear")] > params[("8", "qv")]
+
+
+@pytest.mark.slow
+def test_cli_sweep_writes_one_row_per_point(tmp_path, tiny_llama, alpaca_file):
+    recipe = tiny_recipe(tmp_path, tiny_llama, alpaca_file)
+    out = tmp_path / "D"
+    result = subprocess.run(
+        [sys.executable, "-m", "qlora.sweep", str(recipe), "--grid", "lora.alpha=8,64", "--grid",
+         "lora.targets=qv,all-linear", "--set", "training.max_steps=8", "--set", f"output_dir={out}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_rows(out)
+    assert len(rows) == 4 and {(r["lora.alpha"], r["lora.targets"]) for r in rows} == {
+        ("8", "qv"), ("8", "all-linear"), ("64", "qv"), ("64", "all-linear")}
+    assert all(json.loads((out / f"lora.alpha={a}__lora.targets={t}" / "metrics.json").read_text())["train_steps"] == 8
+               for a, t in [("8", "qv"), ("64", "all-linear")])
+    assert "qlora sweep" in result.stdout and (out / "sweep_results.md").exists()
