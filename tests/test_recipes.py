@@ -1,0 +1,40 @@
+"""The shipped recipes: every one loads offline, and the consumer-GPU ones say how to run them and what they need."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from qlora.recipe import load_recipe
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+ALL_RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
+CONSUMER_RECIPES = [p for p in ALL_RECIPES if not p.name.startswith("demo")]
+
+
+def header(path: Path) -> str:
+    """The comment block at the top of a recipe file."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return "\n".join(itertools.takewhile(lambda line: line.startswith("#"), lines))
+
+
+def test_there_are_enough_consumer_recipes():
+    assert len(CONSUMER_RECIPES) >= 6
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
+def test_recipe_loads_offline(path):
+    recipe = load_recipe(path)  # validation only: no model or data is fetched
+    assert recipe.output_dir and recipe.model.name_or_path and recipe.data.path
+
+
+@pytest.mark.parametrize("path", CONSUMER_RECIPES, ids=lambda p: p.name)
+def test_consumer_recipe_names_its_gpu_launch_command_and_peak(path):
+    recipe = load_recipe(path)
+    assert recipe.target_gpu is not None
+    text = header(path)
+    assert f"qlora train recipes/{path.name}" in text
+    assert "predicted peak" in text and recipe.target_gpu in text
+    assert recipe.output_dir == f"runs/{path.stem}"
