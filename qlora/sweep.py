@@ -131,11 +131,11 @@ def build_points(recipe_path: str, overrides: Sequence[str], grid: dict[str, lis
 
 def check_unique_names(points: list[Point]) -> None:
     """Two points in one folder would overwrite each other (a repeated value, or names made equal by '_')."""
-    seen: dict[str, Point] = {}
+    seen: set[str] = set()
     for point in points:
         if point.name in seen:
             raise QLoraError(f"--grid: two points share the folder '{point.name}'; remove the repeated value")
-        seen[point.name] = point
+        seen.add(point.name)
 
 
 # --- running the points ---------------------------------------------------------------------------
@@ -321,6 +321,7 @@ def sweep(points: list[Point], base_dir: Path, grid_keys: Sequence[str]) -> list
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 when every point trained, 1 when some failed (their status says why), 2 on a user mistake."""
     args = parse_args(argv)
     grid = parse_grid(args.grid)
     base_dir = Path(load_recipe(args.recipe, args.overrides).output_dir)
