@@ -1,0 +1,212 @@
+"""The model card (README.md) of an exported adapter: Hub metadata up top, the run's facts below.
+
+Everything in it comes from the run folder (recipe, metrics, adapter config), the base model's own
+card and the profiler; nothing comes from the environment, so no token can end up in a card.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qlora.errors import QLoraError
+from qlora.model import is_local_path
+from qlora.recipe import ModelSpec, Recipe
+
+METHOD_TAGS = {"qlora": ["qlora", "4-bit", "bitsandbytes"], "lora-8bit": ["8-bit", "bitsandbytes"], "lora": []}
+METHOD_TEXT = {
+    "qlora": "QLoRA: LoRA adapters trained on a frozen 4-bit {quant} base{double}",
+    "lora-8bit": "LoRA adapters trained on a frozen 8-bit base",
+    "lora": "LoRA adapters trained on a frozen 16-bit base",
+}
+RECIPE_PATH_KEYS = (("model", "name_or_path"), ("data", "path"), ("data", "eval_path"))
+
+
+# --- what the front matter says about the base ------------------------------------------------------
+
+
+def base_model_id(spec: ModelSpec, override: str | None) -> str | None:
+    """The base's Hub id: `--base-model`, else the recipe's model when it is a Hub name; None for a local folder."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if override:
+        try:
+            validate_repo_id(override)
+        except HFValidationError:
+            raise QLoraError(f"--base-model: '{override}' is not a Hub model id (expected ORG/NAME)") from None
+        return override
+    return None if is_local_path(spec.name_or_path) else spec.name_or_path
+
+
+def card_base_model(spec: ModelSpec, hub_id: str | None, for_hub: bool) -> str:
+    """What `base_model` says. The Hub rejects a card whose base_model is not a model id, so a push of
+    an adapter trained on a local folder needs `--base-model`; a local export names the folder."""
+    if hub_id:
+        return hub_id
+    name = Path(spec.name_or_path).name
+    if for_hub:
+        raise QLoraError(
+            f"--base-model: the base is the local folder {spec.name_or_path}; pass the Hub id it is a copy of "
+            "(e.g. --base-model meta-llama/Llama-3.1-8B) so the card's base_model is valid on the Hub"
+        )
+    print(f"warning: the base is a local folder; the card names it '{name}' (pass --base-model ORG/NAME)", file=sys.stderr)
+    return name
+
+
+def base_license(spec: ModelSpec, hub_id: str | None) -> str | None:
+    """The base's license: from its local model card, else from its Hub page; None when unknown."""
+    from huggingface_hub import HfApi, ModelCard
+
+    readme = Path(spec.name_or_path).expanduser() / "README.md"
+    if is_local_path(spec.name_or_path) and readme.is_file():
+        try:
+            found = ModelCard.load(readme).data.license
+        except ValueError:  # a README without valid front matter says nothing about the license
+            found = None
+        if found:
+            return found
+    if hub_id is None:
+        return None
+    try:
+        info = HfApi().model_info(hub_id, revision=spec.revision, timeout=10)
+    except Exception:  # offline, gated, renamed: each just means the license is unknown, as the card then says
+        return None
+    return info.card_data.license if info.card_data else None
+
+
+def predicted_peak_bytes(recipe: Recipe) -> int | None:
+    """The profiler's predicted GPU peak for this recipe; None when the profiler is absent or cannot
+    place the model (the card then says 'not available' rather than failing the export)."""
+    try:
+        from qlora.profile.estimate import estimate
+        from qlora.profile.settings import from_recipe
+    except ImportError:
+        return None
+    try:
+        return int(estimate(*from_recipe(recipe)).total)
+    except QLoraError as exc:
+        print(f"warning: no predicted peak for the card: {exc}", file=sys.stderr)
+        return None
+
+
+# --- the card ---------------------------------------------------------------------------------------
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "not available"
+    unit, scale = ("GiB", 2**30) if n >= 2**30 else ("MiB", 2**20)
+    return f"{n / scale:.2f} {unit} ({n:,} bytes)"
+
+
+def shareable_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe with local paths cut to their names: this machine's folders mean nothing elsewhere
+    and can reveal user names."""
+    data = recipe.to_dict()
+    for section, key in RECIPE_PATH_KEYS:
+        value = data[section][key]
+        if value and is_local_path(value):
+            data[section][key] = Path(value).name
+    data["output_dir"] = Path(recipe.output_dir).name
+    return data
+
+
+def results_section(metrics: dict[str, Any]) -> list[str]:
+    keys = sorted(k.removesuffix("_after") for k in metrics if k.endswith("_after"))
+    lines = ["## Results", ""]
+    if keys:
+        lines += ["| metric (held-out split) | before | after |", "|---|---:|---:|"]
+        lines += [f"| {k.removeprefix('eval_')} | {metrics.get(k + '_before', float('nan')):.4f} | {metrics[k + '_after']:.4f} |" for k in keys]
+    else:
+        lines.append("No held-out split was evaluated.")
+    lines += ["", f"{metrics.get('train_steps', '?')} steps in {metrics.get('train_runtime_s', '?')} s on "
+              f"{metrics.get('device', '?')} (compute dtype {metrics.get('compute_dtype', '?')}), "
+              f"{metrics.get('tokens_per_s', '?')} tokens/s, final train loss {metrics.get('train_loss', float('nan')):.4f}.", ""]
+    return lines
+
+
+def data_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
+    d, stats = recipe.data, metrics.get("data", {})
+    source = Path(d.path).name if is_local_path(d.path) else d.path
+    return [
+        "## Data", "",
+        f"- source: `{source}` (format `{d.format}`, max_seq_len {d.max_seq_len}, packing {'on' if d.packing else 'off'})",
+        f"- examples: {stats.get('train_examples', '?')} train, {stats.get('eval_examples', 0)} eval",
+        f"- truncated to max_seq_len: {stats.get('train_truncated', 0)} train, {stats.get('eval_truncated', 0)} eval; "
+        f"dropped (prompt too long): {stats.get('train_dropped', 0)} train, {stats.get('eval_dropped', 0)} eval",
+        "",
+    ]
+
+
+def lora_section(recipe: Recipe, adapter_config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    lo, q = recipe.lora, recipe.quantization
+    trainable, total = metrics.get("trainable_params"), metrics.get("total_params")
+    share = f" ({100 * trainable / total:.3f} %)" if trainable and total else ""
+    quant = f"{q.bits}-bit {q.quant_type if q.bits == 4 else ''} double quant {'on' if q.double_quant else 'off'}" if q.bits else "none (16-bit)"
+    return [
+        "## LoRA", "",
+        "| setting | value |", "|---|---|",
+        f"| r | {lo.r} |", f"| alpha | {lo.alpha} |", f"| dropout | {lo.dropout} |",
+        f"| targets (recipe) | {lo.targets} |",
+        f"| target modules | {', '.join(sorted(adapter_config.get('target_modules') or []))} |",
+        f"| trainable params | {trainable:,} of {total:,}{share} |" if trainable and total else "| trainable params | ? |",
+        f"| base quantization | {' '.join(quant.split())} |",
+        "",
+    ]
+
+
+def memory_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
+    device = metrics.get("device", "?")
+    measured = "GPU memory allocated by tensors" if device == "cuda" else "process peak resident memory (CPU run)"
+    gpu = f", sized for a {recipe.target_gpu} GPU" if recipe.target_gpu else ""
+    return [
+        "## Memory", "",
+        "| | peak |", "|---|---:|",
+        f"| predicted for a GPU (`qlora profile --recipe`{gpu}) | {format_bytes(predicted_peak_bytes(recipe))} |",
+        f"| measured during training ({measured}) | {format_bytes(metrics.get('peak_memory_bytes'))} |",
+        "",
+    ]
+
+
+def alpaca_section() -> list[str]:
+    from qlora.data import ALPACA_PROMPT_NO_INPUT
+
+    template = ALPACA_PROMPT_NO_INPUT.format(instruction="{instruction}")
+    return ["Prompts use the Alpaca template the adapter was trained with (the answer follows `### Response:`):", "",
+            "```text", template.rstrip(), "```", ""]
+
+
+def render_card(run, base_model: str, license_id: str | None, repo_id: str | None = None) -> str:
+    """README.md for an exported adapter of `run` (a qlora.export.TrainedRun)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    recipe, metrics = run.recipe, run.metrics
+    adapter_config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    causal = recipe.task == "causal_lm"
+    data = ModelCardData(
+        base_model=base_model, library_name="peft", license=license_id,
+        pipeline_tag="text-generation" if causal else "text-classification",
+        tags=["peft", "lora", *METHOD_TAGS[recipe.method]],
+    )
+    q = recipe.quantization
+    method = METHOD_TEXT[recipe.method].format(quant=q.quant_type.upper(), double=" with double quantization" if q.double_quant else "")
+    where = repo_id or "path/to/this/folder"
+    auto = "AutoPeftModelForCausalLM" if causal else "AutoPeftModelForSequenceClassification"
+    body = [
+        f"# {repo_id.split('/')[-1] if repo_id else base_model + ' adapter'}", "",
+        f"A LoRA adapter for `{base_model}`, trained with qlora ({method}).", "",
+        "## Use it", "", "```python",
+        f"from peft import {auto}", "from transformers import AutoTokenizer", "",
+        f'model = {auto}.from_pretrained("{where}")', f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+        "```", "",
+        *(alpaca_section() if recipe.data.format == "alpaca" else []),
+        *results_section(metrics), *data_section(recipe, metrics), *lora_section(recipe, adapter_config, metrics),
+        *memory_section(recipe, metrics),
+        "## Training recipe", "", "```yaml", yaml.safe_dump(shareable_recipe(recipe), sort_keys=False).rstrip(), "```", "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)))
