@@ -33,28 +33,46 @@ def load_adapted_model(run: TrainedRun):
     return model.eval(), AutoTokenizer.from_pretrained(str(run.adapter_dir))
 
 
-def format_prompt(run: TrainedRun, text: str, raw: bool = False) -> str:
-    """`text` as an instruction in the run's prompt template (as is for raw prompts or other formats)."""
-    from qlora.data import ALPACA_PROMPT_NO_INPUT
+def format_prompt(run: TrainedRun, tokenizer, instruction: str, context: str = "", raw: bool = False) -> str:
+    """The full text the model sees for `instruction` (+ `context`): the run's training format, BOS included.
 
-    if raw or run.recipe.data.format != "alpaca":
-        return text
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=text.strip())
+    Alpaca goes through the data module's own formatter and chat through the tokenizer's template (which
+    writes its own BOS), so prompts here match the prompts training and its metrics used.
+    """
+    from qlora.data import format_alpaca
+    from qlora.recipe import DataSpec
+
+    fmt = run.recipe.data.format
+    if fmt == "chat" and not raw:
+        content = f"{instruction.strip()}\n\n{context.strip()}".strip()
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    if fmt == "alpaca" and not raw:
+        text = format_alpaca({"instruction": instruction, "input": context, "output": ""}, DataSpec()).prompt
+    else:
+        text = f"{instruction}\n\n{context}" if context else instruction
+    return (tokenizer.bos_token or "") + text
 
 
-def generate(run: TrainedRun, prompts: list[str], max_new_tokens: int = 128, raw: bool = False,
-             compare: bool = False) -> list[dict[str, str]]:
+def generate(run: TrainedRun, prompts: list[str], inputs: list[str] | None = None, max_new_tokens: int = 128,
+             raw: bool = False, compare: bool = False) -> list[dict[str, str]]:
     """Greedy answers per prompt: {'prompt', 'adapter'} and, with `compare`, the base's {'base'}."""
     from qlora.metrics import generate_answers
 
     check_causal(run, "generate")
+    inputs = inputs or [""] * len(prompts)
+    if len(inputs) != len(prompts):
+        raise QLoraError(f"--input: give one per --prompt (got {len(prompts)} prompts, {len(inputs)} inputs)")
     model, tokenizer = load_adapted_model(run)
-    texts = [format_prompt(run, p, raw) for p in prompts]
-    results = [{"prompt": p, "adapter": a} for p, a in zip(prompts, generate_answers(model, tokenizer, texts, max_new_tokens))]
+    texts = [format_prompt(run, tokenizer, p, c, raw) for p, c in zip(prompts, inputs)]
+
+    def answers() -> list[str]:
+        return generate_answers(model, tokenizer, texts, max_new_tokens, add_bos=False)  # BOS is in the text
+
+    results = [{"prompt": p, "adapter": a} for p, a in zip(prompts, answers())]
     if compare:
         with model.disable_adapter():
-            for result, answer in zip(results, generate_answers(model, tokenizer, texts, max_new_tokens)):
-                result["base"] = answer
+            for result, base_answer in zip(results, answers()):
+                result["base"] = base_answer
     return results
 
 
@@ -62,6 +80,7 @@ def parse_args(argv: Sequence[str] | None):
     parser = argparse.ArgumentParser(prog="qlora generate", description="Generate with a trained adapter on its 4-bit base.")
     parser.add_argument("run", help="a `qlora train` output folder")
     parser.add_argument("--prompt", action="append", required=True, help="an instruction (repeatable)")
+    parser.add_argument("--input", dest="inputs", action="append", help="the instruction's input/context (one per --prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the training template")
     parser.add_argument("--compare", action="store_true", help="also show the base model's answer (adapter off)")
@@ -72,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.max_new_tokens < 1:
         raise QLoraError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    for result in generate(read_run(args.run), args.prompt, args.max_new_tokens, args.raw, args.compare):
+    for result in generate(read_run(args.run), args.prompt, args.inputs, args.max_new_tokens, args.raw, args.compare):
         print(f"### prompt\n{result['prompt']}")
         if "base" in result:
             print(f"### base\n{result['base'].strip()}")

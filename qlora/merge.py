@@ -54,10 +54,9 @@ class MergeCheck:
 
 
 def check_inputs(run: TrainedRun, tokenizer) -> list[torch.Tensor]:
-    """Token ids of a few prompts in the run's template, tokenized as training did (BOS + text)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    texts = [format_prompt(run, text) for text in CHECK_INSTRUCTIONS]
-    return [torch.tensor([bos + tokenizer(t, add_special_tokens=False)["input_ids"]]) for t in texts]
+    """Token ids of a few prompts in the run's format (BOS included), one tensor per prompt."""
+    texts = [format_prompt(run, tokenizer, text) for text in CHECK_INSTRUCTIONS]
+    return [tokenizer(t, add_special_tokens=False, return_tensors="pt")["input_ids"] for t in texts]
 
 
 @torch.no_grad()

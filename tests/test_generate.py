@@ -15,25 +15,31 @@ def run(tmp_path_factory, tiny_llama, alpaca_file):
     return read_run(session_run(tmp_path_factory, tiny_llama, alpaca_file))
 
 
-def test_prompt_gets_the_alpaca_template_unless_raw(run):
-    from qlora.data import ALPACA_PROMPT_NO_INPUT
+def test_prompt_is_bos_plus_the_alpaca_template_unless_raw(run):
+    from transformers import AutoTokenizer
+
+    from qlora.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
     from qlora.generate import format_prompt
 
-    assert format_prompt(run, " Say the next number. ") == ALPACA_PROMPT_NO_INPUT.format(instruction="Say the next number.")
-    assert format_prompt(run, "one two", raw=True) == "one two"
+    tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir)
+    assert format_prompt(run, tokenizer, " Say the next number. ") == "<s>" + ALPACA_PROMPT_NO_INPUT.format(instruction="Say the next number.")
+    assert format_prompt(run, tokenizer, "Say the next number.", "four") == "<s>" + ALPACA_PROMPT.format(instruction="Say the next number.", input="four")
+    assert format_prompt(run, tokenizer, "one two", raw=True) == "<s>one two"
 
 
 def test_answers_come_from_the_adapter_and_differ_from_the_base(run):
+    from qlora.data import Example
     from qlora.generate import format_prompt, generate, load_adapted_model
-    from qlora.metrics import generate_answers
+    from qlora.metrics import exact_match
 
-    results = generate(run, ["Say the next number.", "one two three"], max_new_tokens=6, compare=True)
-    assert [r["prompt"] for r in results] == ["Say the next number.", "one two three"]
+    results = generate(run, ["Say the next number.", "Say the next number."], ["four", "nine"], max_new_tokens=6, compare=True)
+    assert [r["prompt"] for r in results] == ["Say the next number.", "Say the next number."]
     assert all(isinstance(r["adapter"], str) and isinstance(r["base"], str) for r in results)
     assert any(r["adapter"] != r["base"] for r in results)  # the adapter (trained at a high rate) changes greedy output
+    # the same prompt through the trainer's own metric path gives the same greedy answer
     model, tokenizer = load_adapted_model(run)
-    again = generate_answers(model, tokenizer, [format_prompt(run, "Say the next number.")], max_new_tokens=6)
-    assert again == [results[0]["adapter"]]  # greedy: the CLI's answer is the model's
+    prompt = format_prompt(run, tokenizer, "Say the next number.", "four").removeprefix("<s>")
+    assert exact_match(model, tokenizer, [Example(prompt, results[0]["adapter"])], max_new_tokens=6) == 1.0
 
 
 def test_cli_prints_prompt_and_answer(run, capsys):
@@ -47,6 +53,7 @@ def test_cli_prints_prompt_and_answer(run, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["{missing}", "--prompt", "x"], "run folder not found"),
     (["{run}", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens: must be >= 1, got 0"),
+    (["{run}", "--prompt", "x", "--prompt", "y", "--input", "z"], "--input: give one per --prompt (got 2 prompts, 1 inputs)"),
 ])
 def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, argv, message):
     from qlora.generate import main
