@@ -27,7 +27,7 @@ TASKS = ("causal_lm", "classification")
 DATA_FORMATS = ("alpaca", "chat", "text", "classification")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")
-METRICS = ("none", "exact_match", "accuracy")
+METRICS = ("none", "exact_match", "accuracy", "map@3")  # map@3: ranked multiple choice (classification)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 

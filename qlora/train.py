@@ -91,7 +91,7 @@ def build_trainer(recipe, loaded, data, checkpoint_root: Path):
         args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None),
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=data_collator(loaded.tokenizer),
+        data_collator=data_collator(loaded.tokenizer, recipe.data),
         processing_class=loaded.tokenizer,
         callbacks=[checkpoint_marker_callback()],
     )
@@ -159,7 +159,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     from transformers import set_seed
 
     from qlora.checkpoints import prepare_output_dir
-    from qlora.data import describe, prepare_data
+    from qlora.data import describe, prepare_data, read_label_names
     from qlora.io import atomic_write_json
     from qlora.metrics import peak_memory_bytes
     from qlora.model import build_model, parameter_counts
@@ -168,7 +168,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     resume_from = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
     recipe.save(output_dir / "recipe.yaml")
     set_seed(recipe.training.seed)
-    loaded = build_model(recipe)
+    loaded = build_model(recipe, read_label_names(recipe))  # a classifier head needs the labels first
     data = prepare_data(recipe, loaded.tokenizer)
     print(f"data: {describe(data.stats)}", file=sys.stderr)
     trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints")

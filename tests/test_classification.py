@@ -1,0 +1,166 @@
+"""Sequence classification with QLoRA: label mapping, the fully trained score head, metrics before/after."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from qlora.data import data_collator, prepare_data, read_label_names
+from qlora.errors import QLoraError
+from qlora.recipe import recipe_from_mapping
+
+WORDS = {"animal": ["cat", "dog", "bird", "fox"], "number": ["one", "two", "three", "four"], "thing": ["mat", "world", "tiny", "model"]}
+
+
+def classify_rows(count: int, seed: int = 0) -> list[dict]:
+    """Texts of four words drawn from their label's group: learnable by a tiny model in a few steps."""
+    rng = random.Random(seed)
+    labels = rng.choices(sorted(WORDS), k=count)
+    return [{"text": " ".join(rng.choice(WORDS[label]) for _ in range(4)), "label": label} for label in labels]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def classify_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "classify.jsonl", classify_rows(96))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def mapping(model_dir, data_path, out="unused", **data) -> dict:
+    return {
+        "model": {"name_or_path": str(model_dir)},
+        "task": "classification",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"path": str(data_path), "format": "classification", "eval_size": 24, "max_seq_len": 32, **data},
+        "training": {"max_steps": 8, "batch_size": 8, "grad_accum": 1, "learning_rate": 1e-2, "warmup_ratio": 0,
+                     "gradient_checkpointing": False, "save_steps": 100, "logging_steps": 4},
+        "eval": {"metric": "map@3"},
+        "output_dir": str(out),
+    }
+
+
+def recipe(data_path, model_dir="unused", **data):
+    return recipe_from_mapping(mapping(model_dir, data_path, **data))
+
+
+# --- labels ----------------------------------------------------------------------------------------
+
+
+def test_label_names_are_sorted_strings_and_include_eval_only_labels(tmp_path, classify_file):
+    assert read_label_names(recipe(classify_file)) == ["animal", "number", "thing"]
+    extra = write_jsonl(tmp_path / "eval.jsonl", [{"text": "a cat", "label": "zebra"}])
+    assert read_label_names(recipe(classify_file, eval_path=str(extra))) == ["animal", "number", "thing", "zebra"]
+
+
+def test_integer_labels_sort_numerically(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x", "label": n} for n in (10, 2, 1, 2)])
+    assert read_label_names(recipe(path)) == ["1", "2", "10"]
+
+
+def test_hub_class_label_ids_become_their_names(tmp_path):
+    """Parquet keeps the `datasets` features, as the Hub does: ClassLabel ids map through their names."""
+    import datasets
+
+    features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])})
+    datasets.Dataset.from_dict({"sentence": ["bad", "good", "fine"], "label": [0, 1, 1]}, features=features).to_parquet(tmp_path / "sst.parquet")
+    r = recipe(tmp_path / "sst.parquet", columns={"text": "sentence"}, eval_size=0)
+    assert read_label_names(r) == ["negative", "positive"]
+
+
+def test_one_label_only_or_a_missing_label_column_is_an_error(tmp_path):
+    with pytest.raises(QLoraError, match=r"needs at least two labels in column 'label', found \['x'\]"):
+        read_label_names(recipe(write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": "x"}] * 3)))
+    with pytest.raises(QLoraError, match=r"no column 'category' for the classification format's 'label'"):
+        read_label_names(recipe(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": "x"}]), columns={"label": "category"}))
+
+
+def test_examples_carry_label_ids_in_sorted_order_and_batch_as_classes(classify_file, tokenizer):
+    names = ["animal", "number", "thing"]
+    data = prepare_data(recipe(classify_file, eval_size=0), tokenizer)  # no split: rows keep their order
+    assert data.label_names == data.stats["labels"] == names
+    assert data.train["labels"] == [names.index(row["label"]) for row in classify_rows(96)]
+    r = recipe(classify_file, max_seq_len=4)
+    data = prepare_data(r, tokenizer)
+    assert (data.stats["train_examples"], data.stats["eval_examples"]) == (72, 24)
+    assert data.stats["train_truncated"] == 72  # BOS + four words never fit in 4 tokens
+    batch = data_collator(tokenizer, r.data)([data.train[i] for i in range(3)])
+    assert batch["labels"].dtype == torch.long and batch["labels"].shape == (3,)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 4)
+
+
+# --- model and training ----------------------------------------------------------------------------
+
+
+def test_the_new_score_head_trains_in_full_next_to_4bit_lora(tiny_llama, classify_file):
+    import bitsandbytes as bnb
+
+    from qlora.model import build_model
+
+    loaded = build_model(recipe(classify_file, tiny_llama), ["animal", "number", "thing"])
+    inner = loaded.model.get_base_model()
+    assert inner.config.id2label == {0: "animal", 1: "number", 2: "thing"}
+    head = inner.score.modules_to_save["default"]
+    assert type(head) is torch.nn.Linear and head.weight.shape == (3, 64)
+    assert head.weight.requires_grad and head.weight.dtype == torch.float32
+    trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if "lora_" in n} | {"base_model.model.score.modules_to_save.default.weight"}
+    assert isinstance(inner.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama, classify_file, tmp_path_factory):
+    from qlora.train import train
+
+    out = tmp_path_factory.mktemp("classify-run")
+    return out, train(recipe_from_mapping(mapping(tiny_llama, classify_file, out)))
+
+
+def test_training_raises_accuracy_and_reports_before_and_after(trained):
+    out, metrics = trained
+    assert json.loads((out / "metrics.json").read_text())["eval_accuracy_after"] == metrics["eval_accuracy_after"]
+    for name in ("loss", "accuracy", "f1", "map_at_3"):
+        assert f"eval_{name}_before" in metrics and f"eval_{name}_after" in metrics
+    assert metrics["eval_accuracy_after"] > metrics["eval_accuracy_before"] + 0.2
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics["eval_map_at_3_after"] >= metrics["eval_accuracy_after"]
+    assert metrics["data"]["labels"] == ["animal", "number", "thing"]
+
+
+def test_the_saved_adapter_holds_the_trained_head(trained):
+    from safetensors.torch import load_file
+
+    weights = load_file(trained[0] / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("score.weight") and v.shape == (3, 64) for k, v in weights.items())
+
+
+@pytest.mark.slow
+def test_cli_trains_a_classification_recipe(tiny_llama, classify_file, tmp_path):
+    """`python -m qlora.train` as a user runs it, with a metric the task cannot measure, then a good one."""
+    data = mapping(tiny_llama, classify_file, tmp_path / "run", max_examples=48)
+    data["training"]["max_steps"] = 2
+    path = tmp_path / "classify.yaml"
+    path.write_text(yaml.safe_dump(data))
+    run = [sys.executable, "-m", "qlora.train", str(path)]
+    bad = subprocess.run(run + ["--set", "eval.metric=exact_match"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "error: eval.metric: 'exact_match' does not apply to task 'classification'" in bad.stderr
+    done = subprocess.run(run + ["--overwrite"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"eval_accuracy_before", "eval_accuracy_after", "eval_f1_after", "eval_map_at_3_after"} <= metrics.keys()

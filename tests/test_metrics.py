@@ -1,0 +1,65 @@
+"""Metrics: the numpy formulas against hand-worked values, and which metric each task may ask for."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qlora.errors import QLoraError
+from qlora.metrics import accuracy, check_metric, classification_metrics, map_at_3, task_metrics, weighted_f1
+from qlora.recipe import recipe_from_mapping
+
+LABELS = np.array([0, 0, 1, 1, 2])
+PREDICTIONS = np.array([0, 1, 1, 1, 0])
+
+
+def recipe(task="causal_lm", metric="none", fmt="alpaca"):
+    fmt = "classification" if task == "classification" else fmt
+    return recipe_from_mapping({"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl", "format": fmt},
+                                "task": task, "eval": {"metric": metric}, "output_dir": "o"})
+
+
+def test_accuracy():
+    assert accuracy(PREDICTIONS, LABELS) == pytest.approx(0.6)
+
+
+def test_weighted_f1_matches_the_hand_worked_value():
+    # class 0: tp 1, fp 1, fn 1 -> 0.5; class 1: tp 2, fp 1 -> 0.8; class 2: tp 0 -> 0; weights 2, 2, 1
+    assert weighted_f1(PREDICTIONS, LABELS) == pytest.approx((0.5 * 2 + 0.8 * 2 + 0.0 * 1) / 5)
+    assert weighted_f1(LABELS, LABELS) == 1.0
+
+
+def test_map_at_3_scores_by_rank_of_the_right_answer():
+    scores = np.array([[9, 1, 2, 3], [1, 9, 2, 3], [1, 2, 9, 3], [1, 2, 3, 9]], dtype=float)
+    labels = np.array([0, 2, 3, 0])  # ranks 1, 3, 2, 4
+    assert map_at_3(scores, labels) == pytest.approx((1 + 1 / 3 + 1 / 2 + 0) / 4)
+
+
+def test_map_at_3_with_two_classes_is_defined():
+    assert map_at_3(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([0, 0])) == pytest.approx((0.5 + 1) / 2)
+
+
+def test_classification_metrics_add_map_at_3_only_when_ranked():
+    logits = np.eye(3)[PREDICTIONS]
+    assert classification_metrics(logits, LABELS, ranked=False).keys() == {"eval_accuracy", "eval_f1"}
+    ranked = classification_metrics(logits, LABELS, ranked=True)
+    assert ranked["eval_accuracy"] == pytest.approx(0.6) and "eval_map_at_3" in ranked
+
+
+@pytest.mark.parametrize("task, metric", [("causal_lm", "accuracy"), ("causal_lm", "map@3"), ("classification", "exact_match")])
+def test_a_metric_the_task_cannot_measure_is_an_error(task, metric):
+    with pytest.raises(QLoraError, match=f"eval.metric: '{metric}' does not apply to task '{task}'"):
+        check_metric(recipe(task, metric))
+
+
+def test_chat_prompts_are_generated_without_an_extra_bos(monkeypatch):
+    """A chat template writes its own BOS; alpaca prompts get one from us."""
+    import qlora.metrics
+
+    seen = []
+    monkeypatch.setattr(qlora.metrics, "exact_match", lambda *args: seen.append(args[-1]) or 0.5)
+    data = type("Data", (), {"eval_examples": []})()
+    loaded = type("Loaded", (), {"model": None, "tokenizer": None})()
+    for fmt in ("chat", "alpaca"):
+        assert task_metrics(recipe(metric="exact_match", fmt=fmt), None, loaded, data) == {"eval_exact_match": 0.5}
+    assert seen == [False, True]
