@@ -121,22 +121,22 @@ def results_section(metrics: dict[str, Any]) -> list[str]:
     lines = ["## Results", ""]
     if keys:
         lines += ["| metric (held-out split) | before | after |", "|---|---:|---:|"]
-        lines += [f"| {k.removeprefix('eval_')} | {metrics.get(k + '_before', float('nan')):.4f} | {metrics[k + '_after']:.4f} |" for k in keys]
+        lines += [f"| {k.removeprefix('eval_')} | {metrics[k + '_before']:.4f} | {metrics[k + '_after']:.4f} |" for k in keys]
     else:
         lines.append("No held-out split was evaluated.")
-    lines += ["", f"{metrics.get('train_steps', '?')} steps in {metrics.get('train_runtime_s', '?')} s on "
-              f"{metrics.get('device', '?')} (compute dtype {metrics.get('compute_dtype', '?')}), "
-              f"{metrics.get('tokens_per_s', '?')} tokens/s, final train loss {metrics.get('train_loss', float('nan')):.4f}.", ""]
+    m = metrics
+    lines += ["", f"{m['train_steps']} steps in {m['train_runtime_s']} s on {m['device']} (compute dtype {m['compute_dtype']}), "
+              f"{m['tokens_per_s']} tokens/s, final train loss {m['train_loss']:.4f}.", ""]
     return lines
 
 
 def data_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
-    d, stats = recipe.data, metrics.get("data", {})
+    d, stats = recipe.data, metrics["data"]
     source = Path(d.path).name if is_local_path(d.path) else d.path
     return [
         "## Data", "",
         f"- source: `{source}` (format `{d.format}`, max_seq_len {d.max_seq_len}, packing {'on' if d.packing else 'off'})",
-        f"- examples: {stats.get('train_examples', '?')} train, {stats.get('eval_examples', 0)} eval",
+        f"- examples: {stats['train_examples']} train, {stats.get('eval_examples', 0)} eval",
         f"- truncated to max_seq_len: {stats.get('train_truncated', 0)} train, {stats.get('eval_truncated', 0)} eval; "
         f"dropped (prompt too long): {stats.get('train_dropped', 0)} train, {stats.get('eval_dropped', 0)} eval",
         "",
@@ -145,30 +145,28 @@ def data_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
 
 def lora_section(recipe: Recipe, adapter_config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     lo, q = recipe.lora, recipe.quantization
-    trainable, total = metrics.get("trainable_params"), metrics.get("total_params")
-    share = f" ({100 * trainable / total:.3f} %)" if trainable and total else ""
-    quant = f"{q.bits}-bit {q.quant_type if q.bits == 4 else ''} double quant {'on' if q.double_quant else 'off'}" if q.bits else "none (16-bit)"
+    trainable, total = metrics["trainable_params"], metrics["total_params"]
+    quant = {4: f"4-bit {q.quant_type.upper()}, double quant {'on' if q.double_quant else 'off'}", 8: "8-bit", None: "none (16-bit)"}
     return [
         "## LoRA", "",
         "| setting | value |", "|---|---|",
         f"| r | {lo.r} |", f"| alpha | {lo.alpha} |", f"| dropout | {lo.dropout} |",
         f"| targets (recipe) | {lo.targets} |",
         f"| target modules | {', '.join(sorted(adapter_config.get('target_modules') or []))} |",
-        f"| trainable params | {trainable:,} of {total:,}{share} |" if trainable and total else "| trainable params | ? |",
-        f"| base quantization | {' '.join(quant.split())} |",
+        f"| trainable params | {trainable:,} of {total:,} ({100 * trainable / total:.3f} %) |",
+        f"| base quantization | {quant[q.bits]} |",
         "",
     ]
 
 
 def memory_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
-    device = metrics.get("device", "?")
-    measured = "GPU memory allocated by tensors" if device == "cuda" else "process peak resident memory (CPU run)"
+    measured = "GPU memory allocated by tensors" if metrics["device"] == "cuda" else "process peak resident memory (CPU run)"
     gpu = f", sized for a {recipe.target_gpu} GPU" if recipe.target_gpu else ""
     return [
         "## Memory", "",
         "| | peak |", "|---|---:|",
         f"| predicted for a GPU (`qlora profile --recipe`{gpu}) | {format_bytes(predicted_peak_bytes(recipe))} |",
-        f"| measured during training ({measured}) | {format_bytes(metrics.get('peak_memory_bytes'))} |",
+        f"| measured during training ({measured}) | {format_bytes(metrics['peak_memory_bytes'])} |",
         "",
     ]
 
