@@ -240,3 +240,22 @@ def test_group_by_length_batches_similar_lengths(tmp_path, tiny_llama, tokenizer
     batches = [[sampler.lengths[i] for i in order] for order in torch.tensor(list(sampler)).split(4)]
     mixed = sum(len(set(batch)) > 1 for batch in batches)
     assert mixed <= 5, batches  # shuffled, about 14 of the 16 batches would mix short and long examples
+
+
+@pytest.mark.parametrize("fmt", ["packed alpaca", "chat"])
+def test_training_runs_on_packed_and_chat_data(tmp_path, tiny_llama, alpaca_file, fmt):
+    """Through Trainer and peft: the packed batch's position ids and the chat prompts' own special tokens."""
+    from qlora.train import train
+
+    packed = fmt == "packed alpaca"
+    path = alpaca_file if packed else write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 8)
+    r = recipe_from_mapping({
+        "model": {"name_or_path": str(tiny_llama)}, "lora": {"r": 4, "alpha": 8}, "output_dir": str(tmp_path / "out"),
+        "data": {"path": str(path), "format": "alpaca" if packed else "chat", "packing": packed, "max_seq_len": 256, "eval_size": 2},
+        "training": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "save_steps": 100, "logging_steps": 1},
+        "eval": {"metric": "exact_match", "max_examples": 2, "max_new_tokens": 2},
+    })
+    metrics = train(r)
+    assert metrics["train_steps"] == 2 and metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert "eval_exact_match_after" in metrics
+    assert ("train_blocks" in metrics["data"]) == packed
