@@ -342,10 +342,11 @@ def tokenize_split(raw, spec: DataSpec, tokenizer, stats: dict[str, Any], prefix
     rows, truncated, dropped = [], 0, 0
     for row in raw:
         item, cut = tokenize_row(row, spec, tokenizer, label_ids)
-        truncated += cut and item is not None
-        dropped += item is None
-        if item is not None:
-            rows.append(item)
+        if item is None:
+            dropped += 1
+            continue
+        truncated += cut
+        rows.append(item)
     stats.update({f"{prefix}_examples": len(rows), f"{prefix}_truncated": truncated, f"{prefix}_dropped": dropped})
     if not rows:
         raise QLoraError(
