@@ -18,7 +18,7 @@ from qlora.precision import base_weight_dtype, resolve_compute_dtype
 from qlora.recipe import LoraSpec, ModelSpec, QuantizationSpec, Recipe
 
 # Leaf names of linear layers per preset, across the common decoder families (Llama, Mistral, Qwen2,
-# Gemma, Phi-3, GPT-NeoX, Falcon, GPT-2). 'all-linear' is left to peft, which also knows to skip the head.
+# Gemma, Phi-3, GPT-NeoX, Falcon, GPT-2).
 ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "dense", "out_proj", "c_proj"}
 QV_NAMES = {"q_proj", "v_proj", "query", "value"}
 MLP_NAMES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"}
@@ -124,11 +124,21 @@ def linear_leaf_names(model) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, kinds)}
 
 
+def output_head_names(model) -> set[str]:
+    """Leaf names of the output head(s): the LM head or a classifier, which LoRA must not wrap."""
+    heads = {name for name in CLASSIFIER_HEADS if hasattr(model, name)}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads.update(name.rsplit(".", 1)[-1] for name, module in model.named_modules() if output is not None and module is output)
+    return heads
+
+
 def lora_target_modules(model, targets: str | list[str]) -> str | list[str]:
     """Resolve `lora.targets` (a preset or names) against the model's own linear layers."""
-    if targets == "all-linear":
-        return "all-linear"  # peft resolves it, excluding the output head
     present = linear_leaf_names(model)
+    if targets == "all-linear":
+        # peft's own 'all-linear' writes every full module path into adapter_config.json (hundreds for
+        # a 70B); the leaf names say the same, stay readable and portable to other tools.
+        return sorted(present - output_head_names(model))
     if isinstance(targets, str):
         chosen = sorted(present & PRESETS[targets])
         if not chosen:

@@ -11,6 +11,13 @@ Policy (QLoRA paper, artidoro/qlora, peft defaults):
   issue 1569, peft issue 1149).
 - LoRA adapter weights are fp32 (peft's `autocast_adapter_dtype`), so are their grads, and the
   optimizer keeps fp32 states for them.
+- full fine-tuning (profiled and measured, not a `qlora train` method) loads the model exactly like
+  16-bit LoRA's base, in the compute dtype, and trains those weights: weights and gradients in the
+  compute dtype (bf16 on GPU), no fp32 master copy.
+- optimizer states: torch's AdamW keeps both moments in the parameter's dtype; bitsandbytes' 32-bit
+  AdamW (paged or not) keeps them in fp32 whatever the parameter's dtype; the 8-bit AdamWs keep them
+  as uint8 with per-block scales. So full FT with paged_adamw_32bit on GPU is bf16 weights + bf16
+  grads + fp32 Adam states (12 bytes per parameter), with adamw_torch 8 bytes per parameter.
 """
 
 from __future__ import annotations
@@ -52,3 +59,22 @@ def trainer_precision_flags(compute_dtype: torch.dtype, device: str | None = Non
 def dtype_name(dtype: torch.dtype) -> str:
     """'bfloat16' for torch.bfloat16: the spelling used in recipes and reports."""
     return str(dtype).removeprefix("torch.")
+
+
+def trainable_dtype(method: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of what trains: the loaded weights for 'full', fp32 adapters for the LoRA methods."""
+    return compute_dtype if method == "full" else ADAPTER_DTYPE
+
+
+def optimizer_state_dtype(optimizer: str, param_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the two AdamW moments for a parameter of `param_dtype` (see the module docstring)."""
+    if optimizer.endswith("8bit"):
+        return torch.uint8
+    if optimizer.endswith("32bit"):
+        return torch.float32
+    return param_dtype
+
+
+def is_paged_optimizer(optimizer: str) -> bool:
+    """Paged optimizers keep their states in CUDA unified memory, outside PyTorch's allocator."""
+    return optimizer.startswith("paged_")
