@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from qlora.errors import QLoraError, run_cli
 
 OOM_EXIT_CODE = 3
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # a name with these is a file, not a Hub dataset
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -139,18 +140,29 @@ def out_of_memory_message(recipe) -> str:
     lines = ["out of GPU memory; the last complete checkpoint is kept (continue with --resume after a change)"]
     try:
         from qlora.profile import plan_fit
+        from qlora.recipe import parse_gpu_memory
 
-        gpu_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-        if gpu_bytes is None and recipe.target_gpu:
-            from qlora.recipe import parse_gpu_memory
-
-            gpu_bytes = parse_gpu_memory(recipe.target_gpu)
+        if torch.cuda.is_available():
+            gpu_bytes = torch.cuda.get_device_properties(0).total_memory
+        else:
+            gpu_bytes = parse_gpu_memory(recipe.target_gpu) if recipe.target_gpu else None
         if gpu_bytes:
-            lines.append(plan_fit(recipe, gpu_bytes).advice())
-    except ImportError:
-        pass
+            lines.extend(plan_fit(recipe, gpu_bytes).advice())
+    except Exception as exc:  # the advice is best effort: the OOM message itself must reach the user
+        lines.append(f"(the profiler could not plan a fit: {exc})")
     lines.append("see `qlora profile --recipe RECIPE --gpu <memory>` for the full table")
     return "\n".join(lines)
+
+
+def check_inputs(recipe) -> None:
+    """Fail in a second, not after loading a model, when a local model or data path is missing."""
+    from qlora.model import check_model_source, is_local_path
+
+    check_model_source(recipe.model)
+    for key, value in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
+        looks_local = is_local_path(value or "") or Path(value or "").suffix.lower() in DATA_SUFFIXES
+        if value and looks_local and not Path(value).expanduser().exists():
+            raise QLoraError(f"{key}: not found: {value}")
 
 
 def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -165,6 +177,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     from qlora.model import build_model, parameter_counts
 
     output_dir = Path(recipe.output_dir)
+    check_inputs(recipe)
     resume_from = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
     recipe.save(output_dir / "recipe.yaml")
     set_seed(recipe.training.seed)
