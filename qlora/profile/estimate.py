@@ -1,0 +1,201 @@
+"""Predicted peak memory of one training step, component by component.
+
+The peak is the larger of two moments of a step (with gradient accumulation, as the recipes train,
+gradients exist through every forward and backward):
+
+    backward:       weights + adapters + gradients + optimizer states + activations
+    optimizer step: weights + adapters + gradients + optimizer states + the step's temporaries
+
+and the components reported are those at the peak moment, so they add up to the total.
+Dtypes come from `qlora.precision`, the module the trainer uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qlora.errors import QLoraError, did_you_mean
+from qlora.profile.activations import Step, activation_bytes
+from qlora.profile.inventory import Inventory, load_inventory
+from qlora.profile.settings import METHODS, Settings, from_recipe
+from qlora.profile.storage import QMAP_BYTES, adamw_state_bytes, int8_weight_bytes, nf4_weight_bytes
+
+COMPONENTS = ("weights", "adapters", "gradients", "optimizer", "activations", "overhead")
+GIB = 2**30
+
+# What a CUDA process holds beyond its tensors. Not measurable on a CPU machine: named assumptions
+# that `--measure` on a GPU reports against (torch.cuda.memory_reserved vs memory_allocated).
+CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context, lazily loaded kernels, cuBLAS workspace (nvidia-smi shows 300-600 MiB on CUDA 12)
+ALLOCATOR_SLACK = 0.05  # PyTorch's caching allocator: reserved-but-free blocks and 512 B / 2 MiB rounding above peak allocated
+MODEL_BUFFERS = "model buffers (RoPE tables)"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted bytes per component (at the peak moment) for one model and method."""
+
+    model: str
+    method: str
+    settings: Settings
+    bytes: dict[str, int]
+    details: dict[str, dict[str, int]] = field(default_factory=dict)
+    peak_moment: str = ""
+    parameters: int = 0
+    trainable: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    @property
+    def allocated(self) -> int:
+        """The tensors alone (the total less CUDA context and allocator slack): what
+        `torch.cuda.max_memory_allocated` or a CPU tensor tracker measures."""
+        overhead = self.details.get("overhead", {})
+        return self.total - sum(v for k, v in overhead.items() if k != MODEL_BUFFERS)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "bytes": dict(self.bytes),
+            "total_bytes": self.total,
+            "allocated_bytes": self.allocated,
+            "peak_moment": self.peak_moment,
+            "parameters": self.parameters,
+            "trainable_parameters": self.trainable,
+            "details": {k: dict(v) for k, v in self.details.items()},
+        }
+
+
+def compute_dtype(settings: Settings):
+    """The compute dtype the trainer would pick on the settings' device (a GPU with bf16 when planning)."""
+    from qlora.precision import resolve_compute_dtype
+
+    return resolve_compute_dtype(settings.compute_dtype, settings.device, bf16_supported=True)
+
+
+def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimate:
+    """Predict one training step of `method` on `model` (catalog name, Hub id, folder, config.json)."""
+    import torch
+
+    from qlora.precision import ADAPTER_DTYPE, dtype_name, trainer_precision_flags, trainable_dtype
+
+    if method not in METHODS:
+        raise QLoraError(f"method: unknown value '{method}'{did_you_mean(method, METHODS)}")
+    dtype = compute_dtype(settings)
+    inv = model if isinstance(model, Inventory) else load_inventory(model, dtype_name(dtype))
+    targets = () if method == "full" else inv.lora_targets(settings.targets)
+    adapter_numel = sum(settings.rank * (lin.in_features + lin.out_features) for lin in targets)
+    train_itemsize = trainable_dtype(method, dtype).itemsize
+    trainable = _trainable_tensors(inv, method, targets, settings.rank)
+    weights = weight_bytes(inv, METHODS[method], settings.double_quant)
+    states = optimizer_bytes(settings.optimizer, trainable, trainable_dtype(method, dtype))
+    step = Step(
+        batch=settings.batch_size, seq=settings.seq_len, compute_bytes=dtype.itemsize,
+        autocast=any(trainer_precision_flags(dtype, settings.device).values()), device=settings.device,
+        checkpointing=settings.checkpointing, attention=settings.attn_implementation, method=method,
+        rank=settings.rank, lora_dropout=settings.lora_dropout, lora_leaves=frozenset(lin.leaf for lin in targets),
+        adapter_numel=adapter_numel, adapter_bytes=ADAPTER_DTYPE.itemsize,
+    )
+    acts = activation_bytes(inv, step)
+    step_temps = optimizer_step_temporaries(settings.optimizer, settings.device, trainable, trainable_dtype(method, dtype))
+    at_step = step_temps > acts.total
+    parts = {
+        "weights": sum(weights.values()),
+        "adapters": adapter_numel * ADAPTER_DTYPE.itemsize,
+        "gradients": sum(trainable) * train_itemsize,
+        "optimizer": sum(states.values()) + (step_temps if at_step else 0),
+        "activations": 0 if at_step else acts.total,
+    }
+    overhead = _overhead(settings.device, sum(parts.values()), sum(b.numel * b.itemsize for b in inv.buffers))
+    parts["overhead"] = sum(overhead.values())
+    details = {"weights": weights, "optimizer": states, "activations": {**acts.kept, acts.peak_moment: max(acts.moments.values())},
+               "overhead": overhead}
+    if at_step:
+        details["optimizer"] = {**states, "step temporaries": step_temps}
+    return Estimate(
+        model=inv.name, method=method, settings=settings, bytes=parts, details=details,
+        peak_moment="optimizer step" if at_step else acts.peak_moment,
+        parameters=inv.parameter_count(), trainable=sum(trainable),
+    )
+
+
+def estimate_recipe(recipe) -> Estimate:
+    """What `qlora train` would hold for `recipe` on the GPU it is planned for (its method and settings)."""
+    return estimate(*from_recipe(recipe))
+
+
+def _trainable_tensors(inv: Inventory, method: str, targets, rank: int) -> list[int]:
+    """Element counts of the tensors the optimizer updates (every weight for full FT, LoRA A and B otherwise)."""
+    if method != "full":
+        return [n for lin in targets for n in (rank * lin.in_features, rank * lin.out_features)]
+    sizes = [t.numel for t in inv.params]
+    for lin in inv.linears:
+        sizes.append(lin.in_features * lin.out_features)
+        if lin.bias:
+            sizes.append(lin.out_features)
+    return sizes
+
+
+def weight_bytes(inv: Inventory, bits: int | None, double_quant: bool = True) -> dict[str, int]:
+    """Stored bytes of the base model's parameters by kind: what `from_pretrained` holds for 16-, 8- or 4-bit.
+
+    Buffers (RoPE frequencies) are not weights: they are counted with the overhead.
+    """
+    parts = {"embeddings": 0, "norms and other": 0, "linear layers (16-bit)": 0, "biases": 0}
+    for t in inv.params:
+        parts["embeddings" if t.role == "embedding" else "norms and other"] += t.numel * t.itemsize
+    for lin in inv.linears:
+        numel = lin.in_features * lin.out_features
+        parts["biases"] += lin.out_features * lin.itemsize if lin.bias else 0
+        if bits is None or not lin.quantized:
+            parts["linear layers (16-bit)"] += numel * lin.itemsize
+            continue
+        layout = nf4_weight_bytes(numel, double_quant) if bits == 4 else int8_weight_bytes(lin.in_features, lin.out_features)
+        for name, size in layout.items():
+            parts[name] = parts.get(name, 0) + size
+    return {k: v for k, v in parts.items() if v}
+
+
+def optimizer_bytes(optimizer: str, trainable: list[int], param_dtype) -> dict[str, int]:
+    """AdamW's two moments per trainable tensor, in the dtype `qlora.precision` says the optimizer keeps."""
+    from qlora.precision import optimizer_state_dtype
+
+    itemsize = optimizer_state_dtype(optimizer, param_dtype).itemsize
+    parts = {"Adam moments": sum(adamw_state_bytes(n, itemsize) for n in trainable)}
+    if itemsize == 1:
+        parts["8-bit code tables"] = QMAP_BYTES
+    return parts
+
+
+def optimizer_step_temporaries(optimizer: str, device: str, trainable: list[int], param_dtype) -> int:
+    """Scratch tensors `optimizer.step()` allocates, from each implementation's code.
+
+    CUDA: bitsandbytes' update kernels are fused (none); torch AdamW's default multi-tensor path
+    allocates sqrt(v) for every tensor at once. CPU: updates go tensor by tensor; torch AdamW keeps
+    sqrt(v) and its scaled copy (2), bitsandbytes' 32-bit update the scaled gradient, sqrt(v) and
+    the denominator (3), its 8-bit update also both moments dequantized to fp32 (5).
+    """
+    from qlora.precision import optimizer_state_dtype
+
+    if not trainable:
+        return 0
+    itemsize = optimizer_state_dtype(optimizer, param_dtype).itemsize
+    if optimizer == "adamw_torch":
+        return sum(trainable) * itemsize if device == "cuda" else 2 * max(trainable) * itemsize
+    if device == "cuda":
+        return 0
+    fp32 = 4
+    if itemsize == 1:
+        from qlora.profile.storage import MIN_8BIT_SIZE
+
+        return max((5 if n >= MIN_8BIT_SIZE else 3) * n * fp32 for n in trainable)
+    return 3 * max(trainable) * fp32
+
+
+def _overhead(device: str, tensors: int, buffers: int) -> dict[str, int]:
+    """Memory besides the training state: the model's buffers, and on CUDA what is not a tensor."""
+    parts = {MODEL_BUFFERS: buffers} if buffers else {}
+    if device == "cuda":
+        parts.update({"CUDA context": CUDA_CONTEXT_BYTES, "allocator slack (5%)": int((tensors + buffers) * ALLOCATOR_SLACK)})
+    return parts

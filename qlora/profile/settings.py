@@ -1,0 +1,94 @@
+"""What one profile describes: a training method and the settings that change its memory.
+
+Kept free of torch so that `import qlora.profile` and `--help` stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from qlora.errors import QLoraError, did_you_mean
+from qlora.recipe import ATTN_IMPLEMENTATIONS, COMPUTE_DTYPES, OPTIMIZERS, TARGET_PRESETS
+
+# Method -> bits of the frozen base (None: 16-bit). 'full' trains every weight, the others train LoRA adapters.
+METHODS = {"full": None, "lora": None, "lora-8bit": 8, "qlora": 4}
+DEFAULT_METHODS = ("full", "lora", "qlora")
+DEVICES = ("cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything besides the model that changes a training step's memory.
+
+    `device` says which machine the numbers describe: 'cuda' (a GPU being planned for: bf16 autocast,
+    CUDA context and allocator overhead) or 'cpu' (what `--measure` checks on a machine without one).
+    """
+
+    seq_len: int = 512
+    batch_size: int = 1
+    rank: int = 64
+    targets: str | tuple[str, ...] = "all-linear"
+    lora_dropout: float = 0.05
+    optimizer: str = "paged_adamw_32bit"
+    checkpointing: bool = True
+    attn_implementation: str = "sdpa"
+    compute_dtype: str = "auto"
+    double_quant: bool = True
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "batch_size", "rank"):
+            if getattr(self, key) < 1:
+                raise QLoraError(f"{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("attn-implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        _check_choice("compute dtype", self.compute_dtype, COMPUTE_DTYPES)
+        _check_choice("device", self.device, DEVICES)
+        if isinstance(self.targets, str):
+            _check_choice("targets", self.targets, TARGET_PRESETS)
+        if not 0 <= self.lora_dropout < 1:
+            raise QLoraError(f"lora dropout: must be in [0, 1), got {self.lora_dropout}")
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return data
+
+
+def _check_choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise QLoraError(f"{key}: unknown value '{value}'{did_you_mean(value, choices)}")
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    """'full,lora,qlora' -> ('full', 'lora', 'qlora'), each checked."""
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not methods:
+        raise QLoraError("--methods: give at least one of " + ", ".join(METHODS))
+    for method in methods:
+        _check_choice("--methods", method, METHODS)
+    return methods
+
+
+def from_recipe(recipe) -> tuple[str, str, Settings]:
+    """(model source, method, settings) of what `qlora train` would run for `recipe`, on a GPU."""
+    targets = recipe.lora.targets if isinstance(recipe.lora.targets, str) else tuple(recipe.lora.targets)
+    # quant_type is left out on purpose: fp4 and nf4 store the same layout (4-bit codes, one absmax per block).
+    settings = Settings(
+        seq_len=recipe.data.max_seq_len,
+        batch_size=recipe.training.batch_size,
+        rank=recipe.lora.r,
+        targets=targets,
+        lora_dropout=recipe.lora.dropout,
+        optimizer=recipe.training.optimizer,
+        checkpointing=recipe.training.gradient_checkpointing,
+        attn_implementation=recipe.model.attn_implementation,
+        compute_dtype=recipe.quantization.compute_dtype,
+        double_quant=recipe.quantization.double_quant,
+    )
+    return recipe.model.name_or_path, recipe.method, settings
