@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from qlora.errors import QLoraError
+from qlora.errors import QLoraError, closest
 
 CATALOG_DIR = Path(__file__).resolve().parent.parent / "catalog"
 
@@ -47,7 +47,12 @@ def resolve(source: str) -> ModelSource:
         return ModelSource(path.resolve().name, path / "config.json")
     if path.is_file():
         return ModelSource(path.stem if path.name != "config.json" else path.resolve().parent.name, path)
+    if text.endswith(".json") or text.startswith(("/", "./", "../", "~")):
+        raise QLoraError(f"model config not found: {text}")
+    spelled = {n.lower(): n for n in [*entries, *(h for ids in entries.values() for h in ids)]}
+    best = closest(lowered, spelled)
+    hint = f" (did you mean '{spelled[best]}'?)" if best else ""
     raise QLoraError(
-        f"unknown model '{text}': not a catalog name, a catalogued Hub id, a model folder or a config.json "
-        f"(catalog: {', '.join(entries)})"
+        f"unknown model '{text}'{hint}: give a catalog name ({', '.join(entries)}), one of their Hub ids, "
+        "a model folder or a config.json (the profiler works offline)"
     )

@@ -41,7 +41,7 @@ class Settings:
     def __post_init__(self) -> None:
         for key in ("seq_len", "batch_size", "rank"):
             if getattr(self, key) < 1:
-                raise QLoraError(f"{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
+                raise QLoraError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("attn-implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _check_choice("compute dtype", self.compute_dtype, COMPUTE_DTYPES)

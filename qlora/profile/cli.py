@@ -1,0 +1,168 @@
+"""`qlora profile` / `python -m qlora.profile`: memory tables, the fit planner and measured peaks.
+
+With no arguments: the headline table, Llama-2 7B/13B/70B × full FT, LoRA, QLoRA at seq 512,
+batch 1, r 64, paged AdamW 32-bit and gradient checkpointing, predicted for a bf16 GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from qlora.errors import QLoraError, run_cli
+from qlora.profile.settings import DEFAULT_METHODS, Settings, parse_methods
+
+HEADLINE_MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
+SETTING_FLAGS = ("seq_len", "batch_size", "rank", "optimizer", "no_checkpointing", "attn", "methods")
+MEASURE_RAM_SHARE = 0.8  # --measure on a CPU refuses models whose step would need more of the free RAM
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from qlora.recipe import ATTN_IMPLEMENTATIONS, OPTIMIZERS
+
+    parser = argparse.ArgumentParser(prog="qlora profile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", default=[], metavar="NAME|PATH",
+                        help="catalog name (llama-2-7b, …), catalogued Hub id, model folder or config.json (repeatable)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="RECIPE",
+                        help="profile what this recipe trains: its model, method and settings (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of every --recipe, e.g. --set data.max_seq_len=2048")
+    parser.add_argument("--methods", help="comma-separated: full, lora, lora-8bit, qlora (default full,lora,qlora)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
+    parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 1)")
+    parser.add_argument("--rank", type=int, help="LoRA rank (default 64)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default paged_adamw_32bit")
+    parser.add_argument("--no-checkpointing", action="store_true", help="profile without gradient checkpointing")
+    parser.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="attention implementation (default sdpa)")
+    parser.add_argument("--gpu", metavar="SIZE", help="plan for a GPU of this size, e.g. 24GB: what fits, how far, what to change")
+    parser.add_argument("--measure", action="store_true", help="also run real training steps here and report measured peaks")
+    parser.add_argument("--format", choices=("table", "markdown", "json"), default="table", help="what to print (default table)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="also write memory.md, memory.json and a PNG per model here")
+    return parser.parse_args(argv)
+
+
+def cli_settings(args: argparse.Namespace) -> Settings:
+    """The --model runs' settings: the headline defaults, changed by the flags given."""
+    changes = {"seq_len": args.seq_len, "batch_size": args.batch_size, "rank": args.rank, "optimizer": args.optimizer,
+               "attn_implementation": args.attn, "checkpointing": False if args.no_checkpointing else None}
+    return Settings(**{k: v for k, v in changes.items() if v is not None})
+
+
+def parse_gpu(text: str | None) -> int | None:
+    """'24GB' -> bytes (GPU makers' GB are GiB); a one-line error naming --gpu otherwise."""
+    from qlora.recipe import parse_gpu_memory
+
+    if text is None:
+        return None
+    try:
+        return parse_gpu_memory(text)
+    except QLoraError:
+        raise QLoraError(f"--gpu: expected a size such as 24GB, 24GiB or 80G, got '{text}'") from None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run to profile: a model with its methods and settings, or a recipe's own."""
+
+    label: str
+    model: str
+    methods: tuple[str, ...]
+    settings: Settings
+    recipe: str | None = None
+    target_gpu: str | None = None
+
+
+def jobs(args: argparse.Namespace) -> list[Job]:
+    """Every run asked for, each checked before any is profiled."""
+    if args.recipe and not args.model:
+        given = [f"--{f.replace('_', '-')}" for f in SETTING_FLAGS if getattr(args, f) not in (None, False)]
+        if given:
+            raise QLoraError(f"{', '.join(given)}: a --recipe sets its own method and settings; change them with --set KEY=VALUE")
+    if args.overrides and not args.recipe:
+        raise QLoraError("--set: changes recipe keys; give a --recipe (or use --seq-len, --rank, … with --model)")
+    methods = parse_methods(args.methods) if args.methods is not None else DEFAULT_METHODS
+    settings = cli_settings(args)
+    models = args.model or ([] if args.recipe else list(HEADLINE_MODELS))
+    return [Job(model, model, methods, settings) for model in models] + [recipe_job(p, args.overrides) for p in args.recipe]
+
+
+def recipe_job(path: str, overrides: Sequence[str]) -> Job:
+    from qlora.profile.settings import from_recipe
+    from qlora.recipe import load_recipe
+
+    recipe = load_recipe(path, overrides)
+    model, method, settings = from_recipe(recipe)
+    return Job(Path(path).stem, model, (method,), settings, str(path), recipe.target_gpu)
+
+
+def profile(args: argparse.Namespace) -> list:
+    """Every run: predictions, the fit plan for --gpu (or a recipe's target_gpu), measured peaks."""
+    from qlora.precision import default_device, dtype_name
+    from qlora.profile.estimate import compute_dtype, estimate
+    from qlora.profile.inventory import load_inventory
+    from qlora.profile.planner import CLI_KEYS, RECIPE_KEYS, plan
+    from qlora.profile.report import Result, Run
+
+    gpu_bytes = parse_gpu(args.gpu)
+    device = default_device() if args.measure else "cuda"  # without --measure: the GPU being planned for
+    runs = []
+    for job in jobs(args):
+        settings = job.settings.replace(device=device)
+        inv = load_inventory(job.model, dtype_name(compute_dtype(settings)))
+        results = [Result(estimate(inv, method, settings)) for method in job.methods]
+        target = gpu_bytes or parse_gpu(job.target_gpu)
+        fit_plan = plan(inv, job.methods, settings, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None
+        run = Run(job.label if job.recipe else inv.name, inv.name, settings, results, fit_plan, job.recipe)
+        if args.measure:
+            measure_run(run, job.model, device)
+        runs.append(run)
+    return runs
+
+
+def measure_run(run, model: str, device: str) -> None:
+    """Measure every method of `run` here, refusing models this machine cannot hold."""
+    from qlora.profile.measure import environment, measure
+
+    check_measurable(run, device)
+    for result in run.results:
+        print(f"measuring {run.label} {result.estimate.method} on {device} …", file=sys.stderr, flush=True)
+        result.measured = measure(model, result.estimate.method, run.settings)
+    run.environment = environment(device)
+
+
+def check_measurable(run, device: str) -> None:
+    """A 7B on a laptop CPU would swap for an hour: say so before building anything."""
+    import psutil
+    import torch
+
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else int(psutil.virtual_memory().available * MEASURE_RAM_SHARE)
+    # building the random model also holds a full-precision copy of every parameter once
+    need = max(r.estimate.allocated for r in run.results) + 4 * run.results[0].estimate.parameters
+    if need > free:
+        raise QLoraError(f"--measure: {run.label} needs about {need / 2**30:.1f} GiB on this {device} and "
+                         f"{free / 2**30:.1f} GiB is free; measure a smaller config.json (or on a GPU)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from qlora.profile import report
+
+    args = parse_args(argv)
+    runs = profile(args)
+    if args.format == "json":
+        print(json.dumps(report.to_json(runs), indent=2))
+    elif args.format == "markdown":
+        print(report.to_markdown(runs))
+    else:
+        report.print_table(runs)
+    if args.out:
+        for path in report.write(runs, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

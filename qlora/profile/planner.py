@@ -1,0 +1,183 @@
+"""The fit planner: which methods fit a GPU, how far sequence length and batch size can go, and
+what to change when nothing fits.
+
+Every answer is a prediction of `estimate`, so the planner and the tables cannot disagree. Peak
+memory grows with sequence length, batch size and rank, so the largest value that fits is found
+by bisection over the model of memory (a few dozen arithmetic estimates, no allocation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from qlora.profile.estimate import GIB, Estimate, estimate
+from qlora.profile.inventory import Inventory, load_inventory
+from qlora.profile.settings import METHODS, Settings
+
+MAX_BATCH = 1024  # the batch-size search stops here: beyond it "fits" says enough
+METHOD_ORDER = tuple(METHODS)  # full, lora, lora-8bit, qlora: from most memory to least
+
+# How each change the planner may advise is spelled where the user makes it: flags or recipe keys.
+CLI_KEYS = {"seq_len": "--seq-len {}", "batch_size": "--batch-size {}", "rank": "--rank {}", "optimizer": "--optimizer {}",
+            "checkpointing": "gradient checkpointing (drop --no-checkpointing)",
+            **{m: f"--methods {m}" for m in METHODS}}
+RECIPE_KEYS = {"seq_len": "data.max_seq_len={}", "batch_size": "training.batch_size={}", "rank": "lora.r={}",
+               "optimizer": "training.optimizer={}", "checkpointing": "training.gradient_checkpointing=true",
+               "full": "full fine-tuning", "lora": "quantization.bits=none (16-bit LoRA)",
+               "lora-8bit": "quantization.bits=8", "qlora": "quantization.bits=4 (QLoRA)"}
+
+
+@dataclass(frozen=True)
+class MethodFit:
+    """One method against one GPU: the prediction at the chosen settings and the largest that fit."""
+
+    estimate: Estimate
+    gpu_bytes: int
+    max_seq_len: int  # largest at the chosen batch size (0: not even one token)
+    max_batch_size: int  # largest at the chosen sequence length (0: not even one sequence)
+    seq_len_limit: int  # the search's upper end: the model's context length
+
+    @property
+    def method(self) -> str:
+        return self.estimate.method
+
+    @property
+    def fits(self) -> bool:
+        return self.estimate.total <= self.gpu_bytes
+
+    def to_dict(self) -> dict:
+        return {"gpu_bytes": self.gpu_bytes, "fits": self.fits, "max_seq_len": self.max_seq_len,
+                "max_batch_size": self.max_batch_size}
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """Every requested method of one model against one GPU, with advice in the user's own keys."""
+
+    model: str
+    gpu_bytes: int
+    settings: Settings
+    methods: tuple[MethodFit, ...]
+    remedies: dict[str, list[str]] = field(default_factory=dict)  # method -> changes that make it fit
+    keys: dict[str, str] = field(default_factory=lambda: dict(CLI_KEYS))
+
+    def advice(self) -> list[str]:
+        """One line per method (fits or not, limits), then indented changes that make it fit."""
+        lines = []
+        for fit in self.methods:
+            lines.append(self._summary(fit))
+            lines += [f"  - {remedy}" for remedy in self.remedies.get(fit.method, [])]
+        return lines
+
+    def _summary(self, fit: MethodFit) -> str:
+        s = self.settings
+        head = f"{self.model} {fit.method}: predicted peak {gib(fit.estimate.total)} of {gib(self.gpu_bytes)}"
+        if not fit.fits:
+            return f"{head}: does not fit"
+        seq = f"{fit.max_seq_len:,}" + (" (the model's context)" if fit.max_seq_len >= fit.seq_len_limit else "")
+        batch = f"{fit.max_batch_size:,}" + (" or more" if fit.max_batch_size >= MAX_BATCH else "")
+        return f"{head}: fits; longest sequence {seq} at batch {s.batch_size}, largest batch {batch} at sequence {s.seq_len:,}"
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def largest(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest n in [1, limit] with fits(n), or 0; `fits` must be monotone (true, then false)."""
+    if not fits(1):
+        return 0
+    if fits(limit):
+        return limit
+    low, high = 1, limit  # fits(low) and not fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def fit_method(inv: Inventory, method: str, settings: Settings, gpu_bytes: int) -> MethodFit:
+    """`method` at `settings` against `gpu_bytes`, with the largest sequence length and batch size that fit."""
+    within = lambda **change: estimate(inv, method, settings.replace(**change)).total <= gpu_bytes  # noqa: E731
+    limit = inv.dims.max_positions
+    return MethodFit(
+        estimate=estimate(inv, method, settings),
+        gpu_bytes=gpu_bytes,
+        max_seq_len=largest(lambda n: within(seq_len=n), limit),
+        max_batch_size=largest(lambda n: within(batch_size=n), MAX_BATCH),
+        seq_len_limit=limit,
+    )
+
+
+def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[str]) -> list[str]:
+    """What would make a method that does not fit fit, in the order a user would try them: a
+    shorter sequence, a smaller batch, then (when neither is enough) gradient checkpointing, an
+    8-bit optimizer, a lower rank, and a more frugal method that is not already in the plan."""
+    if fit.fits:
+        return []
+    s, k, method, gpu = fit.estimate.settings, keys, fit.method, fit.gpu_bytes
+    out = []
+    if fit.max_seq_len:
+        out.append(f"fits with {k['seq_len'].format(fit.max_seq_len)} (at batch {s.batch_size})")
+    if fit.max_batch_size:
+        out.append(f"fits with {k['batch_size'].format(fit.max_batch_size)} (at sequence {s.seq_len}; "
+                   "raise gradient accumulation to keep the effective batch)")
+    if out:
+        return out
+    predicted = lambda m, **change: estimate(inv, m, s.replace(**change)).total  # noqa: E731
+    changes = []  # (how the user spells it, predicted peak after it)
+    if not s.checkpointing:
+        changes.append((k["checkpointing"], predicted(method, checkpointing=True)))
+    if not s.optimizer.endswith("8bit"):
+        eight = "paged_adamw_8bit" if s.optimizer.startswith("paged") else "adamw_8bit"
+        changes.append((k["optimizer"].format(eight), predicted(method, optimizer=eight)))
+    if method != "full" and s.rank > 1:
+        rank = largest(lambda r: predicted(method, rank=r) <= gpu, s.rank - 1)
+        if rank:
+            changes.append((k["rank"].format(rank), predicted(method, rank=rank)))
+    for other in METHOD_ORDER[METHOD_ORDER.index(method) + 1:]:
+        if other not in tried:
+            changes.append((k[other], predicted(other)))
+    out = [f"fits with {change}: {gib(peak)}" for change, peak in changes if peak <= gpu]
+    return out or [combined(inv, s, gpu, k)]
+
+
+def combined(inv: Inventory, s: Settings, gpu: int, k: dict[str, str]) -> str:
+    """When no single change is enough: QLoRA with checkpointing and 8-bit AdamW, at the largest
+    rank that fits, else rank 1 at the longest sequence that fits one per batch, else nothing."""
+    frugal = s.replace(checkpointing=True, optimizer="paged_adamw_8bit")
+    spelled = [k["qlora"], k["optimizer"].format(frugal.optimizer)] + ([] if s.checkpointing else [k["checkpointing"]])
+    rank = largest(lambda r: estimate(inv, "qlora", frugal.replace(rank=r)).total <= gpu, s.rank)
+    if rank:
+        peak = estimate(inv, "qlora", frugal.replace(rank=rank)).total
+        return f"fits with {', '.join(spelled + [k['rank'].format(rank)])}: {gib(peak)}"
+    tiny = frugal.replace(rank=1, batch_size=1)
+    seq = largest(lambda n: estimate(inv, "qlora", tiny.replace(seq_len=n)).total <= gpu, s.seq_len)
+    if seq:
+        peak = estimate(inv, "qlora", tiny.replace(seq_len=seq)).total
+        changes = spelled + [k["rank"].format(1), k["batch_size"].format(1), k["seq_len"].format(seq)]
+        return f"fits with {', '.join(changes)}: {gib(peak)}"
+    floor = estimate(inv, "qlora", tiny.replace(seq_len=1)).total
+    return (f"nothing fits {gib(gpu)}: even QLoRA at batch 1, one token, rank 1 and 8-bit AdamW needs {gib(floor)}; "
+            "use a GPU with more memory or a smaller model")
+
+
+def plan(model: str | Inventory, methods, settings: Settings, gpu_bytes: int, keys: dict[str, str] = CLI_KEYS) -> FitPlan:
+    """Fit every method of `methods` on `model` into `gpu_bytes`."""
+    from qlora.precision import dtype_name
+    from qlora.profile.estimate import compute_dtype
+
+    inv = model if isinstance(model, Inventory) else load_inventory(model, dtype_name(compute_dtype(settings)))
+    fits = tuple(fit_method(inv, m, settings, gpu_bytes) for m in methods)
+    tried = set(methods)
+    return FitPlan(inv.name, gpu_bytes, settings, fits, {f.method: remedies(inv, f, keys, tried) for f in fits}, keys)
+
+
+def plan_fit(recipe, gpu_bytes: int) -> FitPlan:
+    """The fit plan of what `recipe` trains, on a GPU of `gpu_bytes`, advice in recipe keys."""
+    from qlora.profile.settings import from_recipe
+
+    model, method, settings = from_recipe(recipe)
+    return plan(model, (method,), settings, gpu_bytes, RECIPE_KEYS)
+
