@@ -11,6 +11,7 @@ dropped is counted and reported, never silently lost.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,24 @@ def read_files(loader: str, files: list[Path], key: str):
     if all(f.stat().st_size == 0 for f in files):  # datasets fails on these with an empty message
         raise QLoraError(f"{key}: {', '.join(map(str, files))} holds no examples (empty)")
     try:
-        return datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
+        with progress_bars_off():  # local files load in a blink; the bar would only clutter errors
+            return datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
     except Exception as exc:  # datasets raises many types for unreadable files; all are the user's file
         raise QLoraError(f"{key}: cannot read {', '.join(map(str, files))}: {first_line(exc)}") from None
+
+
+@contextmanager
+def progress_bars_off():
+    """Silence `datasets` progress bars for a moment, restoring the user's setting afterwards."""
+    from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+
+    was_enabled = is_progress_bar_enabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            enable_progress_bars()
 
 
 def first_line(exc: Exception) -> str:

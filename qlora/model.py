@@ -41,15 +41,40 @@ def is_local_path(name: str) -> bool:
 
 
 def check_model_source(spec: ModelSpec) -> None:
-    """Fail early, with the key, when a local model folder does not exist or holds no config."""
+    """Fail in a second, naming the key, when the base model cannot be found (before any download)."""
     name = spec.name_or_path
-    if not is_local_path(name):
+    if is_local_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise QLoraError(f"model.name_or_path: folder not found: {name}")
+        if not (path / "config.json").exists():
+            raise QLoraError(f"model.name_or_path: {name} has no config.json (not a transformers model folder)")
         return
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise QLoraError(f"model.name_or_path: folder not found: {name}")
-    if not (path / "config.json").exists():
-        raise QLoraError(f"model.name_or_path: {name} has no config.json (not a transformers model folder)")
+    check_hub_model(name, spec.revision)
+
+
+def check_hub_model(name: str, revision: str | None) -> None:
+    """A Hub id must be in the local cache or answer on the Hub; one quick request, no retry loop.
+
+    transformers would retry an unreachable Hub for about a minute and then fail with a traceback.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise QLoraError(f"model.name_or_path: '{name}' is not a local folder nor in the Hub cache, and HF_HUB_OFFLINE is set")
+    try:
+        HfApi().model_info(name, revision=revision, timeout=10)
+    except GatedRepoError:
+        raise QLoraError(f"model.name_or_path: '{name}' is gated on the Hub: accept its license there and log in (`hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise QLoraError(f"model.revision: '{revision}' not found for '{name}' on the Hub") from None
+    except RepositoryNotFoundError:
+        raise QLoraError(f"model.name_or_path: '{name}' is not a local folder nor a model on the Hub (misspelt, or private without a login?)") from None
+    except Exception as exc:  # network errors come in many types (httpx, OSError); all mean "cannot reach it"
+        raise QLoraError(f"model.name_or_path: '{name}' is not a local folder and the Hub cannot be reached ({type(exc).__name__}); use a local folder or go online") from None
 
 
 def quantization_config(spec: QuantizationSpec, compute_dtype: torch.dtype):
@@ -112,8 +137,11 @@ def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: lis
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
         )
-        return _from_pretrained(AutoModelForSequenceClassification, recipe.model, **kwargs)
-    return _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
+        model = _from_pretrained(AutoModelForSequenceClassification, recipe.model, **kwargs)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
+    keep_training_layout(model)
+    return model
 
 
 def linear_leaf_names(model) -> set[str]:
@@ -180,9 +208,10 @@ def keep_training_layout(model) -> None:
     """Stop bnb from repacking 4-bit weights into its CPU inference layout during evaluation.
 
     On CPUs with AVX512-BF16, bnb's `Linear4bit` rewrites its weight on the first no-grad eval forward
-    into a layout that makes inference 2-4x faster but every later training step about 5x slower, and
-    rounds slightly differently: the eval before training would slow the whole run, and a resumed run
-    (which skips that eval) would not reproduce the uninterrupted one. Training keeps one layout.
+    into a layout whose bf16 kernel makes inference 2-4x faster but every later training step about 5x
+    slower, and rounds differently (logits move by ~1e-3): the eval before training would slow the whole
+    run, a resumed run (which skips that eval) would not reproduce the uninterrupted one, and a reloaded
+    adapter would not give the logits it was trained to give. Every load keeps the one precise layout.
     """
     import bitsandbytes as bnb
 
@@ -191,14 +220,13 @@ def keep_training_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def build_model(recipe: Recipe, label_names: list[str] | None = None, device: str | None = None) -> LoadedModel:
+def build_model(recipe: Recipe, label_names: list[str] | None = None, device: str | None = None, tokenizer=None) -> LoadedModel:
     """Tokenizer + quantized base + LoRA (+ checkpointing), all as the recipe says."""
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype, device)
-    tokenizer = load_tokenizer(recipe.model)
+    tokenizer = tokenizer or load_tokenizer(recipe.model)
     base = load_base_model(recipe, compute_dtype, label_names)
     if recipe.task == "classification" and base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools the last non-pad token
-    keep_training_layout(base)
     if recipe.training.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     model = attach_lora(base, recipe.lora, recipe.task)

@@ -16,7 +16,6 @@ from typing import Any, Sequence
 from qlora.errors import QLoraError, run_cli
 
 OOM_EXIT_CODE = 3
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # a name with these is a file, not a Hub dataset
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -154,36 +153,28 @@ def out_of_memory_message(recipe) -> str:
     return "\n".join(lines)
 
 
-def check_inputs(recipe) -> None:
-    """Fail in a second, not after loading a model, when a local model or data path is missing."""
-    from qlora.model import check_model_source, is_local_path
-
-    check_model_source(recipe.model)
-    for key, value in (("data.path", recipe.data.path), ("data.eval_path", recipe.data.eval_path)):
-        looks_local = is_local_path(value or "") or Path(value or "").suffix.lower() in DATA_SUFFIXES
-        if value and looks_local and not Path(value).expanduser().exists():
-            raise QLoraError(f"{key}: not found: {value}")
-
-
 def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run one recipe end to end; returns what was written to metrics.json."""
     import torch
     from transformers import set_seed
 
     from qlora.checkpoints import prepare_output_dir
-    from qlora.data import describe, prepare_data, read_label_names
+    from qlora.data import describe, prepare_data
     from qlora.io import atomic_write_json
     from qlora.metrics import peak_memory_bytes
-    from qlora.model import build_model, parameter_counts
+    from qlora.model import build_model, check_model_source, load_tokenizer, parameter_counts
 
+    # Everything a user can get wrong is checked before output_dir is touched (--overwrite would
+    # delete the previous results) and before minutes go into loading the model.
     output_dir = Path(recipe.output_dir)
-    check_inputs(recipe)
+    check_model_source(recipe.model)
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe, tokenizer)
+    print(f"data: {describe(data.stats)}", file=sys.stderr)
     resume_from = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
     recipe.save(output_dir / "recipe.yaml")
     set_seed(recipe.training.seed)
-    loaded = build_model(recipe, read_label_names(recipe))  # a classifier head needs the labels first
-    data = prepare_data(recipe, loaded.tokenizer)
-    print(f"data: {describe(data.stats)}", file=sys.stderr)
+    loaded = build_model(recipe, data.label_names, tokenizer=tokenizer)  # a classifier head needs the labels
     trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints")
     before = baseline(trainer, loaded, data, recipe, output_dir, resuming=resume_from is not None)
     if torch.cuda.is_available():

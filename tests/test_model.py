@@ -172,10 +172,41 @@ def test_folder_without_config(tmp_path):
         check_model_source(ModelSpec(name_or_path=str(tmp_path)))
 
 
-def test_unreachable_hub_name_is_a_clear_error(monkeypatch):
+def test_unreachable_hub_name_is_a_clear_error():
     from qlora.model import load_tokenizer
     from qlora.recipe import ModelSpec
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(QLoraError, match="'nobody/no-such-model' is not a local folder and could not be fetched"):
-        load_tokenizer(ModelSpec(name_or_path="nobody/no-such-model"))
+    with pytest.raises(QLoraError, match="'nobody/no-such-model' is not a local folder and the Hub cannot be reached"):
+        load_tokenizer(ModelSpec(name_or_path="nobody/no-such-model"))  # this machine has no Hub access
+
+
+@pytest.mark.parametrize(("error", "message"), [
+    ("RepositoryNotFoundError", "is not a local folder nor a model on the Hub"),
+    ("GatedRepoError", "is gated on the Hub: accept its license there and log in"),
+])
+def test_hub_answers_become_clear_errors(monkeypatch, error, message):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    from qlora.model import check_hub_model
+
+    def model_info(self, name, **kwargs):
+        cls = getattr(errors, error)
+        exc = cls.__new__(cls)  # its __init__ wants a live HTTP response
+        Exception.__init__(exc, "404 Client Error")
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    with pytest.raises(QLoraError, match=f"model.name_or_path: 'org/model' {message}"):
+        check_hub_model("org/model", None)
+
+
+def test_offline_hub_name_outside_the_cache_is_refused_without_a_request(monkeypatch):
+    import huggingface_hub
+
+    from qlora.model import check_hub_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("no request when offline"))
+    with pytest.raises(QLoraError, match="not a local folder nor in the Hub cache, and HF_HUB_OFFLINE is set"):
+        check_hub_model("org/model", None)
