@@ -158,3 +158,34 @@ def test_out_of_memory_keeps_checkpoints_and_explains(tiny_llama, alpaca_file, t
     err = capsys.readouterr().err
     assert "error: out of GPU memory; the last complete checkpoint is kept" in err
     assert "qlora profile --recipe" in err
+
+
+@pytest.mark.slow
+def test_sigkill_once_a_checkpoint_appears_then_resume_matches(tiny_llama, alpaca_file, tmp_path, finished_run):
+    """A real process, killed with SIGKILL the moment checkpoint-4's folder appears (likely mid-write):
+    the resume must skip the half-written checkpoint-4 or use the finished one, and land on the same adapter."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    recipe_file = tmp_path / "recipe.yaml"
+    tiny_recipe(tiny_llama, alpaca_file, out).save(recipe_file)
+    command = [sys.executable, "-m", "qlora.train", str(recipe_file)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "checkpoint-4").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before the kill: nothing was tested"
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference_out, _ = finished_run
+    got = load_file(out / "adapter" / "adapter_model.safetensors")
+    expected = load_file(reference_out / "adapter" / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-5)
