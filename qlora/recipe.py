@@ -253,16 +253,22 @@ def _type_error(key: str, value: Any, tp: Any) -> QLoraError:
 # --- overrides ------------------------------------------------------------------------------------
 
 
+def split_assignment(item: str, flag: str, form: str, valid: set[str]) -> tuple[str, str]:
+    """`'lora.r=8'` -> `('lora.r', '8')` for a command-line `flag`, checking the key is a recipe key."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise QLoraError(f"{flag} expects {form}, got '{item}'")
+    if key not in valid:
+        raise QLoraError(f"unknown recipe key '{key}' in {flag}{did_you_mean(key, valid)}")
+    return key, raw
+
+
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """Apply `dotted.key=value` strings to raw recipe data; values are parsed as YAML scalars."""
     valid = set(all_keys())
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise QLoraError(f"--set expects key=value, got '{item}'")
-        if key not in valid:
-            raise QLoraError(f"unknown recipe key '{key}' in --set{did_you_mean(key, valid)}")
+        key, raw = split_assignment(item, "--set", "key=value", valid)
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:

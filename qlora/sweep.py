@@ -24,9 +24,9 @@ from typing import Any, Sequence
 import yaml
 
 from qlora.checkpoints import latest_complete_checkpoint
-from qlora.errors import QLoraError, did_you_mean, run_cli
+from qlora.errors import QLoraError, run_cli
 from qlora.io import atomic_write_text
-from qlora.recipe import Recipe, all_keys, load_recipe
+from qlora.recipe import Recipe, all_keys, load_recipe, split_assignment
 from qlora.train import OOM_EXIT_CODE, train
 
 RESULTS_NAME = "sweep_results"
@@ -68,12 +68,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
     valid = set(all_keys()) - {"output_dir"}  # the sweep owns each point's output_dir
     grid: dict[str, list[Any]] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise QLoraError(f"--grid expects key=v1,v2,..., got '{item}'")
-        if key not in valid:
-            raise QLoraError(f"unknown recipe key '{key}' in --grid{did_you_mean(key, valid)}")
+        key, raw = split_assignment(item, "--grid", "key=v1,v2,...", valid)
         if key in grid:
             raise QLoraError(f"--grid {key} is given twice; list all its values in one --grid")
         grid[key] = parse_values(key, raw)
