@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,9 @@ def recipe_job(path: str, overrides: Sequence[str]) -> Job:
     from qlora.recipe import load_recipe
 
     recipe = load_recipe(path, overrides)
+    if recipe.task == "classification":
+        print(f"note: {path} trains a classifier; it is profiled as its causal LM, an upper bound "
+              "(a classifier makes no vocabulary-sized logits)", file=sys.stderr)
     model, method, settings = from_recipe(recipe)
     return Job(Path(path).stem, model, (method,), settings, str(path), recipe.target_gpu)
 
@@ -150,16 +154,18 @@ def check_measurable(run, device: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from qlora.profile import report
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     runs = profile(args)
+    command = shlex.join(["qlora", "profile", *argv])  # recorded in the Markdown, to remake the report
     if args.format == "json":
         print(json.dumps(report.to_json(runs), indent=2))
     elif args.format == "markdown":
-        print(report.to_markdown(runs))
+        print(report.to_markdown(runs, command))
     else:
         report.print_table(runs)
     if args.out:
-        for path in report.write(runs, args.out):
+        for path in report.write(runs, args.out, command):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

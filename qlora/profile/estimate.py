@@ -42,6 +42,7 @@ class Estimate:
     peak_moment: str = ""
     parameters: int = 0
     trainable: int = 0
+    parameters_by_role: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -62,6 +63,7 @@ class Estimate:
             "allocated_bytes": self.allocated,
             "peak_moment": self.peak_moment,
             "parameters": self.parameters,
+            "parameters_by_role": dict(self.parameters_by_role),
             "trainable_parameters": self.trainable,
             "details": {k: dict(v) for k, v in self.details.items()},
         }
@@ -116,7 +118,7 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
     return Estimate(
         model=inv.name, method=method, settings=settings, bytes=parts, details=details,
         peak_moment="optimizer step" if at_step else acts.peak_moment,
-        parameters=inv.parameter_count(), trainable=sum(trainable),
+        parameters=inv.parameter_count(), trainable=sum(trainable), parameters_by_role=inv.counts_by_role(),
     )
 
 

@@ -15,10 +15,12 @@ clipping, optimizer step) creates the optimizer states and a second cycle is mea
 from __future__ import annotations
 
 import itertools
+import os
 import platform
 import tempfile
 import warnings
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,6 @@ from torch.utils._pytree import tree_leaves
 from qlora.profile.settings import METHODS, Settings
 
 MICRO_BATCHES = 2  # gradient accumulation, so gradients exist while activations peak (as in the recipes)
-PHASES = ("forward", "backward", "optimizer step")
 
 
 @dataclass
@@ -107,7 +108,7 @@ def measure(model: str, method: str, settings: Settings) -> Measurement:
     device = default_device()
     settings = settings.replace(device=device)
     hf_logging.disable_progress_bar()  # saving and loading the random model is not news to the user
-    with tempfile.TemporaryDirectory(prefix="qlora-measure-") as folder, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="qlora-measure-") as folder, warnings.catch_warnings(), _cpu_threads(1):
         # on CPU bitsandbytes falls back to unpaged states of the same size, and says so each time
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         trained = build(model, method, settings, Path(folder))
@@ -124,7 +125,7 @@ def environment(device: str) -> dict[str, str]:
     if device == "cuda":
         env = {"device": torch.cuda.get_device_name(), "CUDA": str(torch.version.cuda), "driver": _cuda_driver()}
     else:
-        env = {"device": f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"}
+        env = {"device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)"}
     env["python"] = platform.python_version()
     env.update({name: version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")})
     return env
@@ -139,6 +140,18 @@ def _cuda_driver() -> str:
         return str(pynvml.nvmlSystemGetDriverVersion())
     except Exception:  # NVML missing or unusable: the report says so instead of failing the measurement
         return "unknown"
+
+
+@contextmanager
+def _cpu_threads(count: int):
+    """Bytes do not depend on the thread count, but on a busy CPU OpenMP's spin-waiting threads make
+    the small ops of a small model 50x slower; the measurement runs on one thread and restores it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -225,7 +238,8 @@ def model_tensors(model):
         if state is not None:
             nested = state.state2
             for tensor in (state.absmax, state.code, state.offset, *((nested.absmax, nested.code) if nested else ())):
-                yield tensor, "frozen"
+                if tensor is not None:  # no offset without double quant
+                    yield tensor, "frozen"
         if getattr(param, "SCB", None) is not None:
             yield param.SCB, "frozen"
     for module in model.modules():

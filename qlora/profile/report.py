@@ -142,9 +142,9 @@ def advice(runs: list[Run]) -> list[str]:
     return [line for run in runs if run.plan for line in run.plan.advice()]
 
 
-def to_markdown(runs: list[Run]) -> str:
+def to_markdown(runs: list[Run], command: str | None = None) -> str:
     """Markdown tables (one per settings group), fit advice, and the measuring environment."""
-    lines = []
+    lines = [f"Made by `{command}`.", ""] if command else []
     for group in groups(runs):
         name, _ = unit(group)
         cols = header(group)
@@ -222,9 +222,10 @@ def plot(run: Run, path: Path) -> Path:
     if run.plan:
         ax.axhline(run.plan.gpu_bytes / scale, color="black", linestyle="--", linewidth=1, label=f"GPU ({run.plan.gpu_bytes / scale:g} {name})")
     ax.set_ylabel(name)
+    ax.set_xlabel(describe(run.settings), fontsize=7, color="dimgray")
     ax.set_title(f"{run.label}: peak training memory", fontsize=11)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.text(0.01, 0.005, describe(run.settings), fontsize=6, color="dimgray")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper right")  # top to bottom, as the bars stack
     partial = path.with_name(f".{path.name}.tmp")  # then renamed: a reader never sees half a PNG
     fig.savefig(partial, dpi=120, format="png")
     os.replace(partial, path)
@@ -236,13 +237,13 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
 
-def write(runs: list[Run], folder: Path) -> list[Path]:
+def write(runs: list[Run], folder: Path, command: str | None = None) -> list[Path]:
     """memory.md, memory.json and memory-<label>.png per run, each written atomically."""
     from qlora.io import atomic_write_json, atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     written = [folder / "memory.md", folder / "memory.json"]
-    atomic_write_text(written[0], to_markdown(runs))
+    atomic_write_text(written[0], to_markdown(runs, command))
     atomic_write_json(written[1], to_json(runs))
     for run in runs:
         written.append(plot(run, folder / f"memory-{slug(run.label)}.png"))

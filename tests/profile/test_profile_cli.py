@@ -1,0 +1,98 @@
+"""`qlora profile` as a user runs it: the headline table, JSON, --recipe, --out, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qlora.errors import run_cli
+from qlora.profile.cli import main
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def profile(argv, capsys):
+    code = run_cli(main, argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_no_arguments_print_the_headline_table(capsys):
+    code, out, _ = profile([], capsys)
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("│ llama-2-")]
+    assert [row.split("│")[1:3] for row in rows] == [
+        [f" {model:<11} ", f" {method:<6} "] for model in ("llama-2-7b", "llama-2-13b", "llama-2-70b") for method in ("full", "lora", "qlora")]
+    assert "seq 512 · batch 1 · r 64 (all-linear) · paged_adamw_32bit · checkpointing · sdpa · bfloat16 on cuda" in out
+
+
+def test_json_for_llama_2_7b(capsys):
+    code, out, _ = profile(["--model", "llama-2-7b", "--format", "json"], capsys)
+    assert code == 0
+    (run,) = json.loads(out)["runs"]
+    assert run["model"] == "llama-2-7b" and run["settings"]["rank"] == 64
+    totals = {r["method"]: r["total_bytes"] for r in run["results"]}
+    assert totals["full"] > totals["lora"] > totals["qlora"]
+    qlora = run["results"][2]
+    assert qlora["bytes"]["weights"] == 3_865_836_416
+    assert sum(qlora["bytes"].values()) == qlora["total_bytes"]
+
+
+def test_recipe_profiles_its_own_method_and_plans_for_its_target_gpu(capsys):
+    recipe = RECIPES / "llama-3.1-8b-alpaca-t4.yaml"
+    code, out, _ = profile(["--recipe", str(recipe), "--format", "json"], capsys)
+    assert code == 0
+    (run,) = json.loads(out)["runs"]
+    assert run["model"] == "llama-3.1-8b" and run["recipe"] == str(recipe)
+    assert [r["method"] for r in run["results"]] == ["qlora"]
+    assert run["settings"]["seq_len"] == 1024 and run["settings"]["batch_size"] == 2 and run["settings"]["compute_dtype"] == "float16"
+    assert run["gpu_bytes"] == 16 * 2**30 and run["results"][0]["fit"]["fits"] is True
+
+
+def test_recipe_set_overrides_change_what_is_profiled(capsys):
+    recipe = RECIPES / "qwen2.5-32b-alpaca-24gb.yaml"
+    code, out, _ = profile(["--recipe", str(recipe), "--set", "data.max_seq_len=4096", "--format", "markdown"], capsys)
+    assert code == 0
+    assert "seq 4,096" in out and "| no | 1,496 |" in out
+    assert "  - fits with data.max_seq_len=1496 (at batch 1)" in out
+
+
+def test_out_writes_markdown_json_and_pngs(tmp_path, capsys):
+    code, _, err = profile(["--model", "smollm2-135m", "--methods", "lora,qlora", "--gpu", "8GB", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory-smollm2-135m.png", "memory.json", "memory.md"]
+    assert f"wrote {tmp_path / 'memory.md'}" in err
+    assert "Fits 8 GiB" in (tmp_path / "memory.md").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "llama-2-7bb"], "error: unknown model 'llama-2-7bb' (did you mean 'llama-2-7b'?): give a catalog name (llama-2-7b, "),
+    (["--model", "./missing/config.json"], "error: model config not found: ./missing/config.json"),
+    (["--gpu", "24XB"], "error: --gpu: expected a size such as 24GB, 24GiB or 80G, got '24XB'"),
+    (["--methods", "full,qlra"], "error: --methods: unknown value 'qlra' (did you mean 'qlora'?)"),
+    (["--methods", ","], "error: --methods: give at least one of full, lora, lora-8bit, qlora"),
+    (["--seq-len", "0"], "error: --seq-len: must be >= 1, got 0"),
+    (["--recipe", "recipes/demo-classify.yaml", "--rank", "8"], "error: --rank: a --recipe sets its own method and settings"),
+    (["--set", "lora.r=8"], "error: --set: changes recipe keys; give a --recipe"),
+    (["--model", "llama-2-70b", "--measure"], "error: --measure: llama-2-70b needs about "),
+], ids=["unknown-model", "missing-config", "bad-gpu", "bad-method", "no-method", "bad-seq-len", "recipe-and-flag",
+        "set-without-recipe", "measure-too-big"])
+def test_user_mistakes_are_one_line_errors_with_exit_2(argv, message, capsys):
+    code, out, err = profile(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_python_m_qlora_profile_prints_the_headline_table_within_20_seconds():
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "qlora.profile"], capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("│ llama-2-") == 9
+    assert elapsed < 20

@@ -1,0 +1,97 @@
+"""The inventory and weight bytes against what bitsandbytes and transformers really store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora.profile.estimate import COMPONENTS, estimate, weight_bytes
+from qlora.profile.inventory import load_inventory
+from qlora.profile.settings import Settings
+from qlora.profile.storage import adamw_state_bytes, nf4_weight_bytes
+
+LLAMA_2_7B_QLORA_WEIGHTS = 3_865_836_416  # bnb 0.50.2, NF4 + double quant, bf16 embeddings/head/norms
+
+
+def load_real(config_path, folder, bits, double_quant=True):
+    """Random weights from the config, loaded in bf16 as the trainer loads them (4-, 8- or 16-bit)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora.model import load_base_model
+    from qlora.profile.inventory import load_config
+    from qlora.recipe import ModelSpec, QuantizationSpec, Recipe
+
+    AutoModelForCausalLM.from_config(load_config(config_path)).save_pretrained(folder)
+    recipe = Recipe(model=ModelSpec(name_or_path=str(folder)),
+                    quantization=QuantizationSpec(bits=bits, double_quant=double_quant, compute_dtype="bfloat16"))
+    return load_base_model(recipe, torch.bfloat16)
+
+
+def stored_bytes(model, kinds=("frozen", "trainable")) -> int:
+    """Bytes of every distinct storage the loaded model holds (tied weights once)."""
+    from qlora.profile.measure import model_tensors
+
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t, kind in model_tensors(model) if kind in kinds}
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("bits,double_quant", [(4, True), (4, False), (8, True), (None, True)], ids=["nf4-dq", "nf4", "int8", "bf16"])
+@pytest.mark.parametrize("config", ["llama_config", "qwen2_config"])
+def test_weight_bytes_equal_the_storage_of_a_really_loaded_model(config, bits, double_quant, request, tmp_path):
+    config_path = request.getfixturevalue(config)
+    model = load_real(config_path, tmp_path, bits, double_quant)
+    inv = load_inventory(str(config_path), "bfloat16")
+    assert sum(weight_bytes(inv, bits, double_quant).values()) == stored_bytes(model)
+    assert sum(b.numel * b.itemsize for b in inv.buffers) == stored_bytes(model, kinds=("buffer",)) > 0
+
+
+def test_inventory_counts_tied_embeddings_once_and_finds_biases(llama_config, qwen2_config):
+    llama, qwen = load_inventory(str(llama_config)), load_inventory(str(qwen2_config))
+    assert not llama.tied_embeddings and qwen.tied_embeddings
+    assert [lin.role for lin in llama.linears].count("lm_head") == 1
+    assert [lin.role for lin in qwen.linears].count("lm_head") == 0  # the tied head is the embedding
+    assert llama.parameter_count() - qwen.parameter_count() == 512 * 64 - qwen.counts_by_role()["bias"]
+    assert qwen.counts_by_role()["bias"] == 2 * (64 + 32 + 32)  # q, k, v biases in 2 layers (GQA: k, v are 32 wide)
+    assert {lin.leaf for lin in llama.lora_targets("all-linear")} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("numel", [64 * 300 + 17, 4096, 1])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_layout_matches_bitsandbytes_quantize_4bit(numel, double_quant):
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(torch.randn(numel, dtype=torch.bfloat16), blocksize=64,
+                                    compress_statistics=double_quant, quant_type="nf4")
+    tensors = [packed, state.absmax, state.code] + ([state.offset, state.state2.absmax, state.state2.code] if double_quant else [])
+    assert sum(nf4_weight_bytes(numel, double_quant).values()) == sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+@pytest.mark.parametrize("numel", [100, 5000])
+def test_8bit_adamw_state_bytes_match_bitsandbytes(numel):
+    import bitsandbytes as bnb
+
+    param = torch.nn.Parameter(torch.randn(numel))
+    optimizer = bnb.optim.AdamW8bit([param])
+    param.grad = torch.randn(numel)
+    optimizer.step()
+    moments = [v for k, v in optimizer.state[param].items() if k in ("state1", "state2", "absmax1", "absmax2")]
+    assert adamw_state_bytes(numel, 1) == sum(t.untyped_storage().nbytes() for t in moments)
+
+
+def test_llama_2_7b_qlora_weights_are_byte_exact():
+    assert estimate("llama-2-7b", "qlora", Settings()).bytes["weights"] == LLAMA_2_7B_QLORA_WEIGHTS
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-14b", "qwen2.5-0.5b", "smollm2-135m"])
+def test_catalog_models_order_full_lora_qlora_and_add_up(name):
+    """GQA with a 128k vocabulary, biases, tied embeddings (Qwen2 and Llama)."""
+    results = [estimate(name, method, Settings()) for method in ("full", "lora", "qlora")]
+    assert results[0].total > results[1].total > results[2].total
+    for result in results:
+        assert set(result.bytes) == set(COMPONENTS)
+        assert all(isinstance(v, int) and v >= 0 for v in result.bytes.values())
+        assert sum(result.bytes.values()) == result.total
+    full, lora, qlora = results
+    assert full.bytes["weights"] == lora.bytes["weights"] == 2 * full.parameters  # bf16, every parameter once
+    assert lora.bytes["adapters"] == qlora.bytes["adapters"] > 0 == full.bytes["adapters"]

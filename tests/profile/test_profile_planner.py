@@ -1,0 +1,84 @@
+"""The fit planner: fits or not, the largest sequence and batch found by bisection, advice, recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qlora.profile import estimate_recipe, plan_fit
+from qlora.profile.estimate import estimate
+from qlora.profile.planner import largest, plan
+from qlora.profile.settings import Settings
+from qlora.recipe import load_recipe, parse_gpu_memory
+
+GIB = 2**30
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+SIZED_RECIPES = [p for p in RECIPES if load_recipe(p).target_gpu]
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 2, 37, 99, 100])
+def test_largest_is_the_last_value_that_fits(threshold):
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return n <= threshold
+
+    assert largest(fits, 100) == threshold
+    assert len(calls) <= 9  # bisection, not a scan
+
+
+def test_seven_b_on_24gb_limits_are_the_edge_of_fitting():
+    fit_plan = plan("llama-2-7b", ("full", "lora", "qlora"), Settings(), 24 * GIB)
+    full, lora, qlora = fit_plan.methods
+    assert not full.fits and lora.fits and qlora.fits
+    assert qlora.max_seq_len == 4096  # the model's context: the search's upper end
+    for fit in (lora, qlora):
+        at = lambda **c: estimate("llama-2-7b", fit.method, Settings(**c)).total  # noqa: E731
+        assert at(batch_size=fit.max_batch_size) <= 24 * GIB < at(batch_size=fit.max_batch_size + 1)
+    assert lora.max_batch_size < qlora.max_batch_size
+    assert estimate("llama-2-7b", "lora", Settings(seq_len=lora.max_seq_len)).total <= 24 * GIB
+    advice = fit_plan.advice()
+    assert advice[0] == "llama-2-7b full: predicted peak 80.08 GiB of 24.00 GiB: does not fit"
+    assert advice[1].startswith("  - fits with --methods lora-8bit: ")  # lora and qlora are in the plan already
+    assert "fits; longest sequence 4,096 (the model's context) at batch 1" in advice[-1]
+
+
+def test_a_shorter_sequence_is_the_first_advice_when_it_is_enough():
+    settings = Settings(seq_len=16384)
+    fit = plan("llama-3.1-8b", ("qlora",), settings, 24 * GIB).methods[0]
+    assert not fit.fits and 512 < fit.max_seq_len < 16384
+    assert estimate("llama-3.1-8b", "qlora", settings.replace(seq_len=fit.max_seq_len)).total <= 24 * GIB
+    assert estimate("llama-3.1-8b", "qlora", settings.replace(seq_len=fit.max_seq_len + 1)).total > 24 * GIB
+
+
+def test_a_lower_rank_when_no_sequence_or_batch_is_enough():
+    advice = plan("qwen2.5-32b", ("qlora",), Settings(), 24 * GIB).advice()
+    assert "does not fit" in advice[0]
+    rank = int(advice[1].split("--rank ")[1].split(":")[0])
+    assert estimate("qwen2.5-32b", "qlora", Settings(rank=rank)).total <= 24 * GIB
+    assert estimate("qwen2.5-32b", "qlora", Settings(rank=rank + 1)).total > 24 * GIB
+
+
+def test_advice_when_nothing_fits_names_the_smallest_possible_peak():
+    advice = plan("llama-2-70b", ("qlora",), Settings(), 24 * GIB).advice()
+    assert len(advice) == 2 and "does not fit" in advice[0]
+    assert advice[1].startswith("  - nothing fits 24.00 GiB: even QLoRA at batch 1, one token, rank 1 and 8-bit AdamW needs 36.")
+
+
+def test_plan_fit_speaks_in_recipe_keys():
+    recipe = load_recipe(RECIPES[0].parent / "qwen2.5-32b-alpaca-24gb.yaml", ["data.max_seq_len=4096"])
+    advice = plan_fit(recipe, 24 * GIB).advice()
+    assert "qwen2.5-32b qlora" in advice[0] and "does not fit" in advice[0]
+    assert advice[1].startswith("  - fits with data.max_seq_len=")
+
+
+@pytest.mark.parametrize("path", SIZED_RECIPES, ids=lambda p: p.name)
+def test_every_sized_recipe_fits_its_target_gpu(path):
+    """Issue 4: each recipe's predicted peak (model named by its Hub id, mapped offline) fits target_gpu."""
+    recipe = load_recipe(path)
+    predicted = estimate_recipe(recipe)
+    assert predicted.method == recipe.method and predicted.settings.seq_len == recipe.data.max_seq_len
+    assert predicted.total <= parse_gpu_memory(recipe.target_gpu)
+    assert plan_fit(recipe, parse_gpu_memory(recipe.target_gpu)).methods[0].fits
