@@ -19,7 +19,7 @@ from qlora.profile.settings import DEFAULT_METHODS, Settings, parse_methods
 
 HEADLINE_MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
 SETTING_FLAGS = ("seq_len", "batch_size", "rank", "optimizer", "no_checkpointing", "attn", "methods")
-MEASURE_RAM_SHARE = 0.8  # --measure on a CPU refuses models whose step would need more of the free RAM
+MEASURE_RAM_SHARE = 0.8  # --measure on a CPU refuses a model whose step needs more than this share of the free RAM
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

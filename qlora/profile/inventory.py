@@ -183,7 +183,19 @@ def _describe(model, name: str) -> Inventory:
     )
 
 
+DIM_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
 def _dims(config) -> Dims:
+    """The decoder's sizes; a one-line error for what the activation model does not describe."""
+    missing = [key for key in DIM_KEYS if getattr(config, key, None) is None]
+    if missing:
+        raise QLoraError(f"{config.model_type}: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, "
+                         f"Gemma, Phi-3, …): its config has no {', '.join(missing)}")
+    if any(getattr(config, key, None) for key in EXPERT_KEYS):
+        raise QLoraError(f"{config.model_type}: mixture-of-experts models are not modeled by the profiler "
+                         "(routing changes both the activations and what bitsandbytes quantizes)")
     heads = config.num_attention_heads
     return Dims(
         hidden=config.hidden_size,
@@ -193,7 +205,7 @@ def _dims(config) -> Dims:
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab=config.vocab_size,
-        max_positions=getattr(config, "max_position_embeddings", None) or 4096,
+        max_positions=getattr(config, "max_position_embeddings", None) or 4096,  # 4096 when the config does not say
     )
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
@@ -95,3 +98,18 @@ def test_catalog_models_order_full_lora_qlora_and_add_up(name):
     full, lora, qlora = results
     assert full.bytes["weights"] == lora.bytes["weights"] == 2 * full.parameters  # bf16, every parameter once
     assert lora.bytes["adapters"] == qlora.bytes["adapters"] > 0 == full.bytes["adapters"]
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512},
+     "gpt2: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, Gemma, Phi-3, …): its config has no intermediate_size"),
+    ({"model_type": "mixtral", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+      "num_key_value_heads": 2, "vocab_size": 512, "num_local_experts": 4},
+     "mixtral: mixture-of-experts models are not modeled by the profiler"),
+], ids=["gpt2", "mixtral"])
+def test_architectures_outside_the_model_of_memory_are_one_line_errors(config, message, tmp_path):
+    from qlora.errors import QLoraError
+
+    (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(QLoraError, match=f"^{re.escape(message)}"):
+        load_inventory(str(tmp_path / "config.json"))
