@@ -143,12 +143,14 @@ def check_measurable(run, device: str) -> None:
     import psutil
     import torch
 
-    free = torch.cuda.mem_get_info()[0] if device == "cuda" else int(psutil.virtual_memory().available * MEASURE_RAM_SHARE)
-    # building the random model also holds a full-precision copy of every parameter once
-    need = max(r.estimate.allocated for r in run.results) + 4 * run.results[0].estimate.parameters
-    if need > free:
-        raise QLoraError(f"--measure: {run.label} needs about {need / 2**30:.1f} GiB on this {device} and "
-                         f"{free / 2**30:.1f} GiB is free; measure a smaller config.json (or on a GPU)")
+    ram = int(psutil.virtual_memory().available * MEASURE_RAM_SHARE)
+    build = 4 * run.results[0].estimate.parameters  # the random fp32 model, made in RAM and saved before loading
+    step = max(r.estimate.allocated for r in run.results)
+    needs = [("RAM", build, ram)] + ([("GPU", step, torch.cuda.mem_get_info()[0])] if device == "cuda" else [("RAM", step, ram)])
+    for where, need, free in needs:
+        if need > free:
+            raise QLoraError(f"--measure: {run.label} needs about {need / 2**30:.1f} GiB of {where} and {free / 2**30:.1f} GiB "
+                             "is free; measure a smaller config.json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,7 @@ by bisection over the model of memory (a few dozen arithmetic estimates, no allo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from qlora.profile.estimate import GIB, Estimate, estimate
@@ -59,8 +59,7 @@ class FitPlan:
     gpu_bytes: int
     settings: Settings
     methods: tuple[MethodFit, ...]
-    remedies: dict[str, list[str]] = field(default_factory=dict)  # method -> changes that make it fit
-    keys: dict[str, str] = field(default_factory=lambda: dict(CLI_KEYS))
+    remedies: dict[str, list[str]]  # method -> the changes that make it fit, spelled as flags or recipe keys
 
     def advice(self) -> list[str]:
         """One line per method (fits or not, limits), then indented changes that make it fit."""
@@ -140,18 +139,19 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
         if other not in tried:
             changes.append((k[other], predicted(other)))
     out = [f"fits with {change}: {gib(peak)}" for change, peak in changes if peak <= gpu]
-    return out or [combined(inv, s, gpu, k)]
+    return out or [combined(inv, method, s, gpu, k)]
 
 
-def combined(inv: Inventory, s: Settings, gpu: int, k: dict[str, str]) -> str:
+def combined(inv: Inventory, method: str, s: Settings, gpu: int, k: dict[str, str]) -> str:
     """When no single change is enough: QLoRA with checkpointing and 8-bit AdamW, at the largest
     rank that fits, else rank 1 at the longest sequence that fits one per batch, else nothing."""
     frugal = s.replace(checkpointing=True, optimizer="paged_adamw_8bit")
-    spelled = [k["qlora"], k["optimizer"].format(frugal.optimizer)] + ([] if s.checkpointing else [k["checkpointing"]])
+    spelled = ([] if method == "qlora" else [k["qlora"]]) + [k["optimizer"].format(frugal.optimizer)]
+    spelled += [] if s.checkpointing else [k["checkpointing"]]
     rank = largest(lambda r: estimate(inv, "qlora", frugal.replace(rank=r)).total <= gpu, s.rank)
     if rank:
         peak = estimate(inv, "qlora", frugal.replace(rank=rank)).total
-        return f"fits with {', '.join(spelled + [k['rank'].format(rank)])}: {gib(peak)}"
+        return f"fits with {', '.join(spelled + ([k['rank'].format(rank)] if rank < s.rank else []))}: {gib(peak)}"
     tiny = frugal.replace(rank=1, batch_size=1)
     seq = largest(lambda n: estimate(inv, "qlora", tiny.replace(seq_len=n)).total <= gpu, s.seq_len)
     if seq:
@@ -171,7 +171,7 @@ def plan(model: str | Inventory, methods, settings: Settings, gpu_bytes: int, ke
     inv = model if isinstance(model, Inventory) else load_inventory(model, dtype_name(compute_dtype(settings)))
     fits = tuple(fit_method(inv, m, settings, gpu_bytes) for m in methods)
     tried = set(methods)
-    return FitPlan(inv.name, gpu_bytes, settings, fits, {f.method: remedies(inv, f, keys, tried) for f in fits}, keys)
+    return FitPlan(inv.name, gpu_bytes, settings, fits, {f.method: remedies(inv, f, keys, tried) for f in fits})
 
 
 def plan_fit(recipe, gpu_bytes: int) -> FitPlan:
