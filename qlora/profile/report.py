@@ -6,6 +6,7 @@ integer bytes (components add up to `total_bytes`), the others round to GiB (MiB
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -43,7 +44,7 @@ class Result:
 class Run:
     """One model (or recipe) at one set of settings, every method profiled, and its fit plan."""
 
-    label: str  # the model name, or the recipe file for --recipe
+    label: str  # the model name, or the recipe's file name (without .yaml) for --recipe
     model: str
     settings: Settings
     results: list[Result]
@@ -110,14 +111,7 @@ def _fit_cells(fit: MethodFit) -> list[str]:
 
 def groups(runs: list[Run]) -> list[list[Run]]:
     """Consecutive runs that share settings and GPU: one table each."""
-    out: list[list[Run]] = []
-    for run in runs:
-        key = (run.settings, run.plan.gpu_bytes if run.plan else None)
-        if out and (out[-1][0].settings, out[-1][0].plan.gpu_bytes if out[-1][0].plan else None) == key:
-            out[-1].append(run)
-        else:
-            out.append([run])
-    return out
+    return [list(group) for _, group in itertools.groupby(runs, lambda run: (run.settings, run.plan.gpu_bytes if run.plan else None))]
 
 
 def print_table(runs: list[Run], console=None) -> None:
