@@ -119,12 +119,13 @@ def print_table(runs: list[Run], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=None if sys.stdout.isatty() else 160)  # piped: no wrapping at 80
+    console = console or Console(width=None if sys.stdout.isatty() else 200)  # piped: no wrapping at 80
     for group in groups(runs):
         name, _ = unit(group)
         table = Table(title=f"Predicted peak training memory ({name})", caption=describe(group[0].settings))
         for i, col in enumerate(header(group)):
-            table.add_column(col, justify="left" if i < 2 else "right", style="bold" if col.startswith("Total") else None)
+            table.add_column(col, justify="left" if i < 2 else "right", no_wrap=i == 0,
+                             style="bold" if col.startswith("Total") else None)
         for row in rows(group):
             table.add_row(*row)
         console.print(table)
