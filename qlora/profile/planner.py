@@ -111,8 +111,8 @@ def fit_method(inv: Inventory, method: str, settings: Settings, gpu_bytes: int) 
 
 def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[str]) -> list[str]:
     """What would make a method that does not fit fit, in the order a user would try them: a
-    shorter sequence, a smaller batch, then (when neither is enough) gradient checkpointing, an
-    8-bit optimizer, a lower rank, and a more frugal method that is not already in the plan."""
+    shorter sequence, a smaller batch, gradient checkpointing, an 8-bit optimizer, a lower rank, and
+    a more frugal method that is not already in the plan; a combination when no single change is enough."""
     if fit.fits:
         return []
     s, k, method, gpu = fit.estimate.settings, keys, fit.method, fit.gpu_bytes
@@ -122,8 +122,12 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
     if fit.max_batch_size:
         out.append(f"fits with {k['batch_size'].format(fit.max_batch_size)} (at sequence {s.seq_len}; "
                    "raise gradient accumulation to keep the effective batch)")
-    if out:
-        return out
+    elif s.batch_size > 1:  # one sequence per step, accumulated, keeps far more of the length
+        within = lambda n: estimate(inv, method, s.replace(batch_size=1, seq_len=n)).total <= gpu  # noqa: E731
+        longest = largest(within, fit.seq_len_limit)
+        if longest > fit.max_seq_len:
+            out.append(f"fits with {k['batch_size'].format(1)} and {k['seq_len'].format(longest)} "
+                       "(raise gradient accumulation to keep the effective batch)")
     predicted = lambda m, **change: estimate(inv, m, s.replace(**change)).total  # noqa: E731
     changes = []  # (how the user spells it, predicted peak after it)
     if not s.checkpointing:
@@ -138,7 +142,7 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
     for other in METHOD_ORDER[METHOD_ORDER.index(method) + 1:]:
         if other not in tried:
             changes.append((k[other], predicted(other)))
-    out = [f"fits with {change}: {gib(peak)}" for change, peak in changes if peak <= gpu]
+    out += [f"fits with {change}: {gib(peak)}" for change, peak in changes if peak <= gpu]
     return out or [combined(inv, method, s, gpu, k)]
 
 

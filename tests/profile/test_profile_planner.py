@@ -74,6 +74,17 @@ def test_plan_fit_speaks_in_recipe_keys():
     assert advice[1].startswith("  - fits with data.max_seq_len=")
 
 
+def test_a_batch_too_large_for_any_useful_length_is_advised_down_to_one():
+    recipe = load_recipe(RECIPES[0].parent / "llama-2-13b-alpaca-24gb.yaml")  # batch 4 x 1024 tokens, r 64
+    advice = plan_fit(recipe, 12 * GIB).advice()
+    one = next(line for line in advice if "training.batch_size=1 and data.max_seq_len=" in line)
+    longest = int(one.split("data.max_seq_len=")[1].split()[0])
+    settings = estimate_recipe(recipe).settings
+    assert estimate("llama-2-13b", "qlora", settings.replace(batch_size=1, seq_len=longest)).total <= 12 * GIB
+    assert estimate("llama-2-13b", "qlora", settings.replace(batch_size=1, seq_len=longest + 1)).total > 12 * GIB
+    assert any("lora.r=" in line for line in advice)  # the rank is the change that keeps batch and length
+
+
 @pytest.mark.parametrize("path", SIZED_RECIPES, ids=lambda p: p.name)
 def test_every_sized_recipe_fits_its_target_gpu(path):
     """Issue 4: each recipe's predicted peak (model named by its Hub id, mapped offline) fits target_gpu."""
