@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from qlora.profile import estimate_recipe
 from qlora.recipe import load_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -36,5 +37,7 @@ def test_consumer_recipe_names_its_gpu_launch_command_and_peak(path):
     assert recipe.target_gpu is not None
     text = header(path)
     assert f"qlora train recipes/{path.name}" in text
-    assert "predicted peak" in text and recipe.target_gpu in text
+    assert recipe.target_gpu in text
+    stated = float(text.split("# Predicted peak:")[1].split("GiB")[0])
+    assert stated == pytest.approx(estimate_recipe(recipe).total / 2**30, abs=0.006)  # the header is the profiler's figure
     assert recipe.output_dir == f"runs/{path.stem}"
