@@ -199,7 +199,10 @@ def attach_lora(model, spec: LoraSpec, task: str = "causal_lm"):
 
 def enable_gradient_checkpointing(model) -> None:
     """Non-reentrant checkpointing: recompute each layer in backward instead of keeping its activations."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     model.config.use_cache = False
 

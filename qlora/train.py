@@ -49,7 +49,7 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
         per_device_eval_batch_size=max(t.batch_size, 8),
         gradient_accumulation_steps=t.grad_accum,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=False,  # already enabled by qlora.model, non-reentrant
+        # gradient checkpointing is left off here: qlora.model enables it (non-reentrant) on the base
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps",
