@@ -7,7 +7,7 @@ CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test install clean
+.PHONY: demo test install assets clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m qlora.train recipes/demo.yaml --overwrite
+
+# Rebuild the demo's committed base model and datasets from their seed (~15 min on two cores); `make demo`
+# uses the committed ones and never runs this.
+assets: $(VENV)/.installed
+	$(PY) -m qlora.demo.pretrain --out recipes/demo-assets/base-model
+	$(PY) -m qlora.demo.datasets --out recipes/demo-assets
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q

@@ -1,0 +1,37 @@
+"""The two demo recipes point at the committed assets, and their data fits their max_seq_len."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from qlora.recipe import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+ASSETS = RECIPES / "demo-assets"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo-classify.yaml"])
+def test_demo_recipe_uses_the_committed_assets_without_truncation(name):
+    from transformers import AutoTokenizer
+
+    from qlora.data import load_source, tokenize_row
+
+    recipe = load_recipe(RECIPES / name)
+    assert recipe.model.name_or_path == str(ASSETS / "base-model")  # resolved against the recipe's folder
+    assert recipe.output_dir == f"runs/{Path(name).stem}" and recipe.quantization.bits == 4
+    tok = AutoTokenizer.from_pretrained(recipe.model.name_or_path)
+    for path in filter(None, (recipe.data.path, recipe.data.eval_path)):
+        assert Path(path).parent == ASSETS
+        raw = load_source(replace(recipe.data, path=path))
+        labels = {label: i for i, label in enumerate(sorted(set(raw["label"])))} if recipe.task == "classification" else None
+        cut = [tokenize_row(row, recipe.data, tok, labels)[1] for row in raw]
+        assert not any(cut), f"{path}: {sum(cut)} rows longer than data.max_seq_len"
+
+
+def test_demo_recipe_measures_exact_match_on_held_out_prompts():
+    recipe = load_recipe(RECIPES / "demo.yaml")
+    assert recipe.eval.metric == "exact_match" and recipe.lora.targets == "all-linear"
+    assert recipe.eval.max_examples <= recipe.data.eval_size and recipe.eval.max_new_tokens <= 8
