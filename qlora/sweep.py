@@ -222,11 +222,12 @@ def sort_key(metric: str | None):
 
     def key(row: dict[str, Any]):
         if row["status"] != "ok":
-            return (2, 0.0)
-        if metric and row.get(f"eval_{metric}_after") is not None:
-            return (0, -row[f"eval_{metric}_after"])
+            return (2, 0.0, 0.0)
         loss = row.get("eval_loss_after")
-        return (1, loss if loss is not None else float("inf"))
+        loss = loss if loss is not None else float("inf")  # ties on the metric go to the lower loss
+        if metric and row.get(f"eval_{metric}_after") is not None:
+            return (0, -row[f"eval_{metric}_after"], loss)
+        return (1, loss, 0.0)
 
     return key
 
@@ -275,17 +276,25 @@ def write_results(base_dir: Path, rows: list[dict[str, Any]], cols: Sequence[str
     atomic_write_text(base_dir / f"{RESULTS_NAME}.md", to_markdown(rows, cols))
 
 
+def grid_keys_of(header: Sequence[str]) -> list[str]:
+    """The grid's columns (dotted recipe keys), whose values may be long lists of targets."""
+    return [name for name in header if "." in name]
+
+
 def print_results(rows: list[dict[str, Any]], cols: Sequence[str], base_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
     header, body = display_table(rows, [c for c in cols if c != "peak_memory_bytes"])
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped or logged: one line per point rather than wrapped cells
     table = Table(title=f"qlora sweep: {base_dir}")
     for name in header:
-        table.add_column(name, overflow="fold")  # wrap long names and values, never cut them
+        # headings wrap at their underscores; values are short and stay on one line
+        table.add_column(name.replace("_", " "), overflow="fold", no_wrap=name not in grid_keys_of(header))
     for cells in body:
         table.add_row(*cells)
-    console = Console()
     console.print(table)
     console.print(f"results: {base_dir / RESULTS_NAME}.csv and .md")
 

@@ -30,6 +30,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool):
     """transformers `TrainingArguments` from the recipe's training section."""
+    import torch
     from transformers import TrainingArguments
 
     from qlora.precision import trainer_precision_flags
@@ -64,6 +65,7 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only earns a warning
         **trainer_precision_flags(compute_dtype),
     )
 

@@ -142,6 +142,14 @@ def test_task_metric_ranks_first_and_gets_columns(tmp_path, monkeypatch):
     assert markdown[2] == "| 8 | 800 | 3.0000 | 2.9200 | 0.0000 | 0.9000 | 3,221,225,472 | 3.00 | 1.5 | ok |"
 
 
+def test_equal_task_metric_ranks_the_lower_eval_loss_first(tmp_path, monkeypatch):
+    # eight steps of the demo leave every point at 0 % exact match; the loss must still order them
+    monkeypatch.setattr(qlora.sweep, "train", fake_train({}, []))
+    recipe = write_recipe(tmp_path, eval={"metric": "exact_match"})
+    assert run_cli(qlora.sweep.main, [str(recipe), "--grid", "lora.alpha=8,64,32"]) == 0
+    assert [r["lora.alpha"] for r in read_rows(tmp_path / "sweep")] == ["64", "32", "8"]
+
+
 def test_resume_skips_finished_resumes_checkpointed_restarts_junk(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(qlora.sweep, "train", fake_train({}, calls))
