@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from qlora.errors import QLoraError
@@ -53,6 +54,11 @@ def has_results(output_dir: Path) -> bool:
     return any((Path(output_dir) / name).exists() for name in RESULT_ENTRIES)
 
 
+def started_without_finishing(output_dir: Path) -> bool:
+    """A run began here (its recipe is saved) but never wrote its metrics."""
+    return (Path(output_dir) / "recipe.yaml").exists() and not (Path(output_dir) / "metrics.json").exists()
+
+
 def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> Path | None:
     """Check the output folder against --overwrite/--resume; return the checkpoint to resume from."""
     output_dir = Path(output_dir)
@@ -62,9 +68,16 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> Path 
         raise QLoraError("--resume and --overwrite contradict each other; choose one")
     if resume:
         checkpoint = latest_complete_checkpoint(output_dir)
-        if checkpoint is None:
+        if checkpoint is not None:
+            return checkpoint
+        if not started_without_finishing(output_dir):
             raise QLoraError(f"--resume: no complete checkpoint under {checkpoints_dir(output_dir)}")
-        return checkpoint
+        # Killed before its first checkpoint was complete: nothing is lost by starting again, and
+        # refusing would only make the user find out which folder to delete.
+        print(f"warning: --resume: no complete checkpoint under {checkpoints_dir(output_dir)} yet; "
+              "starting again from step 0", file=sys.stderr)
+        shutil.rmtree(checkpoints_dir(output_dir), ignore_errors=True)
+        return None
     if has_results(output_dir):
         if not overwrite:
             raise QLoraError(

@@ -160,7 +160,7 @@ def lora_section(recipe: Recipe, adapter_config: dict[str, Any], metrics: dict[s
 
 
 def memory_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
-    measured = "GPU memory allocated by tensors" if metrics["device"] == "cuda" else "process peak resident memory (CPU run)"
+    measured = "GPU memory allocated by tensors" if metrics["device"] == "cuda" else "peak resident memory of the CPU process"
     gpu = f", sized for a {recipe.target_gpu} GPU" if recipe.target_gpu else ""
     return [
         "## Memory", "",

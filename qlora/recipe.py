@@ -68,7 +68,7 @@ class DataSpec:
     path: str = ""
     format: str = "alpaca"
     max_seq_len: int = 512
-    eval_size: float = 0.1  # < 1: fraction held out; >= 1: number of examples held out
+    eval_size: int | float = 0.1  # < 1: fraction held out; >= 1: number of examples held out
     eval_path: str | None = None  # a separate eval file instead of a held-out split
     split: str = "train"  # for Hub datasets
     columns: dict[str, str] = field(default_factory=dict)  # role -> column, e.g. {output: response}

@@ -119,16 +119,6 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_llama, alpaca_file, t
     assert metrics["eval_loss_before"] == reference["eval_loss_before"]  # 'before' survives the crash
 
 
-def test_resume_ignores_unmarked_checkpoints(tmp_path):
-    from qlora.checkpoints import latest_complete_checkpoint, mark_complete
-
-    for step in (2, 4, 6):
-        (tmp_path / "checkpoints" / f"checkpoint-{step}").mkdir(parents=True)
-    mark_complete(tmp_path / "checkpoints" / "checkpoint-2")
-    mark_complete(tmp_path / "checkpoints" / "checkpoint-4")
-    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-4"  # checkpoint-6 was half-written
-
-
 def test_resume_without_checkpoint_is_a_clear_error(tiny_llama, alpaca_file, tmp_path):
     from qlora.train import train
 
