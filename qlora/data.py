@@ -222,17 +222,6 @@ def label_names_of(raws, spec: DataSpec) -> list[str]:
     return [str(v) for v in sorted(values, key=lambda v: (isinstance(v, str), v))]
 
 
-def read_label_names(recipe: Recipe) -> list[str] | None:
-    """The label names of a classification recipe (None for causal LM), read before the model is built.
-
-    The classifier head has one output per label, so the model cannot be loaded before the data is read.
-    """
-    if recipe.task != "classification":
-        return None
-    spec = recipe.data
-    return label_names_of([load_source(spec), load_source(spec, eval_file=True) if spec.eval_path else None], spec)
-
-
 # --- formats --------------------------------------------------------------------------------------
 
 

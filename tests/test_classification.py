@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from qlora.data import data_collator, prepare_data, read_label_names
+from qlora.data import data_collator, prepare_data
 from qlora.errors import QLoraError
 from qlora.recipe import recipe_from_mapping
 
@@ -63,32 +63,37 @@ def recipe(data_path, model_dir="unused", **data):
 # --- labels ----------------------------------------------------------------------------------------
 
 
-def test_label_names_are_sorted_strings_and_include_eval_only_labels(tmp_path, classify_file):
-    assert read_label_names(recipe(classify_file)) == ["animal", "number", "thing"]
+def label_names(r, tokenizer) -> list[str]:
+    """The label order the trainer uses: read by the same `prepare_data` that builds the datasets."""
+    return prepare_data(r, tokenizer).label_names
+
+
+def test_label_names_are_sorted_strings_and_include_eval_only_labels(tmp_path, classify_file, tokenizer):
+    assert label_names(recipe(classify_file), tokenizer) == ["animal", "number", "thing"]
     extra = write_jsonl(tmp_path / "eval.jsonl", [{"text": "a cat", "label": "zebra"}])
-    assert read_label_names(recipe(classify_file, eval_path=str(extra))) == ["animal", "number", "thing", "zebra"]
+    assert label_names(recipe(classify_file, eval_path=str(extra)), tokenizer) == ["animal", "number", "thing", "zebra"]
 
 
-def test_integer_labels_sort_numerically(tmp_path):
+def test_integer_labels_sort_numerically(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x", "label": n} for n in (10, 2, 1, 2)])
-    assert read_label_names(recipe(path)) == ["1", "2", "10"]
+    assert label_names(recipe(path, eval_size=0), tokenizer) == ["1", "2", "10"]
 
 
-def test_hub_class_label_ids_become_their_names(tmp_path):
+def test_hub_class_label_ids_become_their_names(tmp_path, tokenizer):
     """Parquet keeps the `datasets` features, as the Hub does: ClassLabel ids map through their names."""
     import datasets
 
     features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])})
     datasets.Dataset.from_dict({"sentence": ["bad", "good", "fine"], "label": [0, 1, 1]}, features=features).to_parquet(tmp_path / "sst.parquet")
     r = recipe(tmp_path / "sst.parquet", columns={"text": "sentence"}, eval_size=0)
-    assert read_label_names(r) == ["negative", "positive"]
+    assert label_names(r, tokenizer) == ["negative", "positive"]
 
 
-def test_one_label_only_or_a_missing_label_column_is_an_error(tmp_path):
+def test_one_label_only_or_a_missing_label_column_is_an_error(tmp_path, tokenizer):
     with pytest.raises(QLoraError, match=r"needs at least two labels in column 'label', found \['x'\]"):
-        read_label_names(recipe(write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": "x"}] * 3)))
+        label_names(recipe(write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": "x"}] * 3), eval_size=0), tokenizer)
     with pytest.raises(QLoraError, match=r"no column 'category' for the classification format's 'label'"):
-        read_label_names(recipe(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": "x"}]), columns={"label": "category"}))
+        label_names(recipe(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": "x"}]), columns={"label": "category"}), tokenizer)
 
 
 def test_examples_carry_label_ids_in_sorted_order_and_batch_as_classes(classify_file, tokenizer):
