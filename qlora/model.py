@@ -7,6 +7,8 @@ is what `qlora train` holds.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,7 +123,7 @@ def load_tokenizer(spec: ModelSpec):
 
 def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: list[str] | None = None):
     """The frozen base: causal LM, or sequence classifier with `len(label_names)` classes."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
         "dtype": base_weight_dtype(compute_dtype),
@@ -137,10 +139,43 @@ def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: lis
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
         )
-        model = _from_pretrained(AutoModelForSequenceClassification, recipe.model, **kwargs)
+        model = load_classifier(recipe.model, **kwargs)
     else:
         model = _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
     keep_training_layout(model)
+    return model
+
+
+def load_classifier(spec: ModelSpec, **kwargs):
+    """A sequence classifier on a causal LM's weights, with one line instead of transformers' load table.
+
+    A new head and an unused lm_head are the expected outcome here, so transformers' MISSING /
+    UNEXPECTED table only alarms; what is worth saying is which weights start untrained, and any
+    missing weight outside the head is a real problem the user should see.
+    """
+    import logging
+
+    from transformers import AutoModelForSequenceClassification
+
+    # A filter, not a level: transformers runs extra checks that warn elsewhere when this logger's level is set.
+    report_logger = logging.getLogger("transformers.modeling_utils")
+
+    def drop_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    report_logger.addFilter(drop_report)
+    try:
+        model, info = _from_pretrained(AutoModelForSequenceClassification, spec, output_loading_info=True, **kwargs)
+    finally:
+        report_logger.removeFilter(drop_report)
+    missing = sorted(info["missing_keys"])
+    head = [key for key in missing if key.split(".", 1)[0] in CLASSIFIER_HEADS]
+    if head:
+        print(f"model: new classifier head {', '.join(head)} ({model.config.num_labels} labels), trained in full", file=sys.stderr)
+    if len(head) < len(missing):
+        others = [key for key in missing if key not in head]
+        print(f"warning: {spec.name_or_path} lacks {len(others)} base weight{'s' if len(others) > 1 else ''}, randomly initialised: "
+              f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}", file=sys.stderr)
     return model
 
 
@@ -194,7 +229,10 @@ def attach_lora(model, spec: LoraSpec, task: str = "causal_lm"):
         modules_to_save=[n for n in CLASSIFIER_HEADS if hasattr(model, n)] if task == "classification" else None,
     )
     # autocast_adapter_dtype keeps LoRA weights in fp32 even on a 16-bit base (precision.ADAPTER_DTYPE).
-    return get_peft_model(model, config, autocast_adapter_dtype=True)
+    with warnings.catch_warnings():
+        # peft still reads transformers' deprecated `is_gradient_checkpointing`; the warning is theirs to fix.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -113,12 +113,16 @@ def test_examples_carry_label_ids_in_sorted_order_and_batch_as_classes(classify_
 # --- model and training ----------------------------------------------------------------------------
 
 
-def test_the_new_score_head_trains_in_full_next_to_4bit_lora(tiny_llama, classify_file):
+def test_the_new_score_head_trains_in_full_next_to_4bit_lora(tiny_llama, classify_file, capsys, caplog):
     import bitsandbytes as bnb
 
     from qlora.model import build_model
 
     loaded = build_model(recipe(classify_file, tiny_llama), ["animal", "number", "thing"])
+    err = capsys.readouterr().err
+    assert "model: new classifier head score.weight (3 labels), trained in full" in err
+    assert "lacks" not in err  # only the expected head is new
+    assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]  # one line replaces transformers' table
     inner = loaded.model.get_base_model()
     assert inner.config.id2label == {0: "animal", 1: "number", 2: "thing"}
     head = inner.score.modules_to_save["default"]
@@ -127,6 +131,23 @@ def test_the_new_score_head_trains_in_full_next_to_4bit_lora(tiny_llama, classif
     trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in trainable if "lora_" in n} | {"base_model.model.score.modules_to_save.default.weight"}
     assert isinstance(inner.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+
+
+def test_a_base_weight_missing_from_the_checkpoint_is_named(tiny_llama, classify_file, tmp_path, capsys):
+    """Only the head may start untrained: anything else missing means the wrong or a broken checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qlora.model import build_model
+
+    broken = Path(shutil.copytree(tiny_llama, tmp_path / "broken"))
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    build_model(recipe(classify_file, broken), ["animal", "number", "thing"])
+    err = capsys.readouterr().err
+    assert f"warning: {broken} lacks 1 base weight, randomly initialised: model.norm.weight" in err
 
 
 @pytest.fixture(scope="module")
