@@ -232,7 +232,23 @@ def attach_lora(model, spec: LoraSpec, task: str = "causal_lm"):
     with warnings.catch_warnings():
         # peft still reads transformers' deprecated `is_gradient_checkpointing`; the warning is theirs to fix.
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        return get_peft_model(model, config, autocast_adapter_dtype=True)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    upcast_trainable(peft_model)
+    return peft_model
+
+
+def upcast_trainable(model) -> None:
+    """Every trained tensor in fp32 (precision.ADAPTER_DTYPE), the classifier head's copy included.
+
+    peft's `autocast_adapter_dtype` covers the LoRA layers only: a `modules_to_save` head is copied
+    in the base's 16-bit dtype, where small updates round away, and under fp16 mixed precision
+    the gradient scaler refuses fp16 gradients ("Attempting to unscale FP16 gradients").
+    """
+    from qlora.precision import ADAPTER_DTYPE
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != ADAPTER_DTYPE:
+            param.data = param.data.to(ADAPTER_DTYPE)
 
 
 def enable_gradient_checkpointing(model) -> None:

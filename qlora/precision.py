@@ -9,8 +9,9 @@ Policy (QLoRA paper, artidoro/qlora, peft defaults):
 - frozen base weights that are not quantized (embeddings, norms, biases, lm_head; every weight in
   16-bit LoRA) are stored in the compute dtype; they are NOT upcast to fp32 (that costs GBs: bnb
   issue 1569, peft issue 1149).
-- LoRA adapter weights are fp32 (peft's `autocast_adapter_dtype`), so are their grads, and the
-  optimizer keeps fp32 states for them.
+- LoRA adapter weights are fp32 (peft's `autocast_adapter_dtype`), and so is a classifier's new,
+  fully trained head (peft copies it in the base's dtype; `qlora.model.upcast_trainable` casts it);
+  so are their grads, and the optimizer keeps fp32 states for them.
 - full fine-tuning (profiled and measured, not a `qlora train` method) loads the model exactly like
   16-bit LoRA's base, in the compute dtype, and trains those weights: weights and gradients in the
   compute dtype (bf16 on GPU), no fp32 master copy.
@@ -62,7 +63,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def trainable_dtype(method: str, compute_dtype: torch.dtype) -> torch.dtype:
-    """Dtype of what trains: the loaded weights for 'full', fp32 adapters for the LoRA methods."""
+    """Dtype of what trains: the loaded weights for 'full', fp32 adapters (and head) for the LoRA methods."""
     return compute_dtype if method == "full" else ADAPTER_DTYPE
 
 

@@ -133,6 +133,19 @@ def test_the_new_score_head_trains_in_full_next_to_4bit_lora(tiny_llama, classif
     assert isinstance(inner.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
 
 
+def test_the_head_trains_in_fp32_on_a_16bit_base(tiny_llama, classify_file):
+    """peft copies the head in the base's dtype; fp16 gradients would stop the fp16 grad scaler on a T4."""
+    from qlora.model import build_model
+
+    r = recipe_from_mapping({**mapping(tiny_llama, classify_file), "quantization": {"compute_dtype": "bfloat16"}})
+    loaded = build_model(r, ["animal", "number", "thing"])
+    inner = loaded.model.get_base_model()
+    assert inner.score.original_module.weight.dtype == torch.bfloat16  # the frozen original stays 16-bit
+    trainable = {n: p.dtype for n, p in loaded.model.named_parameters() if p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}
+    assert "base_model.model.score.modules_to_save.default.weight" in trainable
+
+
 def test_a_base_weight_missing_from_the_checkpoint_is_named(tiny_llama, classify_file, tmp_path, capsys):
     """Only the head may start untrained: anything else missing means the wrong or a broken checkpoint."""
     import shutil
