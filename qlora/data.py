@@ -222,6 +222,20 @@ def label_names_of(raws, spec: DataSpec) -> list[str]:
     return [str(v) for v in sorted(values, key=lambda v: (isinstance(v, str), v))]
 
 
+def count_labels(recipe: Recipe) -> int | None:
+    """How many labels a classification recipe's head will have, when its data is on this machine.
+
+    For the profiler, which sizes the head before any model exists; None for a Hub dataset (not
+    fetched just to count) or a file not written yet.
+    """
+    spec = recipe.data
+    paths = [spec.path] + ([spec.eval_path] if spec.eval_path else [])
+    if recipe.task != "classification" or not all(Path(p).expanduser().exists() for p in paths):
+        return None
+    sources = [load_source(spec), load_source(spec, eval_file=True) if spec.eval_path else None]
+    return len(label_names_of(sources, spec))
+
+
 # --- formats --------------------------------------------------------------------------------------
 
 

@@ -96,6 +96,16 @@ def test_one_label_only_or_a_missing_label_column_is_an_error(tmp_path, tokenize
         label_names(recipe(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": "x"}]), columns={"label": "category"}), tokenizer)
 
 
+def test_the_profiler_counts_local_labels_and_leaves_hub_data_alone(tmp_path, classify_file):
+    from qlora.data import count_labels
+
+    extra = write_jsonl(tmp_path / "eval.jsonl", [{"text": "a cat", "label": "zebra"}])
+    assert count_labels(recipe(classify_file)) == 3
+    assert count_labels(recipe(classify_file, eval_path=str(extra))) == 4
+    assert count_labels(recipe("stanfordnlp/sst2")) is None  # not fetched just to size a head
+    assert count_labels(recipe(tmp_path / "not-written-yet.jsonl")) is None
+
+
 def test_examples_carry_label_ids_in_sorted_order_and_batch_as_classes(classify_file, tokenizer):
     names = ["animal", "number", "thing"]
     data = prepare_data(recipe(classify_file, eval_size=0), tokenizer)  # no split: rows keep their order

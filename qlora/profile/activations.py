@@ -49,6 +49,12 @@ class Step:
     lora_leaves: frozenset[str]  # leaf names of the linears LoRA wraps in each layer
     adapter_numel: int
     adapter_bytes: int  # bytes per adapter element (fp32)
+    task: str = "causal_lm"
+    num_labels: int = 2  # classification: the head's outputs
+
+    @property
+    def classifier(self) -> bool:
+        return self.task == "classification"
 
     @property
     def tokens(self) -> int:
@@ -88,7 +94,7 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
         # bitsandbytes' 8-bit matmul keeps its input as `ctx.A`, a plain attribute that checkpointing
         # cannot drop: the forward graph holds it until backward.
         kept["int8 layers' inputs (held by bitsandbytes)"] = d.layers * _linear_inputs(inv, step, count_attention_output=True)
-    kept["token ids, labels, positions"] = (2 * T + S) * 8
+    kept["token ids, labels, positions"] = batch_bytes(step) + S * 8
     kept["rotary tables"] = 2 * S * d.head_dim * c
     if step.attention == "eager":
         kept["causal mask"] = step.batch * S * S * c
@@ -100,6 +106,12 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
         "backward through one layer": recomputed + _layer_backward(inv, step),
     }
     return Activations(kept, moments)
+
+
+def batch_bytes(step: Step) -> int:
+    """The micro-batch's token ids and labels (int64): alive from forward to the optimizer step, as
+    the trainer's loop keeps its last batch. A classifier has one label per sequence."""
+    return (step.tokens + (step.batch if step.classifier else step.tokens)) * 8
 
 
 def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
@@ -186,16 +198,24 @@ def _unsaved_in_first_layer(inv: Inventory, step: Step) -> int:
 
 def _head_saved(inv: Inventory, step: Step) -> int:
     """Until the loss gradient reaches the layers: the final norm's fp32 input and rsqrt, and for full
-    FT what the norm weight and the trained head need."""
+    FT what the norm weight and the trained head need; a classifier's head trains under every method,
+    so it keeps its input (and, under autocast, its 16-bit weight copy)."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     saved = T * d.hidden * FP32 + T * FP32
-    return saved + (2 * T * d.hidden * c if step.method == "full" else 0)
+    if step.method == "full":
+        return saved + 2 * T * d.hidden * c
+    if step.classifier:
+        saved += T * d.hidden * c + (step.num_labels * d.hidden * c if _adapters_cast(step) else 0)
+    return saved
 
 
 def _forward_end(inv: Inventory, step: Step) -> int:
     """Logits, their fp32 copy for the loss, log-softmax's output; plus autocast's cached 16-bit adapters."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
-    logits = T * d.vocab * (c + (FP32 if c != FP32 else 0) + FP32)
+    if step.classifier:  # every position's label scores, then the last token's, pooled, and its log-softmax
+        logits = T * step.num_labels * c + step.batch * step.num_labels * (c + (FP32 if c != FP32 else 0) + FP32)
+    else:
+        logits = T * d.vocab * (c + (FP32 if c != FP32 else 0) + FP32)
     # Under checkpointing autocast's cache still holds every layer's adapter copies until forward ends
     # (without it they are saved, counted with the layers).
     cache = step.adapter_numel * c if (_adapters_cast(step) and step.checkpointing) else 0
@@ -206,6 +226,8 @@ def _loss_backward(inv: Inventory, step: Step) -> int:
     """Log-softmax's output, its incoming gradient and its input gradient; for full FT then the head's
     weight gradient, made before it is added to the accumulated one."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
+    if step.classifier:  # the pooled scores' gradient scattered back to every position, then the head's input gradient
+        return T * step.num_labels * c + T * d.hidden * c + step.num_labels * d.hidden * FP32
     loss = 3 * T * d.vocab * FP32
     if step.method != "full":
         return loss

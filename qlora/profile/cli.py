@@ -18,12 +18,12 @@ from qlora.errors import QLoraError, run_cli
 from qlora.profile.settings import DEFAULT_METHODS, Settings, parse_methods
 
 HEADLINE_MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
-SETTING_FLAGS = ("seq_len", "batch_size", "rank", "optimizer", "no_checkpointing", "attn", "methods")
+SETTING_FLAGS = ("seq_len", "batch_size", "rank", "optimizer", "no_checkpointing", "attn", "task", "num_labels", "methods")
 MEASURE_RAM_SHARE = 0.8  # --measure on a CPU refuses a model whose step needs more than this share of the free RAM
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from qlora.recipe import ATTN_IMPLEMENTATIONS, OPTIMIZERS
+    from qlora.recipe import ATTN_IMPLEMENTATIONS, OPTIMIZERS, TASKS
 
     parser = argparse.ArgumentParser(prog="qlora profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=[], metavar="NAME|PATH",
@@ -39,6 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default paged_adamw_32bit")
     parser.add_argument("--no-checkpointing", action="store_true", help="profile without gradient checkpointing")
     parser.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="attention implementation (default sdpa)")
+    parser.add_argument("--task", choices=TASKS, help="causal_lm (default) or classification (a sequence classifier, head trained in full)")
+    parser.add_argument("--num-labels", type=int, help="classification: the head's outputs (default 2)")
     parser.add_argument("--gpu", metavar="SIZE", help="plan for a GPU of this size, e.g. 24GB: what fits, how far, what to change")
     parser.add_argument("--measure", action="store_true", help="also run real training steps here and report measured peaks")
     parser.add_argument("--format", choices=("table", "markdown", "json"), default="table", help="what to print (default table)")
@@ -48,8 +50,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def cli_settings(args: argparse.Namespace) -> Settings:
     """The --model runs' settings: the headline defaults, changed by the flags given."""
+    if args.num_labels is not None and args.task != "classification":
+        raise QLoraError("--num-labels: sizes a classifier's head; add --task classification")
     changes = {"seq_len": args.seq_len, "batch_size": args.batch_size, "rank": args.rank, "optimizer": args.optimizer,
-               "attn_implementation": args.attn, "checkpointing": False if args.no_checkpointing else None}
+               "attn_implementation": args.attn, "checkpointing": False if args.no_checkpointing else None,
+               "task": args.task, "num_labels": args.num_labels}
     return Settings(**{k: v for k, v in changes.items() if v is not None})
 
 
@@ -96,18 +101,14 @@ def recipe_job(path: str, overrides: Sequence[str]) -> Job:
     from qlora.recipe import load_recipe
 
     recipe = load_recipe(path, overrides)
-    if recipe.task == "classification":
-        print(f"note: {path} trains a classifier; it is profiled as its causal LM, an upper bound "
-              "(a classifier makes no vocabulary-sized logits)", file=sys.stderr)
     model, method, settings = from_recipe(recipe)
     return Job(Path(path).stem, model, (method,), settings, str(path), recipe.target_gpu)
 
 
 def profile(args: argparse.Namespace) -> list:
     """Every run: predictions, the fit plan for --gpu (or a recipe's target_gpu), measured peaks."""
-    from qlora.precision import default_device, dtype_name
-    from qlora.profile.estimate import compute_dtype, estimate
-    from qlora.profile.inventory import load_inventory
+    from qlora.precision import default_device
+    from qlora.profile.estimate import estimate, settings_inventory
     from qlora.profile.planner import CLI_KEYS, RECIPE_KEYS, plan
     from qlora.profile.report import Result, Run
 
@@ -116,7 +117,7 @@ def profile(args: argparse.Namespace) -> list:
     runs = []
     for job in jobs(args):
         settings = job.settings.replace(device=device)
-        inv = load_inventory(job.model, dtype_name(compute_dtype(settings)))
+        inv = settings_inventory(job.model, settings)
         results = [Result(estimate(inv, method, settings)) for method in job.methods]
         target = gpu_bytes or parse_gpu(job.target_gpu)
         fit_plan = plan(inv, job.methods, settings, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None

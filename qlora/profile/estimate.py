@@ -5,6 +5,7 @@ gradients exist through every forward and backward):
 
     backward:       weights + adapters + gradients + optimizer states + activations
     optimizer step: weights + adapters + gradients + optimizer states + the step's temporaries
+                    + the last micro-batch's token ids and labels (the trainer's loop still holds it)
 
 and the components reported are those at the peak moment, so they add up to the total.
 Dtypes come from `qlora.precision`, the module the trainer uses.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qlora.errors import QLoraError, did_you_mean
-from qlora.profile.activations import Step, activation_bytes
+from qlora.profile.activations import Step, activation_bytes, batch_bytes
 from qlora.profile.inventory import Inventory, load_inventory
 from qlora.profile.settings import METHODS, Settings, from_recipe
 from qlora.profile.storage import QMAP_BYTES, adamw_state_bytes, int8_weight_bytes, nf4_weight_bytes
@@ -76,45 +77,62 @@ def compute_dtype(settings: Settings):
     return resolve_compute_dtype(settings.compute_dtype, settings.device, bf16_supported=True)
 
 
+def settings_inventory(model: str | Inventory, settings: Settings) -> Inventory:
+    """The inventory `settings` describe: loaded in their compute dtype, for their task."""
+    from qlora.precision import dtype_name
+
+    if isinstance(model, Inventory):
+        return model
+    return load_inventory(model, dtype_name(compute_dtype(settings)), settings.task, settings.num_labels)
+
+
 def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimate:
     """Predict one training step of `method` on `model` (catalog name, Hub id, folder, config.json)."""
     import torch
 
-    from qlora.precision import ADAPTER_DTYPE, dtype_name, trainer_precision_flags, trainable_dtype
+    from qlora.precision import ADAPTER_DTYPE, trainer_precision_flags, trainable_dtype
 
     if method not in METHODS:
         raise QLoraError(f"method: unknown value '{method}'{did_you_mean(method, METHODS)}")
     dtype = compute_dtype(settings)
-    inv = model if isinstance(model, Inventory) else load_inventory(model, dtype_name(dtype))
+    inv = settings_inventory(model, settings)
+    if inv.task != settings.task:
+        raise ValueError(f"inventory of a {inv.task} model profiled as {settings.task}")
     targets = () if method == "full" else inv.lora_targets(settings.targets)
     adapter_numel = sum(settings.rank * (lin.in_features + lin.out_features) for lin in targets)
+    head_numel = 0 if method == "full" else sum(_linear_numel(lin) for lin in inv.classifier_head())
     train_itemsize = trainable_dtype(method, dtype).itemsize
     trainable = _trainable_tensors(inv, method, targets, settings.rank)
     weights = weight_bytes(inv, METHODS[method], settings.double_quant)
-    states = optimizer_bytes(settings.optimizer, trainable, trainable_dtype(method, dtype))
+    states = optimizer_bytes(settings.optimizer, trainable, trainable_dtype(method, dtype), settings.device)
     step = Step(
         batch=settings.batch_size, seq=settings.seq_len, compute_bytes=dtype.itemsize,
         autocast=any(trainer_precision_flags(dtype, settings.device).values()), device=settings.device,
         checkpointing=settings.checkpointing, attention=settings.attn_implementation, method=method,
         rank=settings.rank, lora_dropout=settings.lora_dropout, lora_leaves=frozenset(lin.leaf for lin in targets),
         adapter_numel=adapter_numel, adapter_bytes=ADAPTER_DTYPE.itemsize,
+        task=settings.task, num_labels=settings.num_labels,
     )
     acts = activation_bytes(inv, step)
     step_temps = optimizer_step_temporaries(settings.optimizer, settings.device, trainable, trainable_dtype(method, dtype))
-    at_step = step_temps > acts.total
+    at_step = step_temps + batch_bytes(step) > acts.total  # the last micro-batch is still alive at the step
     parts = {
         "weights": sum(weights.values()),
-        "adapters": adapter_numel * ADAPTER_DTYPE.itemsize,
+        "adapters": (adapter_numel + head_numel) * ADAPTER_DTYPE.itemsize,
         "gradients": sum(trainable) * train_itemsize,
         "optimizer": sum(states.values()) + (step_temps if at_step else 0),
-        "activations": 0 if at_step else acts.total,
+        "activations": batch_bytes(step) if at_step else acts.total,
     }
     overhead = _overhead(settings.device, sum(parts.values()), sum(b.numel * b.itemsize for b in inv.buffers))
     parts["overhead"] = sum(overhead.values())
     details = {"weights": weights, "optimizer": states, "activations": {**acts.kept, acts.peak_moment: max(acts.moments.values())},
                "overhead": overhead}
+    if head_numel:
+        details["adapters"] = {"LoRA A and B": adapter_numel * ADAPTER_DTYPE.itemsize,
+                               "classifier head (trained copy)": head_numel * ADAPTER_DTYPE.itemsize}
     if at_step:
         details["optimizer"] = {**states, "step temporaries": step_temps}
+        details["activations"] = {"token ids and labels (the last micro-batch)": batch_bytes(step)}
     return Estimate(
         model=inv.name, method=method, settings=settings, bytes=parts, details=details,
         peak_moment="optimizer step" if at_step else acts.peak_moment,
@@ -127,10 +145,17 @@ def estimate_recipe(recipe) -> Estimate:
     return estimate(*from_recipe(recipe))
 
 
+def _linear_numel(lin) -> int:
+    return lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0)
+
+
 def _trainable_tensors(inv: Inventory, method: str, targets, rank: int) -> list[int]:
-    """Element counts of the tensors the optimizer updates (every weight for full FT, LoRA A and B otherwise)."""
+    """Element counts of the tensors the optimizer updates: every weight for full FT; LoRA A and B
+    otherwise, and a classifier's head (peft trains a copy of it in full, `modules_to_save`)."""
     if method != "full":
-        return [n for lin in targets for n in (rank * lin.in_features, rank * lin.out_features)]
+        adapters = [n for lin in targets for n in (rank * lin.in_features, rank * lin.out_features)]
+        head = [n for lin in inv.classifier_head() for n in (lin.in_features * lin.out_features, lin.out_features if lin.bias else 0)]
+        return adapters + [n for n in head if n]
     sizes = [t.numel for t in inv.params]
     for lin in inv.linears:
         sizes.append(lin.in_features * lin.out_features)
@@ -159,14 +184,22 @@ def weight_bytes(inv: Inventory, bits: int | None, double_quant: bool = True) ->
     return {k: v for k, v in parts.items() if v}
 
 
-def optimizer_bytes(optimizer: str, trainable: list[int], param_dtype) -> dict[str, int]:
-    """AdamW's two moments per trainable tensor, in the dtype `qlora.precision` says the optimizer keeps."""
+def optimizer_bytes(optimizer: str, trainable: list[int], param_dtype, device: str = "cuda") -> dict[str, int]:
+    """AdamW's two moments per trainable tensor, in the dtype `qlora.precision` says the optimizer keeps.
+
+    bitsandbytes makes its 8-bit code tables with the first tensor large enough for 8-bit states;
+    torch's AdamW keeps each tensor's step count as an fp32 scalar tensor, on the CPU even when
+    training on a GPU (so it counts only on a CPU).
+    """
     from qlora.precision import optimizer_state_dtype
+    from qlora.profile.storage import MIN_8BIT_SIZE
 
     itemsize = optimizer_state_dtype(optimizer, param_dtype).itemsize
     parts = {"Adam moments": sum(adamw_state_bytes(n, itemsize) for n in trainable)}
-    if itemsize == 1:
+    if itemsize == 1 and any(n >= MIN_8BIT_SIZE for n in trainable):
         parts["8-bit code tables"] = QMAP_BYTES
+    if optimizer == "adamw_torch" and device == "cpu":
+        parts["step counters"] = len(trainable) * 4
     return parts
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from qlora.errors import QLoraError
 from qlora.profile.catalog import resolve
 
-ROLES = ("embedding", "attention", "mlp", "norm", "bias", "lm_head", "other")
+ROLES = ("embedding", "attention", "mlp", "norm", "bias", "lm_head", "classifier", "other")
+HEAD_ROLES = ("lm_head", "classifier")  # output heads: LoRA never wraps them
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Inventory:
     params: tuple[Tensor, ...]
     buffers: tuple[Tensor, ...]
     layer_prefix: str  # e.g. 'model.layers.0.': the linears of one decoder layer start with it
+    task: str = "causal_lm"
 
     def parameter_count(self) -> int:
         return sum(t.numel for t in self.params) + sum(
@@ -92,7 +94,7 @@ class Inventory:
         """The linear layers LoRA wraps, by the rules `qlora.model.lora_target_modules` applies to a real model."""
         from qlora.model import PRESETS
 
-        candidates = [lin for lin in self.linears if lin.role != "lm_head"]
+        candidates = [lin for lin in self.linears if lin.role not in HEAD_ROLES]
         leaves = {lin.leaf for lin in candidates}
         if targets == "all-linear":
             names = leaves
@@ -107,18 +109,24 @@ class Inventory:
         return tuple(lin for lin in candidates if lin.leaf in names)
 
 
-def load_inventory(source: str, dtype_name: str = "bfloat16") -> Inventory:
-    """The inventory of a catalog name, Hub id, model folder or config.json, as loaded in `dtype_name`."""
+    def classifier_head(self) -> tuple[Linear, ...]:
+        """A classifier's new head (trained in full next to LoRA); empty for a causal LM."""
+        return tuple(lin for lin in self.linears if lin.role == "classifier")
+
+
+def load_inventory(source: str, dtype_name: str = "bfloat16", task: str = "causal_lm", num_labels: int = 2) -> Inventory:
+    """The inventory of a catalog name, Hub id, model folder or config.json, as loaded in `dtype_name`
+    for `task` (a causal LM, or a sequence classifier with `num_labels` outputs)."""
     model_source = resolve(source)
-    return _inventory(str(model_source.config_path), model_source.name, dtype_name)
+    return _inventory(str(model_source.config_path), model_source.name, dtype_name, task, num_labels)
 
 
 @lru_cache(maxsize=32)
-def _inventory(config_path: str, name: str, dtype_name: str) -> Inventory:
+def _inventory(config_path: str, name: str, dtype_name: str, task: str, num_labels: int) -> Inventory:
     import torch
 
-    model = meta_model(Path(config_path), getattr(torch, dtype_name))
-    return _describe(model, name)
+    model = meta_model(Path(config_path), getattr(torch, dtype_name), task, num_labels)
+    return _describe(model, name, task)
 
 
 def load_config(config_path: Path):
@@ -131,25 +139,30 @@ def load_config(config_path: Path):
         raise QLoraError(f"cannot read model config {config_path}: {str(exc).splitlines()[0]}") from None
 
 
-def meta_model(config_path: Path, dtype):
-    """The causal-LM class of the config, built on the meta device in `dtype` (as `from_pretrained` would)."""
+def meta_model(config_path: Path, dtype, task: str = "causal_lm", num_labels: int = 2):
+    """The config's causal-LM (or sequence-classification) class, built on the meta device in `dtype`
+    (as `from_pretrained` would)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = load_config(config_path)
+    loader, what = AutoModelForCausalLM, "causal language model"
+    if task == "classification":
+        config.num_labels = num_labels
+        loader, what = AutoModelForSequenceClassification, "sequence classifier"
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            return loader.from_config(config, dtype=dtype)
     except ValueError as exc:
-        raise QLoraError(f"{config_path}: not a causal language model transformers can build: {str(exc).splitlines()[0]}") from None
+        raise QLoraError(f"{config_path}: not a {what} transformers can build: {str(exc).splitlines()[0]}") from None
 
 
-def _describe(model, name: str) -> Inventory:
+def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
     import torch
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from qlora.model import ATTENTION_NAMES, MLP_NAMES
+    from qlora.model import ATTENTION_NAMES, CLASSIFIER_HEADS, MLP_NAMES
 
     skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
     head = model.get_output_embeddings()
@@ -158,7 +171,8 @@ def _describe(model, name: str) -> Inventory:
     for mod_name, module in model.named_modules():
         if type(module) is torch.nn.Linear and not (tied and module is head):  # a tied head stores nothing of its own
             leaf = mod_name.rsplit(".", 1)[-1]
-            role = "lm_head" if module is head else "attention" if leaf in ATTENTION_NAMES else "mlp" if leaf in MLP_NAMES else "other"
+            role = ("lm_head" if module is head else "classifier" if task == "classification" and mod_name in CLASSIFIER_HEADS
+                    else "attention" if leaf in ATTENTION_NAMES else "mlp" if leaf in MLP_NAMES else "other")
             linears.append(Linear(
                 mod_name, module.in_features, module.out_features, module.bias is not None,
                 module.weight.element_size(), role, should_convert_module(mod_name, skip),
@@ -180,6 +194,7 @@ def _describe(model, name: str) -> Inventory:
         params=tuple(params),
         buffers=buffers,
         layer_prefix=_first_layer_prefix(model),
+        task=task,
     )
 
 

@@ -164,7 +164,7 @@ class Trained:
 
 def build(model: str, method: str, settings: Settings, folder: Path) -> Trained:
     """Random weights saved from the config, loaded and wrapped exactly as `qlora train` does."""
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
     from qlora.model import attach_lora, enable_gradient_checkpointing, load_base_model
     from qlora.precision import resolve_compute_dtype, trainer_precision_flags
@@ -173,8 +173,14 @@ def build(model: str, method: str, settings: Settings, folder: Path) -> Trained:
     from qlora.recipe import LoraSpec, ModelSpec, QuantizationSpec, Recipe, TrainingSpec
 
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(load_config(resolve(model).config_path)).save_pretrained(folder)
+    config = load_config(resolve(model).config_path)
+    labels = [str(i) for i in range(settings.num_labels)] if settings.task == "classification" else None
+    if labels:  # saved with its head, so loading it reports nothing missing
+        config.num_labels = len(labels)
+        config.pad_token_id = 0 if config.pad_token_id is None else config.pad_token_id  # pools the last non-pad token
+    (AutoModelForSequenceClassification if labels else AutoModelForCausalLM).from_config(config).save_pretrained(folder)
     recipe = Recipe(
+        task=settings.task,
         model=ModelSpec(name_or_path=str(folder), attn_implementation=settings.attn_implementation),
         quantization=QuantizationSpec(bits=METHODS[method], compute_dtype=settings.compute_dtype, double_quant=settings.double_quant),
         lora=LoraSpec(r=settings.rank, dropout=settings.lora_dropout,
@@ -183,12 +189,12 @@ def build(model: str, method: str, settings: Settings, folder: Path) -> Trained:
                               gradient_checkpointing=settings.checkpointing),
     )
     compute = resolve_compute_dtype(settings.compute_dtype, settings.device)
-    net = load_base_model(recipe, compute)
+    net = load_base_model(recipe, compute, labels)
     if settings.checkpointing:
         enable_gradient_checkpointing(net)
     net.config.use_cache = False
     if method != "full":
-        net = attach_lora(net, recipe.lora)
+        net = attach_lora(net, recipe.lora, recipe.task)
     net.train()
     args = TrainingArguments(output_dir=str(folder / "out"), optim=settings.optimizer, report_to="none",
                              use_cpu=settings.device == "cpu")
@@ -199,10 +205,15 @@ def build(model: str, method: str, settings: Settings, folder: Path) -> Trained:
 
 
 def _batch(model, settings: Settings, device: str) -> dict[str, torch.Tensor]:
-    """Random token ids, and labels as a separate tensor as the data collator makes them."""
+    """Random token ids, and labels as a separate tensor as the data collator makes them (one class
+    id per sequence for a classifier)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (settings.batch_size, settings.seq_len), generator=generator)
-    return {"input_ids": ids.to(device), "labels": ids.clone().to(device)}
+    if settings.task == "classification":
+        labels = torch.randint(0, settings.num_labels, (settings.batch_size,), generator=generator)
+    else:
+        labels = ids.clone()
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
 def cycle(trained: Trained, batch: dict, tracker: PeakTracker | None = None, on_phase=None) -> None:

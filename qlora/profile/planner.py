@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from qlora.profile.estimate import GIB, Estimate, estimate
-from qlora.profile.inventory import Inventory, load_inventory
+from qlora.profile.estimate import GIB, Estimate, estimate, settings_inventory
+from qlora.profile.inventory import Inventory
 from qlora.profile.settings import METHODS, Settings
 
 MAX_BATCH = 1024  # the batch-size search stops here: beyond it "fits" says enough
@@ -169,10 +169,7 @@ def combined(inv: Inventory, method: str, s: Settings, gpu: int, k: dict[str, st
 
 def plan(model: str | Inventory, methods, settings: Settings, gpu_bytes: int, keys: dict[str, str] = CLI_KEYS) -> FitPlan:
     """Fit every method of `methods` on `model` into `gpu_bytes`."""
-    from qlora.precision import dtype_name
-    from qlora.profile.estimate import compute_dtype
-
-    inv = model if isinstance(model, Inventory) else load_inventory(model, dtype_name(compute_dtype(settings)))
+    inv = settings_inventory(model, settings)
     fits = tuple(fit_method(inv, m, settings, gpu_bytes) for m in methods)
     tried = set(methods)
     return FitPlan(inv.name, gpu_bytes, settings, fits, {f.method: remedies(inv, f, keys, tried) for f in fits})

@@ -62,7 +62,8 @@ def describe(settings: Settings) -> str:
     from qlora.profile.estimate import compute_dtype
 
     targets = settings.targets if isinstance(settings.targets, str) else ",".join(settings.targets)
-    return (f"seq {settings.seq_len:,} · batch {settings.batch_size} · r {settings.rank} ({targets}) · "
+    task = f"classifier ({settings.num_labels} labels) · " if settings.task == "classification" else ""
+    return (f"{task}seq {settings.seq_len:,} · batch {settings.batch_size} · r {settings.rank} ({targets}) · "
             f"{settings.optimizer} · {'checkpointing' if settings.checkpointing else 'no checkpointing'} · "
             f"{settings.attn_implementation} · {dtype_name(compute_dtype(settings))} on {settings.device}")
 

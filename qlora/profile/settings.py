@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlora.errors import QLoraError, did_you_mean
-from qlora.recipe import ATTN_IMPLEMENTATIONS, COMPUTE_DTYPES, OPTIMIZERS, TARGET_PRESETS
+from qlora.recipe import ATTN_IMPLEMENTATIONS, COMPUTE_DTYPES, OPTIMIZERS, TARGET_PRESETS, TASKS
 
 # Method -> bits of the frozen base (None: 16-bit). 'full' trains every weight, the others train LoRA adapters.
 METHODS = {"full": None, "lora": None, "lora-8bit": 8, "qlora": 4}
@@ -37,11 +37,16 @@ class Settings:
     compute_dtype: str = "auto"
     double_quant: bool = True
     device: str = "cuda"
+    task: str = "causal_lm"  # or 'classification': a sequence classifier, its new head trained in full
+    num_labels: int = 2  # classification only: the head has one output per label
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "batch_size", "rank"):
             if getattr(self, key) < 1:
                 raise QLoraError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
+        _check_choice("task", self.task, TASKS)
+        if self.num_labels < 2:
+            raise QLoraError(f"--num-labels: a classifier needs at least 2 labels, got {self.num_labels}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("attn-implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _check_choice("compute dtype", self.compute_dtype, COMPUTE_DTYPES)
@@ -75,8 +80,17 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return methods
 
 
-def from_recipe(recipe) -> tuple[str, str, Settings]:
-    """(model source, method, settings) of what `qlora train` would run for `recipe`, on a GPU."""
+def from_recipe(recipe, num_labels: int | None = None) -> tuple[str, str, Settings]:
+    """(model source, method, settings) of what `qlora train` would run for `recipe`, on a GPU.
+
+    A classifier's label count is read from the recipe's data when it is local (`num_labels`
+    overrides it); for a Hub dataset, which cannot be read offline, two labels are assumed (the head
+    is hidden × labels, a few KB per label).
+    """
+    if recipe.task == "classification" and num_labels is None:
+        from qlora.data import count_labels
+
+        num_labels = count_labels(recipe)
     targets = recipe.lora.targets if isinstance(recipe.lora.targets, str) else tuple(recipe.lora.targets)
     # quant_type is left out on purpose: fp4 and nf4 store the same layout (4-bit codes, one absmax per block).
     settings = Settings(
@@ -90,5 +104,7 @@ def from_recipe(recipe) -> tuple[str, str, Settings]:
         attn_implementation=recipe.model.attn_implementation,
         compute_dtype=recipe.quantization.compute_dtype,
         double_quant=recipe.quantization.double_quant,
+        task=recipe.task,
+        num_labels=num_labels or 2,
     )
     return recipe.model.name_or_path, recipe.method, settings

@@ -62,6 +62,19 @@ def test_recipe_set_overrides_change_what_is_profiled(capsys):
     assert "  - fits with data.max_seq_len=1496 (at batch 1)" in out
 
 
+def test_a_classification_recipe_is_profiled_as_its_classifier(capsys):
+    """Its labels are read from the local data (five noun categories); no vocabulary-sized logits."""
+    code, out, _ = profile(["--recipe", str(RECIPES / "demo-classify.yaml"), "--format", "json"], capsys)
+    assert code == 0
+    (run,) = json.loads(out)["runs"]
+    assert run["settings"]["task"] == "classification" and run["settings"]["num_labels"] == 5
+    (result,) = run["results"]
+    assert result["parameters_by_role"]["lm_head"] == 0 and result["parameters_by_role"]["classifier"] == 5 * 256
+    assert result["details"]["adapters"]["classifier head (trained copy)"] == 5 * 256 * 4
+    code, out, _ = profile(["--model", "mistral-7b", "--methods", "qlora", "--task", "classification", "--num-labels", "3"], capsys)
+    assert code == 0 and "classifier (3 labels) · seq 512" in out
+
+
 def test_out_writes_markdown_json_and_pngs(tmp_path, capsys):
     code, _, err = profile(["--model", "smollm2-135m", "--methods", "lora,qlora", "--gpu", "8GB", "--out", str(tmp_path)], capsys)
     assert code == 0
@@ -80,8 +93,10 @@ def test_out_writes_markdown_json_and_pngs(tmp_path, capsys):
     (["--recipe", "recipes/demo-classify.yaml", "--rank", "8"], "error: --rank: a --recipe sets its own method and settings"),
     (["--set", "lora.r=8"], "error: --set: changes recipe keys; give a --recipe"),
     (["--model", "llama-2-70b", "--measure"], "error: --measure: llama-2-70b needs about "),
+    (["--num-labels", "3"], "error: --num-labels: sizes a classifier's head; add --task classification"),
+    (["--task", "classification", "--num-labels", "1"], "error: --num-labels: a classifier needs at least 2 labels, got 1"),
 ], ids=["unknown-model", "missing-config", "bad-gpu", "bad-method", "no-method", "bad-seq-len", "recipe-and-flag",
-        "set-without-recipe", "measure-too-big"])
+        "set-without-recipe", "measure-too-big", "labels-without-task", "one-label"])
 def test_user_mistakes_are_one_line_errors_with_exit_2(argv, message, capsys):
     code, out, err = profile(argv, capsys)
     assert code == 2 and out == ""

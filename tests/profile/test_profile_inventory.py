@@ -59,6 +59,32 @@ def test_inventory_counts_tied_embeddings_once_and_finds_biases(llama_config, qw
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+def test_a_classifier_has_a_16bit_score_head_and_no_lm_head(llama_config, qwen2_config, tmp_path):
+    """As `qlora train` loads it: the new head stays 16-bit (transformers skips it), LoRA never wraps it,
+    and the weights are the bytes a real 4-bit load of the classifier stores."""
+    from transformers import AutoModelForSequenceClassification
+
+    from qlora.model import load_base_model
+    from qlora.profile.inventory import load_config
+    from qlora.recipe import ModelSpec, QuantizationSpec, Recipe
+
+    for config_path in (llama_config, qwen2_config):
+        causal, classifier = load_inventory(str(config_path)), load_inventory(str(config_path), "bfloat16", "classification", 5)
+        head = classifier.classifier_head()
+        assert [(lin.name, lin.out_features, lin.quantized, lin.itemsize) for lin in head] == [("score", 5, False, 2)]
+        assert classifier.counts_by_role()["lm_head"] == 0 and classifier.task == "classification"
+        assert classifier.parameter_count() == causal.parameter_count() - causal.counts_by_role()["lm_head"] + 5 * 64
+        assert "score" not in {lin.leaf for lin in classifier.lora_targets("all-linear")}
+    config = load_config(llama_config)
+    config.num_labels = 5
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    recipe = Recipe(task="classification", model=ModelSpec(name_or_path=str(tmp_path)),
+                    quantization=QuantizationSpec(bits=4, compute_dtype="bfloat16"))
+    real = load_base_model(recipe, torch.bfloat16, [str(i) for i in range(5)])
+    llama = load_inventory(str(llama_config), "bfloat16", "classification", 5)
+    assert sum(weight_bytes(llama, 4).values()) == stored_bytes(real)
+
+
 @pytest.mark.parametrize("numel", [64 * 300 + 17, 4096, 1])
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_layout_matches_bitsandbytes_quantize_4bit(numel, double_quant):

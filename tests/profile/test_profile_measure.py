@@ -54,3 +54,29 @@ def test_activation_model_matches_a_measured_step(config, method, changes, reque
     predicted, measured = estimate(config_path, method, settings), measure(config_path, method, settings)
     assert predicted.bytes["activations"] == pytest.approx(measured.bytes["activations"], rel=0.01)
     assert predicted.allocated == pytest.approx(measured.peak, rel=0.01)
+
+
+@pytest.mark.parametrize("method,changes", [
+    ("qlora", {}),
+    ("full", {}),
+    ("lora", {"lora_dropout": 0.0, "num_labels": 7}),
+], ids=["qlora", "full", "lora-no-dropout-7-labels"])
+def test_a_classifier_step_is_predicted_to_a_few_bytes(llama_config, method, changes):
+    """The trained head (a fp32 copy, its gradient and Adam states) and the small pooled logits instead
+    of vocabulary-sized ones: the classifier's own step, not its causal LM's."""
+    settings = SMALL.replace(task="classification", num_labels=3).replace(**changes)
+    predicted, measured = estimate(str(llama_config), method, settings), measure(str(llama_config), method, settings)
+    for component in ("weights", "adapters", "gradients", "optimizer"):
+        assert measured.bytes[component] == predicted.bytes[component]
+    assert abs(predicted.allocated - measured.peak) < 64
+    assert predicted.allocated < estimate(str(llama_config), method, SMALL.replace(**{k: v for k, v in changes.items() if k != "num_labels"})).allocated
+
+
+@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw_torch"])
+def test_optimizer_states_of_small_tensors_are_exact(llama_config, optimizer):
+    """8-bit AdamW keeps fp32 states (and makes no code tables) for tensors under 4,096 elements;
+    torch's AdamW adds one fp32 step counter per tensor."""
+    settings = SMALL.replace(optimizer=optimizer)
+    predicted, measured = estimate(str(llama_config), "lora", settings), measure(str(llama_config), "lora", settings)
+    assert measured.bytes["optimizer"] == predicted.bytes["optimizer"]
+    assert "8-bit code tables" not in predicted.details["optimizer"]
