@@ -35,6 +35,16 @@ class TrainedRun:
     def adapter_dir(self) -> Path:
         return self.out_dir / "adapter"
 
+    @property
+    def label_names(self) -> list[str] | None:
+        """A classifier's labels in head order, as training recorded them (None for a causal LM)."""
+        if self.recipe.task != "classification":
+            return None
+        labels = self.metrics.get("data", {}).get("labels")
+        if not labels:
+            raise QLoraError(f"{self.out_dir / 'metrics.json'}: a classification run without its label names (data.labels)")
+        return labels
+
 
 def read_run(out_dir: str | Path) -> TrainedRun:
     """Open a run folder, naming the missing piece when training did not finish there."""

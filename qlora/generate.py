@@ -1,4 +1,5 @@
-"""`qlora generate OUT --prompt "..."`: a quick look at what a run learned, on the 4-bit base + adapter.
+"""`qlora generate OUT --prompt "..."`: a quick look at what a run learned, on the 4-bit base + adapter
+(a classifier answers with its most likely label).
 
 The base is loaded exactly as the trainer loaded it (same recipe, same BitsAndBytesConfig, same
 compute dtype), and prompts get the template the adapter was trained with, so the answers are the
@@ -15,9 +16,14 @@ from qlora.errors import QLoraError, run_cli
 from qlora.export import TrainedRun, read_run
 
 
-def check_causal(run: TrainedRun, what: str) -> None:
-    if run.recipe.task != "causal_lm":
-        raise QLoraError(f"{what}: task '{run.recipe.task}' is not supported (only causal_lm runs)")
+def load_run_base(run: TrainedRun, compute_dtype, tokenizer):
+    """The base as training loaded it: the same quantization, and for a classifier its labels and pad id."""
+    from qlora.model import load_base_model
+
+    base = load_base_model(run.recipe, compute_dtype, run.label_names)
+    if run.label_names and base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools the last non-pad token
+    return base
 
 
 def load_adapted_model(run: TrainedRun):
@@ -25,12 +31,14 @@ def load_adapted_model(run: TrainedRun):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from qlora.model import load_base_model
+    from qlora.model import quiet_peft_deprecations
     from qlora.precision import resolve_compute_dtype
 
-    base = load_base_model(run.recipe, resolve_compute_dtype(run.recipe.quantization.compute_dtype))
-    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
-    return model.eval(), AutoTokenizer.from_pretrained(str(run.adapter_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(run.adapter_dir))
+    base = load_run_base(run, resolve_compute_dtype(run.recipe.quantization.compute_dtype), tokenizer)
+    with quiet_peft_deprecations():
+        model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    return model.eval(), tokenizer
 
 
 def format_prompt(run: TrainedRun, tokenizer, instruction: str, context: str = "", raw: bool = False) -> str:
@@ -58,7 +66,6 @@ def generate(run: TrainedRun, prompts: list[str], inputs: list[str] | None = Non
     """Greedy answers per prompt: {'prompt', 'adapter'} and, with `compare`, the base's {'base'}."""
     from qlora.metrics import generate_answers
 
-    check_causal(run, "generate")
     inputs = inputs or [""] * len(prompts)
     if len(inputs) != len(prompts):
         raise QLoraError(f"--input: give one per --prompt (got {len(prompts)} prompts, {len(inputs)} inputs)")
@@ -66,6 +73,8 @@ def generate(run: TrainedRun, prompts: list[str], inputs: list[str] | None = Non
     texts = [format_prompt(run, tokenizer, p, c, raw) for p, c in zip(prompts, inputs)]
 
     def answers() -> list[str]:
+        if run.label_names:
+            return classify(model, tokenizer, texts, run.label_names)
         return generate_answers(model, tokenizer, texts, max_new_tokens, add_bos=False)  # BOS is in the text
 
     results = [{"prompt": p, "adapter": a} for p, a in zip(prompts, answers())]
@@ -76,10 +85,24 @@ def generate(run: TrainedRun, prompts: list[str], inputs: list[str] | None = Non
     return results
 
 
+def classify(model, tokenizer, texts: list[str], labels: list[str]) -> list[str]:
+    """A classifier's answer per text: its most likely label and that label's probability."""
+    import torch
+
+    answers = []
+    with torch.no_grad():
+        for text in texts:  # one at a time: no padding, so the pooled token is the text's last
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
+            probs = model(input_ids=ids).logits[0].float().softmax(-1)
+            best = int(probs.argmax())
+            answers.append(f"{labels[best]} ({probs[best]:.0%})")
+    return answers
+
+
 def parse_args(argv: Sequence[str] | None):
     parser = argparse.ArgumentParser(prog="qlora generate", description="Generate with a trained adapter on its 4-bit base.")
     parser.add_argument("run", help="a `qlora train` output folder")
-    parser.add_argument("--prompt", action="append", required=True, help="an instruction (repeatable)")
+    parser.add_argument("--prompt", action="append", required=True, help="an instruction, or for a classifier a text to label (repeatable)")
     parser.add_argument("--input", dest="inputs", action="append", help="the instruction's input/context (one per --prompt)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the training template")

@@ -23,7 +23,7 @@ import torch
 
 from qlora.errors import QLoraError, run_cli
 from qlora.export import TrainedRun, check_destination, read_run
-from qlora.generate import check_causal, format_prompt, load_adapted_model
+from qlora.generate import format_prompt, load_adapted_model, load_run_base
 
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_RELATIVE_DIFF = 0.02  # of the logit scale (max |logit| of the 4-bit base + adapter)
@@ -61,8 +61,10 @@ def check_inputs(run: TrainedRun, tokenizer) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def logits_for(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """fp32 logits at every position of each input, one input at a time (no padding to mask)."""
-    return [model(ids.to(model.device)).logits[0].float().cpu() for ids in inputs]
+    """fp32 logits of each input, one input at a time (no padding to mask): (positions, vocabulary) for a
+    causal LM, (1, labels) for a classifier."""
+    outputs = [model(ids.to(model.device)).logits for ids in inputs]
+    return [logits.reshape(-1, logits.shape[-1]).float().cpu() for logits in outputs]
 
 
 def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> MergeCheck:
@@ -73,25 +75,28 @@ def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> Mer
     )
 
 
-def dequantized_base(run: TrainedRun, compute_dtype: torch.dtype):
+def dequantized_base(run: TrainedRun, compute_dtype: torch.dtype, tokenizer):
     """The base exactly as training loaded it, its quantized weights turned into plain Linears.
 
     Always a fresh load that has never run: on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit
     weight into a CPU-only layout on its first inference forward, which dequantize_4bit misreads.
     """
-    from qlora.model import load_base_model
-
-    base = load_base_model(run.recipe, compute_dtype)
+    base = load_run_base(run, compute_dtype, tokenizer)
     if getattr(base, "is_quantized", False):
         base = base.dequantize(dtype=compute_dtype)
     return base
 
 
-def merged_model(run: TrainedRun, compute_dtype: torch.dtype, save_dtype: str):
-    """Dequantized base + adapter, merged (peft) and cast to `save_dtype`."""
+def merged_model(run: TrainedRun, compute_dtype: torch.dtype, save_dtype: str, tokenizer):
+    """Dequantized base + adapter, merged (peft; a classifier's trained head replaces the new one) and
+    cast to `save_dtype`."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(dequantized_base(run, compute_dtype), str(run.adapter_dir)).merge_and_unload()
+    from qlora.model import quiet_peft_deprecations
+
+    base = dequantized_base(run, compute_dtype, tokenizer)
+    with quiet_peft_deprecations():
+        model = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
     model = model.to(SAVE_DTYPES[save_dtype])
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise QLoraError(f"--dtype {save_dtype}: merged weights overflow {save_dtype}; use --dtype bfloat16")
@@ -105,13 +110,19 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def reload_saved(folder: Path, save_dtype: str):
-    """The saved folder as a user loads it: plain transformers, no peft, no quantization."""
-    from transformers import AutoModelForCausalLM
+def auto_class(run: TrainedRun):
+    """The transformers class a user loads the merged model with."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    return AutoModelForSequenceClassification if run.label_names else AutoModelForCausalLM
+
+
+def reload_saved(run: TrainedRun, folder: Path, save_dtype: str):
+    """The saved folder as a user loads it: plain transformers, no peft, no quantization."""
+    loader = auto_class(run)
     if torch.cuda.is_available():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=SAVE_DTYPES[save_dtype], device_map={"": torch.cuda.current_device()})
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # CPU 16-bit matmuls are slow and lossy
+        return loader.from_pretrained(folder, dtype=SAVE_DTYPES[save_dtype], device_map={"": torch.cuda.current_device()})
+    return loader.from_pretrained(folder, dtype=torch.float32)  # CPU 16-bit matmuls are slow and lossy
 
 
 def merge(run: TrainedRun, to: Path, save_dtype: str = "float16", overwrite: bool = False) -> MergeCheck:
@@ -119,7 +130,6 @@ def merge(run: TrainedRun, to: Path, save_dtype: str = "float16", overwrite: boo
     from qlora.io import publish_dir, staging_dir_for
     from qlora.precision import resolve_compute_dtype
 
-    check_causal(run, "merge")
     check_destination(to, run, overwrite)
     adapted, tokenizer = load_adapted_model(run)
     inputs = check_inputs(run, tokenizer)
@@ -128,12 +138,12 @@ def merge(run: TrainedRun, to: Path, save_dtype: str = "float16", overwrite: boo
     free_memory()
     staging = staging_dir_for(to)
     try:
-        model = merged_model(run, resolve_compute_dtype(run.recipe.quantization.compute_dtype), save_dtype)
+        model = merged_model(run, resolve_compute_dtype(run.recipe.quantization.compute_dtype), save_dtype, tokenizer)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         del model
         free_memory()
-        reloaded = reload_saved(staging, save_dtype)
+        reloaded = reload_saved(run, staging, save_dtype)
         check = compare(reference, logits_for(reloaded.eval(), inputs))
         del reloaded
         free_memory()
@@ -155,7 +165,8 @@ def parse_args(argv: Sequence[str] | None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    check = merge(read_run(args.run), args.to, args.dtype, args.overwrite)
+    run = read_run(args.run)
+    check = merge(run, args.to, args.dtype, args.overwrite)
     print(
         f"merge check: max |logit diff| {check.max_abs_diff:.4g}, logit scale (max |logit|) {check.logit_scale:.4g}: "
         f"{100 * check.relative:.3f} % (limit {100 * MAX_RELATIVE_DIFF:.0f} %) over {check.positions} positions "
@@ -164,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not check.ok:
         print(f"error: the merged model does not match the 4-bit base + adapter; nothing was written to {args.to}", file=sys.stderr)
         return MISMATCH_EXIT_CODE
-    print(f"merged model -> {args.to} ({args.dtype}, safetensors); load it with AutoModelForCausalLM.from_pretrained")
+    print(f"merged model -> {args.to} ({args.dtype}, safetensors); load it with {auto_class(run).__name__}.from_pretrained")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,9 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: list[str] | None = None):
-    """The frozen base: causal LM, or sequence classifier with `len(label_names)` classes."""
+def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: list[str] | None = None, announce: bool = False):
+    """The frozen base: causal LM, or sequence classifier with `len(label_names)` classes (`announce`:
+    say which head weights start untrained, as training does)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
@@ -139,14 +141,14 @@ def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: lis
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
         )
-        model = load_classifier(recipe.model, **kwargs)
+        model = load_classifier(recipe.model, announce, **kwargs)
     else:
         model = _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
     keep_training_layout(model)
     return model
 
 
-def load_classifier(spec: ModelSpec, **kwargs):
+def load_classifier(spec: ModelSpec, announce: bool = False, **kwargs):
     """A sequence classifier on a causal LM's weights, with one line instead of transformers' load table.
 
     A new head and an unused lm_head are the expected outcome here, so transformers' MISSING /
@@ -170,7 +172,7 @@ def load_classifier(spec: ModelSpec, **kwargs):
         report_logger.removeFilter(drop_report)
     missing = sorted(info["missing_keys"])
     head = [key for key in missing if key.split(".", 1)[0] in CLASSIFIER_HEADS]
-    if head:
+    if head and announce:
         print(f"model: new classifier head {', '.join(head)} ({model.config.num_labels} labels), trained in full", file=sys.stderr)
     if len(head) < len(missing):
         others = [key for key in missing if key not in head]
@@ -229,12 +231,19 @@ def attach_lora(model, spec: LoraSpec, task: str = "causal_lm"):
         modules_to_save=[n for n in CLASSIFIER_HEADS if hasattr(model, n)] if task == "classification" else None,
     )
     # autocast_adapter_dtype keeps LoRA weights in fp32 even on a 16-bit base (precision.ADAPTER_DTYPE).
-    with warnings.catch_warnings():
-        # peft still reads transformers' deprecated `is_gradient_checkpointing`; the warning is theirs to fix.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with quiet_peft_deprecations():
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     upcast_trainable(peft_model)
     return peft_model
+
+
+@contextmanager
+def quiet_peft_deprecations():
+    """peft still reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; the
+    FutureWarning is theirs to fix and says nothing to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def upcast_trainable(model) -> None:
@@ -281,7 +290,7 @@ def build_model(recipe: Recipe, label_names: list[str] | None = None, device: st
     """Tokenizer + quantized base + LoRA (+ checkpointing), all as the recipe says."""
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype, device)
     tokenizer = tokenizer or load_tokenizer(recipe.model)
-    base = load_base_model(recipe, compute_dtype, label_names)
+    base = load_base_model(recipe, compute_dtype, label_names, announce=True)
     if recipe.task == "classification" and base.config.pad_token_id is None:
         base.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools the last non-pad token
     if recipe.training.gradient_checkpointing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,30 @@ def test_the_saved_adapter_holds_the_trained_head(trained):
 
     weights = load_file(trained[0] / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("score.weight") and v.shape == (3, 64) for k, v in weights.items())
+
+
+def test_generate_labels_texts_with_the_trained_classifier(trained):
+    """The answers are what the trained head predicts: one text per label, each labelled right."""
+    from qlora.export import read_run
+    from qlora.generate import generate
+
+    texts = {"cat dog bird fox": "animal", "one two three four": "number", "mat world tiny model": "thing"}
+    answers = generate(read_run(trained[0]), list(texts))
+    labels = [re.fullmatch(r"(\w+) \(\d+%\)", a["adapter"]).group(1) for a in answers]
+    assert labels == list(texts.values())
+
+
+def test_merge_saves_a_plain_classifier_that_matches_the_adapter(trained, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from qlora.export import read_run
+    from qlora.merge import merge
+
+    check = merge(read_run(trained[0]), tmp_path / "merged")
+    assert check.ok and check.positions == 4  # one pooled prediction per check prompt
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert merged.config.id2label == {0: "animal", 1: "number", 2: "thing"} and merged.config.pad_token_id is not None
+    assert merged.score.weight.dtype == torch.float16 and not any("lora" in n for n, _ in merged.named_parameters())
 
 
 @pytest.mark.slow

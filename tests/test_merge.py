@@ -106,13 +106,14 @@ def test_a_failed_check_exits_nonzero_and_writes_nothing(run, tmp_path, monkeypa
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_classification_runs_are_refused(run, tmp_path):
+def test_a_classification_run_without_its_label_names_is_refused(run, tmp_path):
+    """The head's size and label order come from metrics.json; without them no base can be rebuilt."""
     import dataclasses
 
     from qlora.merge import merge
 
     recipe = dataclasses.replace(run.recipe, task="classification")
-    with pytest.raises(QLoraError, match="merge: task 'classification' is not supported"):
+    with pytest.raises(QLoraError, match=r"metrics.json: a classification run without its label names \(data.labels\)"):
         merge(dataclasses.replace(run, recipe=recipe), tmp_path / "m")
 
 
