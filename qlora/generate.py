@@ -20,10 +20,7 @@ def load_run_base(run: TrainedRun, compute_dtype, tokenizer):
     """The base as training loaded it: the same quantization, and for a classifier its labels and pad id."""
     from qlora.model import load_base_model
 
-    base = load_base_model(run.recipe, compute_dtype, run.label_names)
-    if run.label_names and base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools the last non-pad token
-    return base
+    return load_base_model(run.recipe, compute_dtype, run.label_names, pad_token_id=tokenizer.pad_token_id)
 
 
 def load_adapted_model(run: TrainedRun):

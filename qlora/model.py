@@ -122,9 +122,11 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: list[str] | None = None, announce: bool = False):
+def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: list[str] | None = None,
+                    announce: bool = False, pad_token_id: int | None = None):
     """The frozen base: causal LM, or sequence classifier with `len(label_names)` classes (`announce`:
-    say which head weights start untrained, as training does)."""
+    say which head weights start untrained, as training does; `pad_token_id`: the tokenizer's, for a
+    checkpoint whose config has none, since the classifier pools the last non-pad token)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
@@ -142,6 +144,8 @@ def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: lis
             label2id={name: i for i, name in enumerate(labels)},
         )
         model = load_classifier(recipe.model, announce, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id
     else:
         model = _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
     keep_training_layout(model)
@@ -290,9 +294,7 @@ def build_model(recipe: Recipe, label_names: list[str] | None = None, device: st
     """Tokenizer + quantized base + LoRA (+ checkpointing), all as the recipe says."""
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype, device)
     tokenizer = tokenizer or load_tokenizer(recipe.model)
-    base = load_base_model(recipe, compute_dtype, label_names, announce=True)
-    if recipe.task == "classification" and base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id  # the classifier pools the last non-pad token
+    base = load_base_model(recipe, compute_dtype, label_names, announce=True, pad_token_id=tokenizer.pad_token_id)
     if recipe.training.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     model = attach_lora(base, recipe.lora, recipe.task)

@@ -290,9 +290,10 @@ def print_results(rows: list[dict[str, Any]], cols: Sequence[str], base_dir: Pat
     if not console.is_terminal:
         console = Console(width=200)  # piped or logged: one line per point rather than wrapped cells
     table = Table(title=f"qlora sweep: {base_dir}")
+    grid_keys = grid_keys_of(header)
     for name in header:
         # headings wrap at their underscores; values are short and stay on one line
-        table.add_column(name.replace("_", " "), overflow="fold", no_wrap=name not in grid_keys_of(header))
+        table.add_column(name.replace("_", " "), overflow="fold", no_wrap=name not in grid_keys)
     for cells in body:
         table.add_row(*cells)
     console.print(table)

@@ -100,9 +100,10 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         raise ValueError(f"inventory of a {inv.task} model profiled as {settings.task}")
     targets = () if method == "full" else inv.lora_targets(settings.targets)
     adapter_numel = sum(settings.rank * (lin.in_features + lin.out_features) for lin in targets)
-    head_numel = 0 if method == "full" else sum(_linear_numel(lin) for lin in inv.classifier_head())
+    head = [] if method == "full" else _head_tensors(inv)  # full FT counts the head with every weight
+    head_numel = sum(head)
     train_itemsize = trainable_dtype(method, dtype).itemsize
-    trainable = _trainable_tensors(inv, method, targets, settings.rank)
+    trainable = _trainable_tensors(inv, method, targets, settings.rank, head)
     weights = weight_bytes(inv, METHODS[method], settings.double_quant)
     states = optimizer_bytes(settings.optimizer, trainable, trainable_dtype(method, dtype), settings.device)
     step = Step(
@@ -145,23 +146,27 @@ def estimate_recipe(recipe) -> Estimate:
     return estimate(*from_recipe(recipe))
 
 
-def _linear_numel(lin) -> int:
-    return lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0)
-
-
-def _trainable_tensors(inv: Inventory, method: str, targets, rank: int) -> list[int]:
-    """Element counts of the tensors the optimizer updates: every weight for full FT; LoRA A and B
-    otherwise, and a classifier's head (peft trains a copy of it in full, `modules_to_save`)."""
-    if method != "full":
-        adapters = [n for lin in targets for n in (rank * lin.in_features, rank * lin.out_features)]
-        head = [n for lin in inv.classifier_head() for n in (lin.in_features * lin.out_features, lin.out_features if lin.bias else 0)]
-        return adapters + [n for n in head if n]
-    sizes = [t.numel for t in inv.params]
-    for lin in inv.linears:
+def _linear_tensors(linears) -> list[int]:
+    """Element counts of the weight (and bias) of each linear layer."""
+    sizes = []
+    for lin in linears:
         sizes.append(lin.in_features * lin.out_features)
         if lin.bias:
             sizes.append(lin.out_features)
     return sizes
+
+
+def _head_tensors(inv: Inventory) -> list[int]:
+    """A classifier's head, which peft trains as a full copy (`modules_to_save`) next to LoRA; none for a causal LM."""
+    return _linear_tensors(inv.classifier_head())
+
+
+def _trainable_tensors(inv: Inventory, method: str, targets, rank: int, head: list[int]) -> list[int]:
+    """Element counts of the tensors the optimizer updates: every weight for full FT; LoRA A and B
+    and the classifier head's copy (`head`) otherwise."""
+    if method != "full":
+        return [n for lin in targets for n in (rank * lin.in_features, rank * lin.out_features)] + head
+    return [t.numel for t in inv.params] + _linear_tensors(inv.linears)
 
 
 def weight_bytes(inv: Inventory, bits: int | None, double_quant: bool = True) -> dict[str, int]:

@@ -80,14 +80,14 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return methods
 
 
-def from_recipe(recipe, num_labels: int | None = None) -> tuple[str, str, Settings]:
+def from_recipe(recipe) -> tuple[str, str, Settings]:
     """(model source, method, settings) of what `qlora train` would run for `recipe`, on a GPU.
 
-    A classifier's label count is read from the recipe's data when it is local (`num_labels`
-    overrides it); for a Hub dataset, which cannot be read offline, two labels are assumed (the head
-    is hidden × labels, a few KB per label).
+    A classifier's label count is read from the recipe's data when it is local; for a Hub dataset,
+    which cannot be read offline, two labels are assumed (the head is hidden × labels, a few KB per label).
     """
-    if recipe.task == "classification" and num_labels is None:
+    num_labels = None
+    if recipe.task == "classification":
         from qlora.data import count_labels
 
         num_labels = count_labels(recipe)
