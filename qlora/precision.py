@@ -4,8 +4,10 @@ If training and profiling each chose dtypes on their own they would drift apart 
 numbers would stop describing what the trainer allocates; so both ask this module.
 
 Policy (QLoRA paper, artidoro/qlora, peft defaults):
-- compute dtype: bf16 on GPUs that support it, fp16 on older GPUs (T4, V100), fp32 on CPU, where
-  bf16 matmuls are ~20x slower than fp32.
+- compute dtype: bf16 on GPUs with native bf16 (compute capability >= 8.0: A100, A10G, L4, RTX 30xx/40xx,
+  H100), fp16 below it (T4 sm_75, V100 sm_70), fp32 on CPU, where bf16 matmuls are ~20x slower than fp32.
+  Not `torch.cuda.is_bf16_supported()`: since torch 2.3 it defaults to `including_emulation=True` and
+  answers True on a T4, whose bf16 is emulated (slow, and no bf16 tensor cores for bitsandbytes).
 - frozen base weights that are not quantized (embeddings, norms, biases, lm_head; every weight in
   16-bit LoRA) are stored in the compute dtype; they are NOT upcast to fp32 (that costs GBs: bnb
   issue 1569, peft issue 1149).
@@ -42,8 +44,18 @@ def resolve_compute_dtype(requested: str = "auto", device: str | None = None, bf
     if device == "cpu":
         return torch.float32
     if bf16_supported is None:
-        bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        bf16_supported = native_bf16()
     return torch.bfloat16 if bf16_supported else torch.float16
+
+
+def native_bf16() -> bool:
+    """Whether the current CUDA GPU computes bf16 natively: compute capability 8.0 or above (ROCm: torch's answer)."""
+    if not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported()
+    major, _minor = torch.cuda.get_device_capability()
+    return major >= 8
 
 
 def base_weight_dtype(compute_dtype: torch.dtype) -> torch.dtype:
