@@ -120,7 +120,7 @@ class Recipe:
     eval: EvalSpec = field(default_factory=EvalSpec)
     task: str = "causal_lm"
     output_dir: str = ""
-    target_gpu: str | None = None
+    target_gpu: str | int | None = None  # a preset (t4, 4090: YAML reads those as ints) or a size; see qlora.gpus
     source: Path | None = field(default=None, repr=False, compare=False, metadata={"key": False})
 
     @property
@@ -297,15 +297,11 @@ def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
     _check(value in choices, f"{key}: unknown value '{value}'{did_you_mean(value, choices)}")
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)\s*$", re.IGNORECASE)
-
-
 def parse_gpu_memory(text: str) -> int:
-    """'24GB' -> bytes. GPU makers' 'GB' are binary (a 24 GB card has 24 GiB), so GB == GiB here."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise QLoraError(f"target_gpu: expected a size such as '24GB', got '{text}'")
-    return int(float(match.group(1)) * 2**30)
+    """A `target_gpu` (preset such as 't4', or a size with its unit: 24GB = 24e9, 24GiB) -> bytes; see qlora.gpus."""
+    from qlora.gpus import parse_gpu_memory as parse
+
+    return parse(text, "target_gpu")
 
 
 def validate(recipe: Recipe) -> Recipe:

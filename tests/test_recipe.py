@@ -66,7 +66,9 @@ def test_method_follows_bits():
         ("lora.targets=atention", "lora.targets: unknown value 'atention' (did you mean 'attention'?)"),
         ("quantization.bits=3", "quantization.bits: must be 4, 8 or none, got 3"),
         ("training.gradient_checkpointing=maybe", "training.gradient_checkpointing: expected true/false"),
-        ("target_gpu=lots", "target_gpu: expected a size such as '24GB', got 'lots'"),
+        ("target_gpu=lots", "target_gpu: unknown GPU 'lots' (did you mean 'l40s'?); expected a preset (t4, "),
+        ("target_gpu=4080", "target_gpu: unknown GPU '4080' (did you mean '4090'?); expected a preset"),
+        ("target_gpu=24G", "target_gpu: '24G' is ambiguous; write 24GB (10^n bytes, as sold) or 24GiB (2^n bytes)"),
         ("lora", "--set expects key=value, got 'lora'"),
     ],
 )
@@ -129,6 +131,8 @@ def test_all_keys_lists_dotted_leaves():
     assert "lora" not in keys and "source" not in keys
 
 
-def test_parse_gpu_memory():
-    assert parse_gpu_memory("24GB") == 24 * 2**30
+def test_parse_gpu_memory_units_are_explicit_and_presets_are_what_the_card_reports():
+    assert parse_gpu_memory("24GB") == 24 * 10**9  # as sold: decimal
     assert parse_gpu_memory("15.5 GiB") == int(15.5 * 2**30)
+    assert parse_gpu_memory("15828254720") == 15_828_254_720  # plain bytes, as total_memory prints
+    assert parse_gpu_memory("t4") == parse_gpu_memory("T4") == 15095 * 2**20  # ~14.74 GiB, not 16 GB

@@ -41,7 +41,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="attention implementation (default sdpa)")
     parser.add_argument("--task", choices=TASKS, help="causal_lm (default) or classification (a sequence classifier, head trained in full)")
     parser.add_argument("--num-labels", type=int, help="classification: the head's outputs (default 2)")
-    parser.add_argument("--gpu", metavar="SIZE", help="plan for a GPU of this size, e.g. 24GB: what fits, how far, what to change")
+    parser.add_argument("--gpu", action="append", metavar="GPU",
+                        help="plan for this GPU: a preset (t4, 3090, 4090, a100-80gb, h100, …) or a size with its unit "
+                             "(24GB = 24e9 bytes, 24GiB); repeatable or comma-separated. What fits, how far, what to change")
     parser.add_argument("--measure", action="store_true", help="also run real training steps here and report measured peaks")
     parser.add_argument("--format", choices=("table", "markdown", "json"), default="table", help="what to print (default table)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="also write memory.md, memory.json and a PNG per model here")
@@ -56,18 +58,6 @@ def cli_settings(args: argparse.Namespace) -> Settings:
                "attn_implementation": args.attn, "checkpointing": False if args.no_checkpointing else None,
                "task": args.task, "num_labels": args.num_labels}
     return Settings(**{k: v for k, v in changes.items() if v is not None})
-
-
-def parse_gpu(text: str | None) -> int | None:
-    """'24GB' -> bytes (GPU makers' GB are GiB); a one-line error naming --gpu otherwise."""
-    from qlora.recipe import parse_gpu_memory
-
-    if text is None:
-        return None
-    try:
-        return parse_gpu_memory(text)
-    except QLoraError:
-        raise QLoraError(f"--gpu: expected a size such as 24GB, 24GiB or 80G, got '{text}'") from None
 
 
 @dataclass(frozen=True)
@@ -107,24 +97,29 @@ def recipe_job(path: str, overrides: Sequence[str]) -> Job:
 
 def profile(args: argparse.Namespace) -> list:
     """Every run: predictions, the fit plan for --gpu (or a recipe's target_gpu), measured peaks."""
+    from qlora.gpus import parse_gpu_list
     from qlora.precision import default_device
     from qlora.profile.estimate import estimate, settings_inventory
     from qlora.profile.planner import CLI_KEYS, RECIPE_KEYS, plan
     from qlora.profile.report import Result, Run
+    from qlora.recipe import parse_gpu_memory
 
-    gpu_bytes = parse_gpu(args.gpu)
+    gpus = parse_gpu_list(args.gpu)
     device = default_device() if args.measure else "cuda"  # without --measure: the GPU being planned for
     runs = []
     for job in jobs(args):
         settings = job.settings.replace(device=device)
         inv = settings_inventory(job.model, settings)
         results = [Result(estimate(inv, method, settings)) for method in job.methods]
-        target = gpu_bytes or parse_gpu(job.target_gpu)
-        fit_plan = plan(inv, job.methods, settings, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None
-        run = Run(job.label if job.recipe else inv.name, inv.name, settings, results, fit_plan, job.recipe)
-        if args.measure:
-            measure_run(run, job.model, device)
-        runs.append(run)
+        targets = gpus or ([parse_gpu_memory(job.target_gpu)] if job.target_gpu else [None])
+        for i, target in enumerate(targets):  # one run per GPU, sharing the predictions (and the measurement)
+            fit_plan = plan(inv, job.methods, settings, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None
+            run = Run(job.label if job.recipe else inv.name, inv.name, settings, results, fit_plan, job.recipe)
+            if args.measure and i == 0:
+                measure_run(run, job.model, device)
+            elif args.measure:
+                run.environment = runs[-1].environment
+            runs.append(run)
     return runs
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qlora.errors import run_cli
+from qlora.gpus import GPU_PRESETS
 from qlora.profile.cli import main
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -51,15 +52,15 @@ def test_recipe_profiles_its_own_method_and_plans_for_its_target_gpu(capsys):
     assert run["model"] == "llama-3.1-8b" and run["recipe"] == str(recipe)
     assert [r["method"] for r in run["results"]] == ["qlora"]
     assert run["settings"]["seq_len"] == 1024 and run["settings"]["batch_size"] == 2 and run["settings"]["compute_dtype"] == "float16"
-    assert run["gpu_bytes"] == 16 * 2**30 and run["results"][0]["fit"]["fits"] is True
+    assert run["gpu_bytes"] == GPU_PRESETS["t4"].bytes and run["results"][0]["fit"]["fits"] is True  # target_gpu: t4
 
 
 def test_recipe_set_overrides_change_what_is_profiled(capsys):
     recipe = RECIPES / "qwen2.5-32b-alpaca-24gb.yaml"
     code, out, _ = profile(["--recipe", str(recipe), "--set", "data.max_seq_len=4096", "--format", "markdown"], capsys)
     assert code == 0
-    assert "seq 4,096" in out and "| no | 1,496 |" in out
-    assert "  - fits with data.max_seq_len=1496 (at batch 1)" in out
+    assert "seq 4,096" in out and "| no | 1,312 |" in out  # target_gpu "3090": 23.55 GiB
+    assert "  - fits with data.max_seq_len=1312 (at batch 1)" in out
 
 
 def test_a_classification_recipe_is_profiled_as_its_classifier(capsys):
@@ -76,7 +77,7 @@ def test_a_classification_recipe_is_profiled_as_its_classifier(capsys):
 
 
 def test_out_writes_markdown_json_and_pngs(tmp_path, capsys):
-    code, _, err = profile(["--model", "smollm2-135m", "--methods", "lora,qlora", "--gpu", "8GB", "--out", str(tmp_path)], capsys)
+    code, _, err = profile(["--model", "smollm2-135m", "--methods", "lora,qlora", "--gpu", "8GiB", "--out", str(tmp_path)], capsys)
     assert code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory-smollm2-135m.png", "memory.json", "memory.md"]
     assert f"wrote {tmp_path / 'memory.md'}" in err
@@ -86,7 +87,8 @@ def test_out_writes_markdown_json_and_pngs(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "llama-2-7bb"], "error: unknown model 'llama-2-7bb' (did you mean 'llama-2-7b'?): give a catalog name (llama-2-7b, "),
     (["--model", "./missing/config.json"], "error: model config not found: ./missing/config.json"),
-    (["--gpu", "24XB"], "error: --gpu: expected a size such as 24GB, 24GiB or 80G, got '24XB'"),
+    (["--gpu", "24XB"], "error: --gpu: unknown GPU '24XB'; expected a preset (t4, v100-16gb, 3060, "),
+    (["--gpu", "a100-80"], "error: --gpu: unknown GPU 'a100-80' (did you mean 'a100-80gb'?)"),
     (["--methods", "full,qlra"], "error: --methods: unknown value 'qlra' (did you mean 'qlora'?)"),
     (["--methods", ","], "error: --methods: give at least one of full, lora, lora-8bit, qlora"),
     (["--seq-len", "0"], "error: --seq-len: must be >= 1, got 0"),
@@ -95,7 +97,7 @@ def test_out_writes_markdown_json_and_pngs(tmp_path, capsys):
     (["--model", "llama-2-70b", "--measure"], "error: --measure: llama-2-70b needs about "),
     (["--num-labels", "3"], "error: --num-labels: sizes a classifier's head; add --task classification"),
     (["--task", "classification", "--num-labels", "1"], "error: --num-labels: a classifier needs at least 2 labels, got 1"),
-], ids=["unknown-model", "missing-config", "bad-gpu", "bad-method", "no-method", "bad-seq-len", "recipe-and-flag",
+], ids=["unknown-model", "missing-config", "bad-gpu", "gpu-typo", "bad-method", "no-method", "bad-seq-len", "recipe-and-flag",
         "set-without-recipe", "measure-too-big", "labels-without-task", "one-label"])
 def test_user_mistakes_are_one_line_errors_with_exit_2(argv, message, capsys):
     code, out, err = profile(argv, capsys)
