@@ -1,4 +1,4 @@
-"""Measurements reported in `metrics.json`: peak memory, the generation metric and classification metrics.
+"""Measurements reported in `metrics.json`: labelled peak memory, the generation metric and classification metrics.
 
 Accuracy, weighted F1 and MAP@3 are three short numpy formulas, written here rather than taken from
 scikit-learn to keep a heavy dependency out of the package for them.
@@ -20,10 +20,36 @@ from qlora.errors import QLoraError
 TASK_METRICS = {"causal_lm": ("none", "exact_match"), "classification": ("none", "accuracy", "map@3")}
 
 
-def peak_memory_bytes() -> int:
-    """Peak GPU memory allocated by tensors (CUDA), else the process's peak resident set size."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+def paged_optimizer_bytes(optimizer) -> int:
+    """Bytes of bitsandbytes' paged optimizer states: CUDA unified memory that bnb allocates itself
+    (`is_paged` tensors), outside PyTorch's allocator, so `max_memory_allocated` never sees them."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+    state = getattr(optimizer, "state", None) or {}
+    return sum(value.nbytes for per_param in state.values() for value in per_param.values()
+               if isinstance(value, torch.Tensor) and getattr(value, "is_paged", False))
+
+
+def memory_figures(optimizer=None) -> dict[str, int]:
+    """Labelled peak memory since the last reset, for metrics.json.
+
+    CUDA: `peak_memory_allocated_bytes` (tensors in PyTorch's allocator), `paged_optimizer_bytes`
+    (bnb's paged states, outside it), `peak_memory_bytes` = their sum (what the profiler's
+    `allocated_bytes` predicts), `peak_memory_reserved_bytes` (the caching allocator's segments; still
+    no CUDA context). CPU: `peak_memory_bytes` is the process's peak resident set size.
+    """
+    if not torch.cuda.is_available():
+        return {"peak_memory_bytes": _peak_rss()}
+    allocated, paged = int(torch.cuda.max_memory_allocated()), paged_optimizer_bytes(optimizer)
+    return {"peak_memory_bytes": allocated + paged, "peak_memory_allocated_bytes": allocated,
+            "paged_optimizer_bytes": paged, "peak_memory_reserved_bytes": int(torch.cuda.max_memory_reserved())}
+
+
+def peak_memory_bytes(optimizer=None) -> int:
+    """Peak GPU memory of tensors, paged optimizer states included (CUDA), else the peak resident set size."""
+    return memory_figures(optimizer)["peak_memory_bytes"]
+
+
+def _peak_rss() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
 

@@ -79,8 +79,8 @@ def base_license(spec: ModelSpec, hub_id: str | None) -> str | None:
     return info.card_data.license if info.card_data else None
 
 
-def predicted_peak_bytes(recipe: Recipe) -> int | None:
-    """The profiler's predicted GPU peak for this recipe; None when the profiler is absent or cannot
+def predicted_estimate(recipe: Recipe):
+    """The profiler's `Estimate` of this recipe's GPU peak; None when the profiler is absent or cannot
     place the model (the card then says 'not available' rather than failing the export)."""
     try:
         from qlora.profile.estimate import estimate
@@ -88,10 +88,16 @@ def predicted_peak_bytes(recipe: Recipe) -> int | None:
     except ImportError:
         return None
     try:
-        return int(estimate(*from_recipe(recipe)).total)
+        return estimate(*from_recipe(recipe))
     except QLoraError as exc:
         print(f"warning: no predicted peak for the card: {exc}", file=sys.stderr)
         return None
+
+
+def predicted_peak_bytes(recipe: Recipe) -> int | None:
+    """The profiler's predicted GPU total (tensors + CUDA context + allocator slack); None when unknown."""
+    found = predicted_estimate(recipe)
+    return None if found is None else int(found.total)
 
 
 # --- the card ---------------------------------------------------------------------------------------
@@ -160,15 +166,44 @@ def lora_section(recipe: Recipe, adapter_config: dict[str, Any], metrics: dict[s
 
 
 def memory_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
-    measured = "GPU memory allocated by tensors" if metrics["device"] == "cuda" else "peak resident memory of the CPU process"
+    """Predicted and measured peaks, each labelled with what it counts, compared only like with like:
+    the prediction's tensors (`allocated_bytes`) against measured allocated + paged optimizer states.
+    The predicted total adds the CUDA context and allocator slack, which no tensor counter sees."""
+    found = predicted_estimate(recipe)
+    tensors = None if found is None else int(found.allocated)
     gpu = f", sized for a {recipe.target_gpu} GPU" if recipe.target_gpu else ""
-    return [
+    lines = [
         "## Memory", "",
-        "| | peak |", "|---|---:|",
-        f"| predicted for a GPU (`qlora profile --recipe`{gpu}) | {format_bytes(predicted_peak_bytes(recipe))} |",
-        f"| measured during training ({measured}) | {format_bytes(metrics['peak_memory_bytes'])} |",
+        "| figure | peak |", "|---|---:|",
+        "| predicted tensors: weights, adapters, gradients, optimizer states (paged included), activations, buffers "
+        f"(`qlora profile --recipe`, `allocated_bytes`) | {format_bytes(tensors)} |",
+        f"| predicted GPU total: tensors + CUDA context + allocator slack (`total_bytes`{gpu}) | "
+        f"{format_bytes(None if found is None else int(found.total))} |",
+    ]
+    if metrics["device"] != "cuda":
+        lines += [f"| measured: peak resident memory of the CPU process (Python, libraries, CPU tensors; not comparable "
+                  f"with the GPU prediction) | {format_bytes(metrics['peak_memory_bytes'])} |", ""]
+        return lines
+    measured = metrics["peak_memory_bytes"]
+    lines += [
+        f"| measured: tensors in PyTorch's allocator (`torch.cuda.max_memory_allocated`) | "
+        f"{format_bytes(metrics.get('peak_memory_allocated_bytes'))} |",
+        f"| measured: paged optimizer states (bitsandbytes, outside PyTorch's allocator) | "
+        f"{format_bytes(metrics.get('paged_optimizer_bytes'))} |",
+        f"| measured: tensors + paged states, compare with predicted tensors{error_note(tensors, measured)} | "
+        f"{format_bytes(measured)} |",
+        f"| measured: reserved by PyTorch's caching allocator (`torch.cuda.max_memory_reserved`; no CUDA context) | "
+        f"{format_bytes(metrics.get('peak_memory_reserved_bytes'))} |",
         "",
     ]
+    return lines
+
+
+def error_note(predicted: int | None, measured: int | None) -> str:
+    """' (prediction +1.2 %)': how far the prediction is from the like-for-like measurement."""
+    if not predicted or not measured:
+        return ""
+    return f" (prediction {100 * (predicted - measured) / measured:+.1f} %)"
 
 
 def alpaca_section() -> list[str]:

@@ -163,7 +163,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     from qlora.checkpoints import prepare_output_dir
     from qlora.data import describe, prepare_data
     from qlora.io import atomic_write_json
-    from qlora.metrics import peak_memory_bytes
+    from qlora.metrics import memory_figures
     from qlora.model import build_model, check_model_source, load_tokenizer, parameter_counts
 
     # Everything a user can get wrong is checked before output_dir is touched (--overwrite would
@@ -188,7 +188,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
         print(f"error: {out_of_memory_message(recipe)}", file=sys.stderr)
         raise SystemExit(OOM_EXIT_CODE) from None
     runtime = time.perf_counter() - started
-    peak = peak_memory_bytes()
+    memory = memory_figures(trainer.optimizer)  # labelled figures; paged optimizer states included on CUDA
     after = measure(trainer, loaded, data, recipe)
     adapter_dir = save_adapter(loaded, output_dir)
     trainable, total = parameter_counts(loaded.model)
@@ -198,7 +198,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
         method=recipe.method,
         trainable_params=trainable,
         total_params=total,
-        peak_memory_bytes=peak,
+        **memory,
         train_runtime_s=round(runtime, 2),
         train_steps=int(result.global_step),
         train_loss=float(result.training_loss),

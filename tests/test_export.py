@@ -100,21 +100,47 @@ def test_exported_folder_loads_with_peft(exported):
     assert model.peft_config["default"].r == 4
 
 
-def test_predicted_peak_comes_from_the_profiler(run, monkeypatch):
+def fake_profiler(monkeypatch, seen=None, total=123 * 2**20, allocated=100 * 2**20):
     import types
 
+    settings = types.SimpleNamespace(from_recipe=lambda recipe: (recipe.model.name_or_path, recipe.method, "settings"))
+    found = types.SimpleNamespace(total=total, allocated=allocated)
+    estimate = types.SimpleNamespace(estimate=lambda *args: (seen.append(args) if seen is not None else None) or found)
+    monkeypatch.setitem(sys.modules, "qlora.profile.settings", settings)
+    monkeypatch.setitem(sys.modules, "qlora.profile.estimate", estimate)
+
+
+def test_predicted_peak_comes_from_the_profiler(run, monkeypatch):
     from qlora.model_card import render_card
 
     seen = []
-    settings = types.SimpleNamespace(from_recipe=lambda recipe: (recipe.model.name_or_path, recipe.method, "settings"))
-    estimate = types.SimpleNamespace(estimate=lambda *args: seen.append(args) or types.SimpleNamespace(total=123 * 2**20))
-    monkeypatch.setitem(sys.modules, "qlora.profile.settings", settings)
-    monkeypatch.setitem(sys.modules, "qlora.profile.estimate", estimate)
-    row = "| predicted for a GPU (`qlora profile --recipe`) |"
-    assert f"{row} 123.00 MiB (128,974,848 bytes) |" in render_card(run, "org/base", None)
+    fake_profiler(monkeypatch, seen)
+    text = render_card(run, "org/base", None)
+    assert "(`qlora profile --recipe`, `allocated_bytes`) | 100.00 MiB (104,857,600 bytes) |" in text
+    assert "allocator slack (`total_bytes`) | 123.00 MiB (128,974,848 bytes) |" in text
+    assert "| measured: peak resident memory of the CPU process (Python, libraries, CPU tensors; not comparable" in text
     assert seen == [(run.recipe.model.name_or_path, "qlora", "settings")]
     monkeypatch.setitem(sys.modules, "qlora.profile.estimate", None)  # not installed: the import fails
-    assert f"{row} not available |" in render_card(run, "org/base", None)
+    assert "(`qlora profile --recipe`, `allocated_bytes`) | not available |" in render_card(run, "org/base", None)
+
+
+def test_a_gpu_run_compares_predicted_tensors_with_allocated_plus_paged(run, monkeypatch):
+    """Like with like: the tensors-only prediction against max_memory_allocated + paged states, each labelled."""
+    import dataclasses
+
+    from qlora.model_card import memory_section
+
+    fake_profiler(monkeypatch, total=11 * 2**30, allocated=10 * 2**30)
+    metrics = dict(run.metrics, device="cuda", peak_memory_bytes=int(9.8 * 2**30), peak_memory_allocated_bytes=int(8.8 * 2**30),
+                   paged_optimizer_bytes=2**30, peak_memory_reserved_bytes=int(9.5 * 2**30))
+    recipe = dataclasses.replace(run.recipe, target_gpu="t4")
+    text = "\n".join(memory_section(recipe, metrics))
+    assert "| measured: tensors in PyTorch's allocator (`torch.cuda.max_memory_allocated`) | 8.80 GiB" in text
+    assert "| measured: paged optimizer states (bitsandbytes, outside PyTorch's allocator) | 1.00 GiB" in text
+    assert "| measured: tensors + paged states, compare with predicted tensors (prediction +2.0 %) | 9.80 GiB" in text
+    assert "(`torch.cuda.max_memory_reserved`; no CUDA context) | 9.50 GiB" in text
+    assert "allocator slack (`total_bytes`, sized for a t4 GPU) | 11.00 GiB" in text
+    assert "resident" not in text
 
 
 def test_base_model_id_and_license_go_to_card_and_adapter_config(run, tmp_path):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
+import torch
 
 from qlora.errors import QLoraError
-from qlora.metrics import accuracy, check_metric, classification_metrics, map_at_3, task_metrics, weighted_f1
+from qlora.metrics import (accuracy, check_metric, classification_metrics, map_at_3, memory_figures, paged_optimizer_bytes,
+                           task_metrics, weighted_f1)
 from qlora.recipe import recipe_from_mapping
 
 LABELS = np.array([0, 0, 1, 1, 2])
@@ -63,3 +67,32 @@ def test_chat_prompts_are_generated_without_an_extra_bos(monkeypatch):
     for fmt in ("chat", "alpaca"):
         assert task_metrics(recipe(metric="exact_match", fmt=fmt), None, loaded, data) == {"eval_exact_match": 0.5}
     assert seen == [False, True]
+
+
+def fake_optimizer():
+    """Adam-like states: two paged fp32 moments (bnb's paged 32-bit AdamW) and an unpaged step count."""
+    exp_avg, exp_avg_sq = torch.zeros(1000), torch.zeros(1000)
+    exp_avg.is_paged = exp_avg_sq.is_paged = True
+    inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))])
+    inner.state = {"p": {"state1": exp_avg, "state2": exp_avg_sq, "step": torch.tensor(3.0)}}
+    return types.SimpleNamespace(optimizer=inner)  # accelerate's wrapper exposes the real one as .optimizer
+
+
+def test_paged_states_are_counted_once_each_through_the_accelerate_wrapper():
+    assert paged_optimizer_bytes(fake_optimizer()) == 2 * 1000 * 4
+    assert paged_optimizer_bytes(None) == 0
+
+
+def test_cuda_figures_add_paged_states_to_allocated_and_keep_each_labelled(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 6 * 2**30)
+    figures = memory_figures(fake_optimizer())
+    assert figures == {"peak_memory_bytes": 5 * 2**30 + 8000, "peak_memory_allocated_bytes": 5 * 2**30,
+                       "paged_optimizer_bytes": 8000, "peak_memory_reserved_bytes": 6 * 2**30}
+
+
+def test_cpu_figure_is_the_resident_set_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    figures = memory_figures(fake_optimizer())
+    assert list(figures) == ["peak_memory_bytes"] and figures["peak_memory_bytes"] > 50 * 2**20
