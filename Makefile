@@ -7,7 +7,7 @@ CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test install assets clean
+.PHONY: demo test install assets clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ assets: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# The one prepared GPU check (<= 8 min on one GPU; results under memory_reports/measured/cuda-<gpu>/):
+# `make gpu-check`; `make gpu-check ARGS=--dry-run` checks its wiring on a CPU in seconds. On a machine
+# without network: `make gpu-check PY=python3 GPU_CHECK_DEPS=` (see benchmarks/gpu_check.py for bitsandbytes' wheel).
+GPU_CHECK_DEPS ?= $(VENV)/.installed
+gpu-check: $(GPU_CHECK_DEPS)
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

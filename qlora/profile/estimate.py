@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from qlora.errors import QLoraError, did_you_mean
 from qlora.profile.activations import Step, activation_bytes, batch_bytes
 from qlora.profile.inventory import Inventory, load_inventory
+from qlora.profile.overheads import named_assumptions
 from qlora.profile.settings import METHODS, Settings, from_recipe
 from qlora.profile.storage import QMAP_BYTES, adamw_state_bytes, int8_weight_bytes, nf4_weight_bytes
 
@@ -28,6 +29,8 @@ GIB = 2**30
 # that `--measure` on a GPU reports against (torch.cuda.memory_reserved vs memory_allocated).
 CUDA_CONTEXT_BYTES = 512 * 2**20  # CUDA context, lazily loaded kernels, cuBLAS workspace (nvidia-smi shows 300-600 MiB on CUDA 12)
 ALLOCATOR_SLACK = 0.05  # PyTorch's caching allocator: reserved-but-free blocks and 512 B / 2 MiB rounding above peak allocated
+# `make gpu-check` measures both; its memory_reports/measured/cuda-*/overheads.json win when present.
+CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK = named_assumptions(CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK)
 MODEL_BUFFERS = "model buffers (RoPE tables)"
 
 
@@ -237,5 +240,5 @@ def _overhead(device: str, tensors: int, buffers: int) -> dict[str, int]:
     """Memory besides the training state: the model's buffers, and on CUDA what is not a tensor."""
     parts = {MODEL_BUFFERS: buffers} if buffers else {}
     if device == "cuda":
-        parts.update({"CUDA context": CUDA_CONTEXT_BYTES, "allocator slack (5%)": int((tensors + buffers) * ALLOCATOR_SLACK)})
+        parts.update({"CUDA context": CUDA_CONTEXT_BYTES, f"allocator slack ({ALLOCATOR_SLACK * 100:g}%)": int((tensors + buffers) * ALLOCATOR_SLACK)})
     return parts

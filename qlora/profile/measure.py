@@ -99,8 +99,11 @@ class PeakTracker(TorchDispatchMode):
         return out
 
 
-def measure(model: str, method: str, settings: Settings) -> Measurement:
-    """Build `method` for `model` on this machine's device and measure one training step's peak."""
+def measure(model: str, method: str, settings: Settings, weights: Path | None = None) -> Measurement:
+    """Build `method` for `model` on this machine's device and measure one training step's peak.
+
+    `weights`: a folder of saved (random) weights of `model` to load instead of saving new ones, so a
+    caller measuring one config many times (benchmarks/gpu_check.py: an 8B model) builds it once."""
     from transformers.utils import logging as hf_logging
 
     from qlora.precision import default_device
@@ -111,7 +114,7 @@ def measure(model: str, method: str, settings: Settings) -> Measurement:
     with tempfile.TemporaryDirectory(prefix="qlora-measure-") as folder, warnings.catch_warnings(), _cpu_threads(1):
         # on CPU bitsandbytes falls back to unpaged states of the same size, and says so each time
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        trained = build(model, method, settings, Path(folder))
+        trained = build(model, method, settings, Path(folder), weights)
         batch = _batch(trained.model, settings, device)
         cycle(trained, batch)  # warm-up: creates the optimizer states
         trained.optimizer.zero_grad(set_to_none=True)
@@ -162,7 +165,7 @@ class Trained:
     autocast: torch.dtype | None = None  # Trainer's bf16/fp16 autocast around forward and loss (GPU only)
 
 
-def build(model: str, method: str, settings: Settings, folder: Path) -> Trained:
+def build(model: str, method: str, settings: Settings, folder: Path, weights: Path | None = None) -> Trained:
     """Random weights saved from the config, loaded and wrapped exactly as `qlora train` does."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
@@ -178,10 +181,11 @@ def build(model: str, method: str, settings: Settings, folder: Path) -> Trained:
     if labels:  # saved with its head, so loading it reports nothing missing
         config.num_labels = len(labels)
         config.pad_token_id = 0 if config.pad_token_id is None else config.pad_token_id  # pools the last non-pad token
-    (AutoModelForSequenceClassification if labels else AutoModelForCausalLM).from_config(config).save_pretrained(folder)
+    if weights is None:
+        (AutoModelForSequenceClassification if labels else AutoModelForCausalLM).from_config(config).save_pretrained(folder)
     recipe = Recipe(
         task=settings.task,
-        model=ModelSpec(name_or_path=str(folder), attn_implementation=settings.attn_implementation),
+        model=ModelSpec(name_or_path=str(weights or folder), attn_implementation=settings.attn_implementation),
         quantization=QuantizationSpec(bits=METHODS[method], compute_dtype=settings.compute_dtype, double_quant=settings.double_quant),
         lora=LoraSpec(r=settings.rank, dropout=settings.lora_dropout,
                       targets=settings.targets if isinstance(settings.targets, str) else list(settings.targets)),

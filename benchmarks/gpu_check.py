@@ -1,0 +1,526 @@
+"""`make gpu-check`: the one prepared GPU check, about 8 minutes on one GPU.
+
+What no CPU test can show, measured on the GPU it runs on, each section under its own time budget
+(a point that does not fit is recorded as skipped, never silently dropped):
+
+1. environment: GPU name, `total_memory`, compute capability, driver, CUDA and library versions;
+2. overheads: the CUDA context (device memory in use beyond PyTorch's reserved segments once CUDA,
+   cuBLAS, SDPA and bitsandbytes' 4-bit kernels are loaded, in a fresh process) and the allocator
+   slack (over the memory points: reserved / allocated at the peak - 1). They are written to
+   `overheads.json`, which `qlora/profile/overheads.py` makes the profiler use instead of its two
+   named assumptions (CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK in qlora/profile/estimate.py);
+3. memory: `qlora.profile.measure` for QLoRA and LoRA on Llama-shaped ~1B / 3B / 8B configs with
+   random weights at seq 512 and 2,048, with and without each long-context feature (FEATURES) whose
+   `Settings` field exists; predicted `allocated_bytes` vs measured `max_memory_allocated` (+ paged
+   optimizer states) with the % error (target <= 3 %). One process per config (bitsandbytes never
+   frees paged buffers), the random weights saved once per config;
+4. training: `qlora.train` for a few steps with each optimizer on a generated dataset: tokens/s and
+   the labelled peaks of metrics.json;
+5. merge and generate once, on the last training run (`qlora merge`, `qlora generate`).
+
+Everything lands in `memory_reports/measured/cuda-<gpu>/` (gpu_check.json, gpu_check.md,
+overheads.json), or in `--out DIR`.
+
+`--dry-run` runs the same wiring on a CPU with tiny configs and steps, in one process, into a
+temporary folder (or `--out`), in well under a minute; the test suite runs it
+(tests/test_gpu_check.py). It writes no overheads.json: a CPU measures no CUDA context.
+
+bitsandbytes (and datasets) on a GPU machine without them: they travel as wheels. On a machine with
+pip and network, in the repository root (the folder is ignored by git):
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl bitsandbytes==0.50.2 datasets dill multiprocess
+
+then, on the GPU machine, with `.whl` carried along:
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD make gpu-check PY=python3 GPU_CHECK_DEPS=
+
+(`GPU_CHECK_DEPS=` skips the Makefile's venv install, which needs network.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # runs from a checkout without installing the package
+
+# --- the tables the integrator extends -------------------------------------------------------------
+
+_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
+          "rope_theta": 500000.0, "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+CONFIGS = {  # Llama-3.2 1B and 3B shapes, Llama-3.1 8B
+    "llama-1b": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True},
+    "llama-3b": {**_LLAMA, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
+                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": True},
+    "llama-8b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False},
+}
+DRY_CONFIGS = {  # the same wiring on a CPU in seconds; vocabulary >= the demo tokenizer's 2,998 for the training run
+    "tiny-a": {**_LLAMA, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 3000, "tie_word_embeddings": False},
+    "tiny-b": {**_LLAMA, "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 4, "head_dim": 24, "vocab_size": 3000, "tie_word_embeddings": True},
+    "tiny-c": {**_LLAMA, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 3, "num_attention_heads": 8,
+               "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 3000, "tie_word_embeddings": False},
+}
+METHODS = ("qlora", "lora")
+SEQ_LENS, DRY_SEQ_LENS = (512, 2048), (32, 64)
+RANK, DRY_RANK = 64, 8
+# (label, Settings fields) of the long-context work: measured at the longest sequence only; a row
+# whose field Settings does not have (yet) is recorded as skipped. Field names follow the recipe keys
+# training.loss / training.mlp_tiles / training.offload_checkpoints.
+FEATURES = [
+    ("chunked loss", {"loss": "chunked"}),
+    ("tiled MLP", {"mlp_tiles": "auto"}),
+    ("offloaded checkpoints", {"offload_checkpoints": True}),
+    ("all long-context", {"loss": "chunked", "mlp_tiles": "auto", "offload_checkpoints": True}),
+]
+TARGET_ERROR_PCT = 3.0
+BUDGET_S = {"overheads": 45, "memory": 270, "training": 90, "merge": 60}  # + ~15 s environment: <= 8 minutes
+TRAIN = {"steps": 8, "batch_size": 8, "max_seq_len": 512, "model": "llama-1b", "rows": 4096}
+DRY_TRAIN = {"steps": 2, "batch_size": 2, "max_seq_len": 64, "model": "tiny-a", "rows": 128}
+DEMO_TOKENIZER = ROOT / "recipes" / "demo-assets" / "base-model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one invocation runs: the GPU grid or the dry run's tiny one."""
+
+    dry: bool
+    configs: dict
+    seq_lens: tuple
+    rank: int
+    train: dict
+    work: Path
+    isolate: bool  # a process per config and per training run (the GPU default: bnb never frees paged buffers)
+
+    @classmethod
+    def make(cls, dry: bool, work: Path, isolate: bool | None = None) -> "Plan":
+        isolate = not dry if isolate is None else isolate
+        if dry:
+            return cls(True, DRY_CONFIGS, DRY_SEQ_LENS, DRY_RANK, DRY_TRAIN, work, isolate)
+        return cls(False, CONFIGS, SEQ_LENS, RANK, TRAIN, work, isolate)
+
+
+# --- 1. environment --------------------------------------------------------------------------------
+
+
+def environment() -> dict:
+    import torch
+
+    from qlora.profile.measure import environment as versions
+
+    env = versions("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(total_memory=int(props.total_memory), compute_capability=f"{props.major}.{props.minor}")
+    env["platform"] = platform.platform()
+    return env
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200': the measured folder's name."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# --- 2. overheads ----------------------------------------------------------------------------------
+
+
+def nvml_used() -> int | None:
+    """Device memory in use per NVML (before CUDA is initialised here), None without NVML."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+    except Exception:  # no NVML: the context is taken from cudaMemGetInfo alone (a dedicated GPU assumed)
+        return None
+
+
+def context_worker() -> dict:
+    """CUDA context in a fresh process: device memory in use beyond PyTorch's reserved segments after
+    loading what a QLoRA step uses (cuBLAS, SDPA forward and backward, bitsandbytes' 4-bit matmul)."""
+    before = nvml_used()
+    import bitsandbytes as bnb
+    import torch
+
+    torch.cuda.init()
+    x = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    (x @ x).float().sum().backward()
+    q = torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).float().sum().backward()
+    layer = bnb.nn.Linear4bit(1024, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
+    layer(x.detach().requires_grad_()).float().sum().backward()
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    after, reserved = nvml_used(), torch.cuda.memory_reserved()
+    if before is not None and after is not None:
+        used, how = after - before, "NVML used after - before, less torch.cuda.memory_reserved()"
+    else:
+        used, how = total - free, "cudaMemGetInfo total - free, less torch.cuda.memory_reserved() (dedicated GPU assumed)"
+    return {"cuda_context_bytes": int(used - reserved), "device_used_bytes": int(used), "reserved_bytes": int(reserved),
+            "method": how}
+
+
+# --- 3. memory -------------------------------------------------------------------------------------
+
+
+def feature_rows() -> list[tuple[str, dict, str | None]]:
+    """(label, Settings fields, reason skipped or None): the baseline, then every FEATURES row."""
+    from qlora.profile.settings import Settings
+
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    rows = [("baseline", {}, None)]
+    for label, changes in FEATURES:
+        missing = sorted(set(changes) - fields)
+        rows.append((label, changes, f"Settings has no field {', '.join(missing)} (feature not merged)" if missing else None))
+    return rows
+
+
+def points(plan: Plan, config: str, part: str) -> list[dict]:
+    """The memory points of one config: part 'baseline' (every method and sequence length) or
+    'features' (each feature row at the longest sequence)."""
+    out = []
+    for label, changes, skipped in feature_rows():
+        if (label == "baseline") != (part == "baseline"):
+            continue
+        seqs = plan.seq_lens if label == "baseline" else plan.seq_lens[-1:]
+        for method in METHODS:
+            for seq in seqs:
+                out.append({"config": config, "method": method, "seq_len": seq, "feature": label, "changes": changes,
+                            "skipped": skipped})
+    return out
+
+
+def save_random_model(config: dict, folder: Path, tokenizer: bool = False) -> Path:
+    """Random weights of `config` saved once (on the GPU when there is one: an 8B initialises in seconds)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    cfg.architectures = ["LlamaForCausalLM"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if tokenizer:
+        for name in TOKENIZER_FILES:
+            if (DEMO_TOKENIZER / name).exists():
+                shutil.copy(DEMO_TOKENIZER / name, folder / name)
+    return folder
+
+
+def measure_point(point: dict, plan: Plan, weights: Path) -> dict:
+    """Predicted vs measured peak of one point; the reserved bytes give the allocator's slack."""
+    import torch
+
+    from qlora.profile.estimate import estimate, settings_inventory
+    from qlora.profile.measure import measure
+    from qlora.profile.settings import Settings
+
+    cuda = torch.cuda.is_available()
+    settings = Settings(seq_len=point["seq_len"], rank=plan.rank, device="cuda" if cuda else "cpu").replace(**point["changes"])
+    config_json = str(weights / "config.json")
+    predicted = estimate(settings_inventory(config_json, settings), point["method"], settings)
+    if cuda:
+        torch.cuda.empty_cache()
+    started = time.perf_counter()
+    measured = measure(config_json, point["method"], settings, weights=weights)
+    row = {**point, "predicted_allocated_bytes": predicted.allocated, "predicted_total_bytes": predicted.total,
+           "measured_bytes": measured.peak, "error_pct": round(100 * (predicted.allocated - measured.peak) / measured.peak, 3),
+           "measured_components": measured.bytes, "phase_peaks": measured.phases, "seconds": round(time.perf_counter() - started, 1)}
+    if cuda:
+        reserved = max(torch.cuda.memory_reserved(), torch.cuda.max_memory_reserved())
+        paged = measured.bytes.get("optimizer", 0) if settings.optimizer.startswith("paged_") else 0
+        row.update(reserved_bytes=int(reserved), slack=round(reserved / max(measured.peak - paged, 1) - 1, 4))
+    return row
+
+
+def memory_worker(plan: Plan, config: str, part: str, deadline: float):
+    """The `part` points of `config`, in this process, yielding one row per point (skips past the deadline)."""
+    weights = None
+    for point in points(plan, config, part):
+        if point["skipped"]:
+            yield point
+            continue
+        if time.monotonic() > deadline:
+            yield {**point, "skipped": "time budget"}
+            continue
+        try:
+            weights = weights or save_random_model(plan.configs[config], plan.work / "models" / config)
+            yield measure_point(point, plan, weights)
+        except Exception as exc:  # an OOM or a missing kernel: recorded, and the grid goes on
+            yield {**point, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
+
+
+def run_memory(plan: Plan, deadline: float) -> list[dict]:
+    """Every config's baseline first, then the features (so a tight budget cuts features, not the 8B);
+    in-process for the dry run, one subprocess per config and part on a GPU (the random weights, saved
+    once per config, stay on disk until the end: 25 GB for 1B + 3B + 8B in bf16)."""
+    rows = []
+    for part in ("baseline", "features"):
+        for config in plan.configs:
+            got = memory_subprocess(plan, config, part, deadline) if plan.isolate else list(memory_worker(plan, config, part, deadline))
+            print_rows(got)
+            rows.extend(got)
+    shutil.rmtree(plan.work / "models", ignore_errors=True)
+    return rows
+
+
+def memory_subprocess(plan: Plan, config: str, part: str, deadline: float) -> list[dict]:
+    left = max(deadline - time.monotonic(), 0)
+    command = [sys.executable, __file__, "--worker", "memory", "--config", config, "--part", part, "--work", str(plan.work),
+               "--deadline-in", str(left)] + (["--dry-run"] if plan.dry else [])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=left + 120)
+    except subprocess.TimeoutExpired as exc:
+        return [{"config": config, "feature": part, "error": f"worker timed out: {str(exc.stderr or '')[-300:]}"}]
+    got = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0:
+        got.append({"config": config, "feature": part, "error": f"worker exited {done.returncode}: {done.stderr.strip()[-300:]}"})
+    return got
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        if "error_pct" in r:
+            mark = "ok" if abs(r["error_pct"]) <= TARGET_ERROR_PCT else "OVER 3 %"
+            print(f"  {r['config']:<9} {r['method']:<6} seq {r['seq_len']:>5} {r['feature']:<22} predicted "
+                  f"{r['predicted_allocated_bytes'] / 2**30:7.3f} GiB  measured {r['measured_bytes'] / 2**30:7.3f} GiB  "
+                  f"{r['error_pct']:+6.2f} % {mark}", flush=True)
+        else:
+            print(f"  {r.get('config')} {r.get('method', '')} {r.get('seq_len', '')} {r.get('feature', '')}: "
+                  f"{r.get('skipped') or r.get('error')}", flush=True)
+
+
+# --- 4. training, 5. merge and generate --------------------------------------------------------------
+
+
+def write_dataset(path: Path, rows: int = 256) -> Path:
+    """A generated instruction set in the words the demo tokenizer knows (deterministic)."""
+    words = [json.loads(line)["input"] for line in (ROOT / "recipes" / "demo-assets" / "instructions.jsonl").open()][:64]
+    with path.open("w") as f:
+        for i in range(rows):
+            word = words[i % len(words)]
+            f.write(json.dumps({"instruction": "Repeat the word twice.", "input": word, "output": f"{word} {word}"}) + "\n")
+    return path
+
+
+def train_recipe(plan: Plan, model: Path, data: Path, optimizer: str) -> Path:
+    import yaml
+
+    recipe = {
+        "model": {"name_or_path": str(model)},
+        "data": {"path": str(data), "max_seq_len": plan.train["max_seq_len"], "packing": True, "eval_size": 16},
+        "lora": {"r": 16, "alpha": 32},
+        "training": {"optimizer": optimizer, "max_steps": plan.train["steps"], "batch_size": plan.train["batch_size"],
+                     "grad_accum": 1, "warmup_ratio": 0.0, "save_steps": 1000, "logging_steps": 1},
+        "eval": {"metric": "none"},
+        "output_dir": str(plan.work / "runs" / optimizer),
+    }
+    path = plan.work / f"recipe-{optimizer}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_module(plan: Plan, module: str, argv: list[str]) -> tuple[int, str]:
+    """`python -m module argv` (a fresh process on a GPU; in this process for the dry run): (exit code, output)."""
+    if plan.isolate:
+        done = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+        return done.returncode, (done.stdout + done.stderr)[-2000:]
+    import importlib
+
+    from qlora.errors import run_cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = run_cli(importlib.import_module(module).main, argv)
+        except SystemExit as exc:  # an OOM exit from the trainer
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue()[-2000:]
+
+
+def run_training(plan: Plan, deadline: float) -> list[dict]:
+    from qlora.recipe import OPTIMIZERS
+
+    model = save_random_model(plan.configs[plan.train["model"]], plan.work / "train-model", tokenizer=True)
+    data = write_dataset(plan.work / "generated.jsonl", plan.train["rows"])
+    rows = []
+    for optimizer in OPTIMIZERS:
+        if time.monotonic() > deadline:
+            rows.append({"optimizer": optimizer, "skipped": "time budget"})
+            continue
+        started = time.perf_counter()
+        code, output = run_module(plan, "qlora.train", [str(train_recipe(plan, model, data, optimizer)), "--overwrite"])
+        row = {"optimizer": optimizer, "exit_code": code, "seconds": round(time.perf_counter() - started, 1)}
+        metrics = plan.work / "runs" / optimizer / "metrics.json"
+        if code == 0 and metrics.exists():
+            m = json.loads(metrics.read_text())
+            row.update({k: m.get(k) for k in ("tokens_per_s", "train_steps", "train_runtime_s", "compute_dtype", "peak_memory_bytes",
+                                               "peak_memory_allocated_bytes", "paged_optimizer_bytes", "peak_memory_reserved_bytes")})
+        else:
+            row["output_tail"] = output[-600:]
+        print(f"  train {optimizer:<18} exit {code}  {row.get('tokens_per_s')} tokens/s  peak {row.get('peak_memory_bytes')}", flush=True)
+        rows.append(row)
+    return rows
+
+
+def run_merge_and_generate(plan: Plan, training: list[dict], deadline: float) -> dict:
+    done = [r for r in training if r.get("exit_code") == 0]
+    if not done:
+        return {"skipped": "no training run finished"}
+    if time.monotonic() > deadline:
+        return {"skipped": "time budget"}
+    run = str(plan.work / "runs" / done[-1]["optimizer"])
+    result = {"run": done[-1]["optimizer"]}
+    for step, module, argv in (("merge", "qlora.merge", [run, "--to", str(plan.work / "merged"), "--overwrite"]),
+                               ("generate", "qlora.generate", [run, "--prompt", "Repeat the word twice.", "--input", "cave",
+                                                               "--max-new-tokens", "8"])):
+        started = time.perf_counter()
+        code, output = run_module(plan, module, argv)
+        result[step] = {"exit_code": code, "seconds": round(time.perf_counter() - started, 1), "output_tail": output[-600:]}
+        print(f"  {step}: exit {code} in {result[step]['seconds']} s", flush=True)
+    return result
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def overheads(context: dict, memory: list[dict], env: dict) -> dict | None:
+    """What the profiler reads (qlora/profile/overheads.py), when both figures were measured."""
+    slacks = [r["slack"] for r in memory if "slack" in r]
+    if "cuda_context_bytes" not in context or not slacks:
+        return None
+    return {"gpu": env.get("device"), "cuda_context_bytes": context["cuda_context_bytes"],
+            "allocator_slack": round(max(0.0, max(slacks)), 4), "context_method": context.get("method"),
+            "slack_method": "max over the memory points of reserved / (allocated peak - paged states) - 1",
+            "driver": env.get("driver"), "CUDA": env.get("CUDA"), "torch": env.get("torch")}
+
+
+def markdown(report: dict) -> str:
+    env, lines = report["environment"], [f"# GPU check: {report['environment'].get('device')}", ""]
+    lines += ["Made by `python benchmarks/gpu_check.py" + (" --dry-run" if report["dry_run"] else "") + "`.", "",
+              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    lines += ["## Overheads", "", f"CUDA context: {report['context']}", "", f"Written for the profiler: {report['overheads']}", ""]
+    lines += ["## Predicted vs measured (`allocated_bytes` vs `max_memory_allocated` + paged states)", "",
+              "| config | method | seq | feature | predicted | measured | error | slack |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in report["memory"]:
+        if "error_pct" in r:
+            lines.append(f"| {r['config']} | {r['method']} | {r['seq_len']} | {r['feature']} | {r['predicted_allocated_bytes']:,} | "
+                         f"{r['measured_bytes']:,} | {r['error_pct']:+.2f} % | {r.get('slack', '—')} |")
+        else:
+            lines.append(f"| {r.get('config')} | {r.get('method', '')} | {r.get('seq_len', '')} | {r.get('feature', '')} | "
+                         f"{r.get('skipped') or r.get('error')} | | | |")
+    lines += ["", "## Training (a few steps per optimizer)", "", "| optimizer | exit | tokens/s | peak (allocated + paged) | reserved |",
+              "|---|---:|---:|---:|---:|"]
+    for r in report["training"]:
+        lines.append(f"| {r['optimizer']} | {r.get('exit_code', r.get('skipped'))} | {r.get('tokens_per_s')} | "
+                     f"{r.get('peak_memory_bytes')} | {r.get('peak_memory_reserved_bytes')} |")
+    merge = report["merge_generate"]
+    lines += ["", "## Merge and generate", "", json.dumps({k: (v if not isinstance(v, dict) else
+                                                            {kk: vv for kk, vv in v.items() if kk != "output_tail"})
+                                                        for k, v in merge.items()}), ""]
+    return "\n".join(lines)
+
+
+def check(plan: Plan, out: Path | None) -> dict:
+    import torch
+
+    start = time.monotonic()
+    env = environment()
+    cuda = torch.cuda.is_available()
+    if not cuda and not plan.dry:
+        raise SystemExit("error: no CUDA GPU here; run with --dry-run to check the wiring on a CPU")
+    out = out or (ROOT / "memory_reports" / "measured" / f"cuda-{gpu_slug(env['device'])}")
+    print(f"gpu-check on {env['device']} -> {out}", flush=True)
+    context = {"skipped": "no CUDA GPU (dry run)"}
+    if cuda:
+        done = subprocess.run([sys.executable, __file__, "--worker", "context"], capture_output=True, text=True,
+                              timeout=BUDGET_S["overheads"] + 60)
+        found = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        context = found[0] if found else {"error": done.stderr.strip()[-300:]}
+    print(f"CUDA context: {context}", flush=True)
+    deadline = time.monotonic() + BUDGET_S["memory"]
+    memory = run_memory(plan, deadline)
+    training = run_training(plan, time.monotonic() + BUDGET_S["training"])
+    merge = run_merge_and_generate(plan, training, time.monotonic() + BUDGET_S["merge"])
+    measured = [r for r in memory if "error_pct" in r]
+    report = {"dry_run": plan.dry, "environment": env, "context": context, "memory": memory, "training": training,
+              "merge_generate": merge, "overheads": overheads(context, memory, env), "target_error_pct": TARGET_ERROR_PCT,
+              "points_within_target": sum(abs(r["error_pct"]) <= TARGET_ERROR_PCT for r in measured),
+              "points_measured": len(measured), "seconds": round(time.monotonic() - start, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "gpu_check.md").write_text(markdown(report))
+    if report["overheads"]:
+        from qlora.profile.overheads import OVERHEADS_FILE
+
+        (out / OVERHEADS_FILE).write_text(json.dumps(report["overheads"], indent=2))
+    print(f"{report['points_within_target']}/{report['points_measured']} memory points within {TARGET_ERROR_PCT} %; "
+          f"{report['seconds']} s; wrote {out}", flush=True)
+    return report
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="the same wiring on a CPU with tiny configs and steps (seconds)")
+    parser.add_argument("--out", type=Path, help="results folder (default memory_reports/measured/cuda-<gpu>/; dry run: a temp folder)")
+    parser.add_argument("--work", type=Path, help="scratch folder for random models and runs (default: a temp folder)")
+    parser.add_argument("--isolate", action="store_true", help="dry run: also use a process per config and run, as on a GPU")
+    parser.add_argument("--worker", choices=("context", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=("baseline", "features"), default="baseline", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline-in", type=float, default=0.0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker == "context":
+        print(json.dumps(context_worker()), flush=True)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="qlora-gpu-check-") as scratch:
+        plan = Plan.make(args.dry_run, args.work or Path(scratch), True if args.isolate else None)
+        if args.worker == "memory":
+            for row in memory_worker(plan, args.config, args.part, time.monotonic() + args.deadline_in):
+                print(json.dumps(row, default=str), flush=True)
+            return 0
+        out = args.out or (Path(scratch) / "results" if args.dry_run else None)
+        report = check(plan, out)
+        if args.dry_run and not args.out:
+            print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

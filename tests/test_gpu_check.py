@@ -1,0 +1,52 @@
+"""`make gpu-check ARGS=--dry-run`: the GPU check's wiring on a CPU (tiny configs, tiny steps)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+@pytest.mark.slow
+def test_dry_run_measures_trains_merges_and_generates(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["dry_run"] is True and report["environment"]["device"].startswith("CPU")
+    measured = [r for r in report["memory"] if "error_pct" in r]
+    # three configs x QLoRA and LoRA x two sequence lengths, each predicted within the target (exact on CPU)
+    assert sorted({(r["config"], r["method"], r["seq_len"]) for r in measured}) == sorted(
+        (c, m, s) for c in ("tiny-a", "tiny-b", "tiny-c") for m in ("qlora", "lora") for s in (32, 64))
+    assert report["points_within_target"] == report["points_measured"] == 12
+    assert all(r["measured_bytes"] > 0 and abs(r["error_pct"]) <= 0.01 for r in measured)
+    features = [r for r in report["memory"] if r["feature"] != "baseline"]
+    assert features and all(("error_pct" in r) or r.get("skipped") or r.get("error") for r in features)
+    assert [r["optimizer"] for r in report["training"]] == ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"]
+    assert all(r["exit_code"] == 0 and r["tokens_per_s"] > 0 and r["train_steps"] == 2 for r in report["training"])
+    assert report["merge_generate"]["merge"]["exit_code"] == 0 and report["merge_generate"]["generate"]["exit_code"] == 0
+    assert report["overheads"] is None and not (tmp_path / "overheads.json").exists()  # a CPU measures no CUDA context
+    assert "| tiny-a | qlora | 32 | baseline |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_without_a_gpu_the_real_check_refuses_in_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().endswith("error: no CUDA GPU here; run with --dry-run to check the wiring on a CPU")
+
+
+def test_a_feature_whose_settings_field_is_missing_is_skipped_with_its_reason(monkeypatch):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "FEATURES", [("made up", {"no_such_field": 1}), ("rank 8", {"rank": 8})])
+    rows = gpu_check.feature_rows()
+    assert rows == [("baseline", {}, None), ("made up", {"no_such_field": 1}, "Settings has no field no_such_field (feature not merged)"),
+                    ("rank 8", {"rank": 8}, None)]
+    assert gpu_check.gpu_slug("NVIDIA H200") == "nvidia-h200" and gpu_check.gpu_slug("Tesla T4") == "tesla-t4"
