@@ -33,12 +33,15 @@ pip and network, in the repository root (the folder is ignored by git):
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl bitsandbytes==0.50.2 datasets dill multiprocess
 
-then, on the GPU machine, with `.whl` carried along:
+(pip prints the versions it picked; keep one version of each). Then, on the GPU machine, with `.whl`
+carried along (this project's device tool: `carry: [".whl"]`):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD make gpu-check PY=python3 GPU_CHECK_DEPS=
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:$PWD make gpu-check PY=python3 GPU_CHECK_DEPS= ARGS="--out $OUT/cuda-gpu"
 
-(`GPU_CHECK_DEPS=` skips the Makefile's venv install, which needs network.)
+and copy the folder it wrote to memory_reports/measured/cuda-<gpu>/ (its name is printed first).
+`GPU_CHECK_DEPS=` skips the Makefile's venv install, which needs network; the other packages
+(torch, transformers, peft, accelerate, pynvml) are expected on the machine.
 """
 
 from __future__ import annotations
@@ -95,7 +98,9 @@ FEATURES = [
     ("all long-context", {"loss": "chunked", "mlp_tiles": "auto", "offload_checkpoints": True}),
 ]
 TARGET_ERROR_PCT = 3.0
-BUDGET_S = {"overheads": 45, "memory": 270, "training": 90, "merge": 60}  # + ~15 s environment: <= 8 minutes
+# Seconds per section. A point already running finishes past its budget (an 8B point takes ~30 s), so
+# the budgets add up to ~6.5 minutes to end within 8.
+BUDGET_S = {"overheads": 45, "memory": 240, "training": 80, "merge": 60}
 TRAIN = {"steps": 8, "batch_size": 8, "max_seq_len": 512, "model": "llama-1b", "rows": 4096}
 DRY_TRAIN = {"steps": 2, "batch_size": 2, "max_seq_len": 64, "model": "tiny-a", "rows": 128}
 DEMO_TOKENIZER = ROOT / "recipes" / "demo-assets" / "base-model"
@@ -164,12 +169,15 @@ def context_worker() -> dict:
     import bitsandbytes as bnb
     import torch
 
+    from qlora.precision import resolve_compute_dtype
+
     torch.cuda.init()
-    x = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dtype = resolve_compute_dtype("auto", "cuda")  # fp16 on a T4 / V100, bf16 from compute capability 8.0
+    x = torch.randn(1024, 1024, device="cuda", dtype=dtype, requires_grad=True)
     (x @ x).float().sum().backward()
-    q = torch.randn(1, 8, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(1, 8, 128, 64, device="cuda", dtype=dtype, requires_grad=True)
     torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).float().sum().backward()
-    layer = bnb.nn.Linear4bit(1024, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
+    layer = bnb.nn.Linear4bit(1024, 1024, bias=False, compute_dtype=dtype, quant_type="nf4").cuda()
     layer(x.detach().requires_grad_()).float().sum().backward()
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
@@ -223,8 +231,10 @@ def save_random_model(config: dict, folder: Path, tokenizer: bool = False) -> Pa
     torch.manual_seed(0)
     cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
     cfg.architectures = ["LlamaForCausalLM"]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    from qlora.precision import default_device, resolve_compute_dtype
+
+    device = default_device()
+    dtype = resolve_compute_dtype("auto", device)  # what the trainer loads: fp32 on CPU, bf16 or fp16 on a GPU
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     model.save_pretrained(folder)
@@ -284,7 +294,7 @@ def memory_worker(plan: Plan, config: str, part: str, deadline: float):
 def run_memory(plan: Plan, deadline: float) -> list[dict]:
     """Every config's baseline first, then the features (so a tight budget cuts features, not the 8B);
     in-process for the dry run, one subprocess per config and part on a GPU (the random weights, saved
-    once per config, stay on disk until the end: 25 GB for 1B + 3B + 8B in bf16)."""
+    once per config, stay on disk until the end: 25 GB for 1B + 3B + 8B in 16 bits)."""
     rows = []
     for part in ("baseline", "features"):
         for config in plan.configs:
@@ -461,8 +471,9 @@ def check(plan: Plan, out: Path | None) -> dict:
     cuda = torch.cuda.is_available()
     if not cuda and not plan.dry:
         raise SystemExit("error: no CUDA GPU here; run with --dry-run to check the wiring on a CPU")
-    out = out or (ROOT / "memory_reports" / "measured" / f"cuda-{gpu_slug(env['device'])}")
-    print(f"gpu-check on {env['device']} -> {out}", flush=True)
+    folder = f"cuda-{gpu_slug(env['device'])}" if cuda else "cpu-dry-run"
+    out = out or (ROOT / "memory_reports" / "measured" / folder)
+    print(f"gpu-check on {env['device']} -> {out} (belongs in memory_reports/measured/{folder}/)", flush=True)
     context = {"skipped": "no CUDA GPU (dry run)"}
     if cuda:
         done = subprocess.run([sys.executable, __file__, "--worker", "context"], capture_output=True, text=True,
@@ -475,7 +486,7 @@ def check(plan: Plan, out: Path | None) -> dict:
     training = run_training(plan, time.monotonic() + BUDGET_S["training"])
     merge = run_merge_and_generate(plan, training, time.monotonic() + BUDGET_S["merge"])
     measured = [r for r in memory if "error_pct" in r]
-    report = {"dry_run": plan.dry, "environment": env, "context": context, "memory": memory, "training": training,
+    report = {"dry_run": plan.dry, "measured_folder": folder, "environment": env, "context": context, "memory": memory, "training": training,
               "merge_generate": merge, "overheads": overheads(context, memory, env), "target_error_pct": TARGET_ERROR_PCT,
               "points_within_target": sum(abs(r["error_pct"]) <= TARGET_ERROR_PCT for r in measured),
               "points_measured": len(measured), "seconds": round(time.monotonic() - start, 1)}
