@@ -176,6 +176,12 @@ def check_same_recipe(point: Point) -> None:
             )
 
 
+def done_status(metrics: dict[str, Any]) -> str:
+    """A finished point's status: ok, unless its last evaluation ran out of memory (train.py notes it)."""
+    skipped = metrics.get("eval_after_skipped")
+    return f"failed: {skipped}" if skipped else "ok"
+
+
 def train_command(point: Point, resume: bool) -> list[str]:
     """`python -m qlora.train RECIPE --set ... --resume|--overwrite` for one point."""
     sets = [arg for item in point.overrides for arg in ("--set", item)]
@@ -212,8 +218,8 @@ def run_point(point: Point) -> tuple[str, dict[str, Any] | None]:
     code, error = run_process(train_command(point, resume))
     if code == INTERRUPTED_EXIT_CODE:
         raise KeyboardInterrupt
-    if code == OOM_EXIT_CODE:
-        return "failed: out of GPU memory", None
+    if code == OOM_EXIT_CODE:  # in the evaluation after training, the adapter and metrics.json are kept
+        return "failed: out of GPU memory", read_metrics(point.folder)
     if code == USAGE_EXIT_CODE and error:
         return f"failed: {error}", None
     metrics = read_metrics(point.folder)
@@ -338,7 +344,7 @@ def sweep(points: list[Point], base_dir: Path, grid_keys: Sequence[str]) -> list
         done = read_metrics(point.folder)
         if done is not None:
             print(f"sweep: [{i + 1}/{len(points)}] {point.name}: finished earlier, skipped", file=sys.stderr)
-            rows[i] = result_row(point, "ok", done, cols)
+            rows[i] = result_row(point, done_status(done), done, cols)
             continue
         print(f"sweep: [{i + 1}/{len(points)}] {point.name}", file=sys.stderr)
         status, metrics = run_point(point)

@@ -47,6 +47,11 @@ outcome = json.loads(os.environ.get("FAKE_TRAIN_OUTCOMES", "{}")).get(str(alpha)
 if outcome == "oom":
     print("error: out of GPU memory during training", file=sys.stderr)
     sys.exit(3)
+if outcome == "oom after training":
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"eval_loss_before": 3.0, "trainable_params": 100 * alpha,
+                                                  "eval_after_skipped": "out of GPU memory in the evaluation after training"}))
+    sys.exit(3)
 if outcome == "interrupt":
     sys.exit(130)
 if outcome == "crash":
@@ -163,6 +168,18 @@ def test_failed_points_are_recorded_and_the_sweep_goes_on(tmp_path, fake_train, 
     assert rows[2]["eval_loss_after"] == ""
     assert len(fake_train.calls()) == 5
     assert "RuntimeError: something unexpected" in capsys.readouterr().err  # the point's own output reaches the user
+
+
+def test_a_point_whose_last_evaluation_ran_out_of_memory_keeps_its_row_on_a_rerun(tmp_path, fake_train):
+    fake_train.set_outcomes({16: "oom after training"})
+    argv = [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"]
+    assert run_cli(qlora.sweep.main, argv) == 1
+    row = {r["lora.alpha"]: r for r in read_rows(tmp_path / "sweep")}["16"]
+    assert (row["status"], row["eval_loss_before"], row["eval_loss_after"]) == ("failed: out of GPU memory", "3.0", "")
+    assert run_cli(qlora.sweep.main, argv) == 1  # the rerun skips the finished point and says why it failed
+    row = {r["lora.alpha"]: r for r in read_rows(tmp_path / "sweep")}["16"]
+    assert (row["status"], row["eval_loss_before"]) == ("failed: out of GPU memory in the evaluation after training", "3.0")
+    assert len(fake_train.calls()) == 2
 
 
 def test_every_point_trains_in_its_own_process(tmp_path, fake_train):
