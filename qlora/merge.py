@@ -1,4 +1,5 @@
-"""`qlora merge OUT --to DIR [--dtype float16|bfloat16]`: the adapter folded into a plain 16-bit model.
+"""`qlora merge OUT --to DIR [--dtype float16|bfloat16] [--device auto|cuda|layers|cpu]`: the adapter
+folded into a plain 16-bit model.
 
 Merging onto the original checkpoint is the known trap (peft issues 1080, 2105, 2321): the adapter
 learned to correct the 4-bit weights, not the originals, so its deltas would land on the wrong base.
@@ -6,7 +7,8 @@ Here the base is loaded exactly as training loaded it, every 4-bit weight is deq
 compute dtype training saw (transformers' `dequantize`, i.e. bitsandbytes' dequantize_4bit), peft
 merges the adapter, and the saved model's logits are checked against the 4-bit base + adapter
 before the folder is published. The merge math runs in the compute dtype (fp32 on CPU) and the
-result is cast to `--dtype` only for saving.
+result is cast to `--dtype` only for saving. Where it runs (the whole model on the GPU, one layer at
+a time, or the CPU) follows from what it needs (qlora.merge_memory) and what the GPU has free.
 """
 
 from __future__ import annotations
