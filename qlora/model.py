@@ -294,10 +294,14 @@ def keep_training_layout(model) -> None:
 
 
 def build_model(recipe: Recipe, label_names: list[str] | None = None, device: str | None = None, tokenizer=None) -> LoadedModel:
-    """Tokenizer + quantized base + LoRA (+ checkpointing), all as the recipe says."""
+    """Tokenizer + quantized base + LoRA (+ checkpointing), all as the recipe says (out of GPU memory while
+    loading: the qlora.oom message and exit 3)."""
+    from qlora.oom import OutOfMemoryExit, fit_advice
+
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype, device)
     tokenizer = tokenizer or load_tokenizer(recipe.model)
-    base = load_base_model(recipe, compute_dtype, label_names, announce=True, pad_token_id=tokenizer.pad_token_id)
+    with OutOfMemoryExit("model loading", lambda: fit_advice(recipe), kept="no training step ran"):
+        base = load_base_model(recipe, compute_dtype, label_names, announce=True, pad_token_id=tokenizer.pad_token_id)
     if recipe.training.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     model = attach_lora(base, recipe.lora, recipe.task)

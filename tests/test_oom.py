@@ -34,6 +34,18 @@ def test_other_errors_pass_through_and_deferred_waits_for_the_caller(capsys):
     assert capsys.readouterr().err.startswith("error: out of GPU memory during evaluation")
 
 
+def test_oom_while_loading_the_model_exits_3_with_advice(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
+    import qlora.model
+    from qlora.train import train
+
+    monkeypatch.setattr(qlora.model, "load_base_model", out_of_memory)
+    with pytest.raises(SystemExit) as info:
+        train(tiny_recipe(tiny_llama, alpaca_file, tmp_path / "run", "target_gpu=24GB"))
+    assert info.value.code == OOM_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "error: out of GPU memory during model loading; no training step ran" in err and "qlora profile" in err
+
+
 def test_oom_in_the_evaluation_before_training_exits_3_with_advice(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
     import transformers
 
