@@ -6,8 +6,12 @@ PY := $(VENV)/bin/python
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PIP := $(PY) -m pip install -q --disable-pip-version-check
+# The versions the suite is known to pass with (`make constraints` rewrites it from a venv that passes);
+# `make test` installs from it, a user's plain `pip install .` still takes the newest. With a GPU, torch
+# is left out of the pins so the machine's CUDA build stays.
+CONSTRAINTS ?= constraints/ci.txt
 
-.PHONY: demo test install assets clean gpu-check
+.PHONY: demo test install assets clean gpu-check constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +21,20 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) -e .
 	@touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) -e '.[dev]'
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(if $(HAS_GPU),grep -v '^torch==' $(CONSTRAINTS) > $(VENV)/constraints.txt,cp $(CONSTRAINTS) $(VENV)/constraints.txt)
+	$(if $(HAS_GPU),,$(PIP) -c $(VENV)/constraints.txt $(CPU_TORCH))
+	$(PIP) -c $(VENV)/constraints.txt -e '.[dev]'
 	@touch $@
+
+# Pin what this venv holds (after a green `make test`): every installed package but qlora itself, torch
+# without its local build label (+cpu), so the same pins serve the CPU wheel and the default one.
+constraints:
+	@mkdir -p $(dir $(CONSTRAINTS))
+	@{ echo "# Versions the test suite passes with; regenerate with 'make constraints' (pip freeze of a green venv)."; \
+	  $(PY) -m pip freeze --exclude-editable --disable-pip-version-check | grep -iv '^qlora[= ]' | sed -E 's/^(torch==[^+]+)\+.*/\1/'; \
+	} > $(CONSTRAINTS)
+	@echo "wrote $(CONSTRAINTS)"
 
 install: $(VENV)/.installed
 

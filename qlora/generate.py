@@ -16,14 +16,14 @@ from qlora.errors import QLoraError, run_cli
 from qlora.export import TrainedRun, read_run
 
 
-def load_run_base(run: TrainedRun, compute_dtype, tokenizer):
+def load_run_base(run: TrainedRun, compute_dtype, tokenizer, device: str | None = None):
     """The base as training loaded it: the same quantization, and for a classifier its labels and pad id."""
     from qlora.model import load_base_model
 
-    return load_base_model(run.recipe, compute_dtype, run.label_names, pad_token_id=tokenizer.pad_token_id)
+    return load_base_model(run.recipe, compute_dtype, run.label_names, pad_token_id=tokenizer.pad_token_id, device=device)
 
 
-def load_adapted_model(run: TrainedRun):
+def load_adapted_model(run: TrainedRun, device: str | None = None):
     """(peft model on the 4-bit base as trained, the run's tokenizer), in eval mode."""
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -32,7 +32,7 @@ def load_adapted_model(run: TrainedRun):
     from qlora.precision import resolve_compute_dtype
 
     tokenizer = AutoTokenizer.from_pretrained(str(run.adapter_dir))
-    base = load_run_base(run, resolve_compute_dtype(run.recipe.quantization.compute_dtype), tokenizer)
+    base = load_run_base(run, resolve_compute_dtype(run.recipe.quantization.compute_dtype), tokenizer, device)
     with quiet_peft_deprecations():
         model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     return model.eval(), tokenizer
@@ -111,7 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.max_new_tokens < 1:
         raise QLoraError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    for result in generate(read_run(args.run), args.prompt, args.inputs, args.max_new_tokens, args.raw, args.compare):
+    from qlora.oom import OutOfMemoryExit
+
+    advice = ["give fewer or shorter --prompt values, or a smaller --max-new-tokens"]
+    with OutOfMemoryExit("generation", advice):
+        results = generate(read_run(args.run), args.prompt, args.inputs, args.max_new_tokens, args.raw, args.compare)
+    for result in results:
         print(f"### prompt\n{result['prompt']}")
         if "base" in result:
             print(f"### base\n{result['base'].strip()}")

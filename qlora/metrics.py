@@ -14,6 +14,7 @@ import torch
 
 from qlora.data import Example
 from qlora.errors import QLoraError
+from qlora.stop_tokens import stop_token_ids
 
 # The eval.metric values each task accepts. Classification reports accuracy and weighted F1 whatever the
 # value (one forward pass); 'map@3' adds MAP@3 for ranked multiple choice (Kaggle science-exam style).
@@ -63,10 +64,12 @@ def normalise_answer(text: str) -> str:
 def generate_answers(
     model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16, add_bos: bool = True
 ) -> list[str]:
-    """Greedy completions of `prompts`, batched with left padding (BOS added unless the prompt carries its own)."""
+    """Greedy completions of `prompts`, batched with left padding (BOS added unless the prompt carries its own),
+    each ending at the first end-of-turn token (qlora.stop_tokens)."""
     was_training = model.training
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    stop_ids = stop_token_ids(tokenizer, model)  # every end of turn, not only EOS
     answers = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -76,7 +79,7 @@ def generate_answers(
             batch = batch.to(model.device)
             out = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids,
             )
             new_tokens = out[:, batch["input_ids"].shape[1] :]
             answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

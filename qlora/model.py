@@ -123,10 +123,11 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: list[str] | None = None,
-                    announce: bool = False, pad_token_id: int | None = None):
+                    announce: bool = False, pad_token_id: int | None = None, device: str | None = None):
     """The frozen base: causal LM, or sequence classifier with `len(label_names)` classes (`announce`:
     say which head weights start untrained, as training does; `pad_token_id`: the tokenizer's, for a
-    checkpoint whose config has none, since the classifier pools the last non-pad token)."""
+    checkpoint whose config has none, since the classifier pools the last non-pad token; `device`:
+    'cpu' or 'cuda', default the GPU when there is one)."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
@@ -134,7 +135,9 @@ def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: lis
         "attn_implementation": recipe.model.attn_implementation,
         "quantization_config": quantization_config(recipe.quantization, compute_dtype),
     }
-    if torch.cuda.is_available():
+    if device == "cpu":
+        kwargs["device_map"] = {"": "cpu"}
+    elif torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     if recipe.task == "classification":
         labels = label_names or []
@@ -291,10 +294,14 @@ def keep_training_layout(model) -> None:
 
 
 def build_model(recipe: Recipe, label_names: list[str] | None = None, device: str | None = None, tokenizer=None) -> LoadedModel:
-    """Tokenizer + quantized base + LoRA (+ checkpointing), all as the recipe says."""
+    """Tokenizer + quantized base + LoRA (+ checkpointing), all as the recipe says (out of GPU memory while
+    loading: the qlora.oom message and exit 3)."""
+    from qlora.oom import OutOfMemoryExit, fit_advice
+
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype, device)
     tokenizer = tokenizer or load_tokenizer(recipe.model)
-    base = load_base_model(recipe, compute_dtype, label_names, announce=True, pad_token_id=tokenizer.pad_token_id)
+    with OutOfMemoryExit("model loading", lambda: fit_advice(recipe), kept="no training step ran"):
+        base = load_base_model(recipe, compute_dtype, label_names, announce=True, pad_token_id=tokenizer.pad_token_id)
     if recipe.training.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     model = attach_lora(base, recipe.lora, recipe.task)

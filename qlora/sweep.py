@@ -1,7 +1,8 @@
 """`qlora sweep RECIPE --grid key=v1,v2 [--grid ...] [--set ...]`: train every grid point, one table.
 
-Each point is an ordinary training run in its own sub-folder of `output_dir`, so its results are
-exactly what `qlora train` would write. Every point is built and validated before the first one
+Each point is an ordinary training run in its own sub-folder of `output_dir`, run as its own
+`python -m qlora.train` process, so its results are exactly what `qlora train` would write and
+nothing one point allocated (bitsandbytes never frees its paged optimizer buffers) outlives it. Every point is built and validated before the first one
 trains (a typo costs seconds, not the first point's hours). The results table is rewritten
 atomically after each point, and a rerun of the same command skips finished points, resumes
 points that left a complete checkpoint, and restarts the rest.
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import io
 import itertools
 import json
+import os
 import re
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,24 +26,29 @@ from typing import Any, Sequence
 import yaml
 
 from qlora.checkpoints import latest_complete_checkpoint
-from qlora.errors import QLoraError, run_cli
+from qlora.errors import USAGE_EXIT_CODE, QLoraError, run_cli
 from qlora.io import atomic_write_text
+from qlora.oom import OOM_EXIT_CODE
 from qlora.recipe import Recipe, all_keys, load_recipe, split_assignment
-from qlora.train import OOM_EXIT_CODE, train
 
 RESULTS_NAME = "sweep_results"
 RESULT_COLUMNS = ("trainable_params", "eval_loss_before", "eval_loss_after")
 TAIL_COLUMNS = ("peak_memory_bytes", "train_runtime_s", "status")
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]")
+TRAIN_MODULE = "qlora.train"  # what each point runs, as `python -m TRAIN_MODULE RECIPE --set ...`
+INTERRUPTED_EXIT_CODE = 130
 
 
 @dataclass
 class Point:
-    """One grid point: its values, its sub-folder name and the full recipe it trains."""
+    """One grid point: its values, its sub-folder name, the full recipe it trains, and how to say it on
+    the command line (the recipe file and every --set, the sweep's and the point's)."""
 
     values: dict[str, Any]
     name: str
     recipe: Recipe
+    recipe_path: str = ""
+    overrides: tuple[str, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -119,7 +126,7 @@ def build_points(recipe_path: str, overrides: Sequence[str], grid: dict[str, lis
             recipe = load_recipe(recipe_path, [*overrides, *point_overrides])
         except QLoraError as exc:
             raise QLoraError(f"grid point {name}: {exc}") from None
-        points.append(Point(values, name, recipe))
+        points.append(Point(values, name, recipe, str(recipe_path), (*overrides, *point_overrides)))
     check_unique_names(points)
     return points
 
@@ -169,32 +176,56 @@ def check_same_recipe(point: Point) -> None:
             )
 
 
-def free_memory() -> None:
-    """Release the previous point's model before the next one loads (in-process, one at a time)."""
-    import torch
+def done_status(metrics: dict[str, Any]) -> str:
+    """A finished point's status: ok, unless its last evaluation ran out of memory (train.py notes it)."""
+    skipped = metrics.get("eval_after_skipped")
+    return f"failed: {skipped}" if skipped else "ok"
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+
+def train_command(point: Point, resume: bool) -> list[str]:
+    """`python -m qlora.train RECIPE --set ... --resume|--overwrite` for one point."""
+    sets = [arg for item in point.overrides for arg in ("--set", item)]
+    return [sys.executable, "-m", TRAIN_MODULE, point.recipe_path, *sets, "--resume" if resume else "--overwrite"]
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a point's process: this one, with this qlora first on the import path."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
+def run_process(command: list[str]) -> tuple[int, str]:
+    """Run `command`, passing its stderr through as it comes; returns (exit code, last `error:` line)."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, env=child_env())
+    tail = b""
+    try:
+        for chunk in iter(lambda: process.stderr.read1(65536), b""):  # progress bars end with \r, not \n
+            sys.stderr.write(chunk.decode(errors="replace"))
+            sys.stderr.flush()
+            tail = (tail + chunk)[-8192:]
+        code = process.wait()
+    except KeyboardInterrupt:  # the point's process got the same Ctrl-C: let it finish its own exit
+        process.wait()
+        raise
+    errors = [line for line in tail.decode(errors="replace").splitlines() if line.startswith("error: ")]
+    return code, errors[-1].removeprefix("error: ") if errors else ""
 
 
 def run_point(point: Point) -> tuple[str, dict[str, Any] | None]:
-    """Train one point (or resume it); a failure specific to it is returned as a status, not raised."""
-    import torch
-
+    """Train one point (or resume it) in its own process; a failure of the point is returned as a status."""
     resume = latest_complete_checkpoint(point.folder) is not None
-    try:
-        return "ok", train(point.recipe, resume=resume, overwrite=not resume)
-    except QLoraError as exc:
-        return f"failed: {str(exc).splitlines()[0]}", None
-    except torch.OutOfMemoryError:
-        return "failed: out of GPU memory", None
-    except SystemExit as exc:  # train() reports an out-of-memory step itself, then exits with this code
-        if exc.code != OOM_EXIT_CODE:
-            raise
-        return "failed: out of GPU memory", None
-    finally:
-        free_memory()
+    code, error = run_process(train_command(point, resume))
+    if code == INTERRUPTED_EXIT_CODE:
+        raise KeyboardInterrupt
+    if code == OOM_EXIT_CODE:  # in the evaluation after training, the adapter and metrics.json are kept
+        return "failed: out of GPU memory", read_metrics(point.folder)
+    if code == USAGE_EXIT_CODE and error:
+        return f"failed: {error}", None
+    metrics = read_metrics(point.folder)
+    if code != 0 or metrics is None:
+        return f"failed: exit code {code}" + (f": {error}" if error else ""), None
+    return "ok", metrics
 
 
 # --- the results table ----------------------------------------------------------------------------
@@ -313,7 +344,7 @@ def sweep(points: list[Point], base_dir: Path, grid_keys: Sequence[str]) -> list
         done = read_metrics(point.folder)
         if done is not None:
             print(f"sweep: [{i + 1}/{len(points)}] {point.name}: finished earlier, skipped", file=sys.stderr)
-            rows[i] = result_row(point, "ok", done, cols)
+            rows[i] = result_row(point, done_status(done), done, cols)
             continue
         print(f"sweep: [{i + 1}/{len(points)}] {point.name}", file=sys.stderr)
         status, metrics = run_point(point)

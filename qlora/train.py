@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from qlora.errors import QLoraError, run_cli
+from qlora.oom import OOM_EXIT_CODE, OutOfMemoryExit, fit_advice  # noqa: F401 (OOM_EXIT_CODE: sweep, tests)
 
-OOM_EXIT_CODE = 3
+KEPT_CHECKPOINT = "the last complete checkpoint is kept (continue with --resume after a change)"
+EVAL_ADVICE = "evaluation runs training.eval_batch_size sequences at a time; lower it, or eval.max_examples"
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -134,25 +136,9 @@ def save_adapter(loaded, output_dir: Path) -> Path:
     return final
 
 
-def out_of_memory_message(recipe) -> str:
-    """What to change when the GPU ran out: the profiler's fit plan for this GPU, when it can tell."""
-    import torch
-
-    lines = ["out of GPU memory; the last complete checkpoint is kept (continue with --resume after a change)"]
-    try:
-        from qlora.profile import plan_fit
-        from qlora.recipe import parse_gpu_memory
-
-        if torch.cuda.is_available():
-            gpu_bytes = torch.cuda.get_device_properties(0).total_memory
-        else:
-            gpu_bytes = parse_gpu_memory(recipe.target_gpu) if recipe.target_gpu else None
-        if gpu_bytes:
-            lines.extend(plan_fit(recipe, gpu_bytes).advice())
-    except Exception as exc:  # the advice is best effort: the OOM message itself must reach the user
-        lines.append(f"(the profiler could not plan a fit: {exc})")
-    lines.append("see `qlora profile --recipe RECIPE --gpu <memory>` for the full table")
-    return "\n".join(lines)
+def out_of_memory(phase: str, recipe, kept: str = KEPT_CHECKPOINT, extra: str = "", deferred: bool = False):
+    """The OOM handler of one training phase: exit 3 with the profiler's fit plan (see qlora.oom)."""
+    return OutOfMemoryExit(phase, lambda: [*([extra] if extra else []), *fit_advice(recipe)], kept, deferred)
 
 
 def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -178,19 +164,20 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     set_seed(recipe.training.seed)
     loaded = build_model(recipe, data.label_names, tokenizer=tokenizer)  # a classifier head needs the labels
     trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints")
-    before = baseline(trainer, loaded, data, recipe, output_dir, resuming=resume_from is not None)
+    with out_of_memory("the evaluation before training", recipe, kept="no training step ran", extra=EVAL_ADVICE):
+        before = baseline(trainer, loaded, data, recipe, output_dir, resuming=resume_from is not None)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    try:
+    with out_of_memory("training", recipe):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except torch.OutOfMemoryError:
-        print(f"error: {out_of_memory_message(recipe)}", file=sys.stderr)
-        raise SystemExit(OOM_EXIT_CODE) from None
     runtime = time.perf_counter() - started
     memory = memory_figures(trainer.optimizer)  # labelled figures; paged optimizer states included on CUDA
-    after = measure(trainer, loaded, data, recipe)
-    adapter_dir = save_adapter(loaded, output_dir)
+    adapter_dir = save_adapter(loaded, output_dir)  # before the last evaluation: an OOM there must not lose it
+    after: dict[str, float] = {}
+    with out_of_memory("the evaluation after training", recipe, f"the adapter is saved in {adapter_dir}, "
+                       "metrics.json has no after-metrics", EVAL_ADVICE, deferred=True) as after_oom:
+        after = measure(trainer, loaded, data, recipe)
     trainable, total = parameter_counts(loaded.model)
     metrics: dict[str, Any] = {f"{k}_before": v for k, v in before.items()}
     metrics.update({f"{k}_after": v for k, v in after.items()})
@@ -208,8 +195,11 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
         data=data.stats,
         adapter_dir=str(adapter_dir),
     )
+    if after_oom.happened:
+        metrics["eval_after_skipped"] = "out of GPU memory in the evaluation after training"
     atomic_write_json(output_dir / "metrics.json", metrics)
     print_summary(metrics, output_dir)
+    after_oom.exit_if_out_of_memory()
     return metrics
 
 

@@ -212,7 +212,7 @@ def test_generate_labels_texts_with_the_trained_classifier(trained):
 
 
 def test_merge_saves_a_plain_classifier_that_matches_the_adapter(trained, tmp_path):
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from qlora.export import read_run
     from qlora.merge import merge
@@ -220,7 +220,8 @@ def test_merge_saves_a_plain_classifier_that_matches_the_adapter(trained, tmp_pa
     check = merge(read_run(trained[0]), tmp_path / "merged")
     assert check.ok and check.positions == 4  # one pooled prediction per check prompt
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
-    assert merged.config.id2label == {0: "animal", 1: "number", 2: "thing"} and merged.config.pad_token_id is not None
+    pad_id = AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token_id  # the classifier pools the last non-pad token
+    assert merged.config.id2label == {0: "animal", 1: "number", 2: "thing"} and merged.config.pad_token_id == pad_id == 3
     assert merged.score.weight.dtype == torch.float16 and not any("lora" in n for n, _ in merged.named_parameters())
 
 

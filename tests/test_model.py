@@ -41,14 +41,31 @@ def test_every_block_linear_is_nf4_double_quant_wrapped_by_lora(loaded):
     assert seen == LLAMA_LINEARS
 
 
-def test_head_and_embeddings_stay_16bit_or_compute_dtype_and_unwrapped(loaded):
+@pytest.fixture(scope="module")
+def loaded_bf16(tiny_llama):
+    """The same model with a bf16 compute dtype: on CPU everything else is fp32, so only this shows an upcast."""
+    from qlora.model import build_model
+
+    torch.manual_seed(0)
+    return build_model(recipe_for(tiny_llama, "quantization.compute_dtype=bfloat16"))
+
+
+def test_head_and_embeddings_stay_in_the_compute_dtype_and_unwrapped(loaded_bf16):
     from peft.tuners.lora import LoraLayer
 
-    inner = loaded.model.get_base_model()
+    inner = loaded_bf16.model.get_base_model()
+    assert loaded_bf16.compute_dtype == torch.bfloat16
     assert type(inner.lm_head) is torch.nn.Linear and not isinstance(inner.lm_head, LoraLayer)
-    # CPU computes in fp32; the point is that nothing is upcast beyond the compute dtype.
-    assert inner.lm_head.weight.dtype == loaded.compute_dtype == torch.float32
-    assert inner.model.embed_tokens.weight.dtype == loaded.compute_dtype
+    assert inner.lm_head.weight.dtype == inner.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_no_frozen_weight_is_upcast_beyond_the_compute_dtype(loaded_bf16):
+    frozen = {n: p.dtype for n, p in loaded_bf16.model.named_parameters() if not p.requires_grad}
+    packed = {n for n, dtype in frozen.items() if dtype == torch.uint8}  # the 4-bit codes
+    assert packed and all("_proj" in n for n in packed)
+    assert {dtype for n, dtype in frozen.items() if n not in packed} == {torch.bfloat16}, frozen
+    q_proj = loaded_bf16.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert q_proj.compute_dtype == torch.bfloat16
 
 
 def test_only_adapters_require_grad(loaded):
@@ -59,10 +76,27 @@ def test_only_adapters_require_grad(loaded):
 
 def test_gradient_checkpointing_is_on_and_non_reentrant(loaded):
     inner = loaded.model.get_base_model()
-    assert inner.is_gradient_checkpointing
-    layer = inner.model.layers[0]
-    assert layer.gradient_checkpointing
     assert inner.config.use_cache is False
+    layers = inner.model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    checkpoint = layers[0]._gradient_checkpointing_func
+    assert checkpoint.keywords == {"use_reentrant": False}  # a functools.partial of torch's checkpoint
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return checkpoint(*args, **kwargs)
+
+    for layer in layers:
+        layer._gradient_checkpointing_func = counting
+    try:
+        loaded.model.train()
+        loaded.model(input_ids=torch.randint(5, 300, (1, 8))).logits.float().sum().backward()
+    finally:
+        for layer in layers:
+            layer._gradient_checkpointing_func = checkpoint
+        loaded.model.zero_grad(set_to_none=True)
+    assert len(calls) == len(layers)  # every layer's forward went through the non-reentrant checkpoint
 
 
 def test_compute_dtype_is_fp32_on_cpu(loaded):
@@ -112,12 +146,12 @@ def test_saved_adapter_reloads_onto_a_fresh_4bit_base_with_identical_logits(tiny
         expected = loaded.model(input_ids=ids).logits
         fresh = PeftModel.from_pretrained(load_base_model(recipe, loaded.compute_dtype), tmp_path).eval()
         got = fresh(input_ids=ids).logits
-        base_only = fresh.get_base_model()
         with fresh.disable_adapter():
             without = fresh(input_ids=ids).logits
     assert torch.equal(got, expected)
     assert not torch.allclose(without, expected), "the adapter should change the logits"
-    assert base_only is not None
+    q_proj = fresh.get_base_model().model.layers[0].self_attn.q_proj
+    assert type(q_proj.base_layer).__name__ == "Linear4bit"  # reloaded onto the 4-bit base, not a 16-bit one
 
 
 @pytest.mark.parametrize(

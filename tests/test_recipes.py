@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qlora.profile import estimate_recipe
-from qlora.recipe import load_recipe
+from qlora.recipe import load_recipe, parse_gpu_memory
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ALL_RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -34,7 +34,7 @@ def test_recipe_loads_offline(path):
 @pytest.mark.parametrize("path", CONSUMER_RECIPES, ids=lambda p: p.name)
 def test_consumer_recipe_names_its_gpu_launch_command_and_peak(path):
     recipe = load_recipe(path)
-    assert recipe.target_gpu is not None
+    assert estimate_recipe(recipe).total <= parse_gpu_memory(recipe.target_gpu)  # sized for it: the peak fits
     text = header(path)
     assert f"qlora train recipes/{path.name}" in text
     assert recipe.target_gpu in text

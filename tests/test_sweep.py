@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from qlora.errors import QLoraError, run_cli
 from qlora.io import atomic_write_json
 from qlora.recipe import load_recipe
 from qlora.sweep import parse_grid, point_name
-from qlora.train import OOM_EXIT_CODE
 
 
 def write_recipe(tmp_path: Path, model: str = "org/model", data: str = "data.jsonl", **extra) -> Path:
@@ -32,22 +32,67 @@ def read_rows(base: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def fake_train(outcomes: dict[int, object], calls: list):
-    """A stand-in for `train`: metrics from lora.alpha, or the exception `outcomes` names for that alpha."""
+FAKE_TRAIN = r"""
+# Stands in for `python -m qlora.train` in a point's process: no torch, so a point costs milliseconds.
+import json, os, sys
+from pathlib import Path
 
-    def train(recipe, resume=False, overwrite=False):
-        calls.append((Path(recipe.output_dir).name, resume, overwrite))
-        outcome = outcomes.get(recipe.lora.alpha)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        metrics = {"trainable_params": 100 * recipe.lora.alpha, "eval_loss_before": 3.0,
-                   "eval_loss_after": 3.0 - recipe.lora.alpha / 100, "eval_exact_match_before": 0.0,
-                   "eval_exact_match_after": outcome if outcome is not None else 0.0,
-                   "peak_memory_bytes": 3 * 2**30, "train_runtime_s": 1.5}
-        atomic_write_json(Path(recipe.output_dir) / "metrics.json", metrics)
-        return metrics
+args = sys.argv[1:]
+sets = dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--set")
+out = Path(json.loads(sets["output_dir"]))
+alpha = json.loads(sets.get("lora.alpha", "16"))
+with open(os.environ["FAKE_TRAIN_CALLS"], "a") as log:
+    log.write(json.dumps([out.name, "--resume" in args, "--overwrite" in args, os.getpid()]) + "\n")
+outcome = json.loads(os.environ.get("FAKE_TRAIN_OUTCOMES", "{}")).get(str(alpha))
+if outcome == "oom":
+    print("error: out of GPU memory during training", file=sys.stderr)
+    sys.exit(3)
+if outcome == "oom after training":
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"eval_loss_before": 3.0, "trainable_params": 100 * alpha,
+                                                  "eval_after_skipped": "out of GPU memory in the evaluation after training"}))
+    sys.exit(3)
+if outcome == "interrupt":
+    sys.exit(130)
+if outcome == "crash":
+    raise RuntimeError("something unexpected")
+if isinstance(outcome, str):
+    print("error: " + outcome, file=sys.stderr)
+    sys.exit(2)
+metrics = {"trainable_params": 100 * alpha, "eval_loss_before": 3.0, "eval_loss_after": 3.0 - alpha / 100,
+           "eval_exact_match_before": 0.0, "eval_exact_match_after": outcome if outcome is not None else 0.0,
+           "peak_memory_bytes": 3 * 2**30, "train_runtime_s": 1.5}
+out.mkdir(parents=True, exist_ok=True)
+(out / "metrics.json").write_text(json.dumps(metrics))
+"""
 
-    return train
+
+@pytest.fixture
+def fake_train(tmp_path, monkeypatch):
+    """Every point runs FAKE_TRAIN in its own process; returns `set_outcomes(dict)` (per lora.alpha: a
+    float exact match, 'oom', 'interrupt', 'crash' or an error message) and `calls()` (name, resume, overwrite, pid)."""
+    folder = tmp_path / "fake-module"
+    folder.mkdir()
+    (folder / "fake_qlora_train.py").write_text(FAKE_TRAIN)
+    monkeypatch.setattr(qlora.sweep, "TRAIN_MODULE", "fake_qlora_train")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_TRAIN_CALLS", str(log))
+
+    class Fake:
+        @staticmethod
+        def set_outcomes(outcomes: dict[int, object]) -> None:
+            monkeypatch.setenv("FAKE_TRAIN_OUTCOMES", json.dumps({str(k): v for k, v in outcomes.items()}))
+
+        @staticmethod
+        def calls() -> list[tuple]:
+            return [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return Fake
+
+
+def names_and_flags(calls: list[tuple]) -> list[tuple]:
+    return [call[:3] for call in calls]
 
 
 # --- the grid -------------------------------------------------------------------------------------
@@ -92,17 +137,14 @@ def test_point_names_are_readable_and_filesystem_safe():
         (["--grid", "lora.alpha=8", "--set", "lora.alpha=4"], "error: lora.alpha is both in --set and in --grid"),
     ],
 )
-def test_every_point_is_checked_before_the_first_run(tmp_path, monkeypatch, capsys, argv, message):
-    calls = []
-    monkeypatch.setattr(qlora.sweep, "train", fake_train({}, calls))
+def test_every_point_is_checked_before_the_first_run(tmp_path, fake_train, capsys, argv, message):
     assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), *argv]) == 2
     assert capsys.readouterr().err.startswith(message)
-    assert calls == [] and not (tmp_path / "sweep").exists()
+    assert fake_train.calls() == [] and not (tmp_path / "sweep").exists()
 
 
-def test_folder_trained_with_another_recipe_is_refused(tmp_path, monkeypatch, capsys):
+def test_folder_trained_with_another_recipe_is_refused(tmp_path, fake_train, capsys):
     recipe = write_recipe(tmp_path)
-    monkeypatch.setattr(qlora.sweep, "train", fake_train({}, []))
     point = tmp_path / "sweep" / "lora.alpha=8"
     load_recipe(recipe, ["lora.alpha=8", "training.max_steps=5", f"output_dir={point}"]).save(point / "recipe.yaml")
     assert run_cli(qlora.sweep.main, [str(recipe), "--grid", "lora.alpha=8"]) == 2
@@ -112,24 +154,43 @@ def test_folder_trained_with_another_recipe_is_refused(tmp_path, monkeypatch, ca
 # --- failures and ranking -------------------------------------------------------------------------
 
 
-def test_failed_points_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
-    calls = []
-    outcomes = {16: QLoraError("lora.targets: this model has no linear layer named 'x'"), 32: SystemExit(OOM_EXIT_CODE)}
-    monkeypatch.setattr(qlora.sweep, "train", fake_train(outcomes, calls))
-    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32,64"]) == 1
+def test_failed_points_are_recorded_and_the_sweep_goes_on(tmp_path, fake_train, capsys):
+    fake_train.set_outcomes({16: "lora.targets: this model has no linear layer named 'x'", 32: "oom", 128: "crash"})
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32,64,128"]) == 1
     rows = read_rows(tmp_path / "sweep")
     assert [(r["lora.alpha"], r["status"]) for r in rows] == [
         ("64", "ok"), ("8", "ok"),  # lower eval loss first
         ("16", "failed: lora.targets: this model has no linear layer named 'x'"),
         ("32", "failed: out of GPU memory"),
+        ("128", "failed: exit code 1"),
     ]
     assert rows[0]["eval_loss_after"] == "2.36" and rows[0]["trainable_params"] == "6400"
     assert rows[2]["eval_loss_after"] == ""
-    assert len(calls) == 4
+    assert len(fake_train.calls()) == 5
+    assert "RuntimeError: something unexpected" in capsys.readouterr().err  # the point's own output reaches the user
 
 
-def test_task_metric_ranks_first_and_gets_columns(tmp_path, monkeypatch):
-    monkeypatch.setattr(qlora.sweep, "train", fake_train({8: 0.9, 64: 0.5}, []))
+def test_a_point_whose_last_evaluation_ran_out_of_memory_keeps_its_row_on_a_rerun(tmp_path, fake_train):
+    fake_train.set_outcomes({16: "oom after training"})
+    argv = [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"]
+    assert run_cli(qlora.sweep.main, argv) == 1
+    row = {r["lora.alpha"]: r for r in read_rows(tmp_path / "sweep")}["16"]
+    assert (row["status"], row["eval_loss_before"], row["eval_loss_after"]) == ("failed: out of GPU memory", "3.0", "")
+    assert run_cli(qlora.sweep.main, argv) == 1  # the rerun skips the finished point and says why it failed
+    row = {r["lora.alpha"]: r for r in read_rows(tmp_path / "sweep")}["16"]
+    assert (row["status"], row["eval_loss_before"]) == ("failed: out of GPU memory in the evaluation after training", "3.0")
+    assert len(fake_train.calls()) == 2
+
+
+def test_every_point_trains_in_its_own_process(tmp_path, fake_train):
+    """bitsandbytes never frees paged optimizer buffers: a point must not inherit the previous point's."""
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32"]) == 0
+    pids = [call[3] for call in fake_train.calls()]
+    assert len(pids) == 3 and len(set(pids)) == 3 and os.getpid() not in pids
+
+
+def test_task_metric_ranks_first_and_gets_columns(tmp_path, fake_train):
+    fake_train.set_outcomes({8: 0.9, 64: 0.5})
     recipe = write_recipe(tmp_path, eval={"metric": "exact_match"})
     assert run_cli(qlora.sweep.main, [str(recipe), "--grid", "lora.alpha=64,8"]) == 0
     rows = read_rows(tmp_path / "sweep")
@@ -142,25 +203,37 @@ def test_task_metric_ranks_first_and_gets_columns(tmp_path, monkeypatch):
     assert markdown[2] == "| 8 | 800 | 3.0000 | 2.9200 | 0.0000 | 0.9000 | 3,221,225,472 | 3.00 | 1.5 | ok |"
 
 
-def test_equal_task_metric_ranks_the_lower_eval_loss_first(tmp_path, monkeypatch):
+def test_equal_task_metric_ranks_the_lower_eval_loss_first(tmp_path, fake_train):
     # eight steps of the demo leave every point at 0 % exact match; the loss must still order them
-    monkeypatch.setattr(qlora.sweep, "train", fake_train({}, []))
     recipe = write_recipe(tmp_path, eval={"metric": "exact_match"})
     assert run_cli(qlora.sweep.main, [str(recipe), "--grid", "lora.alpha=8,64,32"]) == 0
     assert [r["lora.alpha"] for r in read_rows(tmp_path / "sweep")] == ["64", "32", "8"]
 
 
-def test_resume_skips_finished_resumes_checkpointed_restarts_junk(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(qlora.sweep, "train", fake_train({}, calls))
+def test_resume_skips_finished_resumes_checkpointed_restarts_junk(tmp_path, fake_train):
     base = tmp_path / "sweep"
     atomic_write_json(base / "lora.alpha=8" / "metrics.json", {"eval_loss_after": 1.0, "trainable_params": 5})
     (base / "lora.alpha=16" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     (base / "lora.alpha=16" / "checkpoints" / "checkpoint-2" / "COMPLETE").write_text("ok\n")
     (base / "lora.alpha=32" / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # no marker: half written
     assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32"]) == 0
-    assert calls == [("lora.alpha=16", True, False), ("lora.alpha=32", False, True)]
+    assert names_and_flags(fake_train.calls()) == [("lora.alpha=16", True, False), ("lora.alpha=32", False, True)]
     assert {r["lora.alpha"]: r["eval_loss_after"] for r in read_rows(base)}["8"] == "1.0"
+
+
+def test_interrupted_sweep_resumes_without_retraining(tmp_path, fake_train):
+    argv = [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32"]
+    fake_train.set_outcomes({16: "interrupt"})  # Ctrl-C reaches the point's process, which exits 130
+    assert run_cli(qlora.sweep.main, argv) == 130
+    base = tmp_path / "sweep"
+    assert [r["status"] for r in read_rows(base)] == ["ok", "pending", "pending"]
+    mtime = (base / "lora.alpha=8" / "metrics.json").stat().st_mtime_ns
+
+    fake_train.set_outcomes({})
+    assert run_cli(qlora.sweep.main, argv) == 0
+    assert (base / "lora.alpha=8" / "metrics.json").stat().st_mtime_ns == mtime
+    assert [call[0] for call in fake_train.calls()] == ["lora.alpha=8", "lora.alpha=16", "lora.alpha=16", "lora.alpha=32"]
+    assert [r["status"] for r in read_rows(base)] == ["ok", "ok", "ok"]
 
 
 # --- real training on the tiny model --------------------------------------------------------------
@@ -171,37 +244,6 @@ def tiny_recipe(tmp_path: Path, tiny_llama: Path, alpaca_file: Path) -> Path:
         tmp_path, model=str(tiny_llama), data=str(alpaca_file),
         lora={"r": 8}, training={"max_steps": 2, "batch_size": 4, "grad_accum": 1, "save_steps": 100},
     )
-
-
-def test_interrupted_sweep_resumes_without_retraining(tmp_path, monkeypatch, tiny_llama, alpaca_file):
-    recipe = tiny_recipe(tmp_path, tiny_llama, alpaca_file)
-    argv = [str(recipe), "--grid", "lora.alpha=8,32", "--grid", "lora.targets=qv,all-linear"]
-    real_train, trained = qlora.sweep.train, []
-
-    def interrupted_after_two(recipe, **kwargs):
-        if len(trained) == 2:
-            raise KeyboardInterrupt
-        trained.append(Path(recipe.output_dir).name)
-        return real_train(recipe, **kwargs)
-
-    monkeypatch.setattr(qlora.sweep, "train", interrupted_after_two)
-    assert run_cli(qlora.sweep.main, argv) == 130
-    base = tmp_path / "sweep"
-    assert trained == ["lora.alpha=8__lora.targets=qv", "lora.alpha=8__lora.targets=all-linear"]
-    assert [r["status"] for r in read_rows(base)] == ["ok", "ok", "pending", "pending"]
-    mtimes = {name: (base / name / "metrics.json").stat().st_mtime_ns for name in trained}
-
-    monkeypatch.setattr(qlora.sweep, "train", real_train)
-    assert run_cli(qlora.sweep.main, argv) == 0
-    assert {name: (base / name / "metrics.json").stat().st_mtime_ns for name in trained} == mtimes
-    rows = read_rows(base)
-    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
-    losses = [float(r["eval_loss_after"]) for r in rows]
-    assert losses == sorted(losses)
-    # r=8 on q (64->64) and v (64->32, two KV heads) in both layers; all-linear adds k, o and the MLP.
-    params = {(r["lora.alpha"], r["lora.targets"]): int(r["trainable_params"]) for r in rows}
-    assert params[("8", "qv")] == params[("32", "qv")] == 2 * 8 * ((64 + 64) + (64 + 32))
-    assert params[("8", "all-linear")] > params[("8", "qv")]
 
 
 @pytest.mark.slow
@@ -220,3 +262,9 @@ def test_cli_sweep_writes_one_row_per_point(tmp_path, tiny_llama, alpaca_file):
     assert all(json.loads((out / f"lora.alpha={a}__lora.targets={t}" / "metrics.json").read_text())["train_steps"] == 8
                for a, t in [("8", "qv"), ("64", "all-linear")])
     assert "qlora sweep" in result.stdout and (out / "sweep_results.md").exists()
+    losses = [float(r["eval_loss_after"]) for r in rows]
+    assert losses == sorted(losses)
+    # r=8 on q (64->64) and v (64->32, two KV heads) in both layers; all-linear adds k, o and the MLP.
+    params = {(r["lora.alpha"], r["lora.targets"]): int(r["trainable_params"]) for r in rows}
+    assert params[("8", "qv")] == params[("64", "qv")] == 2 * 8 * ((64 + 64) + (64 + 32))
+    assert params[("8", "all-linear")] > params[("8", "qv")]

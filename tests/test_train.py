@@ -146,7 +146,7 @@ def test_out_of_memory_keeps_checkpoints_and_explains(tiny_llama, alpaca_file, t
     assert (out / "checkpoints" / "checkpoint-2" / "COMPLETE").exists()
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
     err = capsys.readouterr().err
-    assert "error: out of GPU memory; the last complete checkpoint is kept" in err
+    assert "error: out of GPU memory during training; the last complete checkpoint is kept" in err
     assert "qlora profile --recipe" in err
 
 

@@ -19,3 +19,10 @@ def plan_fit(recipe, gpu_bytes: int):
     from qlora.profile.planner import plan_fit as _plan_fit
 
     return _plan_fit(recipe, gpu_bytes)
+
+
+def merge_memory_bytes(model, dtype: str = "bfloat16", bits: int | None = 4, double_quant: bool = True):
+    """`MergeMemory` (GPU bytes for `qlora merge`: whole model / layer by layer) of `model` in `dtype`."""
+    from qlora.merge_memory import merge_memory_bytes as _merge_memory_bytes
+
+    return _merge_memory_bytes(model, dtype, bits, double_quant)

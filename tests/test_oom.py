@@ -1,0 +1,118 @@
+"""Out of GPU memory in any GPU phase: exit 3, the phase named, advice, and nothing finished lost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora.oom import OOM_EXIT_CODE, OutOfMemoryExit
+from test_export import session_run  # the session's real tiny run folder, see test_export.py
+from test_train import tiny_recipe
+
+
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_the_handler_names_the_phase_and_exits_3(capsys):
+    with pytest.raises(SystemExit) as info, OutOfMemoryExit("merge", ["use --device cpu"], kept="nothing was written"):
+        out_of_memory()
+    assert info.value.code == OOM_EXIT_CODE
+    assert capsys.readouterr().err == "error: out of GPU memory during merge; nothing was written\nuse --device cpu\n"
+
+
+def test_other_errors_pass_through_and_deferred_waits_for_the_caller(capsys):
+    with pytest.raises(ValueError), OutOfMemoryExit("merge"):
+        raise ValueError("not memory")
+    with OutOfMemoryExit("evaluation", deferred=True) as oom:
+        out_of_memory()
+    assert oom.happened and capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        oom.exit_if_out_of_memory()
+    assert capsys.readouterr().err.startswith("error: out of GPU memory during evaluation")
+
+
+def test_oom_while_loading_the_model_exits_3_with_advice(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
+    import qlora.model
+    from qlora.train import train
+
+    monkeypatch.setattr(qlora.model, "load_base_model", out_of_memory)
+    with pytest.raises(SystemExit) as info:
+        train(tiny_recipe(tiny_llama, alpaca_file, tmp_path / "run", "target_gpu=24GB"))
+    assert info.value.code == OOM_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "error: out of GPU memory during model loading; no training step ran" in err and "qlora profile" in err
+
+
+def test_oom_in_the_evaluation_before_training_exits_3_with_advice(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from qlora.train import train
+
+    trained = []
+    monkeypatch.setattr(transformers.Trainer, "evaluate", out_of_memory)
+    monkeypatch.setattr(transformers.Trainer, "train", lambda *a, **k: trained.append(1))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        train(tiny_recipe(tiny_llama, alpaca_file, out, "target_gpu=24GB"))
+    assert info.value.code == OOM_EXIT_CODE and trained == []
+    err = capsys.readouterr().err
+    assert "error: out of GPU memory during the evaluation before training; no training step ran" in err
+    assert "training.eval_batch_size" in err and "qlora profile --recipe" in err
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+
+
+def test_oom_in_the_evaluation_after_training_exits_3_with_the_adapter_saved(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from qlora.train import train
+
+    real_evaluate = transformers.Trainer.evaluate
+
+    def out_of_memory_once_trained(self, *args, **kwargs):
+        if self.state.global_step >= self.args.max_steps:
+            out_of_memory()
+        return real_evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "evaluate", out_of_memory_once_trained)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        train(tiny_recipe(tiny_llama, alpaca_file, out, "training.max_steps=2"))
+    assert info.value.code == OOM_EXIT_CODE
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_loss_before"] > 0 and metrics["train_steps"] == 2
+    assert not any(key.endswith("_after") for key in metrics)
+    assert metrics["eval_after_skipped"] == "out of GPU memory in the evaluation after training"
+    err = capsys.readouterr().err
+    assert f"error: out of GPU memory during the evaluation after training; the adapter is saved in {out / 'adapter'}" in err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_llama, alpaca_file):
+    return session_run(tmp_path_factory, tiny_llama, alpaca_file)
+
+
+def test_oom_in_merge_exits_3_and_writes_nothing(run_dir, tmp_path, monkeypatch, capsys):
+    import qlora.merge
+
+    monkeypatch.setattr(qlora.merge, "merged_model", out_of_memory)
+    with pytest.raises(SystemExit) as info:
+        qlora.merge.main([str(run_dir), "--to", str(tmp_path / "m")])
+    assert info.value.code == OOM_EXIT_CODE and list(tmp_path.iterdir()) == []
+    err = capsys.readouterr().err
+    assert f"error: out of GPU memory during merge; nothing was written to {tmp_path / 'm'}" in err
+    assert "--device layers" in err
+
+
+def test_oom_in_generate_exits_3_with_advice(run_dir, monkeypatch, capsys):
+    import qlora.metrics
+    from qlora.generate import main
+
+    monkeypatch.setattr(qlora.metrics, "generate_answers", out_of_memory)
+    with pytest.raises(SystemExit) as info:
+        main([str(run_dir), "--prompt", "Say the next number."])
+    assert info.value.code == OOM_EXIT_CODE
+    assert "error: out of GPU memory during generation\ngive fewer or shorter --prompt values" in capsys.readouterr().err
