@@ -95,6 +95,7 @@ class TrainingSpec:
     eval_steps: int | None = None  # None: evaluate only before and after training
     save_steps: int = 100
     save_total_limit: int | None = 3
+    max_nonfinite_steps: int = 0  # non-finite (NaN/inf) steps skipped before training stops (exit 5)
     logging_steps: int = 10
     seed: int = 42
 
@@ -339,6 +340,7 @@ def validate(recipe: Recipe) -> Recipe:
     _check(t.max_steps == -1 or t.max_steps > 0, f"training.max_steps: must be > 0 (or -1 for epochs), got {t.max_steps}")
     _check(t.num_epochs > 0, f"training.num_epochs: must be > 0, got {t.num_epochs}")
     _check(t.save_steps > 0, f"training.save_steps: must be > 0, got {t.save_steps}")
+    _check(t.max_nonfinite_steps >= 0, f"training.max_nonfinite_steps: must be >= 0, got {t.max_nonfinite_steps}")
     _check(t.logging_steps > 0, f"training.logging_steps: must be > 0, got {t.logging_steps}")
     _check(t.eval_steps is None or t.eval_steps > 0, f"training.eval_steps: must be > 0, got {t.eval_steps}")
     _check_choice("eval.metric", e.metric, METRICS)
