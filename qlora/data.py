@@ -117,6 +117,11 @@ def read_files(loader: str, files: list[Path], key: str):
         with progress_bars_off():  # local files load in a blink; the bar would only clutter errors
             return datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
     except Exception as exc:  # datasets raises many types for unreadable files; all are the user's file
+        from qlora.data_files import locate_problem
+
+        where = locate_problem(loader, files)  # the file and line, which datasets' message lacks
+        if where:
+            raise QLoraError(f"{key}: cannot read {where}") from None
         raise QLoraError(f"{key}: cannot read {', '.join(map(str, files))}: {first_line(exc)}") from None
 
 
