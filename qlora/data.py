@@ -315,37 +315,41 @@ def causal_item(ids: list[int], labels: list[int], max_len: int) -> tuple[dict |
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, truncated
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """User text as text: a literal '</s>' or '<|eot_id|>' in it is not the control token."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def bos_ids(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
 def tokenize_example(tokenizer, example: Example, max_len: int) -> tuple[dict | None, bool]:
     """Prompt + response + EOS with the prompt masked out of the labels."""
-    prompt_ids = bos_ids(tokenizer) + tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = bos_ids(tokenizer) + text_ids(tokenizer, example.prompt)
+    response_ids = text_ids(tokenizer, example.response) + [tokenizer.eos_token_id]
     return causal_item(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, max_len)
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_len: int) -> tuple[dict | None, bool]:
     """The templated conversation, with labels only on tokens that start inside an assistant turn."""
+    from qlora.chat_tokens import encode_chat
+
     text, spans = assistant_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # the template writes BOS
-    labels = [
-        token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
-        for token, offset in zip(encoded["input_ids"], encoded["offset_mapping"])
-    ]
-    return causal_item(encoded["input_ids"], labels, max_len)
+    ids, offsets = encode_chat(tokenizer, text, messages)  # the template writes BOS; contents stay text
+    labels = [token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX for token, offset in zip(ids, offsets)]
+    return causal_item(ids, labels, max_len)
 
 
 def tokenize_text(tokenizer, text: str, max_len: int) -> tuple[dict | None, bool]:
     """BOS + text + EOS, every token a label (plain causal LM)."""
-    ids = bos_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = bos_ids(tokenizer) + text_ids(tokenizer, text) + [tokenizer.eos_token_id]
     return causal_item(ids, list(ids), max_len)
 
 
 def tokenize_classification(tokenizer, text: str, label_id: int, max_len: int) -> tuple[dict, bool]:
     """BOS + text cut to `max_len`, with the label's id (the head pools the last token)."""
-    ids = bos_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = bos_ids(tokenizer) + text_ids(tokenizer, text)
     return {"input_ids": ids[:max_len], "attention_mask": [1] * min(len(ids), max_len), "labels": label_id}, len(ids) > max_len
 
 
