@@ -218,7 +218,12 @@ def label_text(raw, spec: DataSpec):
 
 def label_names_of(raws, spec: DataSpec) -> list[str]:
     """Sorted label names (ints numerically, then strings): the sort fixes each label's id."""
-    values = {v for raw in raws if raw is not None for v in raw[column(spec, "label")]}
+    values = [v for raw in raws if raw is not None for v in raw[column(spec, "label")]]
+    odd = next((v for v in values if not isinstance(v, (str, int))), None)
+    if odd is not None:  # lists, mappings, floats: not a class name, and not hashable or sortable as one
+        raise QLoraError(f"data.path: column '{column(spec, 'label')}' must hold text or integer labels, "
+                         f"got {type(odd).__name__} {str(odd)[:60]}")
+    values = set(values)
     if len(values) < 2:
         raise QLoraError(
             f"data.path: classification needs at least two labels in column '{column(spec, 'label')}', "
@@ -255,7 +260,7 @@ def format_alpaca(row: dict, spec: DataSpec) -> Example:
 def conversation(row: dict, spec: DataSpec) -> list[dict]:
     """The example's messages, checked to be a list of {role, content} (what chat templates read)."""
     messages = row[column(spec, "messages")]
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
         raise QLoraError(
             f"data.path: column '{column(spec, 'messages')}' must hold lists of {{role, content}} messages, "
             f"got {str(messages)[:120]}"

@@ -316,6 +316,9 @@ def validate(recipe: Recipe) -> Recipe:
     _check(bool(d.path), "data.path: required (a JSON/JSONL/CSV/Parquet file, a folder, or a Hub dataset)")
     _check(bool(recipe.output_dir), "output_dir: required (where the adapter and metrics are written)")
     _check(q.bits in (4, 8, None), f"quantization.bits: must be 4, 8 or none, got {q.bits}")
+    for key, value in (("model.name_or_path", m.name_or_path), ("data.path", d.path), ("data.eval_path", d.eval_path),
+                       ("output_dir", recipe.output_dir)):
+        _check_path(key, value)
     _check_choice("quantization.quant_type", q.quant_type, QUANT_TYPES)
     _check_choice("quantization.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
     _check_choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
@@ -365,8 +368,25 @@ def _resolve_input_paths(recipe: Recipe, base: Path) -> None:
     """
     for spec, attr in ((recipe.model, "name_or_path"), (recipe.data, "path"), (recipe.data, "eval_path")):
         value = getattr(spec, attr)
-        if value and not Path(value).is_absolute() and (base / value).exists():
+        if value and not Path(value).is_absolute() and _exists(base / value):
             setattr(spec, attr, str((base / value).resolve()))
+
+
+def _exists(path: Path) -> bool:
+    """`Path.exists`, False for names no file system accepts (a NUL byte, a name over 255 bytes)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _check_path(key: str, value: str | None) -> None:
+    """A path or Hub name must be one the file system can look up (validate() reports it, not a traceback)."""
+    if not value:
+        return
+    _check("\x00" not in value, f"{key}: contains a NUL character")
+    _check(all(len(part.encode("utf-8", "surrogatepass")) <= 255 for part in Path(value).parts),
+           f"{key}: a name in '{value[:60]}...' is longer than 255 bytes")
 
 
 def _normalise_bits(data: dict) -> None:
