@@ -80,3 +80,31 @@ def test_disk_full_is_recognised_from_every_writer():
     except RuntimeError as outer:
         assert is_disk_full(outer)
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
+
+
+def test_disk_full_after_the_adapter_keeps_the_finished_adapter(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
+    """metrics.json cannot be written: the adapter already published stays, the temporary file goes."""
+    import os
+
+    import qlora.io
+    from safetensors.torch import load_file
+
+    from qlora.train import train
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(".metrics.json."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(qlora.io.os, "fsync", fsync)
+    out = tmp_path / "metrics-full"
+    with pytest.raises(SystemExit) as info:
+        train(short_recipe(tiny_llama, alpaca_file, out))
+    assert info.value.code == DISK_FULL_EXIT_CODE
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    last = load_file(out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors")
+    assert final.keys() == last.keys() and all((final[k] == last[k]).all() for k in final)
+    assert not (out / "metrics.json").exists() and leftovers(out) == []
+    assert "the last complete checkpoint and the finished adapter kept (checkpoint-6 is complete)" in capsys.readouterr().err

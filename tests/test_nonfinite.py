@@ -78,3 +78,4 @@ def test_max_nonfinite_steps_must_not_be_negative():
 
     with pytest.raises(QLoraError, match="training.max_nonfinite_steps: must be >= 0, got -1"):
         short_recipe("m", "d", "o", "training.max_nonfinite_steps=-1")
+

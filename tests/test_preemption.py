@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from qlora.checkpoints import damage
@@ -20,7 +19,7 @@ from qlora.errors import USAGE_EXIT_CODE
 from qlora.preemption import PREEMPTED_EXIT_CODE
 from qlora.run_lock import LOCK_NAME
 
-pytestmark = pytest.mark.slow
+from test_nonfinite import short_recipe
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
 MAX_STEPS = 12
@@ -47,6 +46,7 @@ def assert_same_adapter(got_dir: Path, expected_dir: Path) -> None:
     expected = load_file(expected_dir / "adapter" / "adapter_model.safetensors")
     assert got.keys() == expected.keys()
     worst = max(float((got[k] - expected[k]).abs().max()) for k in expected)
+    print(f"max |diff| vs the uninterrupted run: {worst:.3g}")
     assert worst <= 1e-5, worst
 
 
@@ -58,6 +58,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_saves_the_step_reached_exits_4_and_resumes_to_the_same_adapter(uninterrupted, tmp_path):
     out = tmp_path / "preempted"
     log = (tmp_path / "log.txt").open("w")
@@ -74,6 +75,7 @@ def test_sigterm_mid_run_saves_the_step_reached_exits_4_and_resumes_to_the_same_
     line = next(l for l in output.splitlines() if "stopped by SIGTERM at step" in l)
     step = int(line.split("stopped by SIGTERM at step ")[1].split(":")[0])
     assert 4 < step < MAX_STEPS, line  # mid-run, after the periodic checkpoint-4
+    print(f"SIGTERM stopped the run at step {step} of {MAX_STEPS}")
     assert line.endswith(f"stopped by SIGTERM at step {step}: checkpoint-{step} is complete; continue with --resume")
     assert damage(out / "checkpoints" / f"checkpoint-{step}") is None
     assert (out / "checkpoints" / f"checkpoint-{step}" / "COMPLETE").exists()
@@ -96,6 +98,7 @@ def flip_bytes(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spoil", [truncate, flip_bytes], ids=["truncated", "flipped"])
 def test_damaged_newest_checkpoint_falls_back_with_one_warning(uninterrupted, tmp_path, spoil):
     out = tmp_path / "damaged"
@@ -122,3 +125,53 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(uninterrupted, tm
         assert lines[-1].startswith("error: --resume: no intact checkpoint under ")
         assert "Traceback" not in refused.stderr
         assert "checksum differs from the one recorded (corrupted)" in refused.stderr
+
+
+def test_sigterm_in_process_saves_the_step_reached_and_exits_4(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
+    """The fast twin of the test above, in-process: SIGTERM during step 3 -> checkpoint-3, exit 4, lock released."""
+    import os
+    import signal
+
+    import transformers
+
+    from qlora.preemption import PREEMPTED_EXIT_CODE
+    from qlora.train import train
+
+    original = transformers.Trainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.model.training and self.state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step; the step still finishes
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", compute_loss)
+    out = tmp_path / "term"
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        train(short_recipe(tiny_llama, alpaca_file, out))
+    assert info.value.code == PREEMPTED_EXIT_CODE
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert damage(out / "checkpoints" / "checkpoint-3") is None
+    assert not (out / LOCK_NAME).exists() and not (out / "adapter").exists()
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is the run's only
+    assert "stopped by SIGTERM at step 3: checkpoint-3 is complete; continue with --resume" in capsys.readouterr().err
+
+
+def test_sigterm_before_training_stops_at_once_with_143(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import qlora.train
+    from qlora.preemption import TERMINATED_EXIT_CODE
+
+    def terminated_during_baseline(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(qlora.train, "baseline", terminated_during_baseline)
+    out = tmp_path / "early"
+    with pytest.raises(SystemExit) as info:
+        qlora.train.train(short_recipe(tiny_llama, alpaca_file, out))
+    assert info.value.code == TERMINATED_EXIT_CODE
+    assert not (out / LOCK_NAME).exists()
+    assert "stopped by SIGTERM: no checkpoint was written yet; nothing to resume" in capsys.readouterr().err
