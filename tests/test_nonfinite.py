@@ -79,3 +79,52 @@ def test_max_nonfinite_steps_must_not_be_negative():
     with pytest.raises(QLoraError, match="training.max_nonfinite_steps: must be >= 0, got -1"):
         short_recipe("m", "d", "o", "training.max_nonfinite_steps=-1")
 
+
+
+class TinyLM(torch.nn.Module):
+    """A module whose forward returns a `.loss` the way transformers models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 1)
+
+    def forward(self, x, scale=1.0):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        return CausalLMOutput(loss=self.linear(x).sum() * scale)
+
+
+class Scaled:
+    scaler = object()  # what accelerate's optimizer wrapper carries under fp16 grad scaling
+
+
+def run_step(model, callback, loss_scale, grad_value, optimizer=None):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    state, control = TrainerState(), TrainerControl()
+    model.train()
+    model(torch.ones(1, 2), scale=loss_scale)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, grad_value)
+    callback.on_pre_optimizer_step(TrainingArguments(output_dir="unused", report_to="none"), state, control,
+                                   model=model, optimizer=optimizer)
+    return control.should_training_stop
+
+
+@pytest.mark.parametrize("loss_scale, grad_value, optimizer, stops", [
+    (float("nan"), 1.0, None, True),  # a NaN loss
+    (float("nan"), 1.0, Scaled(), True),  # a NaN loss, also under fp16 grad scaling
+    (1.0, float("inf"), None, True),  # bf16/fp32: an inf gradient would poison the weights
+    (1.0, float("inf"), Scaled(), False),  # fp16: an overflowing gradient is the scaler's routine, not a stop
+    (1.0, 1.0, None, False),
+])
+def test_what_counts_as_a_nonfinite_step(loss_scale, grad_value, optimizer, stops):
+    from qlora.nonfinite import stop_on_nonfinite_callback
+
+    model, callback = TinyLM(), stop_on_nonfinite_callback(0)
+    callback.on_train_begin(None, None, None, model=model)
+    assert run_step(model, callback, loss_scale, grad_value, optimizer) is stops
+    if stops:
+        assert all(p.grad is None for p in model.parameters())  # the bad step changes nothing
+    callback.on_train_end(None, None, None)
+    assert callback.watch.handle is None
