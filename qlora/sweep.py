@@ -27,6 +27,7 @@ from qlora.checkpoints import latest_complete_checkpoint
 from qlora.errors import QLoraError, run_cli
 from qlora.io import atomic_write_text
 from qlora.recipe import Recipe, all_keys, load_recipe, split_assignment
+from qlora.nonfinite import NONFINITE_EXIT_CODE
 from qlora.train import OOM_EXIT_CODE, train
 
 RESULTS_NAME = "sweep_results"
@@ -190,7 +191,9 @@ def run_point(point: Point) -> tuple[str, dict[str, Any] | None]:
     except torch.OutOfMemoryError:
         return "failed: out of GPU memory", None
     except SystemExit as exc:  # train() reports an out-of-memory step itself, then exits with this code
-        if exc.code != OOM_EXIT_CODE:
+        if exc.code == NONFINITE_EXIT_CODE:  # this point's learning rate diverged: the others may not
+            return "failed: non-finite loss", None
+        if exc.code != OOM_EXIT_CODE:  # SIGTERM, a full disk: the whole sweep stops (and resumes)
             raise
         return "failed: out of GPU memory", None
     finally:

@@ -128,6 +128,20 @@ def test_failed_points_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
     assert len(calls) == 4
 
 
+
+def test_a_diverging_point_fails_alone_but_sigterm_stops_the_sweep(tmp_path, monkeypatch):
+    from qlora.nonfinite import NONFINITE_EXIT_CODE
+    from qlora.preemption import PREEMPTED_EXIT_CODE
+
+    monkeypatch.setattr(qlora.sweep, "train", fake_train({16: SystemExit(NONFINITE_EXIT_CODE)}, []))
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"]) == 1
+    assert [(r["lora.alpha"], r["status"]) for r in read_rows(tmp_path / "sweep")] == [
+        ("8", "ok"), ("16", "failed: non-finite loss")]
+    monkeypatch.setattr(qlora.sweep, "train", fake_train({8: SystemExit(PREEMPTED_EXIT_CODE)}, []))
+    with pytest.raises(SystemExit) as info:
+        run_cli(qlora.sweep.main, [str(write_recipe(tmp_path, output_dir=str(tmp_path / "b"))), "--grid", "lora.alpha=8,16"])
+    assert info.value.code == PREEMPTED_EXIT_CODE
+
 def test_task_metric_ranks_first_and_gets_columns(tmp_path, monkeypatch):
     monkeypatch.setattr(qlora.sweep, "train", fake_train({8: 0.9, 64: 0.5}, []))
     recipe = write_recipe(tmp_path, eval={"metric": "exact_match"})
