@@ -57,12 +57,18 @@ def remove_debris(output_dir: Path) -> list[Path]:
 
 def disk_full_exit(exc: BaseException, output_dir: Path) -> SystemExit:
     """One line saying what happened and what is kept; the exit to raise."""
+    from qlora.checkpoints import latest_complete_checkpoint
+
     remove_debris(output_dir)
     where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
-    kept, _ = resume_hint(output_dir)
-    adapter = " and the finished adapter" if (Path(output_dir) / "adapter").is_dir() else ""
-    print(f"error: disk full while writing{where}; partial files removed, the last complete checkpoint{adapter} kept "
-          f"({kept.replace('; continue with --resume', '')}); free space, then continue with --resume", file=sys.stderr)
+    checkpoint = latest_complete_checkpoint(output_dir)
+    adapter = (Path(output_dir) / "adapter").is_dir()
+    if checkpoint is not None:
+        kept = f"the last complete checkpoint ({checkpoint.name}){' and the finished adapter' if adapter else ''} kept; " \
+               "free space, then continue with --resume"
+    else:
+        kept = f"{'the finished adapter kept; ' if adapter else 'no checkpoint was written yet; '}free space, then run again"
+    print(f"error: disk full while writing{where}; partial files removed, {kept}", file=sys.stderr)
     return SystemExit(DISK_FULL_EXIT_CODE)
 
 

@@ -53,7 +53,8 @@ def test_disk_full_is_one_line_and_keeps_what_was_complete(tiny_llama, alpaca_fi
     err = capsys.readouterr().err
     errors = [l[l.index("error:"):] for l in err.splitlines() if "error:" in l]  # the progress bar may share the line
     assert len(errors) == 1 and errors[0].startswith("error: disk full while writing (")
-    assert f"({kept[-1]} is complete); free space, then continue with --resume" in errors[0]
+    assert errors[0].endswith(f"; partial files removed, the last complete checkpoint ({kept[-1]}) kept; "
+                              "free space, then continue with --resume")
 
 
 def test_a_failed_staged_write_keeps_the_finished_folder_and_leaves_no_debris(tmp_path):
@@ -107,4 +108,4 @@ def test_disk_full_after_the_adapter_keeps_the_finished_adapter(tiny_llama, alpa
     last = load_file(out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors")
     assert final.keys() == last.keys() and all((final[k] == last[k]).all() for k in final)
     assert not (out / "metrics.json").exists() and leftovers(out) == []
-    assert "the last complete checkpoint and the finished adapter kept (checkpoint-6 is complete)" in capsys.readouterr().err
+    assert "the last complete checkpoint (checkpoint-6) and the finished adapter kept; free space" in capsys.readouterr().err
