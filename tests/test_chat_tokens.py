@@ -12,8 +12,6 @@ import pytest
 from qlora.data import IGNORE_INDEX, format_alpaca, text_ids, tokenize_chat, tokenize_example
 from qlora.recipe import DataSpec
 
-from conftest import make_tokenizer
-
 QWEN_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -30,9 +28,11 @@ STYLES = {
 
 
 @pytest.fixture(scope="module", params=sorted(STYLES))
-def styled(request, tmp_path_factory):
+def styled(request, tiny_llama):
+    from transformers import AutoTokenizer
+
     template, controls, end = STYLES[request.param]
-    tokenizer = make_tokenizer(tmp_path_factory.mktemp(request.param))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)  # a fresh copy: the additions stay in this test
     tokenizer.add_tokens(controls, special_tokens=True)
     tokenizer.chat_template = template
     return request.param, tokenizer, end
