@@ -173,6 +173,7 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> Path 
     if resume:
         checkpoint = latest_intact_checkpoint(output_dir)
         if checkpoint is not None:
+            remove_unfinished(output_dir)  # half-written newer folders: the resume writes those steps afresh
             return checkpoint
         if not started_without_finishing(output_dir):
             raise QLoraError(f"--resume: no complete checkpoint under {checkpoints_dir(output_dir)}")

@@ -21,6 +21,8 @@ def test_resume_ignores_unmarked_checkpoints(tmp_path):
     mark_complete(tmp_path / "checkpoints" / "checkpoint-4")
     assert latest_complete_checkpoint(tmp_path).name == "checkpoint-4"  # checkpoint-6 was half-written
     assert prepare_output_dir(tmp_path, overwrite=False, resume=True) == tmp_path / "checkpoints" / "checkpoint-4"
+    assert not (tmp_path / "checkpoints" / "checkpoint-6").exists()  # the resume writes step 6 into a clean folder
+    assert (tmp_path / "checkpoints" / "checkpoint-2").exists()
 
 
 def test_resume_before_the_first_complete_checkpoint_starts_again(tmp_path, capsys):
