@@ -3,10 +3,19 @@
 transformers' Trainer writes `checkpoint-N/` file by file in place, so a process killed mid-save
 leaves a folder that looks like a checkpoint but is not one. We write a `COMPLETE` marker (itself
 atomically) only after Trainer has finished saving; a resume trusts only marked checkpoints.
+
+The marker records the size and sha256 of every file in the checkpoint, so a checkpoint damaged
+after it was finished (a truncated copy, a flipped byte, a full disk during a later rewrite) is
+caught before transformers would fail on it with a traceback: `--resume` warns once per damaged
+checkpoint, removes it and falls back to the previous intact one. Rotation (`save_total_limit`)
+is done here, after the newer checkpoint is marked, so an intact checkpoint exists at every moment
+(transformers rotates before our marker is written, which with a limit of 1 leaves none).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 import sys
@@ -42,11 +51,106 @@ def latest_complete_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def mark_complete(checkpoint: Path) -> None:
-    """Declare a fully written checkpoint trustworthy."""
-    from qlora.io import atomic_write_text
+def file_digests(checkpoint: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} for every file of a checkpoint except the marker."""
+    checkpoint = Path(checkpoint)
+    digests = {}
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
+        sha = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+        digests[path.relative_to(checkpoint).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
+    return digests
 
-    atomic_write_text(Path(checkpoint) / COMPLETE_MARKER, "ok\n")
+
+def mark_complete(checkpoint: Path) -> None:
+    """Declare a fully written checkpoint trustworthy, recording what each of its files must hash to."""
+    from qlora.io import atomic_write_json
+
+    atomic_write_json(Path(checkpoint) / COMPLETE_MARKER, {"files": file_digests(checkpoint)})
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a marked checkpoint's files (None when they match the marker).
+
+    Markers written before checksums were recorded ('ok') have nothing to check and are trusted.
+    """
+    checkpoint = Path(checkpoint)
+    try:
+        recorded = json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        text = (checkpoint / COMPLETE_MARKER).read_bytes() if (checkpoint / COMPLETE_MARKER).is_file() else b""
+        return None if text.strip() == b"ok" else f"{COMPLETE_MARKER}: unreadable marker"
+    actual = file_digests(checkpoint)
+    for name, want in recorded.items():
+        got = actual.get(name)
+        if got is None:
+            return f"{name}: missing"
+        if got["bytes"] != want.get("bytes"):
+            return f"{name}: {got['bytes']} bytes, {want.get('bytes')} recorded (truncated or replaced)"
+        if got["sha256"] != want.get("sha256"):
+            return f"{name}: checksum differs from the one recorded (corrupted)"
+    return None
+
+
+def latest_intact_checkpoint(output_dir: Path) -> Path | None:
+    """The newest marked checkpoint whose files match their checksums, or None when none is marked.
+
+    Damaged ones newer than it get one warning each and are removed (the resume writes those steps
+    again); when every marked checkpoint is damaged the resume is refused with one line.
+    """
+    marked = complete_checkpoints(output_dir)
+    damaged = []
+    for checkpoint in reversed(marked):
+        problem = damage(checkpoint)
+        if problem is None:
+            for bad, why in damaged:
+                print(f"warning: --resume: {bad.name} is damaged ({why}); removed it, resuming from {checkpoint.name}",
+                      file=sys.stderr)
+                shutil.rmtree(bad, ignore_errors=True)
+            return checkpoint
+        damaged.append((checkpoint, problem))
+    if damaged:
+        details = "; ".join(f"{c.name}: {why}" for c, why in damaged)
+        raise QLoraError(f"--resume: no intact checkpoint under {checkpoints_dir(output_dir)} ({details}); "
+                         "pass --overwrite to start again")
+    return None
+
+
+def rotate(checkpoint_root: Path, keep: int | None) -> None:
+    """Keep the newest `keep` complete checkpoints; delete older ones and older half-written ones."""
+    if not keep or keep < 1:
+        return
+    root = Path(checkpoint_root)
+    marked = complete_checkpoints(root.parent)
+    if len(marked) <= keep:
+        older_than = marked[0] if marked else None
+    else:
+        for old in marked[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        older_than = marked[-keep]
+    if older_than is None:
+        return
+    oldest_kept = int(CHECKPOINT_RE.match(older_than.name).group(1))
+    for child in root.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and int(match.group(1)) < oldest_kept and not (child / COMPLETE_MARKER).exists():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def remove_unfinished(output_dir: Path) -> list[Path]:
+    """Delete checkpoint folders newer than the last complete one that never got their marker."""
+    marked = complete_checkpoints(output_dir)
+    newest = int(CHECKPOINT_RE.match(marked[-1].name).group(1)) if marked else -1
+    removed = []
+    root = checkpoints_dir(output_dir)
+    for child in (root.iterdir() if root.is_dir() else []):
+        match = CHECKPOINT_RE.match(child.name)
+        if match and int(match.group(1)) > newest and not (child / COMPLETE_MARKER).exists():
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+    return removed
 
 
 def has_results(output_dir: Path) -> bool:
@@ -67,8 +171,9 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> Path 
     if resume and overwrite:
         raise QLoraError("--resume and --overwrite contradict each other; choose one")
     if resume:
-        checkpoint = latest_complete_checkpoint(output_dir)
+        checkpoint = latest_intact_checkpoint(output_dir)
         if checkpoint is not None:
+            remove_unfinished(output_dir)  # half-written newer folders: the resume writes those steps afresh
             return checkpoint
         if not started_without_finishing(output_dir):
             raise QLoraError(f"--resume: no complete checkpoint under {checkpoints_dir(output_dir)}")

@@ -117,6 +117,11 @@ def read_files(loader: str, files: list[Path], key: str):
         with progress_bars_off():  # local files load in a blink; the bar would only clutter errors
             return datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
     except Exception as exc:  # datasets raises many types for unreadable files; all are the user's file
+        from qlora.data_files import locate_problem
+
+        where = locate_problem(loader, files)  # the file and line, which datasets' message lacks
+        if where:
+            raise QLoraError(f"{key}: cannot read {where}") from None
         raise QLoraError(f"{key}: cannot read {', '.join(map(str, files))}: {first_line(exc)}") from None
 
 
@@ -213,7 +218,12 @@ def label_text(raw, spec: DataSpec):
 
 def label_names_of(raws, spec: DataSpec) -> list[str]:
     """Sorted label names (ints numerically, then strings): the sort fixes each label's id."""
-    values = {v for raw in raws if raw is not None for v in raw[column(spec, "label")]}
+    values = [v for raw in raws if raw is not None for v in raw[column(spec, "label")]]
+    odd = next((v for v in values if not isinstance(v, (str, int))), None)
+    if odd is not None:  # lists, mappings, floats: not a class name, and not hashable or sortable as one
+        raise QLoraError(f"data.path: column '{column(spec, 'label')}' must hold text or integer labels, "
+                         f"got {type(odd).__name__} {str(odd)[:60]}")
+    values = set(values)
     if len(values) < 2:
         raise QLoraError(
             f"data.path: classification needs at least two labels in column '{column(spec, 'label')}', "
@@ -250,7 +260,7 @@ def format_alpaca(row: dict, spec: DataSpec) -> Example:
 def conversation(row: dict, spec: DataSpec) -> list[dict]:
     """The example's messages, checked to be a list of {role, content} (what chat templates read)."""
     messages = row[column(spec, "messages")]
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
         raise QLoraError(
             f"data.path: column '{column(spec, 'messages')}' must hold lists of {{role, content}} messages, "
             f"got {str(messages)[:120]}"
@@ -310,37 +320,41 @@ def causal_item(ids: list[int], labels: list[int], max_len: int) -> tuple[dict |
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}, truncated
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """User text as text: a literal '</s>' or '<|eot_id|>' in it is not the control token."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def bos_ids(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
 def tokenize_example(tokenizer, example: Example, max_len: int) -> tuple[dict | None, bool]:
     """Prompt + response + EOS with the prompt masked out of the labels."""
-    prompt_ids = bos_ids(tokenizer) + tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_ids = bos_ids(tokenizer) + text_ids(tokenizer, example.prompt)
+    response_ids = text_ids(tokenizer, example.response) + [tokenizer.eos_token_id]
     return causal_item(prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, max_len)
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_len: int) -> tuple[dict | None, bool]:
     """The templated conversation, with labels only on tokens that start inside an assistant turn."""
+    from qlora.chat_tokens import encode_chat
+
     text, spans = assistant_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)  # the template writes BOS
-    labels = [
-        token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
-        for token, offset in zip(encoded["input_ids"], encoded["offset_mapping"])
-    ]
-    return causal_item(encoded["input_ids"], labels, max_len)
+    ids, offsets = encode_chat(tokenizer, text, messages)  # the template writes BOS; contents stay text
+    labels = [token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX for token, offset in zip(ids, offsets)]
+    return causal_item(ids, labels, max_len)
 
 
 def tokenize_text(tokenizer, text: str, max_len: int) -> tuple[dict | None, bool]:
     """BOS + text + EOS, every token a label (plain causal LM)."""
-    ids = bos_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = bos_ids(tokenizer) + text_ids(tokenizer, text) + [tokenizer.eos_token_id]
     return causal_item(ids, list(ids), max_len)
 
 
 def tokenize_classification(tokenizer, text: str, label_id: int, max_len: int) -> tuple[dict, bool]:
     """BOS + text cut to `max_len`, with the label's id (the head pools the last token)."""
-    ids = bos_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = bos_ids(tokenizer) + text_ids(tokenizer, text)
     return {"input_ids": ids[:max_len], "attention_mask": [1] * min(len(ids), max_len), "labels": label_id}, len(ids) > max_len
 
 

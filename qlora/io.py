@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,19 @@ def staging_dir_for(final: Path) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+
+
+@contextmanager
+def staged_dir(final: Path):
+    """Yield a staging folder for `final`; publish it on success, delete it on any failure.
+
+    A full disk or a kill mid-write thus leaves the previous `final` (if any) as it was and no
+    staging debris.
+    """
+    staging = staging_dir_for(final)
+    try:
+        yield staging
+        publish_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -95,6 +95,7 @@ class TrainingSpec:
     eval_steps: int | None = None  # None: evaluate only before and after training
     save_steps: int = 100
     save_total_limit: int | None = 3
+    max_nonfinite_steps: int = 0  # non-finite (NaN/inf) steps skipped before training stops (exit 5)
     logging_steps: int = 10
     seed: int = 42
 
@@ -311,6 +312,9 @@ def validate(recipe: Recipe) -> Recipe:
     _check(bool(d.path), "data.path: required (a JSON/JSONL/CSV/Parquet file, a folder, or a Hub dataset)")
     _check(bool(recipe.output_dir), "output_dir: required (where the adapter and metrics are written)")
     _check(q.bits in (4, 8, None), f"quantization.bits: must be 4, 8 or none, got {q.bits}")
+    for key, value in (("model.name_or_path", m.name_or_path), ("data.path", d.path), ("data.eval_path", d.eval_path),
+                       ("output_dir", recipe.output_dir)):
+        _check_path(key, value)
     _check_choice("quantization.quant_type", q.quant_type, QUANT_TYPES)
     _check_choice("quantization.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
     _check_choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
@@ -335,6 +339,7 @@ def validate(recipe: Recipe) -> Recipe:
     _check(t.max_steps == -1 or t.max_steps > 0, f"training.max_steps: must be > 0 (or -1 for epochs), got {t.max_steps}")
     _check(t.num_epochs > 0, f"training.num_epochs: must be > 0, got {t.num_epochs}")
     _check(t.save_steps > 0, f"training.save_steps: must be > 0, got {t.save_steps}")
+    _check(t.max_nonfinite_steps >= 0, f"training.max_nonfinite_steps: must be >= 0, got {t.max_nonfinite_steps}")
     _check(t.logging_steps > 0, f"training.logging_steps: must be > 0, got {t.logging_steps}")
     _check(t.eval_steps is None or t.eval_steps > 0, f"training.eval_steps: must be > 0, got {t.eval_steps}")
     _check_choice("eval.metric", e.metric, METRICS)
@@ -359,8 +364,25 @@ def _resolve_input_paths(recipe: Recipe, base: Path) -> None:
     """
     for spec, attr in ((recipe.model, "name_or_path"), (recipe.data, "path"), (recipe.data, "eval_path")):
         value = getattr(spec, attr)
-        if value and not Path(value).is_absolute() and (base / value).exists():
+        if value and not Path(value).is_absolute() and _exists(base / value):
             setattr(spec, attr, str((base / value).resolve()))
+
+
+def _exists(path: Path) -> bool:
+    """`Path.exists`, False for names no file system accepts (a NUL byte, a name over 255 bytes)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _check_path(key: str, value: str | None) -> None:
+    """A path or Hub name must be one the file system can look up (validate() reports it, not a traceback)."""
+    if not value:
+        return
+    _check("\x00" not in value, f"{key}: contains a NUL character")
+    _check(all(len(part.encode("utf-8", "surrogatepass")) <= 255 for part in Path(value).parts),
+           f"{key}: a name in '{value[:60]}...' is longer than 255 bytes")
 
 
 def _normalise_bits(data: dict) -> None:

@@ -28,6 +28,9 @@ import yaml
 from qlora.checkpoints import latest_complete_checkpoint
 from qlora.errors import USAGE_EXIT_CODE, QLoraError, run_cli
 from qlora.io import atomic_write_text
+from qlora.nonfinite import NONFINITE_EXIT_CODE
+from qlora.preemption import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
+from qlora.run_guard import DISK_FULL_EXIT_CODE
 from qlora.oom import OOM_EXIT_CODE
 from qlora.recipe import Recipe, all_keys, load_recipe, split_assignment
 
@@ -222,6 +225,10 @@ def run_point(point: Point) -> tuple[str, dict[str, Any] | None]:
         return "failed: out of GPU memory", read_metrics(point.folder)
     if code == USAGE_EXIT_CODE and error:
         return f"failed: {error}", None
+    if code == NONFINITE_EXIT_CODE:  # this point's learning rate diverged: the others may not
+        return "failed: non-finite loss", None
+    if code in (PREEMPTED_EXIT_CODE, DISK_FULL_EXIT_CODE, TERMINATED_EXIT_CODE):  # the whole sweep stops (and resumes)
+        raise SystemExit(code)
     metrics = read_metrics(point.folder)
     if code != 0 or metrics is None:
         return f"failed: exit code {code}" + (f": {error}" if error else ""), None

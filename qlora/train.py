@@ -57,7 +57,7 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
         eval_steps=t.eval_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # qlora.run_guard rotates once the newer checkpoint is complete
         logging_steps=t.logging_steps,
         seed=t.seed,
         data_seed=t.seed,
@@ -89,6 +89,7 @@ def build_trainer(recipe, loaded, data, checkpoint_root: Path):
     from transformers import Trainer
 
     from qlora.data import data_collator
+    from qlora.run_guard import run_callbacks
 
     return Trainer(
         model=loaded.model,
@@ -97,7 +98,7 @@ def build_trainer(recipe, loaded, data, checkpoint_root: Path):
         eval_dataset=data.eval,
         data_collator=data_collator(loaded.tokenizer, recipe.data),
         processing_class=loaded.tokenizer,
-        callbacks=[checkpoint_marker_callback()],
+        callbacks=[checkpoint_marker_callback(), *run_callbacks(recipe)],
     )
 
 
@@ -126,13 +127,12 @@ def baseline(trainer, loaded, data, recipe, output_dir: Path, resuming: bool) ->
 
 def save_adapter(loaded, output_dir: Path) -> Path:
     """Write the adapter (peft format, safetensors) + tokenizer to `output_dir/adapter` atomically."""
-    from qlora.io import publish_dir, staging_dir_for
+    from qlora.io import staged_dir
 
     final = output_dir / "adapter"
-    staging = staging_dir_for(final)
-    loaded.model.save_pretrained(staging, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(staging)
-    publish_dir(staging, final)
+    with staged_dir(final) as staging:  # a failed write (disk full) leaves no debris and the old adapter
+        loaded.model.save_pretrained(staging, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
     return final
 
 
@@ -142,7 +142,19 @@ def out_of_memory(phase: str, recipe, kept: str = KEPT_CHECKPOINT, extra: str = 
 
 
 def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run one recipe end to end; returns what was written to metrics.json."""
+    """Run one recipe end to end; returns what was written to metrics.json.
+
+    Under `qlora.run_guard`: one run per output_dir (lock), SIGTERM saves a checkpoint (exit 4),
+    a non-finite loss stops (exit 5), a full disk is one line (exit 6).
+    """
+    from qlora.run_guard import guarded_run
+
+    with guarded_run(Path(recipe.output_dir)) as lock:
+        return run_recipe(recipe, resume, overwrite, lock)
+
+
+def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
+    """`train`'s body: check -> load -> measure before -> train -> measure after -> save."""
     import torch
     from transformers import set_seed
 
@@ -151,6 +163,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     from qlora.io import atomic_write_json
     from qlora.metrics import memory_figures
     from qlora.model import build_model, check_model_source, load_tokenizer, parameter_counts
+    from qlora.run_guard import exit_if_stopped
 
     # Everything a user can get wrong is checked before output_dir is touched (--overwrite would
     # delete the previous results) and before minutes go into loading the model.
@@ -159,6 +172,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe, tokenizer)
     print(f"data: {describe(data.stats)}", file=sys.stderr)
+    lock.acquire()  # before the first write: a second run into output_dir is refused
     resume_from = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
     recipe.save(output_dir / "recipe.yaml")
     set_seed(recipe.training.seed)
@@ -171,6 +185,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     started = time.perf_counter()
     with out_of_memory("training", recipe):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    exit_if_stopped(trainer, output_dir)  # SIGTERM (exit 4) or a non-finite loss (exit 5)
     runtime = time.perf_counter() - started
     memory = memory_figures(trainer.optimizer)  # labelled figures; paged optimizer states included on CUDA
     adapter_dir = save_adapter(loaded, output_dir)  # before the last evaluation: an OOM there must not lose it

@@ -54,6 +54,8 @@ if outcome == "oom after training":
     sys.exit(3)
 if outcome == "interrupt":
     sys.exit(130)
+if isinstance(outcome, str) and outcome.startswith("exit "):
+    sys.exit(int(outcome.split()[1]))
 if outcome == "crash":
     raise RuntimeError("something unexpected")
 if isinstance(outcome, str):
@@ -187,6 +189,20 @@ def test_every_point_trains_in_its_own_process(tmp_path, fake_train):
     assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32"]) == 0
     pids = [call[3] for call in fake_train.calls()]
     assert len(pids) == 3 and len(set(pids)) == 3 and os.getpid() not in pids
+
+
+def test_a_diverging_point_fails_alone_but_sigterm_stops_the_sweep(tmp_path, fake_train):
+    from qlora.nonfinite import NONFINITE_EXIT_CODE
+    from qlora.preemption import PREEMPTED_EXIT_CODE
+
+    fake_train.set_outcomes({16: f"exit {NONFINITE_EXIT_CODE}"})
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"]) == 1
+    assert [(r["lora.alpha"], r["status"]) for r in read_rows(tmp_path / "sweep")] == [
+        ("8", "ok"), ("16", "failed: non-finite loss")]
+    fake_train.set_outcomes({8: f"exit {PREEMPTED_EXIT_CODE}"})
+    with pytest.raises(SystemExit) as info:
+        run_cli(qlora.sweep.main, [str(write_recipe(tmp_path, output_dir=str(tmp_path / "b"))), "--grid", "lora.alpha=8,16"])
+    assert info.value.code == PREEMPTED_EXIT_CODE
 
 
 def test_task_metric_ranks_first_and_gets_columns(tmp_path, fake_train):

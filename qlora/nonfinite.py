@@ -1,0 +1,115 @@
+"""Stop at a non-finite loss instead of training on (and saving) NaN weights.
+
+An fp16 overflow (T4) or too high a learning rate makes the loss NaN/inf; one optimizer step on its
+gradients spreads NaN into every adapter weight. Checked once per optimizer step, just before it:
+
+- the loss: a forward hook on the model records whether any micro-batch of the step had a
+  non-finite `loss` in its output (kept on the device, read once per step);
+- the gradients, unless an fp16 grad scaler is at work: without one, a non-finite gradient is as
+  bad as a non-finite loss; with one, an overflowing gradient under a finite loss is routine (the
+  scaler skips that step and lowers its scale), so only the loss counts.
+
+A bad step is skipped (its gradients dropped, as the fp16 scaler does); after
+`training.max_nonfinite_steps` skipped steps (default 0: at the first one) training stops without
+saving, so the last checkpoint written is the last good one, and the run exits with
+`NONFINITE_EXIT_CODE` (5) and what to try.
+"""
+
+from __future__ import annotations
+
+import sys
+
+NONFINITE_EXIT_CODE = 5
+ADVICE = ("try quantization.compute_dtype=bfloat16 where the GPU supports it (fp16 overflows), a lower "
+          "training.learning_rate, or a smaller training.max_grad_norm")
+
+
+def gradients_finite(model) -> bool:
+    """Whether every gradient the optimizer is about to apply is finite (one reduction, one sync)."""
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0)).item())
+
+
+class LossWatch:
+    """A forward hook that remembers whether a training forward returned a non-finite loss."""
+
+    def __init__(self):
+        self.bad = None  # a bool tensor on the loss's device, or None when no loss was seen this step
+        self.handle = None
+
+    def attach(self, model) -> None:
+        self.handle = model.register_forward_hook(self.hook)
+
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def hook(self, module, args, output) -> None:
+        import torch
+
+        loss = getattr(output, "loss", None)
+        if module.training and isinstance(loss, torch.Tensor):
+            bad = ~torch.isfinite(loss.detach()).all()
+            self.bad = bad if self.bad is None else self.bad | bad
+
+    def take(self) -> bool | None:
+        """True/False for this step's losses (None when the model returned none), then forget them."""
+        seen, self.bad = self.bad, None
+        return None if seen is None else bool(seen.item())
+
+
+def step_is_bad(watch: LossWatch, model, optimizer) -> bool:
+    """The check described above, for the optimizer step about to run."""
+    loss_bad = watch.take()
+    if loss_bad:
+        return True
+    if getattr(optimizer, "scaler", None) is not None:  # fp16 with a grad scaler: overflow is its business
+        return False
+    return model is not None and not gradients_finite(model)
+
+
+def stop_on_nonfinite_callback(max_skipped: int = 0):
+    """The Trainer callback that skips up to `max_skipped` non-finite steps, then stops training."""
+    from transformers import TrainerCallback
+
+    class StopOnNonFinite(TrainerCallback):
+        stopped_at: int | None = None
+        skipped = 0
+
+        def __init__(self):
+            self.watch = LossWatch()
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                self.watch.attach(model)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.watch.detach()
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if not step_is_bad(self.watch, model, optimizer):
+                return control
+            for p in (model.parameters() if model is not None else []):  # no update from this step
+                p.grad = None  # (AdamW, paged or not, skips parameters without a gradient)
+            step = state.global_step + 1
+            if self.skipped < max_skipped:
+                self.skipped += 1
+                print(f"warning: non-finite loss or gradients at step {step}: step skipped "
+                      f"({self.skipped} of training.max_nonfinite_steps={max_skipped})", file=sys.stderr)
+                return control
+            self.stopped_at = step
+            control.should_training_stop = True
+            return control
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.stopped_at is not None:  # never checkpoint the step that went wrong
+                control.should_save = False
+                control.should_evaluate = False
+            return control
+
+    return StopOnNonFinite()
