@@ -30,6 +30,12 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+def _bounds(tokens: int, tiles: int) -> list[tuple[int, int]]:
+    """(start, end) of each tile: `torch.chunk`'s split, ceil(tokens / tiles) tokens each, the last one shorter."""
+    size = -(-tokens // tiles)
+    return [(start, min(start + size, tokens)) for start in range(0, tokens, size)]
+
+
 class TiledMLPFunction(torch.autograd.Function):
     """forward(x, forward_fn, tiles, random, *params) -> forward_fn(x), computed over `tiles` tiles of tokens.
 
@@ -47,13 +53,16 @@ class TiledMLPFunction(torch.autograd.Function):
         ctx.rng_states = []
         ctx.save_for_backward(x)
         flat = x.reshape(-1, x.shape[-1])
-        outputs = []
+        output = None  # written tile by tile: one tile's output beside it, not a list of them and their concatenation
         with torch.no_grad():
-            for tile in flat.chunk(tiles):
+            for start, end in _bounds(flat.shape[0], tiles):
                 if random:
                     ctx.rng_states.append(_rng_state(x.device))
-                outputs.append(forward_fn(tile))
-        return torch.cat(outputs).view(*x.shape[:-1], -1)
+                out = forward_fn(flat[start:end])
+                output = out.new_empty(flat.shape[0], out.shape[-1]) if output is None else output
+                output[start:end] = out
+                del out
+        return output.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -62,20 +71,19 @@ class TiledMLPFunction(torch.autograd.Function):
         grads = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
         enabled, dtype = ctx.autocast
-        start = 0
-        for index, tile in enumerate(flat.chunk(ctx.tiles)):
-            end = start + tile.shape[0]
-            tile = tile.requires_grad_(grad_input is not None)
+        for index, (start, end) in enumerate(_bounds(flat.shape[0], ctx.tiles)):
+            # a fresh leaf per tile, dropped with its gradient before the next tile
+            tile = flat[start:end].detach().requires_grad_(grad_input is not None)
             with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [], enabled=bool(ctx.rng_states)):
                 if ctx.rng_states:
                     _set_rng_state(ctx.rng_states[index], x.device)
                 with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
                     output = ctx.forward_fn(tile)
             torch.autograd.backward(output, grads[start:end])
+            del output
             if grad_input is not None:
                 grad_input[start:end] = tile.grad
-            del output, tile
-            start = end
+            del tile
         grad_x = grad_input.view_as(x) if grad_input is not None else None
         return (grad_x, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
 
