@@ -429,4 +429,5 @@ def offloaded(inv: Inventory, step: Step) -> dict[str, int]:
     (host) caching allocator rounds each block up to a power of two, and keeps it for the next step."""
     size = step.tokens * inv.dims.hidden * step.compute_bytes
     block = 1 << (size - 1).bit_length()
-    return {OFFLOADED: inv.dims.layers * size, "pinned-memory rounding (power-of-two blocks)": inv.dims.layers * (block - size)}
+    parts = {OFFLOADED: inv.dims.layers * size, "pinned-memory rounding (power-of-two blocks)": inv.dims.layers * (block - size)}
+    return {k: v for k, v in parts.items() if v}
