@@ -2,10 +2,13 @@
 
 - `training.mlp_tiles: auto | 1 | N`: each decoder layer's MLP runs over N tiles of tokens and is
   recomputed tile by tile in backward (`qlora.tiled_mlp`). `auto` picks, per call,
-  `ceil(tokens / hidden)` tiles (the rule of Arctic Long Sequence Training): a tile then has at most
-  `hidden` tokens, so its `tokens x intermediate` tensors are no larger than one MLP weight, the
-  size of the dequantized weight a 4-bit layer's backward makes anyway; below `hidden` tokens
-  nothing is tiled (the profiler shows the MLP terms are not what sets the peak there).
+  `ceil(tokens / max(hidden, 4096))` tiles (Arctic Long Sequence Training's ceil(tokens / hidden),
+  with a floor): a tile has at most `hidden` tokens on a model with hidden >= 4096, so its
+  `tokens x intermediate` tensors are no larger than one MLP weight, the size of the dequantized
+  weight a 4-bit layer's backward makes anyway. Up to 4,096 tokens (or `hidden`) nothing is tiled:
+  there the MLP's terms are a few hundred MiB at most on an 8B model, and the extra forward a tiled
+  MLP costs (three instead of two under checkpointing) would buy nothing; small models (the demo,
+  tests) are never slowed by tiles they do not need.
 - `training.offload_checkpoints: false | true | auto`: under gradient checkpointing the input kept
   for each layer's recompute lives in host RAM. `auto` offloads only when the profiler predicts
   that the run does not fit the GPU otherwise.
@@ -30,6 +33,7 @@ import math
 import sys
 
 OFFLOAD_CHOICES = (False, True, "auto")
+AUTO_TILE_TOKENS = 4096  # `mlp_tiles: auto`: the fewest tokens per tile (hidden when larger)
 
 
 def check_keys(mlp_tiles, offload, gradient_checkpointing: bool) -> None:
@@ -48,7 +52,7 @@ def check_keys(mlp_tiles, offload, gradient_checkpointing: bool) -> None:
 def mlp_tiles_for(setting, tokens: int, hidden: int) -> int:
     """How many tiles the MLP uses for a call with `tokens` tokens (1: untiled)."""
     if setting == "auto":
-        return max(1, math.ceil(tokens / hidden))
+        return max(1, math.ceil(tokens / max(hidden, AUTO_TILE_TOKENS)))
     return max(1, min(int(setting), tokens))
 
 

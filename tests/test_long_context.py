@@ -94,10 +94,13 @@ def test_one_tile_runs_the_mlp_untouched():
     assert len(decoder_mlps(model)) == 2
 
 
-def test_auto_tiles_only_beyond_hidden_size_tokens():
+def test_auto_tiles_only_long_sequences():
     assert mlp_tiles_for("auto", 4096, hidden=4096) == 1
     assert mlp_tiles_for("auto", 4097, hidden=4096) == 2
-    assert mlp_tiles_for("auto", 80_000, hidden=4096) == 20
+    assert mlp_tiles_for("auto", 80_000, hidden=4096) == 20  # tiles of at most `hidden` tokens
+    assert mlp_tiles_for("auto", 80_000, hidden=8192) == 10
+    assert mlp_tiles_for("auto", 2048, hidden=256) == 1  # a small model: not below 4,096 tokens
+    assert mlp_tiles_for("auto", 8192, hidden=256) == 2
     assert mlp_tiles_for(8, 80_000, hidden=4096) == 8
     assert mlp_tiles_for(8, 3, hidden=4096) == 3  # never more tiles than tokens
 

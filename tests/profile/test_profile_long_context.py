@@ -61,8 +61,8 @@ def test_tiling_removes_the_mlp_intermediates_from_a_layer(tmp_path):
 
 
 def test_auto_tiles_a_long_sequence_only(tmp_path):
-    path = str(write_config(tmp_path, WIDE_MLP))  # hidden 64: auto tiles beyond 64 tokens
-    short, long_ = LONG.replace(seq_len=64), LONG.replace(seq_len=128)
+    path = str(write_config(tmp_path, {**WIDE_MLP, "max_position_embeddings": 8192}))  # auto tiles beyond 4,096 tokens
+    short, long_ = LONG.replace(seq_len=4096), LONG.replace(seq_len=8192)
     assert estimate(path, "qlora", short).details == estimate(path, "qlora", short.replace(mlp_tiles=1)).details
     assert estimate(path, "qlora", long_).details == estimate(path, "qlora", long_.replace(mlp_tiles=2)).details
 
@@ -115,7 +115,7 @@ def test_the_planner_names_the_long_context_keys():
     longest = int(longer.split("longest sequence ")[1].split(" ")[0].replace(",", ""))
     assert longest > plan("llama-3.1-8b", ("qlora",), settings, 24 * 10**9, RECIPE_KEYS).methods[0].max_seq_len
     tiles = int(longer.split("training.mlp_tiles=")[1].split(" ")[0].rstrip(","))
-    assert tiles == -(-longest // 4096)
+    assert tiles == -(-longest // 4096)  # what auto would use there
 
 
 def test_a_run_that_does_not_fit_is_told_the_long_context_keys():
