@@ -359,8 +359,9 @@ def attention_backward(inv: Inventory, step: Step) -> int:
       sum); LoRA's branch, backpropagated first, has freed what o_proj's adapter saved; measured
       exactly on a CPU;
     - the fused attention backward: the residual's and the attention output's gradients, dq, dk,
-      dv (measured on a CPU's flash kernel); on a GPU also FlashAttention's fp32 dq accumulator
-      and per-row softmax sums (from the CUDA kernels' allocations, not measurable on a CPU).
+      dv (measured on a CPU's flash kernel); on a GPU also FlashAttention's fp32 dq accumulator,
+      per-row softmax sums and, with grouped-query attention, dk and dv expanded to every query
+      head (from the CUDA kernels' allocations, not measurable on a CPU).
     """
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
@@ -374,6 +375,8 @@ def attention_backward(inv: Inventory, step: Step) -> int:
         fused = T * d.hidden * c + T * (2 * q + 2 * kv) * c
         if step.device == "cuda":
             fused += T * q * FP32 + step.batch * d.heads * step.seq * FP32
+            if d.kv_heads != d.heads:  # FlashAttention-2's backward makes dk, dv for every query head, then sums them
+                fused += 2 * T * q * c
     return max(o_proj, fused) - freed
 
 
