@@ -107,7 +107,9 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
     if step.method == "lora-8bit" and step.checkpointing:
         # bitsandbytes' 8-bit matmul keeps its input as `ctx.A`, a plain attribute that checkpointing
         # cannot drop: the forward graph holds it until backward.
-        kept["int8 layers' inputs (held by bitsandbytes)"] = d.layers * _linear_inputs(inv, step, count_attention_output=True)
+        # (a tiled MLP runs its forward without grad: its int8 matmuls hold nothing past the tile)
+        held = _linear_inputs(inv, step, count_attention_output=True, skip=MLP_LEAVES if step.tiled else frozenset())
+        kept["int8 layers' inputs (held by bitsandbytes)"] = d.layers * held
     kept["token ids, labels, positions"] = batch_bytes(step) + S * 8
     kept["rotary tables"] = 2 * S * d.head_dim * c
     if step.attention == "eager":
@@ -408,9 +410,12 @@ def one_mlp_tile(inv: Inventory, step: Step) -> int:
     else:
         saved += _lora_saved(inv, up, up.lora_leaves) - (t * H * tile.lora_matmul_bytes if "mlp_norm" in as_is else 0)
         saved += _adapter_numel(inv, mlp) * c if _adapters_cast(step) else 0
-        forward = 3 * t * H * c + (t * I * c if "mlp_act" not in as_is else 0)
+        product_kept = "mlp_act" in as_is or step.method == "lora-8bit"  # saved by lora_A, or held by bnb's int8 down_proj
+        saved += t * I * c if step.method == "lora-8bit" and "mlp_act" not in as_is else 0
+        forward = 3 * t * H * c + (0 if product_kept else t * I * c)
         if "down_proj" in mlp.lora_leaves:
             down += t * I * c  # the LoRA branch's input gradient
+            down += t * I * c if step.method == "lora-8bit" and "mlp_act" in as_is else 0  # lora_A's, held by bnb too
             product += _lora_saved(inv, mlp, ["down_proj"])  # _mlp_backward counted them freed
             forward += _lora_saved(inv, mlp, ["down_proj"])
     return saved + max(forward, t * H * c + max(down, product))

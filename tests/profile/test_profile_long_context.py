@@ -38,10 +38,11 @@ LONG = Settings(seq_len=128, batch_size=1, rank=4, device="cpu")
 @pytest.mark.parametrize("config,method,changes,busiest", [
     (WIDE_MLP, "qlora", {"mlp_tiles": 4}, "one MLP tile"),
     (WIDE_MLP, "lora", {"mlp_tiles": 3, "seq_len": 100, "lora_dropout": 0.0}, "one MLP tile"),
+    (WIDE_MLP, "lora-8bit", {"mlp_tiles": 4, "lora_dropout": 0.0}, "one MLP tile"),
     (NARROW_MLP, "qlora", {"mlp_tiles": 16}, "post-attention norm"),
     (WIDE_HEADS, "qlora", {"mlp_tiles": 16, "lora_dropout": 0.0}, "attention"),
     (WIDE_HEADS, "lora", {"mlp_tiles": 16, "targets": "qv"}, "attention"),
-], ids=["qlora-mlp-tile", "lora-uneven-tiles-no-dropout", "qlora-norm", "qlora-o-proj", "lora-qv-attention-kernel"])
+], ids=["qlora-mlp-tile", "lora-uneven-tiles-no-dropout", "int8-mlp-tile", "qlora-norm", "qlora-o-proj", "lora-qv-attention-kernel"])
 def test_a_tiled_step_is_predicted_to_a_few_bytes(tmp_path, config, method, changes, busiest):
     path = str(write_config(tmp_path, config))
     settings = LONG.replace(**changes)
