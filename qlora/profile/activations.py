@@ -12,7 +12,11 @@ input. The activation peak of a step is
         end of forward       logits, their fp32 copy and log-softmax (+ autocast's 16-bit copies of the adapters)
         start of backward    the loss gradient (three vocabulary-sized fp32 tensors)
         backward of a layer  the last layer's saved tensors (recomputed first under checkpointing)
-                             + the gradients in flight at its busiest point
+                             + the gradients in flight at its busiest point (with a tiled MLP: one
+                             MLP tile's backward, or the post-attention norm's or attention's)
+
+With offloaded checkpoints the kept layer inputs are in host RAM (`Activations.host`) and one of
+them comes back for its layer's recompute.
 
 Sequences are assumed unpadded (no attention mask), as with packing or equal-length batches.
 """
@@ -121,13 +125,17 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
     moments = {
         "end of forward (logits, loss)": head + _forward_end(inv, step),
         "start of backward (loss gradient)": head + _loss_backward(inv, step),
+        **layer_backward_moment(inv, step, recomputed),
     }
-    if step.tiled:
-        part, in_flight = tiled_layer_backward(inv, step)
-        moments[f"backward through one layer ({part})"] = recomputed + in_flight
-    else:
-        moments["backward through one layer"] = recomputed + _layer_backward(inv, step)
     return Activations(kept, moments, host)
+
+
+def layer_backward_moment(inv: Inventory, step: Step, recomputed: int) -> dict[str, int]:
+    """The moment of one layer's backward, named after its busiest part when the MLP is tiled."""
+    if not step.tiled:
+        return {"backward through one layer": recomputed + _layer_backward(inv, step)}
+    part, in_flight = tiled_layer_backward(inv, step)
+    return {f"backward through one layer ({part})": recomputed + in_flight}
 
 
 def batch_bytes(step: Step) -> int:
