@@ -105,7 +105,6 @@ def tile_mlp(mlp: torch.nn.Module, tiles_for) -> None:
         return TiledMLPFunction.apply(x, original, tiles, random, *params)
 
     mlp.forward = forward
-    mlp._qlora_untiled_forward = original
 
 
 def decoder_mlps(model) -> list[torch.nn.Module]:
