@@ -93,7 +93,7 @@ class TrainingSpec:
     grad_accum: int = 16
     max_grad_norm: float = 0.3
     gradient_checkpointing: bool = True
-    mlp_tiles: int | str = "auto"  # qlora.long_context: sequence-tiled MLP (auto: ceil(tokens / hidden) tiles)
+    mlp_tiles: int | str = "auto"  # qlora.long_context: sequence-tiled MLP (auto: ceil(tokens / max(hidden, 4096)) tiles)
     offload_checkpoints: bool | str = False  # qlora.long_context: checkpointed layer inputs in host RAM (true | auto)
     eval_steps: int | None = None  # None: evaluate only before and after training
     save_steps: int = 100
