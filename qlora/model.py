@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from qlora.errors import QLoraError, did_you_mean
+from qlora.long_context import apply_long_context
 from qlora.precision import base_weight_dtype, resolve_compute_dtype
 from qlora.recipe import LoraSpec, ModelSpec, QuantizationSpec, Recipe
 
@@ -305,6 +306,7 @@ def build_model(recipe: Recipe, label_names: list[str] | None = None, device: st
     if recipe.training.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     model = attach_lora(base, recipe.lora, recipe.task)
+    apply_long_context(model, recipe)  # training.mlp_tiles, training.offload_checkpoints
     return LoadedModel(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import yaml
 
 from qlora.errors import QLoraError, did_you_mean
+from qlora.long_context import check_keys as check_long_context_keys
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit")
 SCHEDULERS = ("constant", "cosine", "linear")
@@ -92,6 +93,8 @@ class TrainingSpec:
     grad_accum: int = 16
     max_grad_norm: float = 0.3
     gradient_checkpointing: bool = True
+    mlp_tiles: int | str = "auto"  # qlora.long_context: sequence-tiled MLP (auto: ceil(tokens / max(hidden, 4096)) tiles)
+    offload_checkpoints: bool | str = False  # qlora.long_context: checkpointed layer inputs in host RAM (true | auto)
     eval_steps: int | None = None  # None: evaluate only before and after training
     save_steps: int = 100
     save_total_limit: int | None = 3
@@ -342,6 +345,7 @@ def validate(recipe: Recipe) -> Recipe:
     _check(t.max_nonfinite_steps >= 0, f"training.max_nonfinite_steps: must be >= 0, got {t.max_nonfinite_steps}")
     _check(t.logging_steps > 0, f"training.logging_steps: must be > 0, got {t.logging_steps}")
     _check(t.eval_steps is None or t.eval_steps > 0, f"training.eval_steps: must be > 0, got {t.eval_steps}")
+    check_long_context_keys(t.mlp_tiles, t.offload_checkpoints, t.gradient_checkpointing)
     _check_choice("eval.metric", e.metric, METRICS)
     _check(e.max_examples > 0, f"eval.max_examples: must be > 0, got {e.max_examples}")
     _check(e.max_new_tokens > 0, f"eval.max_new_tokens: must be > 0, got {e.max_new_tokens}")

@@ -12,14 +12,18 @@ input. The activation peak of a step is
         end of forward       logits, their fp32 copy and log-softmax (+ autocast's 16-bit copies of the adapters)
         start of backward    the loss gradient (three vocabulary-sized fp32 tensors)
         backward of a layer  the last layer's saved tensors (recomputed first under checkpointing)
-                             + the gradients in flight at its busiest point
+                             + the gradients in flight at its busiest point (with a tiled MLP: one
+                             MLP tile's backward, or the post-attention norm's or attention's)
+
+With offloaded checkpoints the kept layer inputs are in host RAM (`Activations.host`) and one of
+them comes back for its layer's recompute.
 
 Sequences are assumed unpadded (no attention mask), as with packing or equal-length batches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from qlora.profile.inventory import Inventory
 
@@ -51,6 +55,17 @@ class Step:
     adapter_bytes: int  # bytes per adapter element (fp32)
     task: str = "causal_lm"
     num_labels: int = 2  # classification: the head's outputs
+    mlp_tiles: int = 1  # the tiled MLP's tiles (qlora.tiled_mlp); 1: untiled
+    offload: bool = False  # checkpointed layer inputs in host RAM (qlora.long_context)
+
+    @property
+    def tiled(self) -> bool:
+        return self.mlp_tiles > 1
+
+    @property
+    def tile_tokens(self) -> int:
+        """Tokens of the largest (first) MLP tile."""
+        return -(-self.tokens // self.mlp_tiles)
 
     @property
     def classifier(self) -> bool:
@@ -70,6 +85,7 @@ class Step:
 class Activations:
     kept: dict[str, int]
     moments: dict[str, int]
+    host: dict[str, int] = field(default_factory=dict)  # bytes in host RAM instead (offloaded checkpoints)
 
     @property
     def peak_moment(self) -> str:
@@ -84,8 +100,10 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
     """Bytes of activations at the step's activation peak, split into named terms."""
     d, T, S, c = inv.dims, step.tokens, step.seq, step.compute_bytes
     layer = sum(layer_saved(inv, step).values())
-    kept = {}
-    if step.checkpointing:
+    kept, host = {}, {}
+    if step.checkpointing and step.offload:
+        host = offloaded(inv, step)
+    elif step.checkpointing:
         kept["layer inputs kept by checkpointing"] = d.layers * T * d.hidden * c
     else:
         first_norm_input = T * d.hidden * FP32 if c == FP32 else 0  # an fp32 layer input is what its first norm saves
@@ -93,19 +111,31 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
     if step.method == "lora-8bit" and step.checkpointing:
         # bitsandbytes' 8-bit matmul keeps its input as `ctx.A`, a plain attribute that checkpointing
         # cannot drop: the forward graph holds it until backward.
-        kept["int8 layers' inputs (held by bitsandbytes)"] = d.layers * _linear_inputs(inv, step, count_attention_output=True)
+        # (a tiled MLP runs its forward without grad: its int8 matmuls hold nothing past the tile)
+        held = _linear_inputs(inv, step, count_attention_output=True, skip=MLP_LEAVES if step.tiled else frozenset())
+        kept["int8 layers' inputs (held by bitsandbytes)"] = d.layers * held
     kept["token ids, labels, positions"] = batch_bytes(step) + S * 8
     kept["rotary tables"] = 2 * S * d.head_dim * c
     if step.attention == "eager":
         kept["causal mask"] = step.batch * S * S * c
     head = _head_saved(inv, step)
     recomputed = layer if step.checkpointing else 0
+    if step.checkpointing and step.offload:  # the layer's input, back from host RAM for its recompute
+        recomputed += T * d.hidden * c
     moments = {
         "end of forward (logits, loss)": head + _forward_end(inv, step),
         "start of backward (loss gradient)": head + _loss_backward(inv, step),
-        "backward through one layer": recomputed + _layer_backward(inv, step),
+        **layer_backward_moment(inv, step, recomputed),
     }
-    return Activations(kept, moments)
+    return Activations(kept, moments, host)
+
+
+def layer_backward_moment(inv: Inventory, step: Step, recomputed: int) -> dict[str, int]:
+    """The moment of one layer's backward, named after its busiest part when the MLP is tiled."""
+    if not step.tiled:
+        return {"backward through one layer": recomputed + _layer_backward(inv, step)}
+    part, in_flight = tiled_layer_backward(inv, step)
+    return {f"backward through one layer ({part})": recomputed + in_flight}
 
 
 def batch_bytes(step: Step) -> int:
@@ -128,6 +158,9 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
     else:  # sdpa (flash / memory-efficient) and flash_attention_2: q, k, v, output, logsumexp
         attention = T * (2 * q + 2 * kv) * c + B * d.heads * S * FP32
     parts = {"norms": norms, "attention": attention, "mlp": 3 * T * d.intermediate * c}
+    if step.tiled:
+        del parts["mlp"]
+        return {**parts, **tiled_mlp_saved(inv, step)}
     if step.method == "full" or (step.method == "lora-8bit" and not step.checkpointing):
         parts["linear inputs"] = _linear_inputs(inv, step)
     if step.method != "full":
@@ -141,10 +174,10 @@ def _adapters_cast(step: Step) -> bool:
     return step.autocast and step.adapter_bytes != step.compute_bytes
 
 
-def _linear_inputs(inv: Inventory, step: Step, count_attention_output: bool = False) -> int:
-    """The layer's distinct linear inputs (q, k, v share one). With sdpa, o_proj's input is the attention
-    output (the kernels return it in (batch, seq, heads, dim) layout), which attention saves anyway."""
-    sources = {LINEAR_SOURCE.get(leaf, leaf): lin.in_features for leaf, lin in inv.layer_linears().items()}
+def _linear_inputs(inv: Inventory, step: Step, count_attention_output: bool = False, skip=frozenset()) -> int:
+    """The layer's distinct linear inputs (q, k, v share one) but those of the `skip` leaves. With sdpa, o_proj's
+    input is the attention output (the kernels return it in (batch, seq, heads, dim) layout), which attention saves anyway."""
+    sources = {LINEAR_SOURCE.get(leaf, leaf): lin.in_features for leaf, lin in inv.layer_linears().items() if leaf not in skip}
     if step.attention != "eager" and not count_attention_output:
         sources.pop("attn_out", None)
     return step.tokens * sum(sources.values()) * step.compute_bytes
@@ -249,7 +282,7 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
       tensors are freed.
     """
     d, T, c = inv.dims, step.tokens, step.compute_bytes
-    H, I, weight = d.hidden, d.intermediate, d.hidden * d.intermediate
+    H, I = d.hidden, d.intermediate
     down_lora = "down_proj" in step.lora_leaves
     recompute_end = 0
     if step.checkpointing and down_lora:
@@ -262,8 +295,155 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
             recompute_end += T * H * c
         if step.adapter_bytes != c:  # down's input cast to fp32 by peft, and (autocast) dropout's unsaved fp32 output
             recompute_end += T * I * step.adapter_bytes * (2 if step.lora_dropout > 0 and step.autocast else 1)
+    return T * H * c + max(recompute_end, *_mlp_backward(inv, step))
+
+
+def _mlp_backward(inv: Inventory, step: Step) -> tuple[int, int]:
+    """In flight in the MLP's backward, besides the incoming gradient: down_proj's backward (its
+    input gradient and a weight-sized temporary), then the gated product's (three intermediate-sized
+    gradients, after down_proj's saved tensors are freed)."""
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    weight = d.hidden * d.intermediate
     temporary = {"full": weight * c, "qlora": weight * c + -(-weight // 64) * FP32, "lora-8bit": weight * c}
-    down_backward = T * I * c + temporary.get(step.method, 0)
-    down_saved = _lora_saved(inv, step, ["down_proj"]) if down_lora else (T * I * c if step.method == "full" else 0)
-    product_backward = 3 * T * I * c - down_saved
-    return T * H * c + max(recompute_end, down_backward, product_backward)
+    down_backward = T * d.intermediate * c + temporary.get(step.method, 0)
+    down_lora = "down_proj" in step.lora_leaves
+    down_saved = _lora_saved(inv, step, ["down_proj"]) if down_lora else (T * d.intermediate * c if step.method == "full" else 0)
+    return down_backward, 3 * T * d.intermediate * c - down_saved
+
+
+# --- the tiled MLP (training.mlp_tiles, qlora.tiled_mlp) ---------------------------------------------
+
+MLP_LEAVES = frozenset({"gate_proj", "up_proj", "down_proj"})
+TILED_MLP_INPUT = "MLP input (tiled MLP)"
+ONE_MLP_TILE = "one MLP tile"
+
+
+def tiled_mlp_saved(inv: Inventory, step: Step) -> dict[str, int]:
+    """What a layer with a tiled MLP saves besides attention and norms: the MLP keeps its input only
+    (its tiles run without grad in forward); the linear inputs, LoRA tensors and autocast's adapter
+    copies left are the attention's."""
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    attention = replace(step, lora_leaves=step.lora_leaves - MLP_LEAVES)
+    parts = {TILED_MLP_INPUT: T * d.hidden * c}
+    if step.method == "full" or (step.method == "lora-8bit" and not step.checkpointing):
+        parts["linear inputs"] = _linear_inputs(inv, step, skip=MLP_LEAVES)
+    if step.method != "full":
+        parts["lora"] = _lora_saved(inv, attention, attention.lora_leaves)
+        if _adapters_cast(step):
+            parts["adapter copies"] = _adapter_numel(inv, attention) * c
+    return parts
+
+
+def tiled_layer_backward(inv: Inventory, step: Step) -> tuple[str, int]:
+    """The busiest point of a layer's backward with a tiled MLP, besides what the layer saved.
+
+    Returns the busiest part's name and bytes. Either the backward of one MLP tile, with the incoming gradient and the MLP's input gradient
+    being filled tile by tile (both tokens x hidden); or, once the MLP is small enough, attention's
+    backward, when the post-attention norm and the MLP have freed what they saved (see
+    `attention_backward`).
+    """
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    candidates = {
+        ONE_MLP_TILE: 2 * T * d.hidden * c + one_mlp_tile(inv, step),
+        "post-attention norm, MLP tiled": norm_backward(inv, step),
+        "attention, MLP tiled": attention_backward(inv, step),
+    }
+    part = max(candidates, key=candidates.get)
+    return part, candidates[part]
+
+
+def norm_backward(inv: Inventory, step: Step) -> int:
+    """In flight in the post-attention RMSNorm's backward, the MLP's input (saved by the tiled MLP)
+    and the norm's rsqrt freed: the incoming gradient waiting for the norm's to be added, and four
+    fp32 hidden-sized gradients (the normalized product's, the mean's expanded one, pow's temporaries)."""
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    return T * d.hidden * c + 4 * T * d.hidden * FP32 - T * d.hidden * c - T * FP32
+
+
+def attention_backward(inv: Inventory, step: Step) -> int:
+    """In flight in attention's backward (the MLP's and the post-attention norm's saved tensors, its
+    fp32 input and rsqrt, already freed: hence the negative terms).
+
+    - o_proj's base backward: the residual's gradient (hidden-sized; the incoming gradient is added
+      into it in place) and three gradients of o_proj's input (LoRA's branch, the base's, their
+      sum); LoRA's branch, backpropagated first, has freed what o_proj's adapter saved; measured
+      exactly on a CPU;
+    - the fused attention backward: the residual's and the attention output's gradients, dq, dk,
+      dv (measured on a CPU's flash kernel); on a GPU also FlashAttention's fp32 dq accumulator,
+      per-row softmax sums and, with grouped-query attention, dk and dv expanded to every query
+      head (from the CUDA kernels' allocations, not measurable on a CPU).
+    """
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    o_lora = step.method != "full" and "o_proj" in step.lora_leaves
+    freed = T * d.hidden * FP32 + T * FP32 + T * d.hidden * c  # post-attention norm's input and rsqrt, the MLP's input
+    if o_lora:
+        freed += _lora_saved(inv, step, ["o_proj"])
+    o_proj = T * d.hidden * c + (3 if o_lora else 1) * T * q * c
+    fused = 0
+    if step.attention != "eager":  # the output's gradient, dq, dk, dv; on a GPU also FlashAttention's fp32 dq and row sums
+        fused = T * d.hidden * c + T * (2 * q + 2 * kv) * c
+        if step.device == "cuda":
+            fused += T * q * FP32 + step.batch * d.heads * step.seq * FP32
+            if d.kv_heads != d.heads:  # FlashAttention-2's backward makes dk, dv for every query head, then sums them
+                fused += 2 * T * q * c
+    return max(o_proj, fused) - freed
+
+
+def one_mlp_tile(inv: Inventory, step: Step) -> int:
+    """One tile's forward-with-grad and backward, at `step.tile_tokens` tokens: what its forward
+    saved (gate, up and their activation; LoRA's tensors; for full FT the weights' inputs) and the
+    largest of
+    - the end of its forward: down_proj's base output and LoRA branch output, and the gated product
+      unless down_proj's lora_A saved it as it is;
+    - down_proj's base backward, its output still held: LoRA's branch, created last in forward, is
+      backpropagated first, so down_proj's LoRA tensors are freed by then and the branch's input
+      gradient waits to be added to the base's, beside the dequantized weight;
+    - the gated product's backward (three intermediate-sized gradients).
+    The tile is a view of the MLP's input: what saves it as it is adds nothing.
+    """
+    d, c = inv.dims, step.compute_bytes
+    tile = replace(step, batch=1, seq=step.tile_tokens, mlp_tiles=1)
+    t, H, I = tile.tokens, d.hidden, d.intermediate
+    mlp = replace(tile, lora_leaves=step.lora_leaves & MLP_LEAVES)
+    up = replace(mlp, lora_leaves=mlp.lora_leaves - {"down_proj"})
+    as_is = _saved_as_is(mlp)
+    saved = 3 * t * I * c
+    down, product = _mlp_backward(inv, mlp)
+    if step.method == "qlora":  # the absmax dequantized for the weight is freed before the matmul
+        down -= -(-H * I // 64) * FP32
+    if step.method == "full":
+        saved += t * I * c  # down_proj's input, for its weight gradient (gate and up's is the tile)
+        forward = t * H * c
+    else:
+        saved += _lora_saved(inv, up, up.lora_leaves) - (t * H * tile.lora_matmul_bytes if "mlp_norm" in as_is else 0)
+        saved += _adapter_numel(inv, mlp) * c if _adapters_cast(step) else 0
+        product_kept = "mlp_act" in as_is or step.method == "lora-8bit"  # saved by lora_A, or held by bnb's int8 down_proj
+        saved += t * I * c if step.method == "lora-8bit" and "mlp_act" not in as_is else 0
+        forward = 3 * t * H * c + (0 if product_kept else t * I * c)
+        if "down_proj" in mlp.lora_leaves:
+            down += t * I * c  # the LoRA branch's input gradient
+            down += t * I * c if step.method == "lora-8bit" and "mlp_act" in as_is else 0  # lora_A's, held by bnb too
+            product += _lora_saved(inv, mlp, ["down_proj"])  # _mlp_backward counted them freed
+            forward += _lora_saved(inv, mlp, ["down_proj"])
+    return saved + max(forward, t * H * c + max(down, product))
+
+
+def _adapter_numel(inv: Inventory, step: Step) -> int:
+    """Elements of one layer's adapters on `step.lora_leaves`."""
+    linears = inv.layer_linears()
+    return sum(step.rank * (linears[leaf].in_features + linears[leaf].out_features) for leaf in step.lora_leaves)
+
+
+# --- offloaded checkpoints (training.offload_checkpoints, qlora.long_context) ------------------------
+
+OFFLOADED = "offloaded to host RAM (checkpointed layer inputs)"
+
+
+def offloaded(inv: Inventory, step: Step) -> dict[str, int]:
+    """Host RAM of an offloaded run: every layer's kept input, in pinned memory. PyTorch's pinned
+    (host) caching allocator rounds each block up to a power of two, and keeps it for the next step."""
+    size = step.tokens * inv.dims.hidden * step.compute_bytes
+    block = 1 << (size - 1).bit_length()
+    parts = {OFFLOADED: inv.dims.layers * size, "pinned-memory rounding (power-of-two blocks)": inv.dims.layers * (block - size)}
+    return {k: v for k, v in parts.items() if v}

@@ -47,6 +47,7 @@ class Estimate:
     parameters: int = 0
     trainable: int = 0
     parameters_by_role: dict[str, int] = field(default_factory=dict)
+    host_bytes: dict[str, int] = field(default_factory=dict)  # host RAM the run needs besides the GPU (offloaded checkpoints)
 
     @property
     def total(self) -> int:
@@ -70,6 +71,8 @@ class Estimate:
             "parameters_by_role": dict(self.parameters_by_role),
             "trainable_parameters": self.trainable,
             "details": {k: dict(v) for k, v in self.details.items()},
+            "host_ram_bytes": sum(self.host_bytes.values()),
+            "host_ram_details": dict(self.host_bytes),
         }
 
 
@@ -115,7 +118,7 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         checkpointing=settings.checkpointing, attention=settings.attn_implementation, method=method,
         rank=settings.rank, lora_dropout=settings.lora_dropout, lora_leaves=frozenset(lin.leaf for lin in targets),
         adapter_numel=adapter_numel, adapter_bytes=ADAPTER_DTYPE.itemsize,
-        task=settings.task, num_labels=settings.num_labels,
+        task=settings.task, num_labels=settings.num_labels, **long_context_step(inv, settings),
     )
     acts = activation_bytes(inv, step)
     step_temps = optimizer_step_temporaries(settings.optimizer, settings.device, trainable, trainable_dtype(method, dtype))
@@ -141,12 +144,24 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         model=inv.name, method=method, settings=settings, bytes=parts, details=details,
         peak_moment="optimizer step" if at_step else acts.peak_moment,
         parameters=inv.parameter_count(), trainable=sum(trainable), parameters_by_role=inv.counts_by_role(),
+        host_bytes=acts.host,
     )
 
 
 def estimate_recipe(recipe) -> Estimate:
     """What `qlora train` would hold for `recipe` on the GPU it is planned for (its method and settings)."""
     return estimate(*from_recipe(recipe))
+
+
+def long_context_step(inv: Inventory, settings: Settings) -> dict:
+    """The Step fields of `training.mlp_tiles` and `training.offload_checkpoints`, resolved as the
+    trainer resolves them (`qlora.long_context`). Offload acts on a GPU only and needs checkpointing;
+    `auto` is resolved against a GPU size by the planner (here, without one: no offload)."""
+    from qlora.long_context import mlp_tiles_for
+
+    tokens = settings.batch_size * settings.seq_len
+    offload = settings.offload_checkpoints is True and settings.checkpointing and settings.device == "cuda"
+    return {"mlp_tiles": mlp_tiles_for(settings.mlp_tiles, tokens, inv.dims.hidden), "offload": offload}
 
 
 def _linear_tensors(linears) -> list[int]:

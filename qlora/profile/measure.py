@@ -169,6 +169,7 @@ def build(model: str, method: str, settings: Settings, folder: Path, weights: Pa
     """Random weights saved from the config, loaded and wrapped exactly as `qlora train` does."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
+    from qlora.long_context import apply_long_context
     from qlora.model import attach_lora, enable_gradient_checkpointing, load_base_model
     from qlora.precision import resolve_compute_dtype, trainer_precision_flags
     from qlora.profile.catalog import resolve
@@ -190,7 +191,8 @@ def build(model: str, method: str, settings: Settings, folder: Path, weights: Pa
         lora=LoraSpec(r=settings.rank, dropout=settings.lora_dropout,
                       targets=settings.targets if isinstance(settings.targets, str) else list(settings.targets)),
         training=TrainingSpec(optimizer=settings.optimizer, batch_size=settings.batch_size,
-                              gradient_checkpointing=settings.checkpointing),
+                              gradient_checkpointing=settings.checkpointing, mlp_tiles=settings.mlp_tiles,
+                              offload_checkpoints=settings.offload_checkpoints),
     )
     compute = resolve_compute_dtype(settings.compute_dtype, settings.device)
     net = load_base_model(recipe, compute, labels)
@@ -199,6 +201,7 @@ def build(model: str, method: str, settings: Settings, folder: Path, weights: Pa
     net.config.use_cache = False
     if method != "full":
         net = attach_lora(net, recipe.lora, recipe.task)
+    apply_long_context(net, recipe)
     net.train()
     args = TrainingArguments(output_dir=str(folder / "out"), optim=settings.optimizer, report_to="none",
                              use_cpu=settings.device == "cpu")

@@ -21,11 +21,15 @@ METHOD_ORDER = tuple(METHODS)  # full, lora, lora-8bit, qlora: from most memory 
 # How each change the planner may advise is spelled where the user makes it: flags or recipe keys.
 CLI_KEYS = {"seq_len": "--seq-len {}", "batch_size": "--batch-size {}", "rank": "--rank {}", "optimizer": "--optimizer {}",
             "checkpointing": "gradient checkpointing (drop --no-checkpointing)",
-            **{m: f"--methods {m}" for m in METHODS}}
+            **{m: f"--methods {m}" for m in METHODS},
+            # no flags for these: a recipe's keys (qlora.long_context), said as such
+            "offload": "training.offload_checkpoints=true (recipe key)", "dropout": "lora.dropout=0 (recipe key)",
+            "tiles": "training.mlp_tiles={} (recipe key)"}
 RECIPE_KEYS = {"seq_len": "data.max_seq_len={}", "batch_size": "training.batch_size={}", "rank": "lora.r={}",
                "optimizer": "training.optimizer={}", "checkpointing": "training.gradient_checkpointing=true",
                "full": "full fine-tuning", "lora": "quantization.bits=none (16-bit LoRA)",
-               "lora-8bit": "quantization.bits=8", "qlora": "quantization.bits=4 (QLoRA)"}
+               "lora-8bit": "quantization.bits=8", "qlora": "quantization.bits=4 (QLoRA)",
+               "offload": "training.offload_checkpoints=true", "dropout": "lora.dropout=0", "tiles": "training.mlp_tiles={}"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,10 @@ class FitPlan:
             return f"{head}: does not fit"
         seq = f"{fit.max_seq_len:,}" + (" (the model's context)" if fit.max_seq_len >= fit.seq_len_limit else "")
         batch = f"{fit.max_batch_size:,}" + (" or more" if fit.max_batch_size >= MAX_BATCH else "")
-        return f"{head}: fits; longest sequence {seq} at batch {s.batch_size}, largest batch {batch} at sequence {s.seq_len:,}"
+        host = sum(fit.estimate.host_bytes.values())
+        host_ram = f" (and {gib(host)} of host RAM for the offloaded layer inputs)" if host else ""
+        return (f"{head}{host_ram}: fits; longest sequence {seq} at batch {s.batch_size}, "
+                f"largest batch {batch} at sequence {s.seq_len:,}")
 
 
 def gib(n: int) -> str:
@@ -96,12 +103,21 @@ def largest(fits: Callable[[int], bool], limit: int) -> int:
     return low
 
 
+def predict(inv: Inventory, method: str, settings: Settings, gpu_bytes: int) -> Estimate:
+    """`estimate`, with `training.offload_checkpoints: auto` resolved as the trainer resolves it:
+    offloaded only when the run does not fit `gpu_bytes` otherwise."""
+    if settings.offload_checkpoints != "auto":
+        return estimate(inv, method, settings)
+    kept = estimate(inv, method, settings.replace(offload_checkpoints=False))
+    return kept if kept.total <= gpu_bytes else estimate(inv, method, settings.replace(offload_checkpoints=True))
+
+
 def fit_method(inv: Inventory, method: str, settings: Settings, gpu_bytes: int) -> MethodFit:
     """`method` at `settings` against `gpu_bytes`, with the largest sequence length and batch size that fit."""
-    within = lambda **change: estimate(inv, method, settings.replace(**change)).total <= gpu_bytes  # noqa: E731
+    within = lambda **change: predict(inv, method, settings.replace(**change), gpu_bytes).total <= gpu_bytes  # noqa: E731
     limit = inv.dims.max_positions
     return MethodFit(
-        estimate=estimate(inv, method, settings),
+        estimate=predict(inv, method, settings, gpu_bytes),
         gpu_bytes=gpu_bytes,
         max_seq_len=largest(lambda n: within(seq_len=n), limit),
         max_batch_size=largest(lambda n: within(batch_size=n), MAX_BATCH),
@@ -143,7 +159,53 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
         if other not in tried:
             changes.append((k[other], predicted(other)))
     out += [f"fits with {change}: {gib(peak)}" for change, peak in changes if peak <= gpu]
+    lc = long_context_changes(inv, method, s, gpu, k)
+    if lc and lc[1] <= gpu:
+        out.append(f"fits with {lc[0]}: {gib(lc[1])}")
     return out or [combined(inv, method, s, gpu, k)]
+
+
+def long_context_keys(inv: Inventory, method: str, s: Settings, k: dict[str, str]) -> tuple[dict, list[str]]:
+    """The long-context keys `s` does not use yet: offloaded checkpoints, no LoRA dropout (it keeps a
+    mask and a copy of every adapter's input), the tiled MLP (as many tiles as `auto` picks at `s`'s
+    length). Returns the settings changes and how the user spells them."""
+    from qlora.long_context import mlp_tiles_for
+
+    changes, spelled = {}, []
+    if s.checkpointing and s.offload_checkpoints is not True:
+        changes["offload_checkpoints"] = True
+        spelled.append(k["offload"])
+    if method != "full" and s.lora_dropout > 0:
+        changes["lora_dropout"] = 0.0
+        spelled.append(k["dropout"])
+    tiles = mlp_tiles_for("auto", s.batch_size * s.seq_len, inv.dims.hidden)
+    if s.mlp_tiles != "auto" and tiles > s.mlp_tiles:
+        changes["mlp_tiles"] = "auto"
+        spelled.append(k["tiles"].format(tiles))
+    return changes, spelled
+
+
+def long_context_changes(inv: Inventory, method: str, s: Settings, gpu: int, k: dict[str, str]) -> tuple[str, int] | None:
+    """The long-context keys not yet in use, spelled together, and the predicted peak with all of them."""
+    changes, spelled = long_context_keys(inv, method, s, k)
+    return (", ".join(spelled), predict(inv, method, s.replace(**changes), gpu).total) if changes else None
+
+
+def reach(inv: Inventory, fit: MethodFit, keys: dict[str, str]) -> list[str]:
+    """How much longer a sequence the long-context keys not yet in use allow (one line, or none)."""
+    s, method, gpu = fit.estimate.settings, fit.method, fit.gpu_bytes
+    changes, _ = long_context_keys(inv, method, s, keys)
+    if s.mlp_tiles != "auto":
+        changes["mlp_tiles"] = "auto"  # as many tiles as each length needs
+    if not changes:
+        return []
+    longest = largest(lambda n: predict(inv, method, s.replace(seq_len=n, **changes), gpu).total <= gpu, fit.seq_len_limit)
+    if longest <= fit.max_seq_len:
+        return []
+    _, spelled = long_context_keys(inv, method, s.replace(seq_len=longest), keys)
+    host = sum(predict(inv, method, s.replace(seq_len=longest, **changes), gpu).host_bytes.values())
+    return [f"longest sequence {longest:,} at batch {s.batch_size} with {', '.join(spelled)}"
+            + (f" (host RAM for the offloaded layer inputs: {gib(host)})" if host else "")]
 
 
 def combined(inv: Inventory, method: str, s: Settings, gpu: int, k: dict[str, str]) -> str:
@@ -172,7 +234,7 @@ def plan(model: str | Inventory, methods, settings: Settings, gpu_bytes: int, ke
     inv = settings_inventory(model, settings)
     fits = tuple(fit_method(inv, m, settings, gpu_bytes) for m in methods)
     tried = set(methods)
-    return FitPlan(inv.name, gpu_bytes, settings, fits, {f.method: remedies(inv, f, keys, tried) for f in fits})
+    return FitPlan(inv.name, gpu_bytes, settings, fits, {f.method: remedies(inv, f, keys, tried) + reach(inv, f, keys) for f in fits})
 
 
 def plan_fit(recipe, gpu_bytes: int) -> FitPlan:

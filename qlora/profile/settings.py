@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlora.errors import QLoraError, did_you_mean
+from qlora.long_context import check_keys as check_long_context_keys
 from qlora.recipe import ATTN_IMPLEMENTATIONS, COMPUTE_DTYPES, OPTIMIZERS, TARGET_PRESETS, TASKS
 
 # Method -> bits of the frozen base (None: 16-bit). 'full' trains every weight, the others train LoRA adapters.
@@ -39,6 +40,8 @@ class Settings:
     device: str = "cuda"
     task: str = "causal_lm"  # or 'classification': a sequence classifier, its new head trained in full
     num_labels: int = 2  # classification only: the head has one output per label
+    mlp_tiles: int | str = "auto"  # training.mlp_tiles: tiles of the sequence-tiled MLP (qlora.long_context)
+    offload_checkpoints: bool | str = False  # training.offload_checkpoints: kept layer inputs in host RAM (GPU only)
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "batch_size", "rank"):
@@ -53,6 +56,7 @@ class Settings:
         _check_choice("device", self.device, DEVICES)
         if isinstance(self.targets, str):
             _check_choice("targets", self.targets, TARGET_PRESETS)
+        check_long_context_keys(self.mlp_tiles, self.offload_checkpoints, True)
         if not 0 <= self.lora_dropout < 1:
             raise QLoraError(f"lora dropout: must be in [0, 1), got {self.lora_dropout}")
 
@@ -106,5 +110,7 @@ def from_recipe(recipe) -> tuple[str, str, Settings]:
         double_quant=recipe.quantization.double_quant,
         task=recipe.task,
         num_labels=num_labels or 2,
+        mlp_tiles=recipe.training.mlp_tiles,
+        offload_checkpoints=recipe.training.offload_checkpoints,
     )
     return recipe.model.name_or_path, recipe.method, settings
