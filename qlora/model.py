@@ -80,8 +80,10 @@ def check_hub_model(name: str, revision: str | None) -> None:
         raise QLoraError(f"model.name_or_path: '{name}' is not a local folder and the Hub cannot be reached ({type(exc).__name__}); use a local folder or go online") from None
 
 
-def quantization_config(spec: QuantizationSpec, compute_dtype: torch.dtype):
-    """transformers' `BitsAndBytesConfig` for the recipe (None for a 16-bit base)."""
+def quantization_config(spec: QuantizationSpec, compute_dtype: torch.dtype, sharded: bool = False):
+    """transformers' `BitsAndBytesConfig` for the recipe (None for a 16-bit base). `sharded` (FSDP,
+    ZeRO-3): the packed 4-bit codes are stored in the compute dtype, so that the engines flatten and
+    split them with the 16-bit tensors (uint8 storage is left unsharded or rejected)."""
     from transformers import BitsAndBytesConfig
 
     if spec.bits == 4:
@@ -90,6 +92,7 @@ def quantization_config(spec: QuantizationSpec, compute_dtype: torch.dtype):
             bnb_4bit_quant_type=spec.quant_type,
             bnb_4bit_use_double_quant=spec.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
         )
     if spec.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -129,13 +132,16 @@ def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: lis
     checkpoint whose config has none, since the classifier pools the last non-pad token)."""
     from transformers import AutoModelForCausalLM
 
+    from qlora.distributed import loading_device_map
+
+    sharded = recipe.distributed.strategy in ("fsdp", "zero3")
     kwargs: dict[str, Any] = {
         "dtype": base_weight_dtype(compute_dtype),
         "attn_implementation": recipe.model.attn_implementation,
-        "quantization_config": quantization_config(recipe.quantization, compute_dtype),
+        "quantization_config": quantization_config(recipe.quantization, compute_dtype, sharded),
     }
     if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["device_map"] = loading_device_map(recipe.distributed.strategy)
     if recipe.task == "classification":
         labels = label_names or []
         kwargs.update(

@@ -28,8 +28,8 @@ def parse_args(argv: Sequence[str] | None):
     return parser.parse_args(argv)
 
 
-def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool):
-    """transformers `TrainingArguments` from the recipe's training section."""
+def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool, parallel: dict | None = None):
+    """transformers `TrainingArguments` from the recipe's training section (`parallel`: qlora.distributed's)."""
     import torch
     from transformers import TrainingArguments
 
@@ -67,6 +67,7 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only earns a warning
         **trainer_precision_flags(compute_dtype),
+        **(parallel or {}),
     )
 
 
@@ -75,22 +76,25 @@ def checkpoint_marker_callback():
     from transformers import TrainerCallback
 
     from qlora.checkpoints import mark_complete
+    from qlora.distributed import barrier
 
     class MarkCheckpointComplete(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            barrier()  # every process has written its part (ZeRO-3: one shard each)
+            if state.is_world_process_zero:
+                mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     return MarkCheckpointComplete()
 
 
-def build_trainer(recipe, loaded, data, checkpoint_root: Path):
+def build_trainer(recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None):
     from transformers import Trainer
 
     from qlora.data import data_collator
 
     return Trainer(
         model=loaded.model,
-        args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None),
+        args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None, parallel),
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data_collator(loaded.tokenizer, recipe.data),
@@ -117,20 +121,30 @@ def baseline(trainer, loaded, data, recipe, output_dir: Path, resuming: bool) ->
     path = output_dir / "checkpoints" / "baseline.json"
     if resuming and path.exists():
         return json.loads(path.read_text())
+    from qlora.distributed import is_main_process
+
     before = measure(trainer, loaded, data, recipe)
-    atomic_write_json(path, before)
+    if is_main_process():
+        atomic_write_json(path, before)
     return before
 
 
-def save_adapter(loaded, output_dir: Path) -> Path:
-    """Write the adapter (peft format, safetensors) + tokenizer to `output_dir/adapter` atomically."""
+def save_adapter(loaded, output_dir: Path, sharded_trainer=None) -> Path:
+    """Write the adapter (peft format, safetensors) + tokenizer to `output_dir/adapter` atomically, from
+    the main process. `sharded_trainer` (FSDP, ZeRO-3): every process calls this; Trainer gathers the shards."""
+    from qlora.distributed import is_main_process, on_main
     from qlora.io import publish_dir, staging_dir_for
 
     final = output_dir / "adapter"
-    staging = staging_dir_for(final)
-    loaded.model.save_pretrained(staging, safe_serialization=True)
-    loaded.tokenizer.save_pretrained(staging)
-    publish_dir(staging, final)
+    staging = on_main(lambda: staging_dir_for(final))
+    if sharded_trainer is not None:
+        sharded_trainer.save_model(str(staging))
+    if is_main_process():
+        if sharded_trainer is None:
+            loaded.model.save_pretrained(staging, safe_serialization=True)
+        (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer's, not the adapter's
+        loaded.tokenizer.save_pretrained(staging)
+        publish_dir(staging, final)
     return final
 
 
@@ -160,6 +174,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     import torch
     from transformers import set_seed
 
+    from qlora import distributed
     from qlora.checkpoints import prepare_output_dir
     from qlora.data import describe, prepare_data
     from qlora.io import atomic_write_json
@@ -173,12 +188,18 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe, tokenizer)
     print(f"data: {describe(data.stats)}", file=sys.stderr)
-    resume_from = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
-    recipe.save(output_dir / "recipe.yaml")
+    plan = distributed.resolve(recipe.distributed, recipe.quantization.bits)  # torchrun / accelerate launch
+    distributed.start(plan)
+    # The main process alone prepares and writes the output folder; the others wait for its answer.
+    resume_from = distributed.on_main(lambda: prepare_output_dir(output_dir, overwrite=overwrite, resume=resume))
+    if plan.launch.is_main:
+        recipe.save(output_dir / "recipe.yaml")
     set_seed(recipe.training.seed)
+    distributed.prepare_loading(plan)
     loaded = build_model(recipe, data.label_names, tokenizer=tokenizer)  # a classifier head needs the labels
-    trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints")
+    trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints", plan.trainer_kwargs)
     before = baseline(trainer, loaded, data, recipe, output_dir, resuming=resume_from is not None)
+    distributed.allow_wrapping(loaded.model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -190,7 +211,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     runtime = time.perf_counter() - started
     peak = peak_memory_bytes()
     after = measure(trainer, loaded, data, recipe)
-    adapter_dir = save_adapter(loaded, output_dir)
+    adapter_dir = save_adapter(loaded, output_dir, trainer if plan.shards_weights else None)
     trainable, total = parameter_counts(loaded.model)
     metrics: dict[str, Any] = {f"{k}_before": v for k, v in before.items()}
     metrics.update({f"{k}_after": v for k, v in after.items()})
@@ -208,8 +229,10 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
         data=data.stats,
         adapter_dir=str(adapter_dir),
     )
-    atomic_write_json(output_dir / "metrics.json", metrics)
-    print_summary(metrics, output_dir)
+    metrics.update(distributed.process_metrics(plan, peak, recipe.training.batch_size, recipe.training.grad_accum))
+    if plan.launch.is_main:
+        atomic_write_json(output_dir / "metrics.json", metrics)
+        print_summary(metrics, output_dir)
     return metrics
 
 
@@ -231,6 +254,17 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
         f"peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB | {metrics['train_steps']} steps in "
         f"{metrics['train_runtime_s']:.1f} s | {metrics['tokens_per_s']:.0f} tokens/s | adapter: {metrics['adapter_dir']}"
     )
+    if "global_batch_size" in metrics:
+        console.print(distributed_summary(metrics))
+
+
+def distributed_summary(metrics: dict[str, Any]) -> str:
+    """The global batch and, for several processes, the strategy and each one's peak."""
+    line = f"global batch {metrics['global_batch_size']} (per-device batch × grad_accum × {metrics['world_size']} process(es))"
+    if metrics["world_size"] > 1:
+        peaks = ", ".join(f"{p / 2**30:.2f}" for p in metrics["peak_memory_bytes_per_process"])
+        line += f" | {metrics['strategy']} | peak memory per process {peaks} GiB, total {metrics['peak_memory_bytes_total'] / 2**30:.2f} GiB"
+    return line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
