@@ -127,9 +127,9 @@ def _require_deepspeed() -> None:
 def trainer_kwargs(strategy: str | None, offload: str, launch: Launch, cuda: bool) -> dict[str, Any]:
     """`TrainingArguments` keywords for the strategy (empty for one plain process)."""
     kwargs: dict[str, Any] = {}
-    if launch.launched and not cuda and strategy != "zero3":
-        # Without use_cpu, accelerate sees no distributed run on a CPU and every process trains alone.
-        # (DeepSpeed brings its own CPU accelerator and gloo group; use_cpu would bypass it.)
+    if launch.launched and not cuda:
+        # Without use_cpu, accelerate sees no distributed run on a CPU (one process each, world size 1,
+        # DeepSpeed included) and every process trains alone.
         kwargs.update(use_cpu=True, ddp_backend="gloo")
     if strategy == "ddp":
         kwargs["ddp_find_unused_parameters"] = False  # the frozen base has no gradients: nothing to search for
@@ -202,15 +202,20 @@ def start(plan: Plan) -> None:
     dist.init_process_group(backend="nccl" if plan.cuda else "gloo")
 
 
-def allow_wrapping(model) -> None:
+def allow_wrapping(trainer) -> None:
     """Let the trainer wrap the model for training after the eval before training.
 
-    That eval runs the model through `accelerate.prepare` in evaluation mode (no DDP), which marks it
-    as prepared; training's prepare then skips the DDP wrap and every process trains alone on its part
-    of the data, gradients never averaged (accelerate 1.15). Clearing the mark restores the wrap.
+    That eval runs the model through `accelerate.prepare` in evaluation mode (no DDP; a DeepSpeed
+    inference engine), which marks it prepared and keeps the eval wrapper; training's prepare then
+    skips the DDP wrap (every process trains alone, gradients never averaged) or the DeepSpeed engine
+    (the first backward fails), accelerate 1.15 / transformers 5. Forgetting the eval wrapper restores both.
     """
+    model = trainer.model
     if getattr(model, "_is_accelerate_prepared", False):
         model._is_accelerate_prepared = False
+    trainer.model_wrapped = model
+    if getattr(trainer, "deepspeed", None) is not None:
+        trainer.deepspeed = None
 
 
 def barrier() -> None:
@@ -253,12 +258,23 @@ def gather(value: T) -> list[T]:
     return out
 
 
-def process_metrics(plan: Plan, peak: int, per_device_batch: int, grad_accum: int) -> dict[str, Any]:
-    """Peak memory per process and in total, and the global batch (per-device × accumulation × processes).
+def local_parameter_bytes(model) -> int:
+    """Bytes of parameters this process holds: its ZeRO-3 partition (`ds_tensor`), its FSDP flat shard,
+    or the whole parameter when nothing is sharded."""
+    total = 0
+    for param in model.parameters():
+        local = getattr(param, "ds_tensor", None)
+        local = param if local is None else local
+        total += local.numel() * local.element_size()
+    return int(total)
 
-    Tokens need no gathering: Trainer's `num_input_tokens_seen` already counts every process's.
+
+def process_metrics(plan: Plan, peak: int, per_device_batch: int, grad_accum: int, model) -> dict[str, Any]:
+    """Peak memory and parameter bytes per process and in total, and the global batch (per-device ×
+    accumulation × processes). Tokens need no gathering: Trainer's `num_input_tokens_seen` counts every process's.
     """
     peaks = gather(int(peak))
+    params = gather(local_parameter_bytes(model))
     world = plan.launch.world_size
     return {
         "strategy": plan.strategy or "single",
@@ -267,4 +283,5 @@ def process_metrics(plan: Plan, peak: int, per_device_batch: int, grad_accum: in
         "global_batch_size": per_device_batch * grad_accum * world,
         "peak_memory_bytes_per_process": peaks,
         "peak_memory_bytes_total": sum(peaks),
+        "parameter_bytes_per_process": params,
     }

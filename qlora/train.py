@@ -199,7 +199,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     loaded = build_model(recipe, data.label_names, tokenizer=tokenizer)  # a classifier head needs the labels
     trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints", plan.trainer_kwargs)
     before = baseline(trainer, loaded, data, recipe, output_dir, resuming=resume_from is not None)
-    distributed.allow_wrapping(loaded.model)
+    distributed.allow_wrapping(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -229,7 +229,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
         data=data.stats,
         adapter_dir=str(adapter_dir),
     )
-    metrics.update(distributed.process_metrics(plan, peak, recipe.training.batch_size, recipe.training.grad_accum))
+    metrics.update(distributed.process_metrics(plan, peak, recipe.training.batch_size, recipe.training.grad_accum, trainer.model))
     if plan.launch.is_main:
         atomic_write_json(output_dir / "metrics.json", metrics)
         print_summary(metrics, output_dir)
