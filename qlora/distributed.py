@@ -99,20 +99,25 @@ def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bo
     launch = launch_env() if launch is None else launch
     cuda = torch.cuda.is_available() if cuda is None else cuda
     strategy = spec.strategy or ("ddp" if launch.distributed else None)
+    if strategy == "fsdp" and not cuda:
+        raise QLoraError("distributed.strategy: 'fsdp' needs CUDA GPUs (on a CPU, accelerate silently falls back to DDP or "
+                         "fails at sync_module_states); use 'zero3' or 'ddp' here")
     if strategy in ("fsdp", "zero3") and not launch.launched:
         raise QLoraError(f"distributed.strategy: '{strategy}' divides the model across processes; start it with a launcher: "
                          "torchrun --nproc_per_node N -m qlora.train RECIPE (or accelerate launch -m qlora.train RECIPE)")
     if spec.offload == "cpu" and strategy not in ("fsdp", "zero3"):
         raise QLoraError("distributed.offload: 'cpu' moves sharded parameters and optimizer states to host RAM; "
                          "it needs distributed.strategy fsdp or zero3")
-    if strategy == "fsdp" and not cuda:
-        raise QLoraError("distributed.strategy: 'fsdp' needs CUDA GPUs (on a CPU, accelerate silently falls back to DDP or "
-                         "fails at sync_module_states); use 'zero3' or 'ddp' here")
     if strategy in ("fsdp", "zero3") and quant_bits == 8:
         raise QLoraError(f"distributed.strategy: '{strategy}' cannot shard bitsandbytes 8-bit weights; "
                          "use quantization.bits 4 (QLoRA) or none")
     if strategy == "zero3":
         _require_deepspeed()
+    if spec.gpus and launch.launched and launch.world_size != spec.gpus and launch.is_main:
+        import sys
+
+        print(f"warning: distributed.gpus: the recipe is sized for {spec.gpus} GPUs and {launch.world_size} processes "
+              "were launched; the memory per GPU differs from its plan", file=sys.stderr)
     kwargs = trainer_kwargs(strategy, spec.offload, launch, cuda)
     return Plan(launch, strategy, spec.offload, cuda, kwargs)
 

@@ -119,6 +119,7 @@ class DistributedSpec:
 
     strategy: str | None = None
     offload: str = "none"  # 'cpu': sharded parameters and optimizer states in host RAM (fsdp, zero3)
+    gpus: int | None = None  # like target_gpu: how many GPUs the recipe is sized for (the profiler plans one's share)
 
 
 @dataclass
@@ -362,6 +363,7 @@ def validate(recipe: Recipe) -> Recipe:
     if recipe.distributed.strategy is not None:
         _check_choice("distributed.strategy", recipe.distributed.strategy, DISTRIBUTED_STRATEGIES)
     _check_choice("distributed.offload", recipe.distributed.offload, DISTRIBUTED_OFFLOADS)
+    _check(recipe.distributed.gpus is None or recipe.distributed.gpus >= 1, f"distributed.gpus: must be >= 1, got {recipe.distributed.gpus}")
     if recipe.task == "classification":
         _check(d.format == "classification", f"data.format: task 'classification' needs format 'classification', got '{d.format}'")
     if recipe.target_gpu is not None:

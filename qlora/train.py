@@ -184,11 +184,11 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     # Everything a user can get wrong is checked before output_dir is touched (--overwrite would
     # delete the previous results) and before minutes go into loading the model.
     output_dir = Path(recipe.output_dir)
+    plan = distributed.resolve(recipe.distributed, recipe.quantization.bits)  # torchrun / accelerate launch
     check_model_source(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe, tokenizer)
     print(f"data: {describe(data.stats)}", file=sys.stderr)
-    plan = distributed.resolve(recipe.distributed, recipe.quantization.bits)  # torchrun / accelerate launch
     distributed.start(plan)
     # The main process alone prepares and writes the output folder; the others wait for its answer.
     resume_from = distributed.on_main(lambda: prepare_output_dir(output_dir, overwrite=overwrite, resume=resume))

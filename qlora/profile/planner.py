@@ -21,11 +21,14 @@ METHOD_ORDER = tuple(METHODS)  # full, lora, lora-8bit, qlora: from most memory 
 # How each change the planner may advise is spelled where the user makes it: flags or recipe keys.
 CLI_KEYS = {"seq_len": "--seq-len {}", "batch_size": "--batch-size {}", "rank": "--rank {}", "optimizer": "--optimizer {}",
             "checkpointing": "gradient checkpointing (drop --no-checkpointing)",
+            "gpus": "--gpus {}", "strategy": "--strategy {}", "offload": "--offload {}",
             **{m: f"--methods {m}" for m in METHODS}}
 RECIPE_KEYS = {"seq_len": "data.max_seq_len={}", "batch_size": "training.batch_size={}", "rank": "lora.r={}",
                "optimizer": "training.optimizer={}", "checkpointing": "training.gradient_checkpointing=true",
                "full": "full fine-tuning", "lora": "quantization.bits=none (16-bit LoRA)",
-               "lora-8bit": "quantization.bits=8", "qlora": "quantization.bits=4 (QLoRA)"}
+               "lora-8bit": "quantization.bits=8", "qlora": "quantization.bits=4 (QLoRA)",
+               "gpus": "{0} processes (torchrun --nproc_per_node {0})", "strategy": "distributed.strategy={}",
+               "offload": "distributed.offload={}"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ class FitPlan:
     def _summary(self, fit: MethodFit) -> str:
         s = self.settings
         head = f"{self.model} {fit.method}: predicted peak {gib(fit.estimate.total)} of {gib(self.gpu_bytes)}"
+        if s.gpus > 1:
+            host = sum(fit.estimate.host_bytes.values())
+            head += f" per GPU ({s.gpus} × {s.strategy}{', host RAM ' + gib(host) if host else ''})"
         if not fit.fits:
             return f"{head}: does not fit"
         seq = f"{fit.max_seq_len:,}" + (" (the model's context)" if fit.max_seq_len >= fit.seq_len_limit else "")
@@ -143,6 +149,10 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
         if other not in tried:
             changes.append((k[other], predicted(other)))
     out += [f"fits with {change}: {gib(peak)}" for change, peak in changes if peak <= gpu]
+    if s.gpus > 1:
+        from qlora.profile.sharding import remedies as sharding_remedies
+
+        out += sharding_remedies(inv, method, s, gpu, k)
     return out or [combined(inv, method, s, gpu, k)]
 
 

@@ -39,6 +39,9 @@ class Settings:
     device: str = "cuda"
     task: str = "causal_lm"  # or 'classification': a sequence classifier, its new head trained in full
     num_labels: int = 2  # classification only: the head has one output per label
+    gpus: int = 1  # > 1: the numbers are one GPU's share under `strategy` (qlora.profile.sharding)
+    strategy: str = "ddp"  # ddp | fsdp | zero3, as the recipe's distributed.strategy
+    offload: str = "none"  # none | cpu, as distributed.offload
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "batch_size", "rank"):
@@ -55,6 +58,9 @@ class Settings:
             _check_choice("targets", self.targets, TARGET_PRESETS)
         if not 0 <= self.lora_dropout < 1:
             raise QLoraError(f"lora dropout: must be in [0, 1), got {self.lora_dropout}")
+        from qlora.profile.sharding import check
+
+        check(self.gpus, self.strategy, self.offload)
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -106,5 +112,8 @@ def from_recipe(recipe) -> tuple[str, str, Settings]:
         double_quant=recipe.quantization.double_quant,
         task=recipe.task,
         num_labels=num_labels or 2,
+        gpus=recipe.distributed.gpus or 1,  # the GPUs it is sized for; `--gpus N` plans for another number
+        strategy=recipe.distributed.strategy or "ddp",
+        offload=recipe.distributed.offload,
     )
     return recipe.model.name_or_path, recipe.method, settings
