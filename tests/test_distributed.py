@@ -145,7 +145,9 @@ def adapter(out: Path) -> dict[str, torch.Tensor]:
 def max_difference(a: Path, b: Path) -> float:
     x, y = adapter(a), adapter(b)
     assert x.keys() == y.keys()
-    return max((x[k] - y[k]).abs().max().item() for k in x)
+    difference = max((x[k] - y[k]).abs().max().item() for k in x)
+    print(f"adapter {a.name} vs {b.name}: largest difference {difference:.2e}")  # the measured figure, with -s
+    return difference
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +195,7 @@ def test_zero3_splits_every_parameter_and_trains_the_same_adapter(single_run, tm
     held = json.loads((out / "metrics.json").read_text())["parameter_bytes_per_process"]
     whole = json.loads((single_run / "metrics.json").read_text())["parameter_bytes_per_process"][0]
     # Each process holds its half of every parameter (4-bit codes included, stored as fp32 for sharding).
+    print(f"ZeRO-3 parameter bytes per process {held}, one process {whole}")
     assert len(held) == 2 and all(0.45 * whole < h < 0.55 * whole for h in held), (held, whole)
 
 
