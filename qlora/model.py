@@ -273,8 +273,9 @@ def upcast_trainable(model) -> None:
 def enable_gradient_checkpointing(model, reentrant: bool = False) -> None:
     """Non-reentrant checkpointing: recompute each layer in backward instead of keeping its activations.
 
-    `reentrant` for ZeRO-3: its partitioned weights are gathered by module hooks, which the
-    non-reentrant recompute does not re-run (it finds empty weights and stops with a CheckpointError).
+    `reentrant` for ZeRO-3 and FSDP: ZeRO-3's partitioned weights are gathered by module hooks, which
+    the non-reentrant recompute does not re-run (it finds empty weights and stops with a CheckpointError);
+    FSDP-QLoRA is documented (peft) with reentrant checkpointing.
     """
     kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
@@ -307,7 +308,7 @@ def build_model(recipe: Recipe, label_names: list[str] | None = None, device: st
     tokenizer = tokenizer or load_tokenizer(recipe.model)
     base = load_base_model(recipe, compute_dtype, label_names, announce=True, pad_token_id=tokenizer.pad_token_id)
     if recipe.training.gradient_checkpointing:
-        enable_gradient_checkpointing(base, reentrant=recipe.distributed.strategy == "zero3")
+        enable_gradient_checkpointing(base, reentrant=recipe.distributed.strategy in ("fsdp", "zero3"))
     model = attach_lora(base, recipe.lora, recipe.task)
     return LoadedModel(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype)
 

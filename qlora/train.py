@@ -138,6 +138,8 @@ def save_adapter(loaded, output_dir: Path, sharded_trainer=None) -> Path:
     final = output_dir / "adapter"
     staging = on_main(lambda: staging_dir_for(final))
     if sharded_trainer is not None:
+        if sharded_trainer.is_fsdp_enabled:  # checkpoints are sharded; the adapter is saved whole, in peft's format
+            sharded_trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         sharded_trainer.save_model(str(staging))
     if is_main_process():
         if sharded_trainer is None:
