@@ -200,16 +200,18 @@ def cards_needed(inv, method: str, settings, gpu_bytes: int) -> list[CardPlan]:
 
 
 def remedies(inv, method: str, settings, gpu_bytes: int, keys: dict[str, str]) -> list[str]:
-    """What makes a sharded step fit: CPU offload, more GPUs, a sharding strategy instead of DDP."""
+    """What makes a step on several GPUs fit: CPU offload, the other sharding strategy (or one instead of
+    DDP), more GPUs."""
     from qlora.profile.estimate import estimate
 
     out = []
     predicted = lambda **change: estimate(inv, method, settings.replace(**change))  # noqa: E731
     options = []
     if settings.strategy == "ddp" and method != "lora-8bit":
-        options += [{"strategy": "fsdp"}, {"strategy": "zero3"}]
-    elif settings.offload == "none":
-        options.append({"offload": "cpu"})
+        options += [{"strategy": "fsdp"}, {"strategy": "zero3"}, {"strategy": "fsdp", "offload": "cpu"}]
+    elif settings.strategy != "ddp":
+        other = "fsdp" if settings.strategy == "zero3" else "zero3"
+        options += [{"offload": "cpu"}, {"strategy": other}, {"strategy": other, "offload": "cpu"}] if settings.offload == "none" else [{"strategy": other}]
     for change in options:
         est = predicted(**change)
         if est.total <= gpu_bytes:
