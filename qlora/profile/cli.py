@@ -142,6 +142,9 @@ def profile(args: argparse.Namespace) -> list:
 
             run.cards = {m: cards_needed(inv, m, settings, target) for m in job.methods}
         if args.measure:
+            if settings.gpus > 1:
+                raise QLoraError("--measure: measures one process on this machine; per-GPU shares (--gpus, distributed.gpus) "
+                                 "are predictions only: measure with --gpus 1")
             measure_run(run, job.model, device)
         runs.append(run)
     return runs

@@ -86,3 +86,25 @@ def test_gpus_auto_answers_how_many_cards_and_which_strategy(capsys):
     plans = run["gpus_needed"]["qlora"]
     assert plans[0] == {**plans[0], "strategy": "fsdp", "offload": "cpu", "gpus": 2}
     assert {"strategy": "ddp", "offload": "none", "gpus": None} in plans  # a 70B replica never fits 24 GB
+
+
+def test_a_recipe_sized_for_two_gpus_is_profiled_per_gpu_and_flags_override_it(capsys):
+    from pathlib import Path
+
+    recipe = str(Path(__file__).resolve().parents[2] / "recipes" / "llama-3.1-70b-alpaca-2x24gb.yaml")
+    run = profile_json(["--recipe", recipe, "--format", "json"], capsys)
+    settings = run["settings"]
+    assert (settings["gpus"], settings["strategy"], settings["offload"]) == (2, "fsdp", "cpu")  # distributed.gpus: 2
+    assert run["results"][0]["fit"]["fits"] and run["results"][0]["host_ram_bytes"] > 0
+    alone = profile_json(["--recipe", recipe, "--gpus", "1", "--format", "json"], capsys)
+    assert not alone["results"][0]["fit"]["fits"]  # a 70B step does not fit one 24 GB card
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "two"], "--gpus: expected a number of GPUs or 'auto'"),
+    (["--gpus", "2", "--strategy", "ddp", "--offload", "cpu"], "--offload: cpu offload"),
+    (["--model", "llama-3.1-8b", "--gpus", "2", "--measure"], "--measure: measures one process"),
+])
+def test_sharding_flags_fail_in_one_line(argv, message, capsys):
+    assert run_cli(main, argv) == 2
+    assert message in capsys.readouterr().err
