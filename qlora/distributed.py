@@ -290,3 +290,13 @@ def process_metrics(plan: Plan, peak: int, per_device_batch: int, grad_accum: in
         "peak_memory_bytes_total": sum(peaks),
         "parameter_bytes_per_process": params,
     }
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """The run summary's global batch and, for several processes, the strategy and each one's peak."""
+    line = f"global batch {metrics['global_batch_size']} (per-device batch × grad_accum × {metrics['world_size']} process(es))"
+    if metrics["world_size"] > 1:
+        peaks = ", ".join(f"{p / 2**30:.2f}" for p in metrics["peak_memory_bytes_per_process"])
+        line += (f" | {metrics['strategy']} | peak memory per process {peaks} GiB, "
+                 f"total {metrics['peak_memory_bytes_total'] / 2**30:.2f} GiB")
+    return line

@@ -257,16 +257,9 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
         f"{metrics['train_runtime_s']:.1f} s | {metrics['tokens_per_s']:.0f} tokens/s | adapter: {metrics['adapter_dir']}"
     )
     if "global_batch_size" in metrics:
-        console.print(distributed_summary(metrics))
+        from qlora.distributed import summary_line
 
-
-def distributed_summary(metrics: dict[str, Any]) -> str:
-    """The global batch and, for several processes, the strategy and each one's peak."""
-    line = f"global batch {metrics['global_batch_size']} (per-device batch × grad_accum × {metrics['world_size']} process(es))"
-    if metrics["world_size"] > 1:
-        peaks = ", ".join(f"{p / 2**30:.2f}" for p in metrics["peak_memory_bytes_per_process"])
-        line += f" | {metrics['strategy']} | peak memory per process {peaks} GiB, total {metrics['peak_memory_bytes_total'] / 2**30:.2f} GiB"
-    return line
+        console.print(summary_line(metrics))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -226,3 +226,12 @@ def test_sigkill_of_one_process_then_resume_under_the_launcher_ends_on_the_same_
     assert not (out / "metrics.json").exists()  # killed mid-run
     launch(out, f"training.batch_size={B}", resume=True)
     assert max_difference(out, ddp_run[0]) < 1e-5
+
+
+def test_summary_states_the_global_batch_and_each_process_peak():
+    from qlora.distributed import summary_line
+
+    metrics = {"global_batch_size": 32, "world_size": 2, "strategy": "zero3",
+               "peak_memory_bytes_per_process": [2**30, 3 * 2**29], "peak_memory_bytes_total": 5 * 2**29}
+    assert summary_line(metrics) == ("global batch 32 (per-device batch × grad_accum × 2 process(es)) | zero3 | "
+                                     "peak memory per process 1.00, 1.50 GiB, total 2.50 GiB")
