@@ -235,3 +235,16 @@ def test_summary_states_the_global_batch_and_each_process_peak():
                "peak_memory_bytes_per_process": [2**30, 3 * 2**29], "peak_memory_bytes_total": 5 * 2**29}
     assert summary_line(metrics) == ("global batch 32 (per-device batch × grad_accum × 2 process(es)) | zero3 | "
                                      "peak memory per process 1.00, 1.50 GiB, total 2.50 GiB")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gpu_smoke_world_size_one(strategy, tmp_path):
+    """On one GPU under the launcher (world size 1): each path loads, trains, and writes a peft adapter."""
+    out = tmp_path / strategy
+    proc = subprocess.run(_command(out, "training.batch_size=4", "training.max_steps=2", f"distributed.strategy={strategy}", procs=1),
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["strategy"] == strategy
+    assert (out / "adapter" / "adapter_config.json").exists() and adapter(out)
