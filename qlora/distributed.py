@@ -55,6 +55,16 @@ def launch_env(environ: dict[str, str] | None = None) -> Launch:
                          f"LOCAL_RANK={env.get('LOCAL_RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r}") from None
 
 
+def keep_deepspeed_off_stdout() -> None:
+    """DeepSpeed (optional, for zero3), once installed, is imported by transformers and accelerate; on a
+    machine without CUDA it then announces on stdout that it falls back to its CPU accelerator, a line
+    that corrupts `--format json`. Naming that accelerator up front skips the detection and the line."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def is_main_process() -> bool:
     """Whether this process is the one that writes (rank 0; the only one without a launcher)."""
     return launch_env().is_main

@@ -16,9 +16,12 @@ from typing import Any
 
 import torch
 
+from qlora.distributed import keep_deepspeed_off_stdout
 from qlora.errors import QLoraError, did_you_mean
 from qlora.precision import base_weight_dtype, resolve_compute_dtype
 from qlora.recipe import LoraSpec, ModelSpec, QuantizationSpec, Recipe
+
+keep_deepspeed_off_stdout()  # before anything imports transformers' Trainer (and DeepSpeed with it)
 
 # Leaf names of linear layers per preset, across the common decoder families (Llama, Mistral, Qwen2,
 # Gemma, Phi-3, GPT-NeoX, Falcon, GPT-2).

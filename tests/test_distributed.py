@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.distributed import Launch, launch_env, resolve
+from qlora.distributed import Launch, launch_env, resolve, trainer_kwargs
 from qlora.errors import QLoraError
 from qlora.recipe import DistributedSpec
 
@@ -43,10 +43,20 @@ def test_two_processes_default_to_ddp_on_gloo_without_unused_parameter_search():
 
 
 def test_zero3_config_offloads_only_when_asked():
-    plain = resolve(DistributedSpec("zero3"), 4, TWO, cuda=True).trainer_kwargs["deepspeed"]["zero_optimization"]
+    plain = trainer_kwargs("zero3", "none", TWO, cuda=True)["deepspeed"]["zero_optimization"]
     assert plain["stage"] == 3 and "offload_param" not in plain
-    off = resolve(DistributedSpec("zero3", "cpu"), 4, TWO, cuda=True).trainer_kwargs["deepspeed"]["zero_optimization"]
+    off = trainer_kwargs("zero3", "cpu", TWO, cuda=True)["deepspeed"]["zero_optimization"]
     assert off["offload_param"]["device"] == off["offload_optimizer"]["device"] == "cpu"
+    assert trainer_kwargs("zero3", "none", TWO, cuda=False)["use_cpu"]  # else accelerate sees world size 1 on a CPU
+
+
+def test_zero3_without_deepspeed_installed_says_how_to_get_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(QLoraError, match=r"distributed.strategy: 'zero3' needs DeepSpeed.*qlora\[deepspeed\]"):
+        resolve(DistributedSpec("zero3"), 4, TWO, cuda=False)
 
 
 def test_fsdp_on_gpus_is_the_documented_fsdp_qlora_setup():
@@ -104,7 +114,8 @@ B = 4  # per-device batch of the 2-process runs
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def free_port() -> int:
