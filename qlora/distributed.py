@@ -225,6 +225,8 @@ def allow_wrapping(trainer) -> None:
     skips the DDP wrap (every process trains alone, gradients never averaged) or the DeepSpeed engine
     (the first backward fails), accelerate 1.15 / transformers 5. Forgetting the eval wrapper restores both.
     """
+    if trainer.args.world_size == 1 and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+        return  # one plain process: nothing to wrap, and a second prepare would wrap autocast twice
     model = trainer.model
     if getattr(model, "_is_accelerate_prepared", False):
         model._is_accelerate_prepared = False
