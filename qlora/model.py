@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
+from qlora.distributed import keep_deepspeed_off_stdout
 from qlora.errors import QLoraError, did_you_mean
 from qlora.long_context import apply_long_context
 from qlora.precision import base_weight_dtype, resolve_compute_dtype
 from qlora.recipe import LoraSpec, ModelSpec, QuantizationSpec, Recipe
+
+keep_deepspeed_off_stdout()  # before anything imports transformers' Trainer (and DeepSpeed with it)
 
 # Leaf names of linear layers per preset, across the common decoder families (Llama, Mistral, Qwen2,
 # Gemma, Phi-3, GPT-NeoX, Falcon, GPT-2).
@@ -81,8 +84,10 @@ def check_hub_model(name: str, revision: str | None) -> None:
         raise QLoraError(f"model.name_or_path: '{name}' is not a local folder and the Hub cannot be reached ({type(exc).__name__}); use a local folder or go online") from None
 
 
-def quantization_config(spec: QuantizationSpec, compute_dtype: torch.dtype):
-    """transformers' `BitsAndBytesConfig` for the recipe (None for a 16-bit base)."""
+def quantization_config(spec: QuantizationSpec, compute_dtype: torch.dtype, sharded: bool = False):
+    """transformers' `BitsAndBytesConfig` for the recipe (None for a 16-bit base). `sharded` (FSDP,
+    ZeRO-3): the packed 4-bit codes are stored in the compute dtype, so that the engines flatten and
+    split them with the 16-bit tensors (uint8 storage is left unsharded or rejected)."""
     from transformers import BitsAndBytesConfig
 
     if spec.bits == 4:
@@ -91,6 +96,7 @@ def quantization_config(spec: QuantizationSpec, compute_dtype: torch.dtype):
             bnb_4bit_quant_type=spec.quant_type,
             bnb_4bit_use_double_quant=spec.double_quant,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype if sharded else torch.uint8,
         )
     if spec.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -131,15 +137,18 @@ def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: lis
     'cpu' or 'cuda', default the GPU when there is one)."""
     from transformers import AutoModelForCausalLM
 
+    from qlora.distributed import loading_device_map
+
+    sharded = recipe.distributed.strategy in ("fsdp", "zero3")
     kwargs: dict[str, Any] = {
         "dtype": base_weight_dtype(compute_dtype),
         "attn_implementation": recipe.model.attn_implementation,
-        "quantization_config": quantization_config(recipe.quantization, compute_dtype),
+        "quantization_config": quantization_config(recipe.quantization, compute_dtype, sharded),
     }
     if device == "cpu":
         kwargs["device_map"] = {"": "cpu"}
     elif torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["device_map"] = loading_device_map(recipe.distributed.strategy)
     if recipe.task == "classification":
         labels = label_names or []
         kwargs.update(
@@ -268,12 +277,18 @@ def upcast_trainable(model) -> None:
             param.data = param.data.to(ADAPTER_DTYPE)
 
 
-def enable_gradient_checkpointing(model) -> None:
-    """Non-reentrant checkpointing: recompute each layer in backward instead of keeping its activations."""
+def enable_gradient_checkpointing(model, reentrant: bool = False) -> None:
+    """Non-reentrant checkpointing: recompute each layer in backward instead of keeping its activations.
+
+    `reentrant` for ZeRO-3 and FSDP: ZeRO-3's partitioned weights are gathered by module hooks, which
+    the non-reentrant recompute does not re-run (it finds empty weights and stops with a CheckpointError);
+    FSDP-QLoRA is documented (peft) with reentrant checkpointing.
+    """
+    kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.enable_input_require_grads()
     model.config.use_cache = False
 
@@ -304,7 +319,7 @@ def build_model(recipe: Recipe, label_names: list[str] | None = None, device: st
     with OutOfMemoryExit("model loading", lambda: fit_advice(recipe), kept="no training step ran"):
         base = load_base_model(recipe, compute_dtype, label_names, announce=True, pad_token_id=tokenizer.pad_token_id)
     if recipe.training.gradient_checkpointing:
-        enable_gradient_checkpointing(base)
+        enable_gradient_checkpointing(base, reentrant=recipe.distributed.strategy in ("fsdp", "zero3"))
     model = attach_lora(base, recipe.lora, recipe.task)
     apply_long_context(model, recipe)  # training.mlp_tiles, training.offload_checkpoints
     return LoadedModel(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype)

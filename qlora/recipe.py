@@ -30,6 +30,8 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")
 METRICS = ("none", "exact_match", "accuracy", "map@3")  # map@3: ranked multiple choice (classification)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "zero3")  # qlora.distributed turns them into Trainer settings
+DISTRIBUTED_OFFLOADS = ("none", "cpu")
 
 
 @dataclass
@@ -113,6 +115,18 @@ class EvalSpec:
 
 
 @dataclass
+class DistributedSpec:
+    """More than one process (torchrun / accelerate launch): how the model is divided across them.
+
+    strategy None: 'ddp' when launched with more than one process, else one plain process.
+    """
+
+    strategy: str | None = None
+    offload: str = "none"  # 'cpu': sharded parameters and optimizer states in host RAM (fsdp, zero3)
+    gpus: int | None = None  # like target_gpu: how many GPUs the recipe is sized for (the profiler plans one's share)
+
+
+@dataclass
 class Recipe:
     """A whole training run. `source` (the YAML file it came from) is not a key."""
 
@@ -122,6 +136,7 @@ class Recipe:
     data: DataSpec = field(default_factory=DataSpec)
     training: TrainingSpec = field(default_factory=TrainingSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec)
     task: str = "causal_lm"
     output_dir: str = ""
     target_gpu: str | int | None = None  # a preset (t4, 4090: YAML reads those as ints) or a size; see qlora.gpus
@@ -350,6 +365,10 @@ def validate(recipe: Recipe) -> Recipe:
     _check(e.max_examples > 0, f"eval.max_examples: must be > 0, got {e.max_examples}")
     _check(e.max_new_tokens > 0, f"eval.max_new_tokens: must be > 0, got {e.max_new_tokens}")
     _check_choice("task", recipe.task, TASKS)
+    if recipe.distributed.strategy is not None:
+        _check_choice("distributed.strategy", recipe.distributed.strategy, DISTRIBUTED_STRATEGIES)
+    _check_choice("distributed.offload", recipe.distributed.offload, DISTRIBUTED_OFFLOADS)
+    _check(recipe.distributed.gpus is None or recipe.distributed.gpus >= 1, f"distributed.gpus: must be >= 1, got {recipe.distributed.gpus}")
     if recipe.task == "classification":
         _check(d.format == "classification", f"data.format: task 'classification' needs format 'classification', got '{d.format}'")
     if recipe.target_gpu is not None:

@@ -30,8 +30,8 @@ def parse_args(argv: Sequence[str] | None):
     return parser.parse_args(argv)
 
 
-def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool):
-    """transformers `TrainingArguments` from the recipe's training section."""
+def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool, parallel: dict | None = None):
+    """transformers `TrainingArguments` from the recipe's training section (`parallel`: qlora.distributed's)."""
     import torch
     from transformers import TrainingArguments
 
@@ -69,6 +69,7 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only earns a warning
         **trainer_precision_flags(compute_dtype),
+        **(parallel or {}),
     )
 
 
@@ -77,15 +78,18 @@ def checkpoint_marker_callback():
     from transformers import TrainerCallback
 
     from qlora.checkpoints import mark_complete
+    from qlora.distributed import barrier
 
     class MarkCheckpointComplete(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            barrier()  # every process has written its part (ZeRO-3: one shard each)
+            if state.is_world_process_zero:
+                mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     return MarkCheckpointComplete()
 
 
-def build_trainer(recipe, loaded, data, checkpoint_root: Path):
+def build_trainer(recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None):
     from transformers import Trainer
 
     from qlora.data import data_collator
@@ -93,7 +97,7 @@ def build_trainer(recipe, loaded, data, checkpoint_root: Path):
 
     return Trainer(
         model=loaded.model,
-        args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None),
+        args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None, parallel),
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data_collator(loaded.tokenizer, recipe.data),
@@ -120,19 +124,35 @@ def baseline(trainer, loaded, data, recipe, output_dir: Path, resuming: bool) ->
     path = output_dir / "checkpoints" / "baseline.json"
     if resuming and path.exists():
         return json.loads(path.read_text())
+    from qlora.distributed import is_main_process
+
     before = measure(trainer, loaded, data, recipe)
-    atomic_write_json(path, before)
+    if is_main_process():
+        atomic_write_json(path, before)
     return before
 
 
-def save_adapter(loaded, output_dir: Path) -> Path:
-    """Write the adapter (peft format, safetensors) + tokenizer to `output_dir/adapter` atomically."""
-    from qlora.io import staged_dir
+def save_adapter(loaded, output_dir: Path, sharded_trainer=None) -> Path:
+    """Write the adapter (peft format, safetensors) + tokenizer to `output_dir/adapter` atomically, from
+    the main process. `sharded_trainer` (FSDP, ZeRO-3): every process calls this; Trainer gathers the shards."""
+    from qlora.distributed import is_main_process, on_main
+    from qlora.io import publish_dir, staged_dir, staging_dir_for
 
     final = output_dir / "adapter"
-    with staged_dir(final) as staging:  # a failed write (disk full) leaves no debris and the old adapter
-        loaded.model.save_pretrained(staging, safe_serialization=True)
+    if sharded_trainer is None:
+        if is_main_process():
+            with staged_dir(final) as staging:  # a failed write (disk full) leaves no debris and the old adapter
+                loaded.model.save_pretrained(staging, safe_serialization=True)
+                loaded.tokenizer.save_pretrained(staging)
+        return final
+    staging = on_main(lambda: staging_dir_for(final))
+    if sharded_trainer.is_fsdp_enabled:  # checkpoints are sharded; the adapter is saved whole, in peft's format
+        sharded_trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    sharded_trainer.save_model(str(staging))
+    if is_main_process():
+        (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer's, not the adapter's
         loaded.tokenizer.save_pretrained(staging)
+        publish_dir(staging, final)
     return final
 
 
@@ -158,6 +178,7 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     import torch
     from transformers import set_seed
 
+    from qlora import distributed
     from qlora.checkpoints import prepare_output_dir
     from qlora.data import describe, prepare_data
     from qlora.io import atomic_write_json
@@ -168,18 +189,24 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     # Everything a user can get wrong is checked before output_dir is touched (--overwrite would
     # delete the previous results) and before minutes go into loading the model.
     output_dir = Path(recipe.output_dir)
+    plan = distributed.resolve(recipe.distributed, recipe.quantization.bits)  # torchrun / accelerate launch
     check_model_source(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe, tokenizer)
     print(f"data: {describe(data.stats)}", file=sys.stderr)
-    lock.acquire()  # before the first write: a second run into output_dir is refused
-    resume_from = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
-    recipe.save(output_dir / "recipe.yaml")
+    distributed.start(plan)
+    lock.acquire()  # before the first write (main process only): a second run into output_dir is refused
+    # The main process alone prepares and writes the output folder; the others wait for its answer.
+    resume_from = distributed.on_main(lambda: prepare_output_dir(output_dir, overwrite=overwrite, resume=resume))
+    if plan.launch.is_main:
+        recipe.save(output_dir / "recipe.yaml")
     set_seed(recipe.training.seed)
+    distributed.prepare_loading(plan)
     loaded = build_model(recipe, data.label_names, tokenizer=tokenizer)  # a classifier head needs the labels
-    trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints")
+    trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints", plan.trainer_kwargs)
     with out_of_memory("the evaluation before training", recipe, kept="no training step ran", extra=EVAL_ADVICE):
         before = baseline(trainer, loaded, data, recipe, output_dir, resuming=resume_from is not None)
+    distributed.allow_wrapping(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -188,7 +215,8 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     exit_if_stopped(trainer, output_dir)  # SIGTERM (exit 4) or a non-finite loss (exit 5)
     runtime = time.perf_counter() - started
     memory = memory_figures(trainer.optimizer)  # labelled figures; paged optimizer states included on CUDA
-    adapter_dir = save_adapter(loaded, output_dir)  # before the last evaluation: an OOM there must not lose it
+    # before the last evaluation: an OOM there must not lose it
+    adapter_dir = save_adapter(loaded, output_dir, trainer if plan.shards_weights else None)
     after: dict[str, float] = {}
     with out_of_memory("the evaluation after training", recipe, f"the adapter is saved in {adapter_dir}, "
                        "metrics.json has no after-metrics", EVAL_ADVICE, deferred=True) as after_oom:
@@ -212,8 +240,11 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     )
     if after_oom.happened:
         metrics["eval_after_skipped"] = "out of GPU memory in the evaluation after training"
-    atomic_write_json(output_dir / "metrics.json", metrics)
-    print_summary(metrics, output_dir)
+    metrics.update(distributed.process_metrics(plan, memory["peak_memory_bytes"], recipe.training.batch_size,
+                                               recipe.training.grad_accum, trainer.model))
+    if plan.launch.is_main:
+        atomic_write_json(output_dir / "metrics.json", metrics)
+        print_summary(metrics, output_dir)
     after_oom.exit_if_out_of_memory()
     return metrics
 
@@ -236,6 +267,10 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
         f"peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB | {metrics['train_steps']} steps in "
         f"{metrics['train_runtime_s']:.1f} s | {metrics['tokens_per_s']:.0f} tokens/s | adapter: {metrics['adapter_dir']}"
     )
+    if "global_batch_size" in metrics:
+        from qlora.distributed import summary_line
+
+        console.print(summary_line(metrics))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,6 +44,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu", action="append", metavar="GPU",
                         help="plan for this GPU: a preset (t4, 3090, 4090, a100-80gb, h100, …) or a size with its unit "
                              "(24GB = 24e9 bytes, 24GiB); repeatable or comma-separated. What fits, how far, what to change")
+    parser.add_argument("--gpus", metavar="N|auto", help="one GPU's share of N (default 1); auto (with --gpu): the fewest GPUs per strategy")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp", "zero3"), help="how the GPUs divide the model (default ddp, or the recipe's)")
+    parser.add_argument("--offload", choices=("none", "cpu"), help="fsdp/zero3: sharded state in host RAM (default none, or the recipe's)")
     parser.add_argument("--measure", action="store_true", help="also run real training steps here and report measured peaks")
     parser.add_argument("--format", choices=("table", "markdown", "json"), default="table", help="what to print (default table)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="also write memory.md, memory.json and a PNG per model here")
@@ -57,7 +60,18 @@ def cli_settings(args: argparse.Namespace) -> Settings:
     changes = {"seq_len": args.seq_len, "batch_size": args.batch_size, "rank": args.rank, "optimizer": args.optimizer,
                "attn_implementation": args.attn, "checkpointing": False if args.no_checkpointing else None,
                "task": args.task, "num_labels": args.num_labels}
+    changes.update(sharding_flags(args))
     return Settings(**{k: v for k, v in changes.items() if v is not None})
+
+
+def sharding_flags(args: argparse.Namespace) -> dict:
+    """--gpus / --strategy / --offload as Settings fields (None: not given); 'auto' is searched later."""
+    gpus = None if args.gpus in (None, "auto") else args.gpus
+    if gpus is not None and not gpus.isdigit():
+        raise QLoraError(f"--gpus: expected a number of GPUs or 'auto', got '{args.gpus}'")
+    if args.gpus == "auto" and not args.gpu:
+        raise QLoraError("--gpus auto: searches for the fewest GPUs of a size; give it with --gpu, e.g. --gpu 24GB")
+    return {"gpus": int(gpus) if gpus else None, "strategy": args.strategy, "offload": args.offload}
 
 
 @dataclass(frozen=True)
@@ -83,15 +97,16 @@ def jobs(args: argparse.Namespace) -> list[Job]:
     methods = parse_methods(args.methods) if args.methods is not None else DEFAULT_METHODS
     settings = cli_settings(args)
     models = args.model or ([] if args.recipe else list(HEADLINE_MODELS))
-    return [Job(model, model, methods, settings) for model in models] + [recipe_job(p, args.overrides) for p in args.recipe]
+    return [Job(model, model, methods, settings) for model in models] + [recipe_job(p, args) for p in args.recipe]
 
 
-def recipe_job(path: str, overrides: Sequence[str]) -> Job:
+def recipe_job(path: str, args: argparse.Namespace) -> Job:
     from qlora.profile.settings import from_recipe
     from qlora.recipe import load_recipe
 
-    recipe = load_recipe(path, overrides)
+    recipe = load_recipe(path, args.overrides)
     model, method, settings = from_recipe(recipe)
+    settings = settings.replace(**{k: v for k, v in sharding_flags(args).items() if v is not None})  # the launcher's GPUs
     return Job(Path(path).stem, model, (method,), settings, str(path), recipe.target_gpu)
 
 
@@ -112,9 +127,16 @@ def profile(args: argparse.Namespace) -> list:
         inv = settings_inventory(job.model, settings)
         results = [Result(estimate(inv, method, settings)) for method in job.methods]
         targets = gpus or ([parse_gpu_memory(job.target_gpu)] if job.target_gpu else [None])
+        if args.measure and settings.gpus > 1:
+            raise QLoraError("--measure: measures one process on this machine; per-GPU shares (--gpus, distributed.gpus) "
+                             "are predictions only: measure with --gpus 1")
         for i, target in enumerate(targets):  # one run per GPU, sharing the predictions (and the measurement)
             fit_plan = plan(inv, job.methods, settings, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None
             run = Run(job.label if job.recipe else inv.name, inv.name, settings, results, fit_plan, job.recipe)
+            if args.gpus == "auto":
+                from qlora.profile.sharding import cards_needed
+
+                run.cards = {m: cards_needed(inv, m, settings, target) for m in job.methods}
             if args.measure and i == 0:
                 measure_run(run, job.model, device)
             elif args.measure:

@@ -47,7 +47,7 @@ class Estimate:
     parameters: int = 0
     trainable: int = 0
     parameters_by_role: dict[str, int] = field(default_factory=dict)
-    host_bytes: dict[str, int] = field(default_factory=dict)  # host RAM the run needs besides the GPU (offloaded checkpoints)
+    host_bytes: dict[str, int] = field(default_factory=dict)  # host RAM beside the GPU (offload, loading), not in `total`
 
     @property
     def total(self) -> int:
@@ -71,8 +71,8 @@ class Estimate:
             "parameters_by_role": dict(self.parameters_by_role),
             "trainable_parameters": self.trainable,
             "details": {k: dict(v) for k, v in self.details.items()},
+            "host_bytes": dict(self.host_bytes),
             "host_ram_bytes": sum(self.host_bytes.values()),
-            "host_ram_details": dict(self.host_bytes),
         }
 
 
@@ -140,12 +140,15 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
     if at_step:
         details["optimizer"] = {**states, "step temporaries": step_temps}
         details["activations"] = {"token ids and labels (the last micro-batch)": batch_bytes(step)}
-    return Estimate(
+    whole = Estimate(
         model=inv.name, method=method, settings=settings, bytes=parts, details=details,
         peak_moment="optimizer step" if at_step else acts.peak_moment,
         parameters=inv.parameter_count(), trainable=sum(trainable), parameters_by_role=inv.counts_by_role(),
         host_bytes=acts.host,
     )
+    from qlora.profile.sharding import per_gpu  # --gpus N: one GPU's share under the strategy
+
+    return per_gpu(whole, inv, settings)
 
 
 def estimate_recipe(recipe) -> Estimate:

@@ -21,15 +21,18 @@ METHOD_ORDER = tuple(METHODS)  # full, lora, lora-8bit, qlora: from most memory 
 # How each change the planner may advise is spelled where the user makes it: flags or recipe keys.
 CLI_KEYS = {"seq_len": "--seq-len {}", "batch_size": "--batch-size {}", "rank": "--rank {}", "optimizer": "--optimizer {}",
             "checkpointing": "gradient checkpointing (drop --no-checkpointing)",
+            "gpus": "--gpus {}", "strategy": "--strategy {}", "offload": "--offload {}",
             **{m: f"--methods {m}" for m in METHODS},
             # no flags for these: a recipe's keys (qlora.long_context), said as such
-            "offload": "training.offload_checkpoints=true (recipe key)", "dropout": "lora.dropout=0 (recipe key)",
+            "offload_checkpoints": "training.offload_checkpoints=true (recipe key)", "dropout": "lora.dropout=0 (recipe key)",
             "tiles": "training.mlp_tiles={} (recipe key)"}
 RECIPE_KEYS = {"seq_len": "data.max_seq_len={}", "batch_size": "training.batch_size={}", "rank": "lora.r={}",
                "optimizer": "training.optimizer={}", "checkpointing": "training.gradient_checkpointing=true",
                "full": "full fine-tuning", "lora": "quantization.bits=none (16-bit LoRA)",
                "lora-8bit": "quantization.bits=8", "qlora": "quantization.bits=4 (QLoRA)",
-               "offload": "training.offload_checkpoints=true", "dropout": "lora.dropout=0", "tiles": "training.mlp_tiles={}"}
+               "offload_checkpoints": "training.offload_checkpoints=true", "dropout": "lora.dropout=0", "tiles": "training.mlp_tiles={}",
+               "gpus": "{0} processes (torchrun --nproc_per_node {0})", "strategy": "distributed.strategy={}",
+               "offload": "distributed.offload={}"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ class FitPlan:
     def _summary(self, fit: MethodFit) -> str:
         s = self.settings
         head = f"{self.model} {fit.method}: predicted peak {gib(fit.estimate.total)} of {gib(self.gpu_bytes)}"
+        if s.gpus > 1:
+            host = sum(fit.estimate.host_bytes.values())
+            head += f" per GPU ({s.gpus} × {s.strategy}{', host RAM ' + gib(host) if host else ''})"
         if not fit.fits:
             return f"{head}: does not fit"
         seq = f"{fit.max_seq_len:,}" + (" (the model's context)" if fit.max_seq_len >= fit.seq_len_limit else "")
@@ -162,6 +168,10 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
     lc = long_context_changes(inv, method, s, gpu, k)
     if lc and lc[1] <= gpu:
         out.append(f"fits with {lc[0]}: {gib(lc[1])}")
+    if s.gpus > 1:
+        from qlora.profile.sharding import remedies as sharding_remedies
+
+        out += sharding_remedies(inv, method, s, gpu, k)
     return out or [combined(inv, method, s, gpu, k)]
 
 
@@ -174,7 +184,7 @@ def long_context_keys(inv: Inventory, method: str, s: Settings, k: dict[str, str
     changes, spelled = {}, []
     if s.checkpointing and s.offload_checkpoints is not True:
         changes["offload_checkpoints"] = True
-        spelled.append(k["offload"])
+        spelled.append(k["offload_checkpoints"])
     if method != "full" and s.lora_dropout > 0:
         changes["lora_dropout"] = 0.0
         spelled.append(k["dropout"])

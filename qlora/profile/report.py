@@ -51,6 +51,7 @@ class Run:
     plan: FitPlan | None = None
     recipe: str | None = None
     environment: dict = field(default_factory=dict)  # device and library versions, with --measure
+    cards: dict = field(default_factory=dict)  # --gpus auto: method -> sharding.CardPlan per strategy
 
     def fit(self, method: str) -> MethodFit | None:
         return next((f for f in self.plan.methods if f.method == method), None) if self.plan else None
@@ -67,7 +68,9 @@ def describe(settings: Settings) -> str:
             f"{settings.optimizer} · {'checkpointing' if settings.checkpointing else 'no checkpointing'} · "
             f"{settings.attn_implementation} · {dtype_name(compute_dtype(settings))} on {settings.device}"
             + (f" · MLP tiles {settings.mlp_tiles}" if settings.mlp_tiles != "auto" else "")
-            + (f" · offloaded checkpoints ({str(settings.offload_checkpoints).lower()})" if settings.offload_checkpoints else ""))
+            + (f" · offloaded checkpoints ({str(settings.offload_checkpoints).lower()})" if settings.offload_checkpoints else "")
+            + (f" · per GPU of {settings.gpus}, {settings.strategy}{' + CPU offload' if settings.offload == 'cpu' else ''}"
+               if settings.gpus > 1 else ""))
 
 
 def unit(runs: list[Run]) -> tuple[str, int]:
@@ -137,7 +140,16 @@ def print_table(runs: list[Run], console=None) -> None:
 
 
 def advice(runs: list[Run]) -> list[str]:
-    return [line for run in runs if run.plan for line in run.plan.advice()]
+    return [line for run in runs if run.plan for line in run.plan.advice() + cards_advice(run)]
+
+
+def cards_advice(run: Run) -> list[str]:
+    """--gpus auto: how many GPUs of the planned size each strategy needs."""
+    lines = []
+    for method, plans in run.cards.items():
+        lines.append(f"{run.model} {method} on GPUs of {run.plan.gpu_bytes / 2**30:.2f} GiB, fewest per strategy:")
+        lines += [f"  - {p.line(run.plan.gpu_bytes)}" for p in plans]
+    return lines
 
 
 def to_markdown(runs: list[Run], command: str | None = None) -> str:
@@ -192,7 +204,9 @@ def to_json(runs: list[Run]) -> dict:
         if run.recipe:
             item["recipe"] = run.recipe
         if run.plan:
-            item["gpu_bytes"], item["advice"] = run.plan.gpu_bytes, run.plan.advice()
+            item["gpu_bytes"], item["advice"] = run.plan.gpu_bytes, run.plan.advice() + cards_advice(run)
+        if run.cards:
+            item["gpus_needed"] = {m: [p.to_dict() for p in plans] for m, plans in run.cards.items()}
         if run.environment:
             item["environment"] = run.environment
         out.append(item)

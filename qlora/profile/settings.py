@@ -42,6 +42,9 @@ class Settings:
     num_labels: int = 2  # classification only: the head has one output per label
     mlp_tiles: int | str = "auto"  # training.mlp_tiles: tiles of the sequence-tiled MLP (qlora.long_context)
     offload_checkpoints: bool | str = False  # training.offload_checkpoints: kept layer inputs in host RAM (GPU only)
+    gpus: int = 1  # > 1: the numbers are one GPU's share under `strategy` (qlora.profile.sharding)
+    strategy: str = "ddp"  # ddp | fsdp | zero3, as the recipe's distributed.strategy
+    offload: str = "none"  # none | cpu, as distributed.offload
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "batch_size", "rank"):
@@ -59,6 +62,9 @@ class Settings:
         check_long_context_keys(self.mlp_tiles, self.offload_checkpoints, True)
         if not 0 <= self.lora_dropout < 1:
             raise QLoraError(f"lora dropout: must be in [0, 1), got {self.lora_dropout}")
+        from qlora.profile.sharding import check
+
+        check(self.gpus, self.strategy, self.offload)
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -112,5 +118,8 @@ def from_recipe(recipe) -> tuple[str, str, Settings]:
         num_labels=num_labels or 2,
         mlp_tiles=recipe.training.mlp_tiles,
         offload_checkpoints=recipe.training.offload_checkpoints,
+        gpus=recipe.distributed.gpus or 1,  # the GPUs it is sized for; `--gpus N` plans for another number
+        strategy=recipe.distributed.strategy or "ddp",
+        offload=recipe.distributed.offload,
     )
     return recipe.model.name_or_path, recipe.method, settings

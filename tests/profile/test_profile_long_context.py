@@ -79,7 +79,7 @@ def test_offload_moves_the_kept_layer_inputs_to_host_ram():
     assert offloaded.host_bytes[OFFLOADED] == 32 * layer_input
     assert sum(offloaded.host_bytes.values()) == 32 * 2**27  # pinned blocks of a power of two: 128 MiB each
     data = offloaded.to_dict()
-    assert data["host_ram_bytes"] == 32 * 2**27 and data["host_ram_details"][OFFLOADED] == 32 * layer_input
+    assert data["host_ram_bytes"] == 32 * 2**27 and data["host_bytes"][OFFLOADED] == 32 * layer_input
     assert kept.to_dict()["host_ram_bytes"] == 0
 
 
