@@ -298,7 +298,15 @@ def build_model(recipe: Recipe, label_names: list[str] | None = None, device: st
     if recipe.training.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     model = attach_lora(base, recipe.lora, recipe.task)
+    install_recipe_loss(model.get_base_model(), recipe)
     return LoadedModel(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype)
+
+
+def install_recipe_loss(model, recipe: Recipe) -> str:
+    """`training.loss` on a causal LM (qlora.loss); a classifier keeps its own small loss."""
+    from qlora.loss import install_loss
+
+    return install_loss(model, recipe.training.loss) if recipe.task == "causal_lm" else "standard"
 
 
 def parameter_counts(model) -> tuple[int, int]:

@@ -8,18 +8,23 @@ input. The activation peak of a step is
 
     kept (alive from forward until backward frees it: each layer's input under checkpointing,
           everything every layer saves without it)
-      + the largest of three moments:
-        end of forward       logits, their fp32 copy and log-softmax (+ autocast's 16-bit copies of the adapters)
-        start of backward    the loss gradient (three vocabulary-sized fp32 tensors)
+      + the largest of the step's moments:
+        end of forward       standard loss: logits, their fp32 copy and log-softmax (+ autocast's 16-bit adapter copies)
+        start of backward    standard loss: the loss gradient (three vocabulary-sized fp32 tensors)
+        loss chunk           chunked loss (qlora.loss): one chunk's fp32 logits, the final hidden states and
+                             their gradient, made in forward (+ autocast's adapter copies)
         backward of a layer  the last layer's saved tensors (recomputed first under checkpointing)
                              + the gradients in flight at its busiest point
+
+The eval step is its own phase (`eval_activation_bytes`): a no-grad forward, whose peak is the loss
+(chunked or standard) or one layer's forward temporaries.
 
 Sequences are assumed unpadded (no attention mask), as with packing or equal-length batches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qlora.profile.inventory import Inventory
 
@@ -51,10 +56,15 @@ class Step:
     adapter_bytes: int  # bytes per adapter element (fp32)
     task: str = "causal_lm"
     num_labels: int = 2  # classification: the head's outputs
+    loss: str = "standard"  # 'chunked': qlora.loss (causal LM only)
 
     @property
     def classifier(self) -> bool:
         return self.task == "classification"
+
+    @property
+    def chunked(self) -> bool:
+        return self.loss == "chunked" and not self.classifier
 
     @property
     def tokens(self) -> int:
@@ -70,6 +80,12 @@ class Step:
 class Activations:
     kept: dict[str, int]
     moments: dict[str, int]
+    parts: dict[str, dict[str, int]] = field(default_factory=dict)  # a moment's named terms, where it has them
+
+    def peak_terms(self) -> dict[str, int]:
+        """The peak moment as named terms (its parts, or the moment itself)."""
+        moment = self.peak_moment
+        return dict(self.parts.get(moment) or {moment: self.moments[moment]})
 
     @property
     def peak_moment(self) -> str:
@@ -100,12 +116,49 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
         kept["causal mask"] = step.batch * S * S * c
     head = _head_saved(inv, step)
     recomputed = layer if step.checkpointing else 0
-    moments = {
-        "end of forward (logits, loss)": head + _forward_end(inv, step),
-        "start of backward (loss gradient)": head + _loss_backward(inv, step),
-        "backward through one layer": recomputed + _layer_backward(inv, step),
-    }
-    return Activations(kept, moments)
+    parts = {}
+    if step.chunked:
+        chunk = {"final norm (saved)": head, **chunked_loss_terms(inv, step, grads=True)}
+        if _adapters_cast(step) and step.checkpointing:
+            chunk["autocast's adapter copies"] = step.adapter_numel * step.compute_bytes
+        parts["loss chunk (chunked loss)"] = chunk
+        moments = {"loss chunk (chunked loss)": sum(chunk.values())}
+    else:
+        moments = {
+            "end of forward (logits, loss)": head + _forward_end(inv, step),
+            "start of backward (loss gradient)": head + _loss_backward(inv, step),
+        }
+    moments["backward through one layer"] = recomputed + _layer_backward(inv, step)
+    return Activations(kept, moments, parts)
+
+
+def labelled_tokens(step: Step) -> int:
+    """Tokens whose next-token label is kept: all but each sequence's last (packed or unpadded batches)."""
+    return step.batch * (step.seq - 1)
+
+
+def chunked_loss_terms(inv: Inventory, step: Step, grads: bool) -> dict[str, int]:
+    """What `qlora.loss` holds at its busiest point, from its code: the final hidden states, the kept
+    positions and their targets, the loss accumulator and one chunk. With `grads` (training) the chunk's
+    busiest point is its hidden-state gradient matmul: fp32 probabilities (+ their 16-bit copy), the
+    chunk's rows and their gradient; the hidden-state gradient (and for full FT the head's fp32 weight
+    gradient) are made in forward. Without (eval) it is the logits and five per-token temporaries."""
+    from qlora.loss import chunk_tokens
+
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    labelled = labelled_tokens(step)
+    n = min(labelled, chunk_tokens(d.vocab))
+    terms = {"final hidden states": T * d.hidden * c, "label positions and targets": 2 * labelled * 8, "loss accumulator": FP32}
+    if grads:
+        terms["hidden-state gradient"] = T * d.hidden * c
+        if step.method == "full":
+            head = next((lin for lin in inv.linears if lin.role == "lm_head"), None)
+            terms["head weight gradient (fp32)"] = d.vocab * d.hidden * FP32 + (d.vocab * FP32 if head and head.bias else 0)
+        terms["loss chunk"] = n * d.vocab * (FP32 + (c if c != FP32 else 0)) + 2 * n * d.hidden * c
+    else:
+        widened = n * d.vocab * (c + FP32) if c != FP32 else 0  # the 16-bit logits and their fp32 copy
+        terms["loss chunk"] = n * d.hidden * c + max(n * d.vocab * FP32 + 5 * n * FP32, widened)
+    return terms
 
 
 def batch_bytes(step: Step) -> int:
@@ -202,8 +255,8 @@ def _head_saved(inv: Inventory, step: Step) -> int:
     so it keeps its input (and, under autocast, its 16-bit weight copy)."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     saved = T * d.hidden * FP32 + T * FP32
-    if step.method == "full":
-        return saved + 2 * T * d.hidden * c
+    if step.method == "full":  # the norm's normalized input; the standard loss's head also saves its input
+        return saved + (1 if step.chunked else 2) * T * d.hidden * c
     if step.classifier:
         saved += T * d.hidden * c + (step.num_labels * d.hidden * c if _adapters_cast(step) else 0)
     return saved
@@ -267,3 +320,43 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
     down_saved = _lora_saved(inv, step, ["down_proj"]) if down_lora else (T * I * c if step.method == "full" else 0)
     product_backward = 3 * T * I * c - down_saved
     return T * H * c + max(recompute_end, down_backward, product_backward)
+
+
+def eval_activation_bytes(inv: Inventory, step: Step, train_batch: int) -> Activations:
+    """Activations of the eval step (a no-grad forward at `step.batch`): what the whole forward keeps
+    (the batch, the rotary tables) plus the larger of the loss and one layer's forward temporaries.
+    `train_batch`: bytes of the last training micro-batch, which the trainer's loop holds through an
+    eval between steps."""
+    d, T, S, c = inv.dims, step.tokens, step.seq, step.compute_bytes
+    kept = {"the last training micro-batch": train_batch, "eval batch: token ids and labels": batch_bytes(step)}
+    parts = {}
+    if step.chunked:
+        parts["eval loss chunk (chunked loss)"] = chunked_loss_terms(inv, step, grads=False)
+    elif step.classifier:
+        parts["eval label scores"] = {"final hidden states": T * d.hidden * c, "label scores": _forward_end(inv, step)}
+    else:
+        parts["eval logits and loss"] = {
+            "final hidden states": T * d.hidden * c,
+            "logits (+ fp32 copy) and log-softmax": T * d.vocab * (c + (FP32 if c != FP32 else 0) + FP32),
+            "shifted labels": step.batch * (2 * S + 1) * 8,
+            "loss": 2 * FP32,
+        }
+    layer = {"positions and rotary tables": S * 8 + 2 * S * d.head_dim * c, "one layer's forward": _layer_forward(inv, step)}
+    if step.attention == "eager":
+        layer["causal mask"] = step.batch * S * S * c
+    parts["eval forward through one layer"] = layer
+    moments = {name: sum(terms.values()) for name, terms in parts.items()}
+    return Activations(kept, moments, parts)
+
+
+def _layer_forward(inv: Inventory, step: Step) -> int:
+    """A layer's no-grad forward at its MLP's busiest point, from the decoder's code: the embeddings
+    (kept by the decoder's loop), the layer input, the attention residual and the normed input (three
+    in the first layer, where the input is the embeddings); then the larger of the up projection's
+    output (the activated gate, the base output, with LoRA its scaled output and their sum) and a
+    4/8-bit weight dequantized for its matmul beside the gate and the output."""
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    weight = d.hidden * d.intermediate
+    temporary = {"qlora": weight * c + -(-weight // 64) * FP32, "lora-8bit": weight * c}.get(step.method, 0)
+    up = (4 if "up_proj" in step.lora_leaves else 3) * T * d.intermediate * c
+    return (4 if d.layers > 1 else 3) * T * d.hidden * c + max(up, 2 * T * d.intermediate * c + temporary)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qlora.errors import QLoraError, did_you_mean
-from qlora.recipe import ATTN_IMPLEMENTATIONS, COMPUTE_DTYPES, OPTIMIZERS, TARGET_PRESETS, TASKS
+from qlora.recipe import ATTN_IMPLEMENTATIONS, COMPUTE_DTYPES, LOSSES, OPTIMIZERS, TARGET_PRESETS, TASKS
 
 # Method -> bits of the frozen base (None: 16-bit). 'full' trains every weight, the others train LoRA adapters.
 METHODS = {"full": None, "lora": None, "lora-8bit": 8, "qlora": 4}
@@ -39,6 +39,8 @@ class Settings:
     device: str = "cuda"
     task: str = "causal_lm"  # or 'classification': a sequence classifier, its new head trained in full
     num_labels: int = 2  # classification only: the head has one output per label
+    loss: str = "chunked"  # causal LM: 'chunked' (qlora.loss, no full logits) or 'standard'; a classifier ignores it
+    eval_batch_size: int | None = None  # the eval step's batch (None: batch_size)
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "batch_size", "rank"):
@@ -48,6 +50,9 @@ class Settings:
         if self.num_labels < 2:
             raise QLoraError(f"--num-labels: a classifier needs at least 2 labels, got {self.num_labels}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("loss", self.loss, LOSSES)
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise QLoraError(f"eval batch size: must be >= 1, got {self.eval_batch_size}")
         _check_choice("attn-implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _check_choice("compute dtype", self.compute_dtype, COMPUTE_DTYPES)
         _check_choice("device", self.device, DEVICES)
@@ -55,6 +60,10 @@ class Settings:
             _check_choice("targets", self.targets, TARGET_PRESETS)
         if not 0 <= self.lora_dropout < 1:
             raise QLoraError(f"lora dropout: must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or self.batch_size
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -106,5 +115,7 @@ def from_recipe(recipe) -> tuple[str, str, Settings]:
         double_quant=recipe.quantization.double_quant,
         task=recipe.task,
         num_labels=num_labels or 2,
+        loss=recipe.training.loss,
+        eval_batch_size=recipe.training.eval_batch_size,
     )
     return recipe.model.name_or_path, recipe.method, settings
