@@ -20,10 +20,11 @@ METHOD_ORDER = tuple(METHODS)  # full, lora, lora-8bit, qlora: from most memory 
 
 # How each change the planner may advise is spelled where the user makes it: flags or recipe keys.
 CLI_KEYS = {"seq_len": "--seq-len {}", "batch_size": "--batch-size {}", "rank": "--rank {}", "optimizer": "--optimizer {}",
-            "checkpointing": "gradient checkpointing (drop --no-checkpointing)",
+            "checkpointing": "gradient checkpointing (drop --no-checkpointing)", "loss": "--loss {}",
             **{m: f"--methods {m}" for m in METHODS}}
 RECIPE_KEYS = {"seq_len": "data.max_seq_len={}", "batch_size": "training.batch_size={}", "rank": "lora.r={}",
                "optimizer": "training.optimizer={}", "checkpointing": "training.gradient_checkpointing=true",
+               "loss": "training.loss={}",
                "full": "full fine-tuning", "lora": "quantization.bits=none (16-bit LoRA)",
                "lora-8bit": "quantization.bits=8", "qlora": "quantization.bits=4 (QLoRA)"}
 
@@ -130,6 +131,8 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
                        "(raise gradient accumulation to keep the effective batch)")
     predicted = lambda m, **change: estimate(inv, m, s.replace(**change)).total  # noqa: E731
     changes = []  # (how the user spells it, predicted peak after it)
+    if s.loss != "chunked" and s.task == "causal_lm":  # the vocabulary-sized logits are often the largest term
+        changes.append((k["loss"].format("chunked"), predicted(method, loss="chunked")))
     if not s.checkpointing:
         changes.append((k["checkpointing"], predicted(method, checkpointing=True)))
     if not s.optimizer.endswith("8bit"):
@@ -149,8 +152,9 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
 def combined(inv: Inventory, method: str, s: Settings, gpu: int, k: dict[str, str]) -> str:
     """When no single change is enough: QLoRA with checkpointing and 8-bit AdamW, at the largest
     rank that fits, else rank 1 at the longest sequence that fits one per batch, else nothing."""
-    frugal = s.replace(checkpointing=True, optimizer="paged_adamw_8bit")
+    frugal = s.replace(checkpointing=True, optimizer="paged_adamw_8bit", loss="chunked")
     spelled = ([] if method == "qlora" else [k["qlora"]]) + [k["optimizer"].format(frugal.optimizer)]
+    spelled += [] if s.loss == "chunked" or s.task != "causal_lm" else [k["loss"].format("chunked")]
     spelled += [] if s.checkpointing else [k["checkpointing"]]
     rank = largest(lambda r: estimate(inv, "qlora", frugal.replace(rank=r)).total <= gpu, s.rank)
     if rank:

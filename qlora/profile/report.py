@@ -76,7 +76,7 @@ def unit(runs: list[Run]) -> tuple[str, int]:
 
 def header(runs: list[Run]) -> list[str]:
     name, _ = unit(runs)
-    cols = ["Model", "Method"] + [c.capitalize() for c in COMPONENTS] + [f"Total ({name})"]
+    cols = ["Model", "Method"] + [c.capitalize() for c in COMPONENTS] + [f"Total ({name})", "Train step / eval step"]
     if any(r.measured for run in runs for r in run.results):
         cols += [f"Measured ({name})", "Error"]
     plan = next((run.plan for run in runs if run.plan), None)
@@ -94,7 +94,7 @@ def rows(runs: list[Run]) -> list[list[str]]:
     for run in runs:
         for result in run.results:
             e = result.estimate
-            row = [run.label, e.method] + [f"{e.bytes[c] / scale:.2f}" for c in COMPONENTS] + [f"{e.total / scale:.2f}"]
+            row = [run.label, e.method] + [f"{e.bytes[c] / scale:.2f}" for c in COMPONENTS] + [f"{e.total / scale:.2f}", phase_cell(e, scale)]
             if measuring:
                 m = result.measured
                 row += [f"{m.peak / scale:.2f}", f"{result.error:+.2%}"] if m else ["", ""]
@@ -103,6 +103,12 @@ def rows(runs: list[Run]) -> list[list[str]]:
                 row += _fit_cells(fit) if fit else ["", "", ""]
             out.append(row)
     return out
+
+
+def phase_cell(e: Estimate, scale: int) -> str:
+    """Both phases' totals, the peak one (what Total shows) marked."""
+    cells = [f"{e.phases[name]['total_bytes'] / scale:.2f}" + ("*" if name == e.phase else "") for name in ("train", "eval") if name in e.phases]
+    return " / ".join(cells)
 
 
 def _fit_cells(fit: MethodFit) -> list[str]:
@@ -147,6 +153,8 @@ def to_markdown(runs: list[Run], command: str | None = None) -> str:
         lines += [f"**{describe(group[0].settings)}** — predicted peak memory per training step ({name})", "",
                   "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows(group)]
+        lines += ["", "Total is the run's peak: the larger of the training step and the eval step (marked *); the eval step "
+                  "is a no-grad forward at the eval batch size with the optimizer states alive and no gradients."]
         lines += measured_rows(group)
         fit_lines = advice(group)
         if fit_lines:
