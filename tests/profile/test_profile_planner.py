@@ -93,3 +93,22 @@ def test_every_sized_recipe_fits_its_target_gpu(path):
     assert predicted.method == recipe.method and predicted.settings.seq_len == recipe.data.max_seq_len
     assert predicted.total <= parse_gpu_memory(recipe.target_gpu)
     assert plan_fit(recipe, parse_gpu_memory(recipe.target_gpu)).methods[0].fits
+
+
+def test_llama_3_1_8b_r16_at_2048_tokens_holds_no_vocabulary_sized_logits():
+    """Issue 11's must-show: the T4 recipe (QLoRA r 16, all-linear) at batch 1 x 2,048 was 9.40 GiB of
+    tensors with the standard loss; the chunked loss and its 512-token chunks bring it under 7.5 GiB."""
+    recipe = load_recipe(RECIPES[0].parent / "llama-3.1-8b-alpaca-t4.yaml", ["data.max_seq_len=2048", "training.batch_size=1"])
+    chunked = estimate_recipe(recipe)
+    standard = estimate_recipe(load_recipe(recipe.source, ["data.max_seq_len=2048", "training.batch_size=1", "training.loss=standard"]))
+    assert chunked.allocated <= 7.5 * GIB < 9.4 * GIB <= standard.allocated
+    assert chunked.peak_moment == "backward through one layer"  # the loss is no longer the largest moment
+    assert standard.peak_moment == "start of backward (loss gradient)"
+
+
+def test_the_planner_names_the_chunked_loss_when_it_is_what_fits():
+    recipe = load_recipe(RECIPES[0].parent / "llama-3.1-8b-alpaca-t4.yaml",
+                         ["data.max_seq_len=4096", "training.batch_size=1", "training.loss=standard"])
+    advice = plan_fit(recipe, 10 * GIB).advice()  # 14.02 GiB with the standard loss, 9.55 chunked
+    assert "does not fit" in advice[0]
+    assert any(line.startswith("  - fits with training.loss=chunked: ") for line in advice)
