@@ -7,7 +7,7 @@ CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test install assets clean
+.PHONY: demo test install assets bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ assets: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# qlora vs the plain peft + bitsandbytes + Trainer recipe, same model and data (a few minutes on 2 cores;
+# not part of `make test`): writes memory_reports/bench/bench.md and bench.json.
+bench: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_memory.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

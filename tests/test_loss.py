@@ -164,3 +164,22 @@ def test_build_model_installs_the_recipe_loss(tiny_llama, alpaca_file, loss):
     assert getattr(inner, "qlora_loss", "standard") == loss
     out = inner(input_ids=torch.tensor([[1, 5, 9, 4]]), labels=torch.tensor([[1, 5, 9, 4]]))
     assert (out.logits is None) == (loss == "chunked")
+
+
+def test_recipe_keys_are_checked_and_reach_the_trainer(tmp_path, alpaca_file):
+    from qlora.errors import QLoraError
+    from qlora.recipe import recipe_from_mapping
+    from qlora.train import training_arguments
+
+    base = {"model": {"name_or_path": str(tmp_path)}, "data": {"path": str(alpaca_file)}, "output_dir": str(tmp_path / "out")}
+    with pytest.raises(QLoraError, match="training.loss: unknown value 'chunky'"):
+        recipe_from_mapping(base, ["training.loss=chunky"])
+    with pytest.raises(QLoraError, match="training.eval_batch_size: must be >= 1"):
+        recipe_from_mapping(base, ["training.eval_batch_size=0"])
+    recipe = recipe_from_mapping(base, ["training.batch_size=2"])
+    args = training_arguments(recipe, torch.float32, tmp_path / "ckpt", has_eval=True)
+    assert args.per_device_eval_batch_size == 2 and args.prediction_loss_only  # the training batch, not max(batch, 8)
+    recipe = recipe_from_mapping(base, ["training.batch_size=2", "training.eval_batch_size=6", "task=classification",
+                                        "data.format=classification"])
+    args = training_arguments(recipe, torch.float32, tmp_path / "ckpt", has_eval=True)
+    assert args.per_device_eval_batch_size == 6 and not args.prediction_loss_only  # a classifier's metrics need its logits

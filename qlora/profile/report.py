@@ -65,7 +65,9 @@ def describe(settings: Settings) -> str:
     task = f"classifier ({settings.num_labels} labels) · " if settings.task == "classification" else ""
     return (f"{task}seq {settings.seq_len:,} · batch {settings.batch_size} · r {settings.rank} ({targets}) · "
             f"{settings.optimizer} · {'checkpointing' if settings.checkpointing else 'no checkpointing'} · "
-            f"{settings.attn_implementation} · {dtype_name(compute_dtype(settings))} on {settings.device}")
+            f"{settings.attn_implementation} · {dtype_name(compute_dtype(settings))} on {settings.device}"
+            f"{'' if settings.task == 'classification' else f' · {settings.loss} loss'}"
+            f"{f' · eval batch {settings.eval_batch}' if settings.eval_batch != settings.batch_size else ''}")
 
 
 def unit(runs: list[Run]) -> tuple[str, int]:
