@@ -47,8 +47,8 @@ def shifted_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, shif
     return positions, flat.index_select(0, positions)
 
 
-def _chunk(h, weight, bias, targets, denominator, want_grads: bool):
-    """Summed CE of one chunk, and its fp32 probabilities minus one-hot, divided by `denominator` (or None)."""
+def _chunk(h, weight, bias, targets, want_grads: bool):
+    """Summed CE of one chunk, and its fp32 probabilities minus one-hot (the logits' gradient, unscaled)."""
     logits = (torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()).float()
     target_logit = logits.gather(1, targets.unsqueeze(1))
     peak = logits.amax(1, keepdim=True)
@@ -58,15 +58,19 @@ def _chunk(h, weight, bias, targets, denominator, want_grads: bool):
     del target_logit, peak
     if not want_grads:
         return loss, None
-    logits.div_(sums * denominator)
+    logits.div_(sums)
     del sums
-    logits.scatter_add_(1, targets.unsqueeze(1), logits.new_full((targets.numel(), 1), -1.0 / float(denominator)))
+    logits.scatter_add_(1, targets.unsqueeze(1), logits.new_full((targets.numel(), 1), -1.0))
     return loss, logits
 
 
 def chunked_cross_entropy_forward(hidden, weight, bias, positions, targets, denominator, chunk: int,
                                   grad_hidden: bool = False, grad_weight: bool = False, grad_bias: bool = False):
-    """Loss (sum / denominator) and the requested gradients, one chunk of logits at a time."""
+    """Loss (sum / denominator) and the requested gradients, one chunk of logits at a time.
+
+    The gradients are left unscaled (not divided by `denominator`): backward scales them by
+    grad_output / denominator at once, so that under fp16 the gradient scaler's factor reaches them
+    before they could underflow, as in transformers' own loss."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     g_hidden = torch.zeros_like(flat) if grad_hidden else None
     g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
@@ -76,7 +80,7 @@ def chunked_cross_entropy_forward(hidden, weight, bias, positions, targets, deno
     for start in range(0, positions.numel(), chunk):
         rows = positions[start:start + chunk]
         h = flat.index_select(0, rows)
-        loss, probs = _chunk(h, weight, bias, targets[start:start + chunk], denominator, want)
+        loss, probs = _chunk(h, weight, bias, targets[start:start + chunk], want)
         total += loss
         del loss
         if g_hidden is not None:
@@ -98,6 +102,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, positions, targets, denominator, chunk):
         need = ctx.needs_input_grad
+        ctx.denominator = denominator
         loss, ctx.grads = chunked_cross_entropy_forward(
             hidden, weight, bias, positions, targets, denominator, chunk,
             grad_hidden=need[0], grad_weight=need[1], grad_bias=bias is not None and need[2])
@@ -108,7 +113,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("the chunked loss frees its gradients after one backward (retain_graph is not supported)")
         grads, ctx.grads = ctx.grads, None
-        scaled = [g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in grads]  # in place: no new tensor
+        factor = grad_output / ctx.denominator
+        scaled = [g.mul_(factor.to(g.dtype)) if g is not None else None for g in grads]  # in place: no new tensor
         return (*scaled, None, None, None, None)
 
 
