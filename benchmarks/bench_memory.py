@@ -45,11 +45,13 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per side (the first is a warm-up, not timed)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1: on a shared CPU, spinning OpenMP threads make timings noisy)")
-    parser.add_argument("--out", type=Path, default=ROOT / "memory_reports" / "bench")
+    parser.add_argument("--out", type=Path, help="default memory_reports/bench (a --dry-run: a temporary folder, the committed results stay)")
     parser.add_argument("--dry-run", action="store_true", help="tiny config, seq 32, 2 steps: checks the wiring in seconds")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.seq_len, args.steps, args.rank = 32, 2, 4
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "qlora-bench-dry-run" if args.dry_run else ROOT / "memory_reports" / "bench"
     return args
 
 
