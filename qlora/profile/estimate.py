@@ -120,7 +120,8 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         checkpointing=settings.checkpointing, attention=settings.attn_implementation, method=method,
         rank=settings.rank, lora_dropout=settings.lora_dropout, lora_leaves=frozenset(lin.leaf for lin in targets),
         adapter_numel=adapter_numel, adapter_bytes=ADAPTER_DTYPE.itemsize,
-        task=settings.task, num_labels=settings.num_labels, loss=settings.loss,
+        task=settings.task, num_labels=settings.num_labels,
+        loss="standard" if inv.chunked_loss_unsupported else settings.loss,  # as qlora.loss falls back in training
     )
     acts = activation_bytes(inv, step)
     step_temps = optimizer_step_temporaries(settings.optimizer, settings.device, trainable, trainable_dtype(method, dtype))

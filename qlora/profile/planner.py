@@ -20,11 +20,11 @@ METHOD_ORDER = tuple(METHODS)  # full, lora, lora-8bit, qlora: from most memory 
 
 # How each change the planner may advise is spelled where the user makes it: flags or recipe keys.
 CLI_KEYS = {"seq_len": "--seq-len {}", "batch_size": "--batch-size {}", "rank": "--rank {}", "optimizer": "--optimizer {}",
-            "checkpointing": "gradient checkpointing (drop --no-checkpointing)", "loss": "--loss {}",
+            "checkpointing": "gradient checkpointing (drop --no-checkpointing)", "loss": "--loss {}", "eval_batch_size": "--eval-batch-size {}",
             **{m: f"--methods {m}" for m in METHODS}}
 RECIPE_KEYS = {"seq_len": "data.max_seq_len={}", "batch_size": "training.batch_size={}", "rank": "lora.r={}",
                "optimizer": "training.optimizer={}", "checkpointing": "training.gradient_checkpointing=true",
-               "loss": "training.loss={}",
+               "loss": "training.loss={}", "eval_batch_size": "training.eval_batch_size={}",
                "full": "full fine-tuning", "lora": "quantization.bits=none (16-bit LoRA)",
                "lora-8bit": "quantization.bits=8", "qlora": "quantization.bits=4 (QLoRA)"}
 
@@ -131,6 +131,10 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
                        "(raise gradient accumulation to keep the effective batch)")
     predicted = lambda m, **change: estimate(inv, m, s.replace(**change)).total  # noqa: E731
     changes = []  # (how the user spells it, predicted peak after it)
+    if fit.estimate.phase == "eval" and s.eval_batch > 1:  # the eval step is the peak: a smaller eval batch
+        evals = largest(lambda n: predicted(method, eval_batch_size=n) <= gpu, s.eval_batch - 1)
+        if evals:
+            changes.append((k["eval_batch_size"].format(evals), predicted(method, eval_batch_size=evals)))
     if s.loss != "chunked" and s.task == "causal_lm":  # the vocabulary-sized logits are often the largest term
         changes.append((k["loss"].format("chunked"), predicted(method, loss="chunked")))
     if not s.checkpointing:

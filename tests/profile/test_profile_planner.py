@@ -112,3 +112,22 @@ def test_the_planner_names_the_chunked_loss_when_it_is_what_fits():
     advice = plan_fit(recipe, 10 * GIB).advice()  # 14.02 GiB with the standard loss, 9.55 chunked
     assert "does not fit" in advice[0]
     assert any(line.startswith("  - fits with training.loss=chunked: ") for line in advice)
+
+
+def test_an_eval_batch_too_large_is_advised_down():
+    """The eval step is a phase of the run: a large eval batch with the standard loss's eval logits
+    can be what does not fit, and the advice names training.eval_batch_size."""
+    recipe = load_recipe(RECIPES[0].parent / "llama-3.1-8b-alpaca-t4.yaml",
+                         ["data.max_seq_len=2048", "training.batch_size=1", "training.loss=standard", "training.eval_batch_size=8"])
+    estimate_ = estimate_recipe(recipe)
+    assert estimate_.phase == "eval" and estimate_.peak_moment == "eval step (eval logits and loss)"
+    assert estimate_.phases["eval"]["total_bytes"] == estimate_.total > estimate_.phases["train"]["total_bytes"]
+    advice = plan_fit(recipe, 16 * GIB).advice()
+    line = next(line for line in advice if "training.eval_batch_size=" in line)
+    size = int(line.split("training.eval_batch_size=")[1].split(":")[0])
+    assert 1 <= size < 8
+    fits = lambda n: estimate_recipe(load_recipe(recipe.source, [*OVERRIDES_8B, f"training.eval_batch_size={n}"])).total <= 16 * GIB  # noqa: E731
+    assert fits(size) and not fits(size + 1)
+
+
+OVERRIDES_8B = ["data.max_seq_len=2048", "training.batch_size=1", "training.loss=standard"]
