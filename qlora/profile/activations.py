@@ -350,7 +350,7 @@ def eval_activation_bytes(inv: Inventory, step: Step, train_batch: int) -> Activ
 
 
 def _layer_forward(inv: Inventory, step: Step) -> int:
-    """A layer's no-grad forward at its MLP's busiest point, from the decoder's code: the embeddings
+    """A layer's no-grad forward at its busiest point (eager attention's scores, else the MLP), from the decoder's code: the embeddings
     (kept by the decoder's loop), the layer input, the attention residual and the normed input (three
     in the first layer, where the input is the embeddings); then the larger of the up projection's
     output (the activated gate, the base output, with LoRA its scaled output and their sum) and a
@@ -359,4 +359,13 @@ def _layer_forward(inv: Inventory, step: Step) -> int:
     weight = d.hidden * d.intermediate
     temporary = {"qlora": weight * c + -(-weight // 64) * FP32, "lora-8bit": weight * c}.get(step.method, 0)
     up = (4 if "up_proj" in step.lora_leaves else 3) * T * d.intermediate * c
-    return (4 if d.layers > 1 else 3) * T * d.hidden * c + max(up, 2 * T * d.intermediate * c + temporary)
+    mlp = (4 if d.layers > 1 else 3) * T * d.hidden * c + max(up, 2 * T * d.intermediate * c + temporary)
+    if step.attention != "eager":
+        return mlp
+    mlp += step.batch * d.heads * step.seq**2 * c  # eager attention's probabilities, returned by the layer's attention, outlive it
+    # eager attention at its softmax: the embeddings, the layer input and the normed input; q, k, v (and k, v
+    # repeated for grouped-query attention); the scaled, masked scores and their softmax (fp32, then cast back)
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    scores = step.batch * d.heads * step.seq**2 * (2 * c if c == FP32 else 2 * c + FP32)
+    attention = 3 * T * d.hidden * c + T * (q + 2 * kv) * c + (2 * T * q * c if kv < q else 0) + scores
+    return max(mlp, attention)

@@ -87,8 +87,11 @@ def test_optimizer_states_of_small_tensors_are_exact(llama_config, optimizer):
     ("big_vocab_llama_config", "qlora", {"eval_batch_size": 4}, "eval", "eval step (eval loss chunk (chunked loss))"),
     ("big_vocab_llama_config", "lora", {"loss": "standard", "eval_batch_size": 4}, "eval", "eval step (eval logits and loss)"),
     ("llama_config", "qlora", {"eval_batch_size": 8}, "eval", "eval step (eval forward through one layer)"),
+    ("llama_config", "qlora", {"eval_batch_size": 8, "seq_len": 128, "attn_implementation": "eager"}, "eval",
+     "eval step (eval forward through one layer)"),  # at eager attention's scores
     ("big_vocab_qwen2_config", "full", {"optimizer": "adamw_torch", "seq_len": 64}, "train", "loss chunk (chunked loss)"),
-], ids=["qlora-chunk", "qlora-eval-chunk", "lora-eval-standard", "qlora-eval-layer", "full-tied-trained-head"])
+], ids=["qlora-chunk", "qlora-eval-chunk", "lora-eval-standard", "qlora-eval-layer", "qlora-eval-eager-scores",
+        "full-tied-trained-head"])
 def test_the_chunked_loss_and_the_eval_step_are_predicted_to_a_few_bytes(config, method, changes, phase, moment, request):
     """Each candidate peak of a run, made the peak in turn and measured: the loss chunk in training (and
     with a trained, tied head its fp32 gradient), the eval step's loss (chunked and standard) and its layer forward."""
