@@ -187,7 +187,9 @@ def _chunked_forward(original):
 
     def forward(self, input_ids=None, *args, labels=None, **kwargs):
         if labels is None or args:
-            return original(input_ids, *args, labels=labels, **kwargs)
+            # the forward this one replaced, bound to this instance (a deep copy of the model gets a copy of it)
+            plain = original if getattr(original, "__self__", None) is self else MethodType(original.__func__, self)
+            return plain(input_ids, *args, labels=labels, **kwargs)
         loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
         kwargs.pop("logits_to_keep", None)
         kwargs.pop("return_dict", None)

@@ -137,6 +137,19 @@ def test_eval_uses_the_same_loss_without_logits_and_generation_keeps_them():
                                standard.generate(prompt, max_new_tokens=3, do_sample=False))
 
 
+def test_a_deep_copy_keeps_its_own_forward():
+    import copy
+
+    _, chunked = pair()
+    clone = copy.deepcopy(chunked)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(0.5)
+        ids = torch.tensor([[3, 4, 5, 6]])
+        assert not torch.allclose(clone(input_ids=ids).logits, chunked(input_ids=ids).logits)  # not the original's weights
+        assert clone(input_ids=ids, labels=ids).loss.item() != chunked(input_ids=ids, labels=ids).loss.item()
+
+
 def test_a_soft_capped_head_falls_back_to_the_standard_loss_with_one_line(capsys):
     model = tiny(final_logit_softcapping=30.0)
     forward = model.forward
