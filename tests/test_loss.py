@@ -196,3 +196,32 @@ def test_recipe_keys_are_checked_and_reach_the_trainer(tmp_path, alpaca_file):
                                         "data.format=classification"])
     args = training_arguments(recipe, torch.float32, tmp_path / "ckpt", has_eval=True)
     assert args.per_device_eval_batch_size == 6 and not args.prediction_loss_only  # a classifier's metrics need its logits
+
+
+@pytest.mark.slow
+def test_qlora_train_gives_the_same_adapter_and_eval_loss_with_either_loss(tiny_llama, alpaca_file, tmp_path):
+    """Through Trainer: gradient accumulation (num_items_in_batch), padded batches with prompt-masked
+    labels, the eval before and after training: the chunked loss trains the adapter the standard one does."""
+    from safetensors.torch import load_file
+
+    from qlora.recipe import recipe_from_mapping
+    from qlora.train import train
+
+    runs = {}
+    for loss in ("standard", "chunked"):
+        recipe = recipe_from_mapping({
+            "model": {"name_or_path": str(tiny_llama)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"path": str(alpaca_file), "max_seq_len": 200, "eval_size": 8},
+            "training": {"max_steps": 2, "batch_size": 2, "grad_accum": 2, "learning_rate": 1e-3, "save_steps": 100,
+                         "loss": loss, "eval_batch_size": 3},
+            "output_dir": str(tmp_path / loss),
+        })
+        metrics = train(recipe)
+        runs[loss] = metrics, load_file(tmp_path / loss / "adapter" / "adapter_model.safetensors")
+    (m_std, a_std), (m_chk, a_chk) = runs["standard"], runs["chunked"]
+    assert m_chk["eval_loss_before"] == pytest.approx(m_std["eval_loss_before"], rel=1e-6)
+    assert m_chk["eval_loss_after"] == pytest.approx(m_std["eval_loss_after"], rel=1e-5)
+    assert m_chk["train_loss"] == pytest.approx(m_std["train_loss"], rel=1e-5)
+    assert a_std.keys() == a_chk.keys()
+    for name, tensor in a_std.items():
+        torch.testing.assert_close(a_chk[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
