@@ -11,7 +11,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # is left out of the pins so the machine's CUDA build stays.
 CONSTRAINTS ?= constraints/ci.txt
 
-.PHONY: demo test install assets clean gpu-check constraints
+.PHONY: demo test install assets bench clean gpu-check constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ assets: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
+
+# qlora vs the plain peft + bitsandbytes + Trainer recipe, same model and data (a few minutes on 2 cores;
+# not part of `make test`): writes memory_reports/bench/bench.md and bench.json.
+bench: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_memory.py $(ARGS)
 
 # The one prepared GPU check (<= 8 min on one GPU; results under memory_reports/measured/cuda-<gpu>/):
 # `make gpu-check`; `make gpu-check ARGS=--dry-run` checks its wiring on a CPU in seconds. On a machine

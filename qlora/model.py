@@ -321,8 +321,16 @@ def build_model(recipe: Recipe, label_names: list[str] | None = None, device: st
     if recipe.training.gradient_checkpointing:
         enable_gradient_checkpointing(base, reentrant=recipe.distributed.strategy in ("fsdp", "zero3"))
     model = attach_lora(base, recipe.lora, recipe.task)
+    install_recipe_loss(model.get_base_model(), recipe)
     apply_long_context(model, recipe)  # training.mlp_tiles, training.offload_checkpoints
     return LoadedModel(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype)
+
+
+def install_recipe_loss(model, recipe: Recipe) -> str:
+    """`training.loss` on a causal LM (qlora.loss); a classifier keeps its own small loss."""
+    from qlora.loss import install_loss
+
+    return install_loss(model, recipe.training.loss) if recipe.task == "causal_lm" else "standard"
 
 
 def parameter_counts(model) -> tuple[int, int]:

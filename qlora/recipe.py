@@ -23,6 +23,7 @@ from qlora.long_context import check_keys as check_long_context_keys
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit")
 SCHEDULERS = ("constant", "cosine", "linear")
+LOSSES = ("chunked", "standard")
 TARGET_PRESETS = ("all-linear", "attention", "qv", "mlp")
 TASKS = ("causal_lm", "classification")
 DATA_FORMATS = ("alpaca", "chat", "text", "classification")
@@ -103,6 +104,8 @@ class TrainingSpec:
     max_nonfinite_steps: int = 0  # non-finite (NaN/inf) steps skipped before training stops (exit 5)
     logging_steps: int = 10
     seed: int = 42
+    loss: str = "chunked"  # causal LMs: 'chunked' never holds batch x seq x vocab logits (qlora.loss); 'standard'
+    eval_batch_size: int | None = None  # None: the training batch_size
 
 
 @dataclass
@@ -361,6 +364,8 @@ def validate(recipe: Recipe) -> Recipe:
     _check(t.logging_steps > 0, f"training.logging_steps: must be > 0, got {t.logging_steps}")
     _check(t.eval_steps is None or t.eval_steps > 0, f"training.eval_steps: must be > 0, got {t.eval_steps}")
     check_long_context_keys(t.mlp_tiles, t.offload_checkpoints, t.gradient_checkpointing)
+    _check_choice("training.loss", t.loss, LOSSES)
+    _check(t.eval_batch_size is None or t.eval_batch_size >= 1, f"training.eval_batch_size: must be >= 1, got {t.eval_batch_size}")
     _check_choice("eval.metric", e.metric, METRICS)
     _check(e.max_examples > 0, f"eval.max_examples: must be > 0, got {e.max_examples}")
     _check(e.max_new_tokens > 0, f"eval.max_new_tokens: must be > 0, got {e.max_new_tokens}")

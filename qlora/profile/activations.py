@@ -8,15 +8,20 @@ input. The activation peak of a step is
 
     kept (alive from forward until backward frees it: each layer's input under checkpointing,
           everything every layer saves without it)
-      + the largest of three moments:
-        end of forward       logits, their fp32 copy and log-softmax (+ autocast's 16-bit copies of the adapters)
-        start of backward    the loss gradient (three vocabulary-sized fp32 tensors)
+      + the largest of the step's moments:
+        end of forward       standard loss: logits, their fp32 copy and log-softmax (+ autocast's 16-bit adapter copies)
+        start of backward    standard loss: the loss gradient (three vocabulary-sized fp32 tensors)
+        loss chunk           chunked loss (qlora.loss): one chunk's fp32 logits, the final hidden states and
+                             their gradient, made in forward (+ autocast's adapter copies)
         backward of a layer  the last layer's saved tensors (recomputed first under checkpointing)
                              + the gradients in flight at its busiest point (with a tiled MLP: one
                              MLP tile's backward, or the post-attention norm's or attention's)
 
 With offloaded checkpoints the kept layer inputs are in host RAM (`Activations.host`) and one of
 them comes back for its layer's recompute.
+
+The eval step is its own phase (`eval_activation_bytes`): a no-grad forward, whose peak is the loss
+(chunked or standard) or one layer's forward temporaries.
 
 Sequences are assumed unpadded (no attention mask), as with packing or equal-length batches.
 """
@@ -57,6 +62,7 @@ class Step:
     num_labels: int = 2  # classification: the head's outputs
     mlp_tiles: int = 1  # the tiled MLP's tiles (qlora.tiled_mlp); 1: untiled
     offload: bool = False  # checkpointed layer inputs in host RAM (qlora.long_context)
+    loss: str = "standard"  # 'chunked': qlora.loss (causal LM only)
 
     @property
     def tiled(self) -> bool:
@@ -72,6 +78,10 @@ class Step:
         return self.task == "classification"
 
     @property
+    def chunked(self) -> bool:
+        return self.loss == "chunked" and not self.classifier
+
+    @property
     def tokens(self) -> int:
         return self.batch * self.seq
 
@@ -85,7 +95,13 @@ class Step:
 class Activations:
     kept: dict[str, int]
     moments: dict[str, int]
+    parts: dict[str, dict[str, int]] = field(default_factory=dict)  # a moment's named terms, where it has them
     host: dict[str, int] = field(default_factory=dict)  # bytes in host RAM instead (offloaded checkpoints)
+
+    def peak_terms(self) -> dict[str, int]:
+        """The peak moment as named terms (its parts, or the moment itself)."""
+        moment = self.peak_moment
+        return dict(self.parts.get(moment) or {moment: self.moments[moment]})
 
     @property
     def peak_moment(self) -> str:
@@ -122,12 +138,20 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
     recomputed = layer if step.checkpointing else 0
     if step.checkpointing and step.offload:  # the layer's input, back from host RAM for its recompute
         recomputed += T * d.hidden * c
-    moments = {
-        "end of forward (logits, loss)": head + _forward_end(inv, step),
-        "start of backward (loss gradient)": head + _loss_backward(inv, step),
-        **layer_backward_moment(inv, step, recomputed),
-    }
-    return Activations(kept, moments, host)
+    parts = {}
+    if step.chunked:
+        chunk = {"final norm (saved)": head, **chunked_loss_terms(inv, step, grads=True)}
+        if _adapters_cast(step) and step.checkpointing:
+            chunk["autocast's adapter copies"] = step.adapter_numel * step.compute_bytes
+        parts["loss chunk (chunked loss)"] = chunk
+        moments = {"loss chunk (chunked loss)": sum(chunk.values())}
+    else:
+        moments = {
+            "end of forward (logits, loss)": head + _forward_end(inv, step),
+            "start of backward (loss gradient)": head + _loss_backward(inv, step),
+        }
+    moments.update(layer_backward_moment(inv, step, recomputed))
+    return Activations(kept, moments, parts, host)
 
 
 def layer_backward_moment(inv: Inventory, step: Step, recomputed: int) -> dict[str, int]:
@@ -136,6 +160,35 @@ def layer_backward_moment(inv: Inventory, step: Step, recomputed: int) -> dict[s
         return {"backward through one layer": recomputed + _layer_backward(inv, step)}
     part, in_flight = tiled_layer_backward(inv, step)
     return {f"backward through one layer ({part})": recomputed + in_flight}
+
+
+def labelled_tokens(step: Step) -> int:
+    """Tokens whose next-token label is kept: all but each sequence's last (packed or unpadded batches)."""
+    return step.batch * (step.seq - 1)
+
+
+def chunked_loss_terms(inv: Inventory, step: Step, grads: bool) -> dict[str, int]:
+    """What `qlora.loss` holds at its busiest point, from its code: the final hidden states, the kept
+    positions and their targets, the loss accumulator and one chunk. With `grads` (training) the chunk's
+    busiest point is its hidden-state gradient matmul: fp32 probabilities (+ their 16-bit copy), the
+    chunk's rows and their gradient; the hidden-state gradient (and for full FT the head's fp32 weight
+    gradient) are made in forward. Without (eval) it is the logits and five per-token temporaries."""
+    from qlora.loss import chunk_tokens
+
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    labelled = labelled_tokens(step)
+    n = min(labelled, chunk_tokens(d.vocab))
+    terms = {"final hidden states": T * d.hidden * c, "label positions and targets": 2 * labelled * 8, "loss accumulator": FP32}
+    if grads:
+        terms["hidden-state gradient"] = T * d.hidden * c
+        if step.method == "full":
+            head = next((lin for lin in inv.linears if lin.role == "lm_head"), None)
+            terms["head weight gradient (fp32)"] = d.vocab * d.hidden * FP32 + (d.vocab * FP32 if head and head.bias else 0)
+        terms["loss chunk"] = n * d.vocab * (FP32 + (c if c != FP32 else 0)) + 2 * n * d.hidden * c
+    else:
+        widened = n * d.vocab * (c + FP32) if c != FP32 else 0  # the 16-bit logits and their fp32 copy
+        terms["loss chunk"] = n * d.hidden * c + max(n * d.vocab * FP32 + 5 * n * FP32, widened)
+    return terms
 
 
 def batch_bytes(step: Step) -> int:
@@ -235,8 +288,8 @@ def _head_saved(inv: Inventory, step: Step) -> int:
     so it keeps its input (and, under autocast, its 16-bit weight copy)."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     saved = T * d.hidden * FP32 + T * FP32
-    if step.method == "full":
-        return saved + 2 * T * d.hidden * c
+    if step.method == "full":  # the norm's normalized input; the standard loss's head also saves its input
+        return saved + (1 if step.chunked else 2) * T * d.hidden * c
     if step.classifier:
         saved += T * d.hidden * c + (step.num_labels * d.hidden * c if _adapters_cast(step) else 0)
     return saved
@@ -447,3 +500,57 @@ def offloaded(inv: Inventory, step: Step) -> dict[str, int]:
     block = 1 << (size - 1).bit_length()
     parts = {OFFLOADED: inv.dims.layers * size, "pinned-memory rounding (power-of-two blocks)": inv.dims.layers * (block - size)}
     return {k: v for k, v in parts.items() if v}
+
+
+def eval_activation_bytes(inv: Inventory, step: Step, train_batch: int) -> Activations:
+    """Activations of the eval step (a no-grad forward at `step.batch`): what the whole forward keeps
+    (the batch, the rotary tables) plus the larger of the loss and one layer's forward temporaries.
+    `train_batch`: bytes of the last training micro-batch, which the trainer's loop holds through an
+    eval between steps."""
+    d, T, S, c = inv.dims, step.tokens, step.seq, step.compute_bytes
+    kept = {"the last training micro-batch": train_batch, "eval batch: token ids and labels": batch_bytes(step)}
+    parts = {}
+    if step.chunked:
+        parts["eval loss chunk (chunked loss)"] = chunked_loss_terms(inv, step, grads=False)
+    elif step.classifier:
+        parts["eval label scores"] = {"final hidden states": T * d.hidden * c, "label scores": _forward_end(inv, step)}
+    else:
+        parts["eval logits and loss"] = {
+            "final hidden states": T * d.hidden * c,
+            "logits (+ fp32 copy) and log-softmax": T * d.vocab * (c + (FP32 if c != FP32 else 0) + FP32),
+            "shifted labels": step.batch * (2 * S + 1) * 8,
+            "loss": 2 * FP32,
+        }
+    layer = {"positions and rotary tables": S * 8 + 2 * S * d.head_dim * c, "one layer's forward": _layer_forward(inv, step)}
+    if step.attention == "eager":
+        layer["causal mask"] = step.batch * S * S * c
+    parts["eval forward through one layer"] = layer
+    moments = {name: sum(terms.values()) for name, terms in parts.items()}
+    return Activations(kept, moments, parts)
+
+
+def _layer_forward(inv: Inventory, step: Step) -> int:
+    """A layer's no-grad forward at its busiest point (eager attention's scores, else the MLP), from the decoder's code: the embeddings
+    (kept by the decoder's loop), the layer input, the attention residual and the normed input (three
+    in the first layer, where the input is the embeddings); then the larger of the up projection's
+    output (the activated gate, the base output, with LoRA its scaled output and their sum) and a
+    4/8-bit weight dequantized for its matmul beside the gate and the output."""
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    weight = d.hidden * d.intermediate
+    temporary = {"qlora": weight * c + -(-weight // 64) * FP32, "lora-8bit": weight * c}.get(step.method, 0)
+    # A tiled MLP (qlora.tiled_mlp) runs its tiles under no_grad in eval too: one tile's intermediates
+    # beside the output it fills tile by tile.
+    t = step.tile_tokens if step.tiled else T
+    up = (4 if "up_proj" in step.lora_leaves else 3) * t * d.intermediate * c
+    mlp = (4 if d.layers > 1 else 3) * T * d.hidden * c + max(up, 2 * t * d.intermediate * c + temporary)
+    if step.tiled:
+        mlp += T * d.hidden * c
+    if step.attention != "eager":
+        return mlp
+    mlp += step.batch * d.heads * step.seq**2 * c  # eager attention's probabilities, returned by the layer's attention, outlive it
+    # eager attention at its softmax: the embeddings, the layer input and the normed input; q, k, v (and k, v
+    # repeated for grouped-query attention); the scaled, masked scores and their softmax (fp32, then cast back)
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    scores = step.batch * d.heads * step.seq**2 * (2 * c if c == FP32 else 2 * c + FP32)
+    attention = 3 * T * d.hidden * c + T * (q + 2 * kv) * c + (2 * T * q * c if kv < q else 0) + scores
+    return max(mlp, attention)

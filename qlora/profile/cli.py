@@ -18,12 +18,13 @@ from qlora.errors import QLoraError, run_cli
 from qlora.profile.settings import DEFAULT_METHODS, Settings, parse_methods
 
 HEADLINE_MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
-SETTING_FLAGS = ("seq_len", "batch_size", "rank", "optimizer", "no_checkpointing", "attn", "task", "num_labels", "methods")
+SETTING_FLAGS = ("seq_len", "batch_size", "rank", "optimizer", "no_checkpointing", "attn", "task", "num_labels", "methods",
+                 "loss", "eval_batch_size")
 MEASURE_RAM_SHARE = 0.8  # --measure on a CPU refuses a model whose step needs more than this share of the free RAM
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from qlora.recipe import ATTN_IMPLEMENTATIONS, OPTIMIZERS, TASKS
+    from qlora.recipe import ATTN_IMPLEMENTATIONS, LOSSES, OPTIMIZERS, TASKS
 
     parser = argparse.ArgumentParser(prog="qlora profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=[], metavar="NAME|PATH",
@@ -41,6 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="attention implementation (default sdpa)")
     parser.add_argument("--task", choices=TASKS, help="causal_lm (default) or classification (a sequence classifier, head trained in full)")
     parser.add_argument("--num-labels", type=int, help="classification: the head's outputs (default 2)")
+    parser.add_argument("--loss", choices=LOSSES, help="causal LM loss: chunked (default, no full logits) or standard")
+    parser.add_argument("--eval-batch-size", type=int, help="the eval step's batch (default: --batch-size)")
     parser.add_argument("--gpu", action="append", metavar="GPU",
                         help="plan for this GPU: a preset (t4, 3090, 4090, a100-80gb, h100, …) or a size with its unit "
                              "(24GB = 24e9 bytes, 24GiB); repeatable or comma-separated. What fits, how far, what to change")
@@ -59,7 +62,7 @@ def cli_settings(args: argparse.Namespace) -> Settings:
         raise QLoraError("--num-labels: sizes a classifier's head; add --task classification")
     changes = {"seq_len": args.seq_len, "batch_size": args.batch_size, "rank": args.rank, "optimizer": args.optimizer,
                "attn_implementation": args.attn, "checkpointing": False if args.no_checkpointing else None,
-               "task": args.task, "num_labels": args.num_labels}
+               "task": args.task, "num_labels": args.num_labels, "loss": args.loss, "eval_batch_size": args.eval_batch_size}
     changes.update(sharding_flags(args))
     return Settings(**{k: v for k, v in changes.items() if v is not None})
 

@@ -1,22 +1,27 @@
-"""Predicted peak memory of one training step, component by component.
+"""Predicted peak memory of a run, component by component: the larger of its two phases.
 
-The peak is the larger of two moments of a step (with gradient accumulation, as the recipes train,
-gradients exist through every forward and backward):
+The training step's peak is the larger of two moments (with gradient accumulation, as the recipes
+train, gradients exist through every forward and backward):
 
     backward:       weights + adapters + gradients + optimizer states + activations
+                    (the largest activation moment: the loss, or one layer's backward)
     optimizer step: weights + adapters + gradients + optimizer states + the step's temporaries
                     + the last micro-batch's token ids and labels (the trainer's loop still holds it)
 
-and the components reported are those at the peak moment, so they add up to the total.
+The eval step (`training.eval_batch_size`, no gradients: the trainer frees them after each step,
+optimizer states alive) is a no-grad forward: weights + adapters + optimizer states + its activations.
+The components reported are those of the peak phase at its peak moment, so they add up to the total;
+`phases` keeps both.
 Dtypes come from `qlora.precision`, the module the trainer uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from qlora.errors import QLoraError, did_you_mean
-from qlora.profile.activations import Step, activation_bytes, batch_bytes
+from qlora.profile.activations import Step, activation_bytes, batch_bytes, eval_activation_bytes
 from qlora.profile.inventory import Inventory, load_inventory
 from qlora.profile.overheads import named_assumptions
 from qlora.profile.settings import METHODS, Settings, from_recipe
@@ -48,6 +53,8 @@ class Estimate:
     trainable: int = 0
     parameters_by_role: dict[str, int] = field(default_factory=dict)
     host_bytes: dict[str, int] = field(default_factory=dict)  # host RAM beside the GPU (offload, loading), not in `total`
+    phases: dict[str, dict] = field(default_factory=dict)  # 'train' / 'eval' -> {bytes, total_bytes, allocated_bytes}
+    phase: str = "train"  # the peak phase, whose bytes `bytes` are
 
     @property
     def total(self) -> int:
@@ -57,8 +64,7 @@ class Estimate:
     def allocated(self) -> int:
         """The tensors alone (the total less CUDA context and allocator slack): what
         `torch.cuda.max_memory_allocated` or a CPU tensor tracker measures."""
-        overhead = self.details.get("overhead", {})
-        return self.total - sum(v for k, v in overhead.items() if k != MODEL_BUFFERS)
+        return self.total - _slack(self.details.get("overhead", {}))
 
     def to_dict(self) -> dict:
         return {
@@ -73,6 +79,8 @@ class Estimate:
             "details": {k: dict(v) for k, v in self.details.items()},
             "host_bytes": dict(self.host_bytes),
             "host_ram_bytes": sum(self.host_bytes.values()),
+            "phase": self.phase,
+            "phases": {name: dict(phase, bytes=dict(phase["bytes"])) for name, phase in self.phases.items()},
         }
 
 
@@ -119,32 +127,44 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         rank=settings.rank, lora_dropout=settings.lora_dropout, lora_leaves=frozenset(lin.leaf for lin in targets),
         adapter_numel=adapter_numel, adapter_bytes=ADAPTER_DTYPE.itemsize,
         task=settings.task, num_labels=settings.num_labels, **long_context_step(inv, settings),
+        loss="standard" if inv.chunked_loss_unsupported else settings.loss,  # as qlora.loss falls back in training
     )
     acts = activation_bytes(inv, step)
     step_temps = optimizer_step_temporaries(settings.optimizer, settings.device, trainable, trainable_dtype(method, dtype))
     at_step = step_temps + batch_bytes(step) > acts.total  # the last micro-batch is still alive at the step
-    parts = {
-        "weights": sum(weights.values()),
-        "adapters": (adapter_numel + head_numel) * ADAPTER_DTYPE.itemsize,
-        "gradients": sum(trainable) * train_itemsize,
-        "optimizer": sum(states.values()) + (step_temps if at_step else 0),
-        "activations": batch_bytes(step) if at_step else acts.total,
-    }
-    overhead = _overhead(settings.device, sum(parts.values()), sum(b.numel * b.itemsize for b in inv.buffers))
-    parts["overhead"] = sum(overhead.values())
-    details = {"weights": weights, "optimizer": states, "activations": {**acts.kept, acts.peak_moment: max(acts.moments.values())},
-               "overhead": overhead}
+    buffers = sum(b.numel * b.itemsize for b in inv.buffers)
+    resident = {"weights": sum(weights.values()), "adapters": (adapter_numel + head_numel) * ADAPTER_DTYPE.itemsize}
+    train = {**resident, "gradients": sum(trainable) * train_itemsize,
+             "optimizer": sum(states.values()) + (step_temps if at_step else 0),
+             "activations": batch_bytes(step) if at_step else acts.total}
+    eval_acts = eval_activation_bytes(inv, dataclasses.replace(step, batch=settings.eval_batch), batch_bytes(step))
+    evaluation = {**resident, "gradients": 0, "optimizer": sum(states.values()), "activations": eval_acts.total}
+    overheads = {}
+    for name, phase in (("train", train), ("eval", evaluation)):
+        overheads[name] = _overhead(settings.device, sum(phase.values()), buffers)
+        phase["overhead"] = sum(overheads[name].values())
+    peak_phase = "eval" if sum(evaluation.values()) > sum(train.values()) else "train"
+    details = {"weights": weights, "optimizer": states, "overhead": overheads[peak_phase]}
     if head_numel:
         details["adapters"] = {"LoRA A and B": adapter_numel * ADAPTER_DTYPE.itemsize,
                                "classifier head (trained copy)": head_numel * ADAPTER_DTYPE.itemsize}
-    if at_step:
+    if peak_phase == "eval":
+        details["activations"] = {**eval_acts.kept, **{f"eval: {k}": v for k, v in eval_acts.peak_terms().items()}}
+        moment = f"eval step ({eval_acts.peak_moment})"
+    elif at_step:
         details["optimizer"] = {**states, "step temporaries": step_temps}
         details["activations"] = {"token ids and labels (the last micro-batch)": batch_bytes(step)}
+        moment = "optimizer step"
+    else:
+        details["activations"] = {**acts.kept, **acts.peak_terms()}
+        moment = acts.peak_moment
     whole = Estimate(
-        model=inv.name, method=method, settings=settings, bytes=parts, details=details,
-        peak_moment="optimizer step" if at_step else acts.peak_moment,
-        parameters=inv.parameter_count(), trainable=sum(trainable), parameters_by_role=inv.counts_by_role(),
-        host_bytes=acts.host,
+        model=inv.name, method=method, settings=settings, bytes=train if peak_phase == "train" else evaluation,
+        details=details, peak_moment=moment, parameters=inv.parameter_count(), trainable=sum(trainable),
+        parameters_by_role=inv.counts_by_role(), phase=peak_phase, host_bytes=acts.host,
+        phases={name: {"bytes": phase, "total_bytes": sum(phase.values()),
+                       "allocated_bytes": sum(phase.values()) - _slack(overheads[name])}
+                for name, phase in (("train", train), ("eval", evaluation))},
     )
     from qlora.profile.sharding import per_gpu  # --gpus N: one GPU's share under the strategy
 
@@ -252,6 +272,11 @@ def optimizer_step_temporaries(optimizer: str, device: str, trainable: list[int]
 
         return max((5 if n >= MIN_8BIT_SIZE else 3) * n * fp32 for n in trainable)
     return 3 * max(trainable) * fp32
+
+
+def _slack(overhead: dict[str, int]) -> int:
+    """The part of the overhead that is not a tensor (CUDA context, allocator slack)."""
+    return sum(v for k, v in overhead.items() if k != MODEL_BUFFERS)
 
 
 def _overhead(device: str, tensors: int, buffers: int) -> dict[str, int]:

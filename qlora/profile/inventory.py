@@ -71,6 +71,7 @@ class Inventory:
     buffers: tuple[Tensor, ...]
     layer_prefix: str  # e.g. 'model.layers.0.': the linears of one decoder layer start with it
     task: str = "causal_lm"
+    chunked_loss_unsupported: str | None = None  # why qlora.loss falls back to the standard loss here (soft-capping, …)
 
     def parameter_count(self) -> int:
         return sum(t.numel for t in self.params) + sum(
@@ -162,6 +163,7 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
+    from qlora.loss import unsupported_reason
     from qlora.model import ATTENTION_NAMES, CLASSIFIER_HEADS, MLP_NAMES
 
     skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
@@ -195,6 +197,7 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
         buffers=buffers,
         layer_prefix=_first_layer_prefix(model),
         task=task,
+        chunked_loss_unsupported=unsupported_reason(model) if task == "causal_lm" else None,
     )
 
 

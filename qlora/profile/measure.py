@@ -3,7 +3,8 @@
 The model is built by the trainer's own functions (`qlora.model`: quantized load, LoRA, gradient
 checkpointing) from the config with random weights, the optimizer by transformers' `Trainer`
 mapping of the optimizer name; then one warm-up accumulation cycle (two micro-batches, gradient
-clipping, optimizer step) creates the optimizer states and a second cycle is measured.
+clipping, optimizer step) creates the optimizer states and a second cycle is measured, then the
+eval step (gradients freed as the Trainer frees them, a no-grad forward at the eval batch size).
 
 - CUDA: `torch.cuda.max_memory_allocated`, reset per phase. Paged optimizer states live in CUDA
   unified memory outside PyTorch's allocator, so their bytes are added to the measured peak.
@@ -116,9 +117,11 @@ def measure(model: str, method: str, settings: Settings, weights: Path | None = 
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         trained = build(model, method, settings, Path(folder), weights)
         batch = _batch(trained.model, settings, device)
+        eval_batch = lambda: _batch(trained.model, settings.replace(batch_size=settings.eval_batch), device)  # noqa: E731
         cycle(trained, batch)  # warm-up: creates the optimizer states
         trained.optimizer.zero_grad(set_to_none=True)
-        return _measure_cuda(trained, batch, method) if device == "cuda" else _measure_cpu(trained, batch, method)
+        measure_on = _measure_cuda if device == "cuda" else _measure_cpu
+        return measure_on(trained, batch, eval_batch, method)
 
 
 def environment(device: str) -> dict[str, str]:
@@ -170,7 +173,7 @@ def build(model: str, method: str, settings: Settings, folder: Path, weights: Pa
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
     from qlora.long_context import apply_long_context
-    from qlora.model import attach_lora, enable_gradient_checkpointing, load_base_model
+    from qlora.model import attach_lora, enable_gradient_checkpointing, install_recipe_loss, load_base_model
     from qlora.precision import resolve_compute_dtype, trainer_precision_flags
     from qlora.profile.catalog import resolve
     from qlora.profile.inventory import load_config
@@ -192,7 +195,7 @@ def build(model: str, method: str, settings: Settings, folder: Path, weights: Pa
                       targets=settings.targets if isinstance(settings.targets, str) else list(settings.targets)),
         training=TrainingSpec(optimizer=settings.optimizer, batch_size=settings.batch_size,
                               gradient_checkpointing=settings.checkpointing, mlp_tiles=settings.mlp_tiles,
-                              offload_checkpoints=settings.offload_checkpoints),
+                              offload_checkpoints=settings.offload_checkpoints, loss=settings.loss),
     )
     compute = resolve_compute_dtype(settings.compute_dtype, settings.device)
     net = load_base_model(recipe, compute, labels)
@@ -201,6 +204,7 @@ def build(model: str, method: str, settings: Settings, folder: Path, weights: Pa
     net.config.use_cache = False
     if method != "full":
         net = attach_lora(net, recipe.lora, recipe.task)
+    install_recipe_loss(net.get_base_model() if method != "full" else net, recipe)  # as build_model does
     apply_long_context(net, recipe)
     net.train()
     args = TrainingArguments(output_dir=str(folder / "out"), optim=settings.optimizer, report_to="none",
@@ -237,6 +241,21 @@ def cycle(trained: Trained, batch: dict, tracker: PeakTracker | None = None, on_
     torch.nn.utils.clip_grad_norm_([p for p in trained.model.parameters() if p.requires_grad], 0.3)
     trained.optimizer.step()
     _phase(None, tracker, on_phase)
+
+
+def evaluate(trained: Trained, make_batch, tracker: PeakTracker | None = None, on_phase=None) -> None:
+    """The eval step as Trainer.evaluate runs it between optimizer steps: gradients freed, eval mode, no
+    grad, its batch made then (`make_batch`), as the eval loader makes it."""
+    trained.optimizer.zero_grad(set_to_none=True)
+    trained.model.eval()
+    _phase("eval", tracker, on_phase)
+    batch = make_batch()
+    device = next(iter(batch.values())).device.type
+    with torch.no_grad(), torch.autocast(device, dtype=trained.autocast, enabled=trained.autocast is not None):
+        loss = trained.model(**batch).loss
+    del loss, batch
+    _phase(None, tracker, on_phase)
+    trained.model.train()
 
 
 def _phase(name, tracker, on_phase) -> None:
@@ -289,7 +308,7 @@ def _categories(trained: Trained, serial) -> dict[int, str]:
     return kinds
 
 
-def _measure_cpu(trained: Trained, batch: dict, method: str) -> Measurement:
+def _measure_cpu(trained: Trained, batch: dict, eval_batch, method: str) -> Measurement:
     tracker = PeakTracker()
     for tensor, _ in model_tensors(trained.model):
         tracker.track(tensor)
@@ -299,14 +318,15 @@ def _measure_cpu(trained: Trained, batch: dict, method: str) -> Measurement:
         tracker.track(tensor)
     with tracker:
         cycle(trained, batch, tracker)
-    kinds = _categories(trained, tracker.serial)
+        kinds = _categories(trained, tracker.serial)  # before the eval step frees the gradients
+        evaluate(trained, eval_batch, tracker)
     parts = dict.fromkeys(("weights", "adapters", "gradients", "optimizer", "activations", "overhead"), 0)
     for serial, size in tracker.peak_storages.items():
         parts[kinds.get(serial, "activations")] += size
     return Measurement(method, "cpu", tracker.peak, parts, dict(tracker.phase_peaks))
 
 
-def _measure_cuda(trained: Trained, batch: dict, method: str) -> Measurement:
+def _measure_cuda(trained: Trained, batch: dict, eval_batch, method: str) -> Measurement:
     """Peak allocated per phase; paged optimizer states (outside the allocator) are added to every phase."""
     torch.cuda.synchronize()
     paged = sum(t.nbytes for t in optimizer_tensors(trained.optimizer) if getattr(t, "is_paged", False))
@@ -327,6 +347,7 @@ def _measure_cuda(trained: Trained, batch: dict, method: str) -> Measurement:
     trainable = sum(p.nbytes for p in trained.model.parameters() if p.requires_grad)
     buffers = sum(b.nbytes for b in trained.model.buffers())
     resident = torch.cuda.memory_allocated() + paged - grads - states - buffers
+    evaluate(trained, eval_batch, on_phase=on_phase)
     peak = max(phases.values())
     parts = {
         "weights": resident - (0 if method == "full" else trainable),

@@ -20,7 +20,7 @@ METHOD_ORDER = tuple(METHODS)  # full, lora, lora-8bit, qlora: from most memory 
 
 # How each change the planner may advise is spelled where the user makes it: flags or recipe keys.
 CLI_KEYS = {"seq_len": "--seq-len {}", "batch_size": "--batch-size {}", "rank": "--rank {}", "optimizer": "--optimizer {}",
-            "checkpointing": "gradient checkpointing (drop --no-checkpointing)",
+            "checkpointing": "gradient checkpointing (drop --no-checkpointing)", "loss": "--loss {}", "eval_batch_size": "--eval-batch-size {}",
             "gpus": "--gpus {}", "strategy": "--strategy {}", "offload": "--offload {}",
             **{m: f"--methods {m}" for m in METHODS},
             # no flags for these: a recipe's keys (qlora.long_context), said as such
@@ -28,6 +28,7 @@ CLI_KEYS = {"seq_len": "--seq-len {}", "batch_size": "--batch-size {}", "rank": 
             "tiles": "training.mlp_tiles={} (recipe key)"}
 RECIPE_KEYS = {"seq_len": "data.max_seq_len={}", "batch_size": "training.batch_size={}", "rank": "lora.r={}",
                "optimizer": "training.optimizer={}", "checkpointing": "training.gradient_checkpointing=true",
+               "loss": "training.loss={}", "eval_batch_size": "training.eval_batch_size={}",
                "full": "full fine-tuning", "lora": "quantization.bits=none (16-bit LoRA)",
                "lora-8bit": "quantization.bits=8", "qlora": "quantization.bits=4 (QLoRA)",
                "offload_checkpoints": "training.offload_checkpoints=true", "dropout": "lora.dropout=0", "tiles": "training.mlp_tiles={}",
@@ -152,6 +153,12 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
                        "(raise gradient accumulation to keep the effective batch)")
     predicted = lambda m, **change: estimate(inv, m, s.replace(**change)).total  # noqa: E731
     changes = []  # (how the user spells it, predicted peak after it)
+    if fit.estimate.phase == "eval" and s.eval_batch > 1:  # the eval step is the peak: a smaller eval batch
+        evals = largest(lambda n: predicted(method, eval_batch_size=n) <= gpu, s.eval_batch - 1)
+        if evals:
+            changes.append((k["eval_batch_size"].format(evals), predicted(method, eval_batch_size=evals)))
+    if s.loss != "chunked" and s.task == "causal_lm":  # the vocabulary-sized logits are often the largest term
+        changes.append((k["loss"].format("chunked"), predicted(method, loss="chunked")))
     if not s.checkpointing:
         changes.append((k["checkpointing"], predicted(method, checkpointing=True)))
     if not s.optimizer.endswith("8bit"):
@@ -221,8 +228,9 @@ def reach(inv: Inventory, fit: MethodFit, keys: dict[str, str]) -> list[str]:
 def combined(inv: Inventory, method: str, s: Settings, gpu: int, k: dict[str, str]) -> str:
     """When no single change is enough: QLoRA with checkpointing and 8-bit AdamW, at the largest
     rank that fits, else rank 1 at the longest sequence that fits one per batch, else nothing."""
-    frugal = s.replace(checkpointing=True, optimizer="paged_adamw_8bit")
+    frugal = s.replace(checkpointing=True, optimizer="paged_adamw_8bit", loss="chunked")
     spelled = ([] if method == "qlora" else [k["qlora"]]) + [k["optimizer"].format(frugal.optimizer)]
+    spelled += [] if s.loss == "chunked" or s.task != "causal_lm" else [k["loss"].format("chunked")]
     spelled += [] if s.checkpointing else [k["checkpointing"]]
     rank = largest(lambda r: estimate(inv, "qlora", frugal.replace(rank=r)).total <= gpu, s.rank)
     if rank:

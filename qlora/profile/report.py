@@ -67,6 +67,8 @@ def describe(settings: Settings) -> str:
     return (f"{task}seq {settings.seq_len:,} · batch {settings.batch_size} · r {settings.rank} ({targets}) · "
             f"{settings.optimizer} · {'checkpointing' if settings.checkpointing else 'no checkpointing'} · "
             f"{settings.attn_implementation} · {dtype_name(compute_dtype(settings))} on {settings.device}"
+            f"{'' if settings.task == 'classification' else f' · {settings.loss} loss'}"
+            f"{f' · eval batch {settings.eval_batch}' if settings.eval_batch != settings.batch_size else ''}"
             + (f" · MLP tiles {settings.mlp_tiles}" if settings.mlp_tiles != "auto" else "")
             + (f" · offloaded checkpoints ({str(settings.offload_checkpoints).lower()})" if settings.offload_checkpoints else "")
             + (f" · per GPU of {settings.gpus}, {settings.strategy}{' + CPU offload' if settings.offload == 'cpu' else ''}"
@@ -81,7 +83,7 @@ def unit(runs: list[Run]) -> tuple[str, int]:
 
 def header(runs: list[Run]) -> list[str]:
     name, _ = unit(runs)
-    cols = ["Model", "Method"] + [c.capitalize() for c in COMPONENTS] + [f"Total ({name})"]
+    cols = ["Model", "Method"] + [c.capitalize() for c in COMPONENTS] + [f"Total ({name})", "Train step / eval step"]
     if any(r.measured for run in runs for r in run.results):
         cols += [f"Measured ({name})", "Error"]
     plan = next((run.plan for run in runs if run.plan), None)
@@ -99,7 +101,7 @@ def rows(runs: list[Run]) -> list[list[str]]:
     for run in runs:
         for result in run.results:
             e = result.estimate
-            row = [run.label, e.method] + [f"{e.bytes[c] / scale:.2f}" for c in COMPONENTS] + [f"{e.total / scale:.2f}"]
+            row = [run.label, e.method] + [f"{e.bytes[c] / scale:.2f}" for c in COMPONENTS] + [f"{e.total / scale:.2f}", phase_cell(e, scale)]
             if measuring:
                 m = result.measured
                 row += [f"{m.peak / scale:.2f}", f"{result.error:+.2%}"] if m else ["", ""]
@@ -108,6 +110,12 @@ def rows(runs: list[Run]) -> list[list[str]]:
                 row += _fit_cells(fit) if fit else ["", "", ""]
             out.append(row)
     return out
+
+
+def phase_cell(e: Estimate, scale: int) -> str:
+    """Both phases' totals, the peak one (what Total shows) marked."""
+    cells = [f"{e.phases[name]['total_bytes'] / scale:.2f}" + ("*" if name == e.phase else "") for name in ("train", "eval") if name in e.phases]
+    return " / ".join(cells)
 
 
 def _fit_cells(fit: MethodFit) -> list[str]:
@@ -161,6 +169,8 @@ def to_markdown(runs: list[Run], command: str | None = None) -> str:
         lines += [f"**{describe(group[0].settings)}** — predicted peak memory per training step ({name})", "",
                   "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows(group)]
+        lines += ["", "Total is the run's peak: the larger of the training step and the eval step (marked *); the eval step "
+                  "is a no-grad forward at the eval batch size with the optimizer states alive and no gradients."]
         lines += measured_rows(group)
         fit_lines = advice(group)
         if fit_lines:

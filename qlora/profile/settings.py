@@ -11,7 +11,7 @@ from typing import Any
 
 from qlora.errors import QLoraError, did_you_mean
 from qlora.long_context import check_keys as check_long_context_keys
-from qlora.recipe import ATTN_IMPLEMENTATIONS, COMPUTE_DTYPES, OPTIMIZERS, TARGET_PRESETS, TASKS
+from qlora.recipe import ATTN_IMPLEMENTATIONS, COMPUTE_DTYPES, LOSSES, OPTIMIZERS, TARGET_PRESETS, TASKS
 
 # Method -> bits of the frozen base (None: 16-bit). 'full' trains every weight, the others train LoRA adapters.
 METHODS = {"full": None, "lora": None, "lora-8bit": 8, "qlora": 4}
@@ -45,6 +45,8 @@ class Settings:
     gpus: int = 1  # > 1: the numbers are one GPU's share under `strategy` (qlora.profile.sharding)
     strategy: str = "ddp"  # ddp | fsdp | zero3, as the recipe's distributed.strategy
     offload: str = "none"  # none | cpu, as distributed.offload
+    loss: str = "chunked"  # causal LM: 'chunked' (qlora.loss, no full logits) or 'standard'; a classifier ignores it
+    eval_batch_size: int | None = None  # the eval step's batch (None: batch_size)
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "batch_size", "rank"):
@@ -54,6 +56,9 @@ class Settings:
         if self.num_labels < 2:
             raise QLoraError(f"--num-labels: a classifier needs at least 2 labels, got {self.num_labels}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("loss", self.loss, LOSSES)
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise QLoraError(f"eval batch size: must be >= 1, got {self.eval_batch_size}")
         _check_choice("attn-implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _check_choice("compute dtype", self.compute_dtype, COMPUTE_DTYPES)
         _check_choice("device", self.device, DEVICES)
@@ -65,6 +70,10 @@ class Settings:
         from qlora.profile.sharding import check
 
         check(self.gpus, self.strategy, self.offload)
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or self.batch_size
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -121,5 +130,7 @@ def from_recipe(recipe) -> tuple[str, str, Settings]:
         gpus=recipe.distributed.gpus or 1,  # the GPUs it is sized for; `--gpus N` plans for another number
         strategy=recipe.distributed.strategy or "ddp",
         offload=recipe.distributed.offload,
+        loss=recipe.training.loss,
+        eval_batch_size=recipe.training.eval_batch_size,
     )
     return recipe.model.name_or_path, recipe.method, settings

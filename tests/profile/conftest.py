@@ -32,3 +32,14 @@ def llama_config(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qwen2_config(tmp_path_factory) -> Path:
     return write_config(tmp_path_factory.mktemp("tiny-qwen2-config"), TINY_QWEN2)
+
+
+# A vocabulary large enough that the loss, not a layer, is the step's largest moment (as at 128k in real models).
+@pytest.fixture(scope="session")
+def big_vocab_llama_config(tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("tiny-llama-8k-vocab"), {**TINY_LLAMA, "vocab_size": 8192})
+
+
+@pytest.fixture(scope="session")
+def big_vocab_qwen2_config(tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("tiny-qwen2-8k-vocab"), {**TINY_QWEN2, "vocab_size": 8192})

@@ -139,3 +139,21 @@ def test_architectures_outside_the_model_of_memory_are_one_line_errors(config, m
     (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(QLoraError, match=f"^{re.escape(message)}"):
         load_inventory(str(tmp_path / "config.json"))
+
+
+
+def test_a_soft_capped_head_is_profiled_with_the_standard_loss_the_trainer_falls_back_to(tmp_path):
+    """qlora.loss cannot reproduce a soft-capped head and trains it with the standard loss: so does the profiler."""
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8192}
+    (tmp_path / "capped").mkdir()
+    (tmp_path / "plain").mkdir()
+    capped, plain = tmp_path / "capped" / "config.json", tmp_path / "plain" / "config.json"
+    capped.write_text(json.dumps({**llama, "final_logit_softcapping": 30.0}))
+    plain.write_text(json.dumps(llama))
+    inv = load_inventory(str(capped))
+    assert inv.chunked_loss_unsupported == "its config sets final_logit_softcapping=30.0"
+    chunked, standard = (estimate(str(capped), "qlora", Settings(loss=loss)) for loss in ("chunked", "standard"))
+    assert chunked.total == standard.total and chunked.peak_moment == "start of backward (loss gradient)"
+    assert load_inventory(str(plain)).chunked_loss_unsupported is None
+    assert estimate(str(plain), "qlora", Settings()).total < estimate(str(plain), "qlora", Settings(loss="standard")).total

@@ -51,6 +51,8 @@ def test_a_tiled_step_is_predicted_to_a_few_bytes(tmp_path, config, method, chan
     for component in ("weights", "adapters", "gradients", "optimizer"):
         assert measured.bytes[component] == predicted.bytes[component]
     assert abs(predicted.allocated - measured.peak) < 64
+    if busiest == "one MLP tile" and method != "lora-8bit":  # the eval step's no-grad forward runs the MLP tile by tile too
+        assert predicted.phases["eval"]["allocated_bytes"] == measured.phases["eval"]
 
 
 def test_tiling_removes_the_mlp_intermediates_from_a_layer(tmp_path):
@@ -120,8 +122,8 @@ def test_the_planner_names_the_long_context_keys():
 
 
 def test_a_run_that_does_not_fit_is_told_the_long_context_keys():
-    settings = Settings(rank=32, seq_len=30000, lora_dropout=0.05)  # Mistral's 32k vocabulary: the layers, not the loss, stop it
-    advice = plan("mistral-7b", ("qlora",), settings, 24 * 10**9, RECIPE_KEYS).advice()
+    settings = Settings(rank=32, seq_len=30000, lora_dropout=0.05)  # with the chunked loss the layers, not the loss, stop it
+    advice = plan("mistral-7b", ("qlora",), settings, 16 * 10**9, RECIPE_KEYS).advice()
     assert "does not fit" in advice[0]
     assert any(line.startswith("  - fits with training.offload_checkpoints=true, lora.dropout=0: ") for line in advice)
 

@@ -31,11 +31,13 @@ def test_rows_have_one_line_per_model_and_method(runs):
     rows = report.rows(runs)
     assert [r[:2] for r in rows] == [["tiny", "full"], ["tiny", "lora"], ["tiny", "qlora"]]
     header = report.header(runs)
-    assert header[:9] == ["Model", "Method", *[c.capitalize() for c in COMPONENTS], "Total (MiB)"]
-    assert header[9:] == ["Measured (MiB)", "Error", "Fits 1 GiB", "Max seq (batch 2)", "Max batch (seq 64)"]
+    assert header[:10] == ["Model", "Method", *[c.capitalize() for c in COMPONENTS], "Total (MiB)", "Train step / eval step"]
+    assert header[10:] == ["Measured (MiB)", "Error", "Fits 1 GiB", "Max seq (batch 2)", "Max batch (seq 64)"]
     qlora = runs[0].results[2].estimate
-    assert rows[2][8] == f"{qlora.total / 2**20:.2f}" and rows[2][10] == "-0.99%" and rows[2][11] == "yes"
-    assert rows[0][9:11] == ["", ""]  # full and lora were not measured
+    assert rows[2][8] == f"{qlora.total / 2**20:.2f}" and rows[2][11] == "-0.99%" and rows[2][12] == "yes"
+    train, evaluation = (qlora.phases[p]["total_bytes"] / 2**20 for p in ("train", "eval"))
+    assert rows[2][9] == f"{train:.2f}* / {evaluation:.2f}" and train > evaluation  # the peak phase is marked
+    assert rows[0][10:12] == ["", ""]  # full and lora were not measured
 
 
 def test_terminal_table_prints_every_row_and_the_advice(runs):
