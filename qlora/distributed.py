@@ -235,6 +235,16 @@ def allow_wrapping(trainer) -> None:
         trainer.deepspeed = None
 
 
+def finish() -> None:
+    """Leave the process group once every process is done: left to interpreter exit, gloo's threads can
+    be torn down mid-collective and abort a process ('terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

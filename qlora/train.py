@@ -168,10 +168,13 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     Under `qlora.run_guard`: one run per output_dir (lock), SIGTERM saves a checkpoint (exit 4),
     a non-finite loss stops (exit 5), a full disk is one line (exit 6).
     """
+    from qlora.distributed import finish
     from qlora.run_guard import guarded_run
 
     with guarded_run(Path(recipe.output_dir)) as lock:
-        return run_recipe(recipe, resume, overwrite, lock)
+        metrics = run_recipe(recipe, resume, overwrite, lock)
+    finish()  # every process leaves the group together
+    return metrics
 
 
 def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
