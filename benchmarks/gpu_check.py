@@ -91,6 +91,9 @@ RANK, DRY_RANK = 64, 8
 # (label, Settings fields) of the long-context work: measured at the longest sequence only; a row
 # whose field Settings does not have (yet) is recorded as skipped. Field names follow the recipe keys
 # training.loss / training.mlp_tiles / training.offload_checkpoints.
+# The baseline is the step without the long-context work (transformers' loss, untiled MLP, no offload);
+# each FEATURES row adds its keys to it.
+BASELINE = {"loss": "standard", "mlp_tiles": 1, "offload_checkpoints": False}
 FEATURES = [
     ("chunked loss", {"loss": "chunked"}),
     ("tiled MLP", {"mlp_tiles": "auto"}),
@@ -198,10 +201,10 @@ def feature_rows() -> list[tuple[str, dict, str | None]]:
     from qlora.profile.settings import Settings
 
     fields = {f.name for f in dataclasses.fields(Settings)}
-    rows = [("baseline", {}, None)]
+    rows = [("baseline", {k: v for k, v in BASELINE.items() if k in fields}, None)]
     for label, changes in FEATURES:
         missing = sorted(set(changes) - fields)
-        rows.append((label, changes, f"Settings has no field {', '.join(missing)} (feature not merged)" if missing else None))
+        rows.append((label, {**rows[0][1], **changes}, f"Settings has no field {', '.join(missing)} (feature not merged)" if missing else None))
     return rows
 
 

@@ -24,8 +24,13 @@ def test_dry_run_measures_trains_merges_and_generates(tmp_path):
     # three configs x QLoRA and LoRA x two sequence lengths, each predicted within the target (exact on CPU)
     assert sorted({(r["config"], r["method"], r["seq_len"]) for r in measured}) == sorted(
         (c, m, s) for c in ("tiny-a", "tiny-b", "tiny-c") for m in ("qlora", "lora") for s in (32, 64))
-    assert report["points_within_target"] == report["points_measured"] == 12
-    assert all(r["measured_bytes"] > 0 and abs(r["error_pct"]) <= 0.01 for r in measured)
+    # 12 baseline points, and the 4 long-context feature rows at the longest sequence (24 more)
+    assert report["points_within_target"] == report["points_measured"] == 36
+    baseline = [r for r in measured if r["feature"] == "baseline"]
+    assert len(baseline) == 12 and all(r["measured_bytes"] > 0 and abs(r["error_pct"]) <= 0.01 for r in baseline)
+    # with the chunked loss one layer's backward is the peak of these tiny models, which the model of
+    # memory over-predicts a little (README, Known limits): within the check's target, never under
+    assert all(-0.01 <= r["error_pct"] <= 3.0 for r in measured)
     features = [r for r in report["memory"] if r["feature"] != "baseline"]
     assert features and all(("error_pct" in r) or r.get("skipped") or r.get("error") for r in features)
     assert [r["optimizer"] for r in report["training"]] == ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"]
@@ -47,6 +52,8 @@ def test_a_feature_whose_settings_field_is_missing_is_skipped_with_its_reason(mo
 
     monkeypatch.setattr(gpu_check, "FEATURES", [("made up", {"no_such_field": 1}), ("rank 8", {"rank": 8})])
     rows = gpu_check.feature_rows()
-    assert rows == [("baseline", {}, None), ("made up", {"no_such_field": 1}, "Settings has no field no_such_field (feature not merged)"),
-                    ("rank 8", {"rank": 8}, None)]
+    base = gpu_check.BASELINE
+    assert rows == [("baseline", base, None),
+                    ("made up", {**base, "no_such_field": 1}, "Settings has no field no_such_field (feature not merged)"),
+                    ("rank 8", {**base, "rank": 8}, None)]
     assert gpu_check.gpu_slug("NVIDIA H200") == "nvidia-h200" and gpu_check.gpu_slug("Tesla T4") == "tesla-t4"
