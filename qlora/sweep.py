@@ -29,10 +29,10 @@ from qlora.checkpoints import latest_complete_checkpoint
 from qlora.errors import USAGE_EXIT_CODE, QLoraError, run_cli
 from qlora.io import atomic_write_text
 from qlora.nonfinite import NONFINITE_EXIT_CODE
-from qlora.preemption import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
-from qlora.run_guard import DISK_FULL_EXIT_CODE
 from qlora.oom import OOM_EXIT_CODE
+from qlora.preemption import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
 from qlora.recipe import Recipe, all_keys, load_recipe, split_assignment
+from qlora.run_guard import DISK_FULL_EXIT_CODE
 
 RESULTS_NAME = "sweep_results"
 RESULT_COLUMNS = ("trainable_params", "eval_loss_before", "eval_loss_after")

@@ -271,10 +271,9 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
         f"peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB | {metrics['train_steps']} steps in "
         f"{metrics['train_runtime_s']:.1f} s | {metrics['tokens_per_s']:.0f} tokens/s | adapter: {metrics['adapter_dir']}"
     )
-    if "global_batch_size" in metrics:
-        from qlora.distributed import summary_line
+    from qlora.distributed import summary_line
 
-        console.print(summary_line(metrics))
+    console.print(summary_line(metrics))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -328,8 +328,10 @@ def _measure_cpu(trained: Trained, batch: dict, eval_batch, method: str) -> Meas
 
 def _measure_cuda(trained: Trained, batch: dict, eval_batch, method: str) -> Measurement:
     """Peak allocated per phase; paged optimizer states (outside the allocator) are added to every phase."""
+    from qlora.metrics import paged_optimizer_bytes
+
     torch.cuda.synchronize()
-    paged = sum(t.nbytes for t in optimizer_tensors(trained.optimizer) if getattr(t, "is_paged", False))
+    paged = paged_optimizer_bytes(trained.optimizer)  # the same count as a training run's metrics.json
     phases: dict[str, int] = {}
     current = {"phase": None}
 
