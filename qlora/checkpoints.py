@@ -32,17 +32,28 @@ def checkpoints_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """Marked checkpoints, oldest first by step."""
+def step_of(checkpoint: Path) -> int:
+    """N of a `checkpoint-N` folder."""
+    return int(CHECKPOINT_RE.match(Path(checkpoint).name).group(1))
+
+
+def _checkpoint_folders(output_dir: Path, marked: bool) -> list[tuple[int, Path]]:
+    """(step, folder) of the checkpoints with (or without) their marker, oldest first."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = CHECKPOINT_RE.match(child.name)
-        if match and (child / COMPLETE_MARKER).exists():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+    return sorted((step_of(child), child) for child in root.iterdir()
+                  if CHECKPOINT_RE.match(child.name) and (child / COMPLETE_MARKER).exists() == marked)
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """Marked checkpoints, oldest first by step."""
+    return [path for _, path in _checkpoint_folders(output_dir, marked=True)]
+
+
+def unmarked_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of checkpoint folders that never got their marker (half-written), oldest first."""
+    return _checkpoint_folders(output_dir, marked=False)
 
 
 def latest_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -132,24 +143,19 @@ def rotate(checkpoint_root: Path, keep: int | None) -> None:
         older_than = marked[-keep]
     if older_than is None:
         return
-    oldest_kept = int(CHECKPOINT_RE.match(older_than.name).group(1))
-    for child in root.iterdir():
-        match = CHECKPOINT_RE.match(child.name)
-        if match and int(match.group(1)) < oldest_kept and not (child / COMPLETE_MARKER).exists():
+    oldest_kept = step_of(older_than)
+    for step, child in unmarked_checkpoints(root.parent):
+        if step < oldest_kept:
             shutil.rmtree(child, ignore_errors=True)
 
 
 def remove_unfinished(output_dir: Path) -> list[Path]:
     """Delete checkpoint folders newer than the last complete one that never got their marker."""
     marked = complete_checkpoints(output_dir)
-    newest = int(CHECKPOINT_RE.match(marked[-1].name).group(1)) if marked else -1
-    removed = []
-    root = checkpoints_dir(output_dir)
-    for child in (root.iterdir() if root.is_dir() else []):
-        match = CHECKPOINT_RE.match(child.name)
-        if match and int(match.group(1)) > newest and not (child / COMPLETE_MARKER).exists():
-            shutil.rmtree(child, ignore_errors=True)
-            removed.append(child)
+    newest = step_of(marked[-1]) if marked else -1
+    removed = [child for step, child in unmarked_checkpoints(output_dir) if step > newest]
+    for child in removed:
+        shutil.rmtree(child, ignore_errors=True)
     return removed
 
 
