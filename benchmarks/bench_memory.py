@@ -2,7 +2,7 @@
 tutorials use (peft + bitsandbytes + Trainer: `prepare_model_for_kbit_training`, the standard loss),
 side by side: peak memory, time per optimizer step and their ratios.
 
-Peak memory is what tensors hold: on a CPU qlora's tensor-level tracker (`qlora.profile.measure.PeakTracker`,
+Peak memory is what tensors hold: on a CPU qlora's tensor-level tracker (`qlora.training.measure.PeakTracker`,
 which also sees bitsandbytes' temporaries), on a GPU `torch.cuda.max_memory_allocated`. Both sides get
 random weights from one config.json (default: a Llama shape with Llama-3's 128,256-token vocabulary,
 small enough for a 2-core CPU), the same random token batches, LoRA r 16 on every linear layer of a
@@ -79,9 +79,9 @@ def qlora_trainer(folder: Path, args, data, out: Path):
 
     from transformers import Trainer, default_data_collator
 
-    from qlora.model import build_model
-    from qlora.recipe import recipe_from_mapping
-    from qlora.train import training_arguments
+    from qlora.model.build import build_model
+    from qlora.config.recipe import recipe_from_mapping
+    from qlora.training.run import training_arguments
 
     recipe = recipe_from_mapping({
         "model": {"name_or_path": str(folder)}, "data": {"path": str(folder)}, "output_dir": str(out),
@@ -136,7 +136,7 @@ def step_timer():
 
 def run_side(make_trainer) -> dict:
     """Train one side; its peak tensor bytes and median optimizer-step time (warm-up step excluded)."""
-    from qlora.profile.measure import PeakTracker, model_tensors
+    from qlora.training.measure import PeakTracker, model_tensors
 
     trainer = make_trainer()
     timer = step_timer()
@@ -166,7 +166,7 @@ def bench(args) -> dict:
 
     from transformers.utils import logging as hf_logging
 
-    from qlora.profile.measure import environment
+    from qlora.training.measure import environment
 
     torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
@@ -188,7 +188,7 @@ def bench(args) -> dict:
         "ratios": {"peak": round(sides["qlora"]["peak_bytes"] / sides["plain"]["peak_bytes"], 4),
                    "step_time": round(sides["qlora"]["step_time_s"] / sides["plain"]["step_time_s"], 4)},
         "targets": TARGETS,
-        "peak_measured_by": "torch.cuda.max_memory_allocated" if device == "cuda" else "qlora.profile.measure.PeakTracker (CPU tensor storages)",
+        "peak_measured_by": "torch.cuda.max_memory_allocated" if device == "cuda" else "qlora.training.measure.PeakTracker (CPU tensor storages)",
         "environment": environment(device),
     }
 
@@ -213,7 +213,7 @@ def to_markdown(result: dict, command: str) -> str:
 def main(argv=None) -> int:
     import shlex
 
-    from qlora.io import atomic_write_json, atomic_write_text
+    from qlora.config.io import atomic_write_json, atomic_write_text
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

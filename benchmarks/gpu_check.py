@@ -9,12 +9,12 @@ What no CPU test can show, measured on the GPU it runs on, each section under it
    slack (over the memory points: reserved / allocated at the peak - 1). They are written to
    `overheads.json`, which `qlora/profile/overheads.py` makes the profiler use instead of its two
    named assumptions (CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK in qlora/profile/estimate.py);
-3. memory: `qlora.profile.measure` for QLoRA and LoRA on Llama-shaped ~1B / 3B / 8B configs with
+3. memory: `qlora.training.measure` for QLoRA and LoRA on Llama-shaped ~1B / 3B / 8B configs with
    random weights at seq 512 and 2,048, with and without each long-context feature (FEATURES) whose
    `Settings` field exists; predicted `allocated_bytes` vs measured `max_memory_allocated` (+ paged
    optimizer states) with the % error (target <= 3 %). One process per config (bitsandbytes never
    frees paged buffers), the random weights saved once per config;
-4. training: `qlora.train` for a few steps with each optimizer on a generated dataset: tokens/s and
+4. training: `qlora.training.run` for a few steps with each optimizer on a generated dataset: tokens/s and
    the labelled peaks of metrics.json;
 5. merge and generate once, on the last training run (`qlora merge`, `qlora generate`).
 
@@ -136,7 +136,7 @@ class Plan:
 def environment() -> dict:
     import torch
 
-    from qlora.profile.measure import environment as versions
+    from qlora.training.measure import environment as versions
 
     env = versions("cuda" if torch.cuda.is_available() else "cpu")
     if torch.cuda.is_available():
@@ -172,7 +172,7 @@ def context_worker() -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from qlora.precision import resolve_compute_dtype
+    from qlora.config.precision import resolve_compute_dtype
 
     torch.cuda.init()
     dtype = resolve_compute_dtype("auto", "cuda")  # fp16 on a T4 / V100, bf16 from compute capability 8.0
@@ -198,7 +198,7 @@ def context_worker() -> dict:
 
 def feature_rows() -> list[tuple[str, dict, str | None]]:
     """(label, Settings fields, reason skipped or None): the baseline, then every FEATURES row."""
-    from qlora.profile.settings import Settings
+    from qlora.memory.settings import Settings
 
     fields = {f.name for f in dataclasses.fields(Settings)}
     rows = [("baseline", {k: v for k, v in BASELINE.items() if k in fields}, None)]
@@ -234,7 +234,7 @@ def save_random_model(config: dict, folder: Path, tokenizer: bool = False) -> Pa
     torch.manual_seed(0)
     cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
     cfg.architectures = ["LlamaForCausalLM"]
-    from qlora.precision import default_device, resolve_compute_dtype
+    from qlora.config.precision import default_device, resolve_compute_dtype
 
     device = default_device()
     dtype = resolve_compute_dtype("auto", device)  # what the trainer loads: fp32 on CPU, bf16 or fp16 on a GPU
@@ -255,9 +255,9 @@ def measure_point(point: dict, plan: Plan, weights: Path) -> dict:
     """Predicted vs measured peak of one point; the reserved bytes give the allocator's slack."""
     import torch
 
-    from qlora.profile.estimate import estimate, settings_inventory
-    from qlora.profile.measure import measure
-    from qlora.profile.settings import Settings
+    from qlora.memory.estimate import estimate, settings_inventory
+    from qlora.training.measure import measure
+    from qlora.memory.settings import Settings
 
     cuda = torch.cuda.is_available()
     settings = Settings(seq_len=point["seq_len"], rank=plan.rank, device="cuda" if cuda else "cpu").replace(**point["changes"])
@@ -372,7 +372,7 @@ def run_module(plan: Plan, module: str, argv: list[str]) -> tuple[int, str]:
         return done.returncode, (done.stdout + done.stderr)[-2000:]
     import importlib
 
-    from qlora.errors import run_cli
+    from qlora.config.errors import run_cli
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -384,7 +384,7 @@ def run_module(plan: Plan, module: str, argv: list[str]) -> tuple[int, str]:
 
 
 def run_training(plan: Plan, deadline: float) -> list[dict]:
-    from qlora.recipe import OPTIMIZERS
+    from qlora.config.recipe import OPTIMIZERS
 
     model = save_random_model(plan.configs[plan.train["model"]], plan.work / "train-model", tokenizer=True)
     data = write_dataset(plan.work / "generated.jsonl", plan.train["rows"])
@@ -497,7 +497,7 @@ def check(plan: Plan, out: Path | None) -> dict:
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "gpu_check.md").write_text(markdown(report))
     if report["overheads"]:
-        from qlora.profile.overheads import OVERHEADS_FILE
+        from qlora.memory.overheads import OVERHEADS_FILE
 
         (out / OVERHEADS_FILE).write_text(json.dumps(report["overheads"], indent=2))
     print(f"{report['points_within_target']}/{report['points_measured']} memory points within {TARGET_ERROR_PCT} %; "

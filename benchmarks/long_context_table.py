@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from qlora.profile.planner import fit_method, predict
-from qlora.profile.settings import Settings
-from qlora.profile.estimate import settings_inventory
+from qlora.memory.planner import fit_method, predict
+from qlora.memory.settings import Settings
+from qlora.memory.estimate import settings_inventory
 
 GPUS_GB = (12, 16, 24, 48, 80)
 MODELS = ("llama-3.1-8b", "llama-3.1-70b")

@@ -6,12 +6,13 @@ import importlib
 import sys
 from typing import Sequence
 
-from qlora.errors import QLoraError, did_you_mean, run_cli
+from qlora import __version__
+from qlora.config.errors import did_you_mean, QLoraError, run_cli
 
 # subcommand -> (module whose `main(argv)` runs it, one-line help)
 SUBCOMMANDS = {
     "train": ("qlora.train", "fine-tune from a YAML recipe"),
-    "profile": ("qlora.profile.cli", "memory tables, fit planner and measured peaks"),
+    "profile": ("qlora.profile", "memory tables, fit planner and measured peaks"),
     "sweep": ("qlora.sweep", "train every point of a grid over recipe keys"),
     "export": ("qlora.export", "write a Hub-ready adapter folder or push it"),
     "merge": ("qlora.merge", "merge the adapter into a 16-bit model"),
@@ -32,8 +33,6 @@ def dispatch(argv: Sequence[str] | None) -> int:
         print(usage())
         return 0
     if argv[0] == "--version":
-        from qlora import __version__
-
         print(f"qlora {__version__}")
         return 0
     name, rest = argv[0], argv[1:]

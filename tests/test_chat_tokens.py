@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlora.data import IGNORE_INDEX, format_alpaca, text_ids, tokenize_chat, tokenize_example
-from qlora.recipe import DataSpec
+from qlora.data.prepare import IGNORE_INDEX, format_alpaca, text_ids, tokenize_chat, tokenize_example
+from qlora.config.recipe import DataSpec
 
 QWEN_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlora.checkpoints import damage, latest_complete_checkpoint, mark_complete, prepare_output_dir, rotate
-from qlora.errors import QLoraError
+from qlora.training.checkpoints import damage, latest_complete_checkpoint, mark_complete, prepare_output_dir, rotate
+from qlora.config.errors import QLoraError
 
 
 def half_written_run(folder, steps=(2,)):

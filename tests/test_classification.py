@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from qlora.data import data_collator, prepare_data
-from qlora.errors import QLoraError
-from qlora.recipe import recipe_from_mapping
+from qlora.data.prepare import data_collator, prepare_data
+from qlora.config.errors import QLoraError
+from qlora.config.recipe import recipe_from_mapping
 
 WORDS = {"animal": ["cat", "dog", "bird", "fox"], "number": ["one", "two", "three", "four"], "thing": ["mat", "world", "tiny", "model"]}
 
@@ -98,7 +98,7 @@ def test_one_label_only_or_a_missing_label_column_is_an_error(tmp_path, tokenize
 
 
 def test_the_profiler_counts_local_labels_and_leaves_hub_data_alone(tmp_path, classify_file):
-    from qlora.data import count_labels
+    from qlora.data.prepare import count_labels
 
     extra = write_jsonl(tmp_path / "eval.jsonl", [{"text": "a cat", "label": "zebra"}])
     assert count_labels(recipe(classify_file)) == 3
@@ -127,7 +127,7 @@ def test_examples_carry_label_ids_in_sorted_order_and_batch_as_classes(classify_
 def test_the_new_score_head_trains_in_full_next_to_4bit_lora(tiny_llama, classify_file, capsys, caplog):
     import bitsandbytes as bnb
 
-    from qlora.model import build_model
+    from qlora.model.build import build_model
 
     loaded = build_model(recipe(classify_file, tiny_llama), ["animal", "number", "thing"])
     err = capsys.readouterr().err
@@ -146,7 +146,7 @@ def test_the_new_score_head_trains_in_full_next_to_4bit_lora(tiny_llama, classif
 
 def test_the_head_trains_in_fp32_on_a_16bit_base(tiny_llama, classify_file):
     """peft copies the head in the base's dtype; fp16 gradients would stop the fp16 grad scaler on a T4."""
-    from qlora.model import build_model
+    from qlora.model.build import build_model
 
     r = recipe_from_mapping({**mapping(tiny_llama, classify_file), "quantization": {"compute_dtype": "bfloat16"}})
     loaded = build_model(r, ["animal", "number", "thing"])
@@ -163,7 +163,7 @@ def test_a_base_weight_missing_from_the_checkpoint_is_named(tiny_llama, classify
 
     from safetensors.torch import load_file, save_file
 
-    from qlora.model import build_model
+    from qlora.model.build import build_model
 
     broken = Path(shutil.copytree(tiny_llama, tmp_path / "broken"))
     weights = load_file(broken / "model.safetensors")
@@ -176,7 +176,7 @@ def test_a_base_weight_missing_from_the_checkpoint_is_named(tiny_llama, classify
 
 @pytest.fixture(scope="module")
 def trained(tiny_llama, classify_file, tmp_path_factory):
-    from qlora.train import train
+    from qlora.training.run import train
 
     out = tmp_path_factory.mktemp("classify-run")
     return out, train(recipe_from_mapping(mapping(tiny_llama, classify_file, out)))
@@ -202,8 +202,8 @@ def test_the_saved_adapter_holds_the_trained_head(trained):
 
 def test_generate_labels_texts_with_the_trained_classifier(trained):
     """The answers are what the trained head predicts: one text per label, each labelled right."""
-    from qlora.export import read_run
-    from qlora.generate import generate
+    from qlora.post.export import read_run
+    from qlora.post.generate import generate
 
     texts = {"cat dog bird fox": "animal", "one two three four": "number", "mat world tiny model": "thing"}
     answers = generate(read_run(trained[0]), list(texts))
@@ -214,8 +214,8 @@ def test_generate_labels_texts_with_the_trained_classifier(trained):
 def test_merge_saves_a_plain_classifier_that_matches_the_adapter(trained, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from qlora.export import read_run
-    from qlora.merge import merge
+    from qlora.post.export import read_run
+    from qlora.post.merge import merge
 
     check = merge(read_run(trained[0]), tmp_path / "merged")
     assert check.ok and check.positions == 4  # one pooled prediction per check prompt

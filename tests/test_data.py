@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.data import IGNORE_INDEX, data_collator, describe, load_raw, pack, prepare_data
-from qlora.errors import QLoraError
-from qlora.recipe import recipe_from_mapping
+from qlora.data.prepare import IGNORE_INDEX, data_collator, describe, load_raw, pack, prepare_data
+from qlora.config.errors import QLoraError
+from qlora.config.recipe import recipe_from_mapping
 
 CHAT = [
     {"role": "system", "content": "be brief"},
@@ -245,7 +245,7 @@ def test_group_by_length_batches_similar_lengths(tmp_path, tiny_llama, tokenizer
 @pytest.mark.parametrize("fmt", ["packed alpaca", "chat"])
 def test_training_runs_on_packed_and_chat_data(tmp_path, tiny_llama, alpaca_file, fmt):
     """Through Trainer and peft: the packed batch's position ids and the chat prompts' own special tokens."""
-    from qlora.train import train
+    from qlora.training.run import train
 
     packed = fmt == "packed alpaca"
     path = alpaca_file if packed else write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 8)

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from qlora.data import load_raw
-from qlora.errors import QLoraError
+from qlora.data.prepare import load_raw
+from qlora.config.errors import QLoraError
 
 ROWS = [{"instruction": "say", "input": "", "output": str(i)} for i in range(40)]
 

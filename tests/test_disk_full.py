@@ -7,10 +7,10 @@ import errno
 
 import pytest
 
-from qlora.checkpoints import damage
-from qlora.io import staged_dir
-from qlora.run_guard import DISK_FULL_EXIT_CODE, is_disk_full
-from qlora.run_lock import LOCK_NAME
+from qlora.training.checkpoints import damage
+from qlora.config.io import staged_dir
+from qlora.training.guards import DISK_FULL_EXIT_CODE, is_disk_full
+from qlora.training.lock import LOCK_NAME
 
 from test_nonfinite import short_recipe
 
@@ -40,7 +40,7 @@ def leftovers(out):
 @pytest.mark.parametrize("call, kept", [(2, ["checkpoint-2"]), (4, ["checkpoint-2", "checkpoint-4", "checkpoint-6"])],
                          ids=["checkpoint", "adapter"])
 def test_disk_full_is_one_line_and_keeps_what_was_complete(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys, call, kept):
-    from qlora.train import train
+    from qlora.training.run import train
 
     out = tmp_path / "full"
     full_disk_on_save(monkeypatch, call)  # call 2: checkpoint-4; call 4: the final adapter
@@ -87,10 +87,10 @@ def test_disk_full_after_the_adapter_keeps_the_finished_adapter(tiny_llama, alpa
     """metrics.json cannot be written: the adapter already published stays, the temporary file goes."""
     import os
 
-    import qlora.io
+    import qlora.config.io
     from safetensors.torch import load_file
 
-    from qlora.train import train
+    from qlora.training.run import train
 
     real_fsync = os.fsync
 
@@ -99,7 +99,7 @@ def test_disk_full_after_the_adapter_keeps_the_finished_adapter(tiny_llama, alpa
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
-    monkeypatch.setattr(qlora.io.os, "fsync", fsync)
+    monkeypatch.setattr(qlora.config.io.os, "fsync", fsync)
     out = tmp_path / "metrics-full"
     with pytest.raises(SystemExit) as info:
         train(short_recipe(tiny_llama, alpaca_file, out))

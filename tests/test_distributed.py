@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.distributed import Launch, launch_env, resolve, trainer_kwargs
-from qlora.errors import QLoraError
-from qlora.recipe import DistributedSpec
+from qlora.training.distributed import Launch, launch_env, resolve, trainer_kwargs
+from qlora.config.errors import QLoraError
+from qlora.config.recipe import DistributedSpec
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.yaml"
@@ -79,7 +79,7 @@ def test_what_cannot_work_is_refused_naming_the_key(spec, bits, launch, cuda, ke
 
 
 def test_recipe_section_is_validated():
-    from qlora.recipe import load_recipe
+    from qlora.config.recipe import load_recipe
 
     assert load_recipe(DEMO, ["distributed.strategy=zero3", "distributed.offload=cpu"]).distributed == DistributedSpec("zero3", "cpu")
     with pytest.raises(QLoraError, match="distributed.strategy: unknown value 'fdsp'"):
@@ -89,8 +89,8 @@ def test_recipe_section_is_validated():
 
 
 def test_sharded_strategies_store_4bit_codes_in_the_compute_dtype():
-    from qlora.model import quantization_config
-    from qlora.recipe import QuantizationSpec
+    from qlora.model.load import quantization_config
+    from qlora.config.recipe import QuantizationSpec
 
     assert quantization_config(QuantizationSpec(), torch.bfloat16, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
     assert quantization_config(QuantizationSpec(), torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
@@ -240,7 +240,7 @@ def test_sigkill_of_one_process_then_resume_under_the_launcher_ends_on_the_same_
 
 
 def test_summary_states_the_global_batch_and_each_process_peak():
-    from qlora.distributed import summary_line
+    from qlora.training.distributed import summary_line
 
     metrics = {"global_batch_size": 32, "world_size": 2, "strategy": "zero3",
                "peak_memory_bytes_per_process": [2**30, 3 * 2**29], "peak_memory_bytes_total": 5 * 2**29}

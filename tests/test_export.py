@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from qlora.errors import QLoraError, run_cli
+from qlora.config.errors import QLoraError, run_cli
 
 
 def make_trained_run(out_dir: Path, model_dir: Path, data_file: Path) -> Path:
     """A real `qlora train` run folder in a few seconds. The high learning rate makes the adapter
     change the model a lot, so tests that compare with and without it are not vacuous."""
-    from qlora.recipe import recipe_from_mapping
-    from qlora.train import train
+    from qlora.config.recipe import recipe_from_mapping
+    from qlora.training.run import train
 
     recipe = recipe_from_mapping({
         "model": {"name_or_path": str(model_dir)},
@@ -44,14 +44,14 @@ def run_dir(tmp_path_factory, tiny_llama, alpaca_file) -> Path:
 
 @pytest.fixture(scope="module")
 def run(run_dir):
-    from qlora.export import read_run
+    from qlora.post.export import read_run
 
     return read_run(run_dir)
 
 
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory) -> Path:
-    from qlora.export import export
+    from qlora.post.export import export
 
     to = tmp_path_factory.mktemp("exported") / "folder"
     export(run, to)
@@ -103,15 +103,23 @@ def test_exported_folder_loads_with_peft(exported):
 def fake_profiler(monkeypatch, seen=None, total=123 * 2**20, allocated=100 * 2**20):
     import types
 
-    settings = types.SimpleNamespace(from_recipe=lambda recipe: (recipe.model.name_or_path, recipe.method, "settings"))
+    import qlora.post.model_card
+
     found = types.SimpleNamespace(total=total, allocated=allocated)
-    estimate = types.SimpleNamespace(estimate=lambda *args: (seen.append(args) if seen is not None else None) or found)
-    monkeypatch.setitem(sys.modules, "qlora.profile.settings", settings)
-    monkeypatch.setitem(sys.modules, "qlora.profile.estimate", estimate)
+
+    def estimate_recipe(recipe):
+        if isinstance(found.total, Exception):
+            raise found.total
+        if seen is not None:
+            seen.append((recipe.model.name_or_path, recipe.method))
+        return found
+
+    monkeypatch.setattr(qlora.post.model_card, "estimate_recipe", estimate_recipe)
+    return found
 
 
 def test_predicted_peak_comes_from_the_profiler(run, monkeypatch):
-    from qlora.model_card import render_card
+    from qlora.post.model_card import render_card
 
     seen = []
     fake_profiler(monkeypatch, seen)
@@ -119,8 +127,9 @@ def test_predicted_peak_comes_from_the_profiler(run, monkeypatch):
     assert "(`qlora profile --recipe`, `allocated_bytes`) | 100.00 MiB (104,857,600 bytes) |" in text
     assert "allocator slack (`total_bytes`) | 123.00 MiB (128,974,848 bytes) |" in text
     assert "| measured: peak resident memory of the CPU process (Python, libraries, CPU tensors; not comparable" in text
-    assert seen == [(run.recipe.model.name_or_path, "qlora", "settings")]
-    monkeypatch.setitem(sys.modules, "qlora.profile.estimate", None)  # not installed: the import fails
+    assert seen == [(run.recipe.model.name_or_path, "qlora")]
+    found = fake_profiler(monkeypatch)
+    found.total = QLoraError("unknown model")  # a model the profiler cannot place
     assert "(`qlora profile --recipe`, `allocated_bytes`) | not available |" in render_card(run, "org/base", None)
 
 
@@ -128,7 +137,7 @@ def test_a_gpu_run_compares_predicted_tensors_with_allocated_plus_paged(run, mon
     """Like with like: the tensors-only prediction against max_memory_allocated + paged states, each labelled."""
     import dataclasses
 
-    from qlora.model_card import memory_section
+    from qlora.post.model_card import memory_section
 
     fake_profiler(monkeypatch, total=11 * 2**30, allocated=10 * 2**30)
     metrics = dict(run.metrics, device="cuda", peak_memory_bytes=int(9.8 * 2**30), peak_memory_allocated_bytes=int(8.8 * 2**30),
@@ -144,7 +153,7 @@ def test_a_gpu_run_compares_predicted_tensors_with_allocated_plus_paged(run, mon
 
 
 def test_base_model_id_and_license_go_to_card_and_adapter_config(run, tmp_path):
-    from qlora.export import export
+    from qlora.post.export import export
 
     export(run, tmp_path / "x", base_model="org/tiny-llama", license_id="apache-2.0")
     data = card(tmp_path / "x").data
@@ -154,8 +163,8 @@ def test_base_model_id_and_license_go_to_card_and_adapter_config(run, tmp_path):
 
 
 def test_license_is_read_from_a_local_base_card(tmp_path):
-    from qlora.model_card import base_license
-    from qlora.recipe import ModelSpec
+    from qlora.post.model_card import base_license
+    from qlora.config.recipe import ModelSpec
 
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
     assert base_license(ModelSpec(name_or_path=str(tmp_path)), None) == "mit"
@@ -179,7 +188,7 @@ class FakeHfApi:
 def test_hub_push_uploads_the_folder_and_never_leaks_the_token(run, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from qlora.export import main
+    from qlora.post.export import main
 
     monkeypatch.setenv("HF_TOKEN", "secret-xyz")
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
@@ -207,7 +216,7 @@ def test_hub_push_uploads_the_folder_and_never_leaks_the_token(run, tmp_path, mo
     (["--to", "{tmp}/y", "--base-model", "bad id!"], "--base-model: 'bad id!' is not a Hub model id"),
 ])
 def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, argv, message, monkeypatch):
-    from qlora.export import main
+    from qlora.post.export import main
 
     monkeypatch.setenv("HF_TOKEN", "secret-xyz")
     argv = [a.format(run=run.out_dir, tmp=tmp_path) for a in argv]
@@ -220,7 +229,7 @@ def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, argv, message,
 def test_push_without_a_token_says_how_to_log_in(run, monkeypatch):
     import huggingface_hub
 
-    from qlora.export import export
+    from qlora.post.export import export
 
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(QLoraError, match="no Hugging Face token; set HF_TOKEN or run `hf auth login`"):
@@ -228,7 +237,7 @@ def test_push_without_a_token_says_how_to_log_in(run, monkeypatch):
 
 
 def test_existing_folder_needs_overwrite(run, exported):
-    from qlora.export import export
+    from qlora.post.export import export
 
     with pytest.raises(QLoraError, match="already exists and is not empty; pass --overwrite"):
         export(run, exported)
@@ -237,7 +246,7 @@ def test_existing_folder_needs_overwrite(run, exported):
 
 
 def test_unfinished_run_names_the_missing_file(tmp_path):
-    from qlora.export import read_run
+    from qlora.post.export import read_run
 
     (tmp_path / "recipe.yaml").write_text("{}")
     with pytest.raises(QLoraError, match="has no adapter/adapter_config.json: not a finished `qlora train` run"):

@@ -14,8 +14,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qlora.errors import QLoraError
-from qlora.recipe import Recipe, all_keys, load_recipe, recipe_from_mapping
+from qlora.config.errors import QLoraError
+from qlora.config.recipe import Recipe, all_keys, load_recipe, recipe_from_mapping
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KEYS = all_keys()
@@ -170,7 +170,7 @@ ROLE_COLUMNS = {"alpaca": ["instruction", "input", "output"], "chat": ["messages
 @given(draw=st.data(), kind=st.sampled_from(["jsonl", "json", "csv"]), fmt=st.sampled_from(sorted(ROLE_COLUMNS)),
        eval_size=st.sampled_from([0, 1, 0.5]), packing=st.booleans())
 def test_any_rows_are_a_dataset_or_one_error(folder, tokenizer, draw, kind, fmt, eval_size, packing):
-    from qlora.data import PreparedData, prepare_data
+    from qlora.data.prepare import PreparedData, prepare_data
 
     # Half of the files carry the format's own columns (random cells, missing / extra / null ones).
     required = [c for c in ROLE_COLUMNS[fmt] if c != "input"]
@@ -210,7 +210,7 @@ def test_unusable_path_names_are_one_error(folder, value, message):
     ("chat", {"messages": []}, "column 'messages' must hold lists of {role, content} messages"),  # was ValueError
 ])
 def test_malformed_cells_are_one_error(folder, tokenizer, fmt, row, message):
-    from qlora.data import prepare_data
+    from qlora.data.prepare import prepare_data
 
     path = folder / "cells.jsonl"
     write_rows(path, [row, row], "jsonl")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from qlora.errors import run_cli
+from qlora.config.errors import run_cli
 from test_export import session_run  # the session's real tiny run folder, see test_export.py
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_llama, alpaca_file):
-    from qlora.export import read_run
+    from qlora.post.export import read_run
 
     return read_run(session_run(tmp_path_factory, tiny_llama, alpaca_file))
 
@@ -18,8 +18,8 @@ def run(tmp_path_factory, tiny_llama, alpaca_file):
 def test_prompt_is_bos_plus_the_alpaca_template_unless_raw(run):
     from transformers import AutoTokenizer
 
-    from qlora.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
-    from qlora.generate import format_prompt
+    from qlora.data.prepare import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+    from qlora.post.generate import format_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir)
     assert format_prompt(run, tokenizer, " Say the next number. ") == "<s>" + ALPACA_PROMPT_NO_INPUT.format(instruction="Say the next number.")
@@ -28,9 +28,9 @@ def test_prompt_is_bos_plus_the_alpaca_template_unless_raw(run):
 
 
 def test_answers_come_from_the_adapter_and_differ_from_the_base(run):
-    from qlora.data import Example
-    from qlora.generate import format_prompt, generate, load_adapted_model
-    from qlora.metrics import exact_match
+    from qlora.data.prepare import Example
+    from qlora.post.generate import format_prompt, generate, load_adapted_model
+    from qlora.training.metrics import exact_match
 
     results = generate(run, ["Say the next number.", "Say the next number."], ["four", "nine"], max_new_tokens=6, compare=True)
     assert [r["prompt"] for r in results] == ["Say the next number.", "Say the next number."]
@@ -43,7 +43,7 @@ def test_answers_come_from_the_adapter_and_differ_from_the_base(run):
 
 
 def test_cli_prints_prompt_and_answer(run, capsys):
-    from qlora.generate import main
+    from qlora.post.generate import main
 
     assert run_cli(main, [str(run.out_dir), "--prompt", "Say the next number.", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
@@ -56,7 +56,7 @@ def test_cli_prints_prompt_and_answer(run, capsys):
     (["{run}", "--prompt", "x", "--prompt", "y", "--input", "z"], "--input: give one per --prompt (got 2 prompts, 1 inputs)"),
 ])
 def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, argv, message):
-    from qlora.generate import main
+    from qlora.post.generate import main
 
     argv = [a.format(run=run.out_dir, missing=tmp_path / "nope") for a in argv]
     assert run_cli(main, argv) == 2

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora.errors import QLoraError, run_cli
-from qlora.gpus import GIB, GPU_PRESETS, markdown_table, parse_gpu_list, parse_gpu_memory, preset
-from qlora.profile.cli import main
+from qlora.config.errors import QLoraError, run_cli
+from qlora.config.gpus import GIB, GPU_PRESETS, markdown_table, parse_gpu_list, parse_gpu_memory, preset
+from qlora.profile import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -83,8 +83,8 @@ def test_readme_table_is_the_generated_one():
 
 
 def test_an_unquoted_yaml_preset_is_the_preset_not_bytes():
-    from qlora.profile.planner import plan_fit  # noqa: F401  (the OOM advice path parses the same way)
-    from qlora.recipe import parse_gpu_memory as recipe_parse, recipe_from_mapping
+    from qlora.memory.planner import plan_fit  # noqa: F401  (the OOM advice path parses the same way)
+    from qlora.config.recipe import parse_gpu_memory as recipe_parse, recipe_from_mapping
 
     recipe = recipe_from_mapping({"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}, "output_dir": "o", "target_gpu": 4090})
     assert recipe_parse(recipe.target_gpu) == GPU_PRESETS["4090"].bytes

@@ -7,10 +7,12 @@ import copy
 import pytest
 import torch
 
-from qlora.errors import QLoraError
-from qlora.long_context import apply_long_context, mlp_tiles_for, offload_checkpoints, wants_offload
-from qlora.recipe import recipe_from_mapping
-from qlora.tiled_mlp import decoder_mlps, tile_mlp
+from qlora.config.errors import QLoraError
+from qlora.config.long_context import mlp_tiles_for
+from qlora.config.recipe import recipe_from_mapping
+from qlora.model.build import enable_gradient_checkpointing
+from qlora.ops.tiled_mlp import TiledMLP, decoder_mlps, tile_mlps
+from qlora.training.auto import wants_offload
 
 MINIMAL = {"model": {"name_or_path": "org/model"}, "data": {"path": "data.jsonl"}, "output_dir": "out"}
 HIDDEN = 64
@@ -62,8 +64,7 @@ def test_tiled_mlp_gradients_equal_the_untiled_ones(checkpointing):
     untiled = lora_llama(checkpointing=checkpointing)
     tiled = copy.deepcopy(untiled)
     calls = []
-    for mlp in decoder_mlps(tiled):
-        tile_mlp(mlp, lambda tokens: calls.append(tokens) or 5)  # 5 uneven tiles of 2 x 23 tokens
+    tile_mlps(tiled, lambda tokens: calls.append(tokens) or 5)  # 5 uneven tiles of 2 x 23 tokens
     ids = torch.randint(0, 128, (2, 23), generator=torch.Generator().manual_seed(0))
     assert_same_gradients(gradients(untiled, ids), gradients(tiled, ids))
     # every layer runs tiled in forward (and again in checkpointing's recompute)
@@ -79,19 +80,19 @@ def test_tiled_mlp_replays_dropout_masks_in_backward(checkpointing):
     for mlp in decoder_mlps(reference):
         forward = mlp.forward
         mlp.forward = lambda x, f=forward: torch.cat([f(t) for t in x.reshape(-1, HIDDEN).chunk(3)]).view(*x.shape[:-1], -1)
-    for mlp in decoder_mlps(tiled):
-        tile_mlp(mlp, lambda tokens: 3)
+    tile_mlps(tiled, lambda tokens: 3)
     ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(0))
     assert_same_gradients(gradients(reference, ids), gradients(tiled, ids))
 
 
 def test_one_tile_runs_the_mlp_untouched():
     model = lora_llama()
+    tile_mlps(model, lambda tokens: 1)
     mlp = decoder_mlps(model)[0]
-    tile_mlp(mlp, lambda tokens: 1)
     x = torch.randn(1, 4, HIDDEN, requires_grad=True)
     assert mlp(x).grad_fn.name() != "TiledMLPFunctionBackward"
-    assert len(decoder_mlps(model)) == 2
+    assert len(decoder_mlps(model)) == 2 and isinstance(mlp, TiledMLP)
+    assert "TiledMLP(" in repr(model)  # a module swapped in, not a patched forward
 
 
 def test_auto_tiles_only_long_sequences():
@@ -113,7 +114,7 @@ def recipe_for(folder, **training):
 def test_offloaded_checkpoints_give_identical_adapters(tiny_llama, monkeypatch):
     """Offload forced on a CPU runs the hooks (one tensor per layer: the checkpoint's kept input)
     and changes nothing in what is learnt."""
-    from qlora.model import build_model
+    from qlora.model.build import build_model
 
     packed = []
     real = torch.autograd.graph.save_on_cpu
@@ -129,9 +130,7 @@ def test_offloaded_checkpoints_give_identical_adapters(tiny_llama, monkeypatch):
     for offload in (False, True):
         recipe = recipe_for(tiny_llama)
         torch.manual_seed(0)
-        model = build_model(recipe).model.train()
-        if offload:
-            apply_long_context(model, recipe, force_offload=True)
+        model = build_model(recipe, offload=offload).model.train()  # offload forced on a CPU: the same path
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
         for _ in range(3):
@@ -155,7 +154,7 @@ def test_offload_on_a_cpu_is_a_no_op_that_says_so(capsys):
 
 def test_offload_hooks_replace_the_checkpoint_function():
     model = lora_llama(checkpointing=True)
-    offload_checkpoints(model.get_base_model())
+    enable_gradient_checkpointing(model.get_base_model(), offload=True)
     layers = model.get_base_model().model.layers
     assert all(layer._gradient_checkpointing_func.__name__ == "checkpoint_on_host" for layer in layers)
 

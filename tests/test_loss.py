@@ -7,9 +7,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from qlora.loss import chunk_tokens, chunked_causal_lm_loss, install_loss
-from qlora.model import attach_lora
-from qlora.recipe import LoraSpec
+from qlora.config.long_context import chunk_tokens
+from qlora.config.recipe import recipe_from_mapping
+from qlora.model.build import install_loss
+from qlora.ops.loss import chunked_causal_lm_loss
+from qlora.model.lora import attach_lora
+from qlora.config.recipe import LoraSpec
 
 VOCAB = 97
 
@@ -32,9 +35,13 @@ def pair(tied: bool = False, lora: bool = True):
             for name, param in model.named_parameters():  # peft starts lora_B at zero: give the adapters a real gradient path
                 if "lora_B" in name:
                     torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
-        assert install_loss(model.get_base_model() if lora else model, loss) == loss
+        assert install_loss(model, loss_recipe(loss)) == loss
         models.append(model)
     return models
+
+
+def loss_recipe(loss: str):
+    return recipe_from_mapping({"model": {"name_or_path": "unused"}, "training": {"loss": loss}}, for_training=False)
 
 
 def batches():
@@ -153,7 +160,7 @@ def test_a_deep_copy_keeps_its_own_forward():
 def test_a_soft_capped_head_falls_back_to_the_standard_loss_with_one_line(capsys):
     model = tiny(final_logit_softcapping=30.0)
     forward = model.forward
-    assert install_loss(model, "chunked") == "standard"
+    assert install_loss(model, loss_recipe("chunked")) == "standard"
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["training.loss: chunked cannot reproduce this model's logits (its config sets final_logit_softcapping=30.0); "
                    "using the standard loss"]
@@ -168,21 +175,21 @@ def test_chunk_size_is_a_byte_budget():
 
 @pytest.mark.parametrize("loss", ["chunked", "standard"])
 def test_build_model_installs_the_recipe_loss(tiny_llama, alpaca_file, loss):
-    from qlora.model import build_model
-    from qlora.recipe import recipe_from_mapping
+    from qlora.model.build import build_model
+    from qlora.config.recipe import recipe_from_mapping
 
     recipe = recipe_from_mapping({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": str(alpaca_file)},
                                   "training": {"loss": loss}, "output_dir": "unused"})
-    inner = build_model(recipe).model.get_base_model()
-    assert getattr(inner, "qlora_loss", "standard") == loss
-    out = inner(input_ids=torch.tensor([[1, 5, 9, 4]]), labels=torch.tensor([[1, 5, 9, 4]]))
+    loaded = build_model(recipe)
+    assert loaded.loss == loss
+    out = loaded.model(input_ids=torch.tensor([[1, 5, 9, 4]]), labels=torch.tensor([[1, 5, 9, 4]]))
     assert (out.logits is None) == (loss == "chunked")
 
 
 def test_recipe_keys_are_checked_and_reach_the_trainer(tmp_path, alpaca_file):
-    from qlora.errors import QLoraError
-    from qlora.recipe import recipe_from_mapping
-    from qlora.train import training_arguments
+    from qlora.config.errors import QLoraError
+    from qlora.config.recipe import recipe_from_mapping
+    from qlora.training.run import training_arguments
 
     base = {"model": {"name_or_path": str(tmp_path)}, "data": {"path": str(alpaca_file)}, "output_dir": str(tmp_path / "out")}
     with pytest.raises(QLoraError, match="training.loss: unknown value 'chunky'"):
@@ -204,8 +211,8 @@ def test_qlora_train_gives_the_same_adapter_and_eval_loss_with_either_loss(tiny_
     labels, the eval before and after training: the chunked loss trains the adapter the standard one does."""
     from safetensors.torch import load_file
 
-    from qlora.recipe import recipe_from_mapping
-    from qlora.train import train
+    from qlora.config.recipe import recipe_from_mapping
+    from qlora.training.run import train
 
     runs = {}
     for loss in ("standard", "chunked"):

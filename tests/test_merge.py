@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.errors import QLoraError, run_cli
+from qlora.config.errors import QLoraError, run_cli
 from test_export import session_run  # the session's real tiny run folder, see test_export.py
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_llama, alpaca_file):
-    from qlora.export import read_run
+    from qlora.post.export import read_run
 
     return read_run(session_run(tmp_path_factory, tiny_llama, alpaca_file))
 
@@ -25,7 +25,7 @@ def run(tmp_path_factory, tiny_llama, alpaca_file):
 @pytest.fixture(scope="module")
 def merged(run, tmp_path_factory):
     """(merged folder, merge check)."""
-    from qlora.merge import merge
+    from qlora.post.merge import merge
 
     to = tmp_path_factory.mktemp("merged") / "model"
     return to, merge(run, to)
@@ -34,8 +34,8 @@ def merged(run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(run):
     """Logits of the 4-bit base + adapter (what training and `qlora generate` use) on the check prompts."""
-    from qlora.generate import load_adapted_model
-    from qlora.merge import check_inputs, logits_for
+    from qlora.post.generate import load_adapted_model
+    from qlora.post.merge import check_inputs, logits_for
 
     model, tokenizer = load_adapted_model(run)
     inputs = check_inputs(run, tokenizer)
@@ -45,7 +45,7 @@ def reference(run):
 
 
 def test_merged_model_matches_the_4bit_base_plus_adapter(merged, reference):
-    from qlora.merge import MAX_RELATIVE_DIFF, max_diff
+    from qlora.post.merge import MAX_RELATIVE_DIFF, max_diff
 
     _, check = merged
     _, with_adapter, base_only = reference
@@ -60,7 +60,7 @@ def test_merging_onto_the_original_weights_is_rejected(run, merged, reference, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qlora.merge import MAX_RELATIVE_DIFF, compare, logits_for
+    from qlora.post.merge import MAX_RELATIVE_DIFF, compare, logits_for
 
     inputs, with_adapter, base_only = reference
     original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -71,7 +71,7 @@ def test_merging_onto_the_original_weights_is_rejected(run, merged, reference, t
 
 
 def test_an_adapter_that_changes_nothing_is_only_accepted_when_identical():
-    from qlora.merge import MergeCheck
+    from qlora.post.merge import MergeCheck
 
     assert MergeCheck(max_abs_diff=0.0, adapter_change=0.0, logit_scale=1.0, positions=1).ok
     assert not MergeCheck(max_abs_diff=1e-6, adapter_change=0.0, logit_scale=1.0, positions=1).ok
@@ -80,7 +80,7 @@ def test_an_adapter_that_changes_nothing_is_only_accepted_when_identical():
 def test_saved_folder_is_a_plain_16bit_transformers_model(merged, reference):
     from transformers import AutoModelForCausalLM
 
-    from qlora.merge import compare, logits_for
+    from qlora.post.merge import compare, logits_for
 
     folder, check = merged
     names = {p.name for p in folder.iterdir()}
@@ -97,17 +97,17 @@ def test_saved_folder_is_a_plain_16bit_transformers_model(merged, reference):
 
 
 def test_existing_folder_needs_overwrite(run, merged):
-    from qlora.merge import merge
+    from qlora.post.merge import merge
 
     with pytest.raises(QLoraError, match="already exists and is not empty; pass --overwrite"):
         merge(run, merged[0])
 
 
 def test_a_failed_check_exits_nonzero_and_writes_nothing(run, tmp_path, monkeypatch, capsys):
-    import qlora.merge
+    import qlora.post.merge
 
-    monkeypatch.setattr(qlora.merge, "MAX_RELATIVE_DIFF", 0.0)
-    assert run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m")]) == qlora.merge.MISMATCH_EXIT_CODE
+    monkeypatch.setattr(qlora.post.merge, "MAX_RELATIVE_DIFF", 0.0)
+    assert run_cli(qlora.post.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m")]) == qlora.post.merge.MISMATCH_EXIT_CODE
     assert "does not match the 4-bit base + adapter; nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
 
@@ -116,7 +116,7 @@ def test_a_classification_run_without_its_label_names_is_refused(run, tmp_path):
     """The head's size and label order come from metrics.json; without them no base can be rebuilt."""
     import dataclasses
 
-    from qlora.merge import merge
+    from qlora.post.merge import merge
 
     recipe = dataclasses.replace(run.recipe, task="classification")
     with pytest.raises(QLoraError, match=r"metrics.json: a classification run without its label names \(data.labels\)"):
@@ -139,7 +139,7 @@ def test_cli_merge_prints_the_check_and_saves_a_loadable_model(run, tmp_path):
 
 
 def test_merge_memory_of_an_8b_model_does_not_fit_a_t4_whole_but_does_layer_by_layer():
-    from qlora.merge_memory import choose_placement, merge_memory_bytes
+    from qlora.memory.merge import choose_placement, merge_memory_bytes
 
     memory = merge_memory_bytes("llama-3.1-8b", "float16")
     t4 = int(14.57 * 2**30)  # what torch reports free on a 16 GB T4 once the context is up
@@ -153,11 +153,11 @@ def test_merge_memory_of_an_8b_model_does_not_fit_a_t4_whole_but_does_layer_by_l
 
 
 def test_asking_for_the_gpu_without_one_is_a_clear_error(run, tmp_path, capsys):
-    import qlora.merge
+    import qlora.post.merge
 
-    assert run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m"), "--device", "layers"]) == 2
+    assert run_cli(qlora.post.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m"), "--device", "layers"]) == 2
     assert "error: --device layers: no CUDA GPU is available (use --device cpu or auto)" in capsys.readouterr().err
-    assert run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m"), "--gpu-memory", "lots"]) == 2
+    assert run_cli(qlora.post.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m"), "--gpu-memory", "lots"]) == 2
     assert "error: --gpu-memory: expected a size such as '12GiB', got 'lots'" in capsys.readouterr().err
 
 
@@ -166,13 +166,13 @@ def test_merge_within_a_small_gpu_budget_goes_layer_by_layer_and_matches(run, me
     path runs (its GPU work lands on the CPU here) and saves the same weights as the whole-model merge."""
     from safetensors.torch import load_file
 
-    import qlora.merge_memory
-    from qlora.merge import merge
-    from qlora.merge_memory import merge_memory_bytes
+    import qlora.memory.merge
+    from qlora.post.merge import merge
+    from qlora.memory.merge import merge_memory_bytes
 
     memory = merge_memory_bytes(run.recipe.model.name_or_path, "float32")
     budget = (memory.layers + memory.full) // 2
-    monkeypatch.setattr(qlora.merge_memory, "free_gpu_bytes", lambda: 10 * memory.full)
+    monkeypatch.setattr(qlora.memory.merge, "free_gpu_bytes", lambda: 10 * memory.full)
     check = merge(run, tmp_path / "m", gpu_memory=budget)
     assert check.placement == "layers" and check.ok
     assert "merging on layers" in capsys.readouterr().err
@@ -183,8 +183,8 @@ def test_merge_within_a_small_gpu_budget_goes_layer_by_layer_and_matches(run, me
 def test_layer_by_layer_dequantization_is_transformers_dequantization(run):
     from transformers import AutoTokenizer
 
-    from qlora.generate import load_run_base
-    from qlora.merge import dequantize_layer_by_layer
+    from qlora.post.generate import load_run_base
+    from qlora.post.merge import dequantize_layer_by_layer
 
     tokenizer = AutoTokenizer.from_pretrained(str(run.adapter_dir))
     expected = load_run_base(run, torch.float32, tokenizer).dequantize(dtype=torch.float32).state_dict()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from qlora.errors import QLoraError
-from qlora.metrics import (accuracy, check_metric, classification_metrics, map_at_3, memory_figures, paged_optimizer_bytes,
+from qlora.config.errors import QLoraError
+from qlora.training.metrics import (accuracy, check_metric, classification_metrics, map_at_3, memory_figures, paged_optimizer_bytes,
                            task_metrics, weighted_f1)
-from qlora.recipe import recipe_from_mapping
+from qlora.config.recipe import recipe_from_mapping
 
 LABELS = np.array([0, 0, 1, 1, 2])
 PREDICTIONS = np.array([0, 1, 1, 1, 0])
@@ -58,10 +58,10 @@ def test_a_metric_the_task_cannot_measure_is_an_error(task, metric):
 
 def test_chat_prompts_are_generated_without_an_extra_bos(monkeypatch):
     """A chat template writes its own BOS; alpaca prompts get one from us."""
-    import qlora.metrics
+    import qlora.training.metrics
 
     seen = []
-    monkeypatch.setattr(qlora.metrics, "exact_match", lambda *args: seen.append(args[-1]) or 0.5)
+    monkeypatch.setattr(qlora.training.metrics, "exact_match", lambda *args: seen.append(args[-1]) or 0.5)
     data = type("Data", (), {"eval_examples": []})()
     loaded = type("Loaded", (), {"model": None, "tokenizer": None})()
     for fmt in ("chat", "alpaca"):

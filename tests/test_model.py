@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora.errors import QLoraError
-from qlora.recipe import recipe_from_mapping
+from qlora.config.errors import QLoraError
+from qlora.config.recipe import recipe_from_mapping
 
 LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -18,7 +18,7 @@ def recipe_for(model_dir, *overrides, tmp="unused"):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_llama):
-    from qlora.model import build_model
+    from qlora.model.build import build_model
 
     torch.manual_seed(0)
     return build_model(recipe_for(tiny_llama))
@@ -44,7 +44,7 @@ def test_every_block_linear_is_nf4_double_quant_wrapped_by_lora(loaded):
 @pytest.fixture(scope="module")
 def loaded_bf16(tiny_llama):
     """The same model with a bf16 compute dtype: on CPU everything else is fp32, so only this shows an upcast."""
-    from qlora.model import build_model
+    from qlora.model.build import build_model
 
     torch.manual_seed(0)
     return build_model(recipe_for(tiny_llama, "quantization.compute_dtype=bfloat16"))
@@ -107,7 +107,7 @@ def test_compute_dtype_is_fp32_on_cpu(loaded):
 def test_paged_optimizer_steps_lower_the_loss_on_a_fixed_batch(tiny_llama):
     import bitsandbytes as bnb
 
-    from qlora.model import build_model
+    from qlora.model.build import build_model
 
     torch.manual_seed(0)
     model = build_model(recipe_for(tiny_llama)).model
@@ -129,7 +129,8 @@ def test_paged_optimizer_steps_lower_the_loss_on_a_fixed_batch(tiny_llama):
 def test_saved_adapter_reloads_onto_a_fresh_4bit_base_with_identical_logits(tiny_llama, tmp_path):
     from peft import PeftModel
 
-    from qlora.model import build_model, load_base_model
+    from qlora.model.build import build_model
+    from qlora.model.load import load_base_model
 
     recipe = recipe_for(tiny_llama)
     torch.manual_seed(0)
@@ -159,14 +160,16 @@ def test_saved_adapter_reloads_onto_a_fresh_4bit_base_with_identical_logits(tiny
     [("attention", ["k_proj", "o_proj", "q_proj", "v_proj"]), ("qv", ["q_proj", "v_proj"]), ("mlp", ["down_proj", "gate_proj", "up_proj"])],
 )
 def test_target_presets_resolve_to_module_names(tiny_llama, targets, expected):
-    from qlora.model import lora_target_modules, load_base_model
+    from qlora.model.load import load_base_model
+    from qlora.model.lora import lora_target_modules
 
     base = load_base_model(recipe_for(tiny_llama), torch.float32)
     assert lora_target_modules(base, targets) == expected
 
 
 def test_unknown_target_module_is_a_clear_error(tiny_llama):
-    from qlora.model import lora_target_modules, load_base_model
+    from qlora.model.load import load_base_model
+    from qlora.model.lora import lora_target_modules
 
     base = load_base_model(recipe_for(tiny_llama), torch.float32)
     with pytest.raises(QLoraError, match=r"no linear layer named 'q_prj' \(did you mean 'q_proj'\?\)"):
@@ -176,7 +179,7 @@ def test_unknown_target_module_is_a_clear_error(tiny_llama):
 def test_eight_bit_and_sixteen_bit_bases(tiny_llama):
     import bitsandbytes as bnb
 
-    from qlora.model import load_base_model
+    from qlora.model.load import load_base_model
 
     eight = load_base_model(recipe_for(tiny_llama, "quantization.bits=8"), torch.float32)
     assert isinstance(eight.model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)
@@ -191,24 +194,24 @@ def test_eight_bit_and_sixteen_bit_bases(tiny_llama):
      ("./also/missing", "model.name_or_path: folder not found")],
 )
 def test_missing_model_folder(name, message):
-    from qlora.model import check_model_source
-    from qlora.recipe import ModelSpec
+    from qlora.model.load import check_model_source
+    from qlora.config.recipe import ModelSpec
 
     with pytest.raises(QLoraError, match=message):
         check_model_source(ModelSpec(name_or_path=name))
 
 
 def test_folder_without_config(tmp_path):
-    from qlora.model import check_model_source
-    from qlora.recipe import ModelSpec
+    from qlora.model.load import check_model_source
+    from qlora.config.recipe import ModelSpec
 
     with pytest.raises(QLoraError, match="has no config.json"):
         check_model_source(ModelSpec(name_or_path=str(tmp_path)))
 
 
 def test_unreachable_hub_name_is_a_clear_error():
-    from qlora.model import load_tokenizer
-    from qlora.recipe import ModelSpec
+    from qlora.model.load import load_tokenizer
+    from qlora.config.recipe import ModelSpec
 
     with pytest.raises(QLoraError, match="'nobody/no-such-model' is not a local folder and the Hub cannot be reached"):
         load_tokenizer(ModelSpec(name_or_path="nobody/no-such-model"))  # this machine has no Hub access
@@ -222,7 +225,7 @@ def test_hub_answers_become_clear_errors(monkeypatch, error, message):
     import huggingface_hub
     from huggingface_hub import errors
 
-    from qlora.model import check_hub_model
+    from qlora.model.load import check_hub_model
 
     def model_info(self, name, **kwargs):
         cls = getattr(errors, error)
@@ -238,7 +241,7 @@ def test_hub_answers_become_clear_errors(monkeypatch, error, message):
 def test_offline_hub_name_outside_the_cache_is_refused_without_a_request(monkeypatch):
     import huggingface_hub
 
-    from qlora.model import check_hub_model
+    from qlora.model.load import check_hub_model
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("no request when offline"))

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora.checkpoints import damage
-from qlora.nonfinite import NONFINITE_EXIT_CODE
-from qlora.recipe import recipe_from_mapping
-from qlora.run_lock import LOCK_NAME
+from qlora.training.checkpoints import damage
+from qlora.training.nonfinite import NONFINITE_EXIT_CODE
+from qlora.config.recipe import recipe_from_mapping
+from qlora.training.lock import LOCK_NAME
 
 
 def short_recipe(model_dir, data_file, out, *overrides):
@@ -42,7 +42,7 @@ def nan_loss_at(monkeypatch, bad_steps):
 
 
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_advises(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
-    from qlora.train import train
+    from qlora.training.run import train
 
     out = tmp_path / "nan"
     nan_loss_at(monkeypatch, {4})
@@ -62,7 +62,7 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_advises(tiny_llama, alpac
 
 
 def test_skipped_nonfinite_steps_leave_weights_finite(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
-    from qlora.train import train
+    from qlora.training.run import train
 
     out = tmp_path / "skip"
     nan_loss_at(monkeypatch, {3})
@@ -74,7 +74,7 @@ def test_skipped_nonfinite_steps_leave_weights_finite(tiny_llama, alpaca_file, t
 
 
 def test_max_nonfinite_steps_must_not_be_negative():
-    from qlora.errors import QLoraError
+    from qlora.config.errors import QLoraError
 
     with pytest.raises(QLoraError, match="training.max_nonfinite_steps: must be >= 0, got -1"):
         short_recipe("m", "d", "o", "training.max_nonfinite_steps=-1")
@@ -119,7 +119,7 @@ def run_step(model, callback, loss_scale, grad_value, optimizer=None):
     (1.0, 1.0, None, False),
 ])
 def test_what_counts_as_a_nonfinite_step(loss_scale, grad_value, optimizer, stops):
-    from qlora.nonfinite import stop_on_nonfinite_callback
+    from qlora.training.nonfinite import stop_on_nonfinite_callback
 
     model, callback = TinyLM(), stop_on_nonfinite_callback(0)
     callback.on_train_begin(None, None, None, model=model)

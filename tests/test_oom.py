@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qlora.oom import OOM_EXIT_CODE, OutOfMemoryExit
+from qlora.training.oom import OOM_EXIT_CODE, OutOfMemoryExit
 from test_export import session_run  # the session's real tiny run folder, see test_export.py
 from test_train import tiny_recipe
 
@@ -35,10 +35,10 @@ def test_other_errors_pass_through_and_deferred_waits_for_the_caller(capsys):
 
 
 def test_oom_while_loading_the_model_exits_3_with_advice(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
-    import qlora.model
-    from qlora.train import train
+    import qlora.model.load
+    from qlora.training.run import train
 
-    monkeypatch.setattr(qlora.model, "load_base_model", out_of_memory)
+    monkeypatch.setattr(qlora.model.load, "load_base_model", out_of_memory)
     with pytest.raises(SystemExit) as info:
         train(tiny_recipe(tiny_llama, alpaca_file, tmp_path / "run", "target_gpu=24GB"))
     assert info.value.code == OOM_EXIT_CODE
@@ -49,7 +49,7 @@ def test_oom_while_loading_the_model_exits_3_with_advice(tiny_llama, alpaca_file
 def test_oom_in_the_evaluation_before_training_exits_3_with_advice(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
     import transformers
 
-    from qlora.train import train
+    from qlora.training.run import train
 
     trained = []
     monkeypatch.setattr(transformers.Trainer, "evaluate", out_of_memory)
@@ -67,7 +67,7 @@ def test_oom_in_the_evaluation_before_training_exits_3_with_advice(tiny_llama, a
 def test_oom_in_the_evaluation_after_training_exits_3_with_the_adapter_saved(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
     import transformers
 
-    from qlora.train import train
+    from qlora.training.run import train
 
     real_evaluate = transformers.Trainer.evaluate
 
@@ -96,11 +96,11 @@ def run_dir(tmp_path_factory, tiny_llama, alpaca_file):
 
 
 def test_oom_in_merge_exits_3_and_writes_nothing(run_dir, tmp_path, monkeypatch, capsys):
-    import qlora.merge
+    import qlora.post.merge
 
-    monkeypatch.setattr(qlora.merge, "merged_model", out_of_memory)
+    monkeypatch.setattr(qlora.post.merge, "merged_model", out_of_memory)
     with pytest.raises(SystemExit) as info:
-        qlora.merge.main([str(run_dir), "--to", str(tmp_path / "m")])
+        qlora.post.merge.main([str(run_dir), "--to", str(tmp_path / "m")])
     assert info.value.code == OOM_EXIT_CODE and list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err
     assert f"error: out of GPU memory during merge; nothing was written to {tmp_path / 'm'}" in err
@@ -108,10 +108,10 @@ def test_oom_in_merge_exits_3_and_writes_nothing(run_dir, tmp_path, monkeypatch,
 
 
 def test_oom_in_generate_exits_3_with_advice(run_dir, monkeypatch, capsys):
-    import qlora.metrics
-    from qlora.generate import main
+    import qlora.training.metrics
+    from qlora.post.generate import main
 
-    monkeypatch.setattr(qlora.metrics, "generate_answers", out_of_memory)
+    monkeypatch.setattr(qlora.training.metrics, "generate_answers", out_of_memory)
     with pytest.raises(SystemExit) as info:
         main([str(run_dir), "--prompt", "Say the next number."])
     assert info.value.code == OOM_EXIT_CODE

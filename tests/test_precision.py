@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from qlora import precision
-from qlora.precision import native_bf16, resolve_compute_dtype, trainer_precision_flags
+from qlora.config import precision
+from qlora.config.precision import native_bf16, resolve_compute_dtype, trainer_precision_flags
 
 
 @pytest.fixture
@@ -53,8 +53,8 @@ def test_no_gpu_has_no_native_bf16(monkeypatch):
 
 
 def test_the_trainer_loads_a_t4_run_in_fp16(fake_gpu, monkeypatch):
-    """qlora.model.load asks precision for the dtype; capture what it would pass to the 4-bit load."""
-    import qlora.model as model
+    """qlora.model.build asks precision for the dtype; capture what it would pass to the 4-bit load."""
+    import qlora.model.build as model
 
     fake_gpu(7, 5)
     seen = {}
@@ -64,7 +64,7 @@ def test_the_trainer_loads_a_t4_run_in_fp16(fake_gpu, monkeypatch):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(model, "load_base_model", fake_load_base_model)
-    from qlora.recipe import recipe_from_mapping
+    from qlora.config.recipe import recipe_from_mapping
 
     recipe = recipe_from_mapping({"model": {"name_or_path": "x"}, "data": {"path": "d.jsonl"}, "output_dir": "o"})
     assert recipe.quantization.compute_dtype == "auto"

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from qlora.checkpoints import damage
-from qlora.errors import USAGE_EXIT_CODE
-from qlora.preemption import PREEMPTED_EXIT_CODE
-from qlora.run_lock import LOCK_NAME
+from qlora.training.checkpoints import damage
+from qlora.config.errors import USAGE_EXIT_CODE
+from qlora.training.preemption import PREEMPTED_EXIT_CODE
+from qlora.training.lock import LOCK_NAME
 
 from test_nonfinite import short_recipe
 
@@ -134,8 +134,8 @@ def test_sigterm_in_process_saves_the_step_reached_and_exits_4(tiny_llama, alpac
 
     import transformers
 
-    from qlora.preemption import PREEMPTED_EXIT_CODE
-    from qlora.train import train
+    from qlora.training.preemption import PREEMPTED_EXIT_CODE
+    from qlora.training.run import train
 
     original = transformers.Trainer.compute_loss
 
@@ -161,17 +161,17 @@ def test_sigterm_before_training_stops_at_once_with_143(tiny_llama, alpaca_file,
     import os
     import signal
 
-    import qlora.train
-    from qlora.preemption import TERMINATED_EXIT_CODE
+    import qlora.training.run
+    from qlora.training.preemption import TERMINATED_EXIT_CODE
 
     def terminated_during_baseline(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("SIGTERM did not stop the run")
 
-    monkeypatch.setattr(qlora.train, "baseline", terminated_during_baseline)
+    monkeypatch.setattr(qlora.training.run, "baseline", terminated_during_baseline)
     out = tmp_path / "early"
     with pytest.raises(SystemExit) as info:
-        qlora.train.train(short_recipe(tiny_llama, alpaca_file, out))
+        qlora.training.run.train(short_recipe(tiny_llama, alpaca_file, out))
     assert info.value.code == TERMINATED_EXIT_CODE
     assert not (out / LOCK_NAME).exists()
     assert "stopped by SIGTERM: no checkpoint was written yet; nothing to resume" in capsys.readouterr().err

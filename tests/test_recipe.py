@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora.errors import QLoraError
-from qlora.recipe import Recipe, all_keys, load_recipe, parse_gpu_memory, recipe_from_mapping
+from qlora.config.errors import QLoraError
+from qlora.config.recipe import Recipe, all_keys, load_recipe, parse_gpu_memory, recipe_from_mapping
 
 MINIMAL = {"model": {"name_or_path": "org/model"}, "data": {"path": "data.jsonl"}, "output_dir": "out"}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora.profile import estimate_recipe
-from qlora.recipe import load_recipe, parse_gpu_memory
+from qlora.memory.estimate import estimate_recipe
+from qlora.config.recipe import load_recipe, parse_gpu_memory
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ALL_RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from qlora.errors import QLoraError
-from qlora.run_lock import LOCK_NAME, RunLock, is_main_process
+from qlora.config.errors import QLoraError
+from qlora.training.lock import LOCK_NAME, RunLock, is_main_process
 
 
 def dead_pid() -> int:
@@ -76,8 +76,8 @@ def test_only_the_main_process_takes_the_lock(tmp_path, monkeypatch, env, main):
 
 
 def test_train_refuses_an_output_dir_locked_by_a_live_run(tiny_llama, alpaca_file, tmp_path):
-    from qlora.recipe import recipe_from_mapping
-    from qlora.train import train
+    from qlora.config.recipe import recipe_from_mapping
+    from qlora.training.run import train
 
     out = tmp_path / "busy"
     out.mkdir()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from chat_templates import LLAMA_3_1, QWEN_2_5
-from qlora.stop_tokens import stop_token_ids, template_end_of_turn
+from qlora.data.stop_tokens import stop_token_ids, template_end_of_turn
 
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                   "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
@@ -89,7 +89,7 @@ def bigram_model(vocab_size: int, follows: dict[int, int]):
 
 
 def test_chat_generation_with_the_llama_3_1_template_stops_at_eot_id(llama):
-    from qlora.metrics import generate_answers
+    from qlora.training.metrics import generate_answers
 
     prompt = llama.apply_chat_template([{"role": "user", "content": "what is the capital of france"}], tokenize=False,
                                        add_generation_prompt=True)

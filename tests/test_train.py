@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora.errors import QLoraError
-from qlora.recipe import recipe_from_mapping
+from qlora.config.errors import QLoraError
+from qlora.config.recipe import recipe_from_mapping
 
 
 def tiny_recipe(model_dir, data_file, out, *overrides):
@@ -27,7 +27,7 @@ def tiny_recipe(model_dir, data_file, out, *overrides):
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_llama, alpaca_file, tmp_path_factory):
-    from qlora.train import train
+    from qlora.training.run import train
 
     out = tmp_path_factory.mktemp("run")
     metrics = train(tiny_recipe(tiny_llama, alpaca_file, out))
@@ -61,9 +61,9 @@ def test_metrics_hold_what_guide_lists(finished_run):
 def test_trainer_uses_bnb_paged_optimizer(tiny_llama, alpaca_file, tmp_path):
     import bitsandbytes as bnb
 
-    from qlora.data import prepare_data
-    from qlora.model import build_model
-    from qlora.train import build_trainer
+    from qlora.data.prepare import prepare_data
+    from qlora.model.build import build_model
+    from qlora.training.run import build_trainer
 
     recipe = tiny_recipe(tiny_llama, alpaca_file, tmp_path)
     loaded = build_model(recipe)
@@ -76,7 +76,7 @@ def test_trainer_uses_bnb_paged_optimizer(tiny_llama, alpaca_file, tmp_path):
 
 
 def test_refuses_to_clobber_results_without_overwrite(finished_run, tiny_llama, alpaca_file):
-    from qlora.train import train
+    from qlora.training.run import train
 
     out, _ = finished_run
     with pytest.raises(QLoraError, match="already holds results; pass --overwrite .* or --resume"):
@@ -85,8 +85,8 @@ def test_refuses_to_clobber_results_without_overwrite(finished_run, tiny_llama, 
 
 def test_resume_after_crash_matches_uninterrupted_run(tiny_llama, alpaca_file, tmp_path, finished_run, monkeypatch):
     """Crash right after checkpoint-4 is saved, resume, and land on the same adapter (CPU: 1e-5)."""
-    import qlora.train as train_module
-    from qlora.checkpoints import mark_complete
+    import qlora.training.run as train_module
+    from qlora.training.checkpoints import mark_complete
 
     class Crash(Exception):
         pass
@@ -120,7 +120,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tiny_llama, alpaca_file, t
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_llama, alpaca_file, tmp_path):
-    from qlora.train import train
+    from qlora.training.run import train
 
     with pytest.raises(QLoraError, match="--resume: no complete checkpoint under"):
         train(tiny_recipe(tiny_llama, alpaca_file, tmp_path / "fresh"), resume=True)
@@ -129,8 +129,8 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_llama, alpaca_file, tmp
 def test_out_of_memory_keeps_checkpoints_and_explains(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
     import transformers
 
-    from qlora.checkpoints import mark_complete
-    from qlora.train import OOM_EXIT_CODE, train
+    from qlora.training.checkpoints import mark_complete
+    from qlora.training.run import OOM_EXIT_CODE, train
 
     out = tmp_path / "oom"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.errors import USAGE_EXIT_CODE, run_cli
+from qlora.config.errors import USAGE_EXIT_CODE, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_bad_input_is_one_line_and_exit_2(workdir, args, message):
 
 def cli_error(workdir: Path, monkeypatch, capsys, *args: str) -> str:
     """Run `qlora train` in-process from `workdir`; return its single stderr line."""
-    from qlora.train import main
+    from qlora.training.run import main
 
     monkeypatch.chdir(workdir)
     assert run_cli(main, list(args)) == USAGE_EXIT_CODE

@@ -20,7 +20,7 @@ from typing import Iterable
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from qlora.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+from qlora.data.prepare import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)

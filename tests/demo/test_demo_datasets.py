@@ -52,8 +52,8 @@ def test_committed_datasets_are_what_the_generator_writes(tmp_path):
 
 
 def test_the_demo_recipe_holds_out_words_it_never_trains_on():
-    from qlora.data import load_source, split_raw
-    from qlora.recipe import load_recipe
+    from qlora.data.prepare import load_source, split_raw
+    from qlora.config.recipe import load_recipe
 
     recipe = load_recipe(RECIPES / "demo.yaml")
     train, evaluation = split_raw(load_source(recipe.data), recipe.data, recipe.training.seed)

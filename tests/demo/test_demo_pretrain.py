@@ -32,10 +32,10 @@ def test_committed_base_knows_the_plurals(base):
 
 
 def test_committed_base_cannot_answer_the_instruction_format(base):
-    from qlora.data import format_alpaca
+    from qlora.data.prepare import format_alpaca
     from qlora.demo.datasets import instruction_rows
-    from qlora.metrics import generate_answers, normalise_answer
-    from qlora.recipe import DataSpec
+    from qlora.training.metrics import generate_answers, normalise_answer
+    from qlora.config.recipe import DataSpec
 
     rows = instruction_rows()[:24]
     prompts = [format_alpaca(row, DataSpec()).prompt for row in rows]

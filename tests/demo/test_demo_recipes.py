@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.recipe import load_recipe
+from qlora.config.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 ASSETS = RECIPES / "demo-assets"
@@ -17,7 +17,7 @@ ASSETS = RECIPES / "demo-assets"
 def test_demo_recipe_uses_the_committed_assets_without_truncation(name):
     from transformers import AutoTokenizer
 
-    from qlora.data import load_source, tokenize_row
+    from qlora.data.prepare import load_source, tokenize_row
 
     recipe = load_recipe(RECIPES / name)
     assert recipe.model.name_or_path == str(ASSETS / "base-model")  # resolved against the recipe's folder

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
+from qlora.data.prepare import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 from qlora.demo import corpus, tokenizer
 from qlora.demo.datasets import INSTRUCTIONS
 from qlora.demo.pretrain import VOCAB_SIZE

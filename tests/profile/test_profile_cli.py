@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora.errors import run_cli
-from qlora.gpus import GPU_PRESETS
-from qlora.profile.cli import main
+from qlora.config.errors import run_cli
+from qlora.config.gpus import GPU_PRESETS
+from qlora.profile import main
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 

@@ -8,10 +8,10 @@ import re
 import pytest
 import torch
 
-from qlora.profile.estimate import COMPONENTS, estimate, weight_bytes
-from qlora.profile.inventory import load_inventory
-from qlora.profile.settings import Settings
-from qlora.profile.storage import adamw_state_bytes, nf4_weight_bytes
+from qlora.memory.estimate import COMPONENTS, estimate, weight_bytes
+from qlora.memory.inventory import load_inventory
+from qlora.memory.settings import Settings
+from qlora.memory.storage import adamw_state_bytes, nf4_weight_bytes
 
 LLAMA_2_7B_QLORA_WEIGHTS = 3_865_836_416  # bnb 0.50.2, NF4 + double quant, bf16 embeddings/head/norms
 
@@ -20,9 +20,9 @@ def load_real(config_path, folder, bits, double_quant=True):
     """Random weights from the config, loaded in bf16 as the trainer loads them (4-, 8- or 16-bit)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora.model import load_base_model
-    from qlora.profile.inventory import load_config
-    from qlora.recipe import ModelSpec, QuantizationSpec, Recipe
+    from qlora.model.load import load_base_model
+    from qlora.memory.inventory import load_config
+    from qlora.config.recipe import ModelSpec, QuantizationSpec, Recipe
 
     AutoModelForCausalLM.from_config(load_config(config_path)).save_pretrained(folder)
     recipe = Recipe(model=ModelSpec(name_or_path=str(folder)),
@@ -32,7 +32,7 @@ def load_real(config_path, folder, bits, double_quant=True):
 
 def stored_bytes(model, kinds=("frozen", "trainable")) -> int:
     """Bytes of every distinct storage the loaded model holds (tied weights once)."""
-    from qlora.profile.measure import model_tensors
+    from qlora.training.measure import model_tensors
 
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t, kind in model_tensors(model) if kind in kinds}
     return sum(storages.values())
@@ -64,9 +64,9 @@ def test_a_classifier_has_a_16bit_score_head_and_no_lm_head(llama_config, qwen2_
     and the weights are the bytes a real 4-bit load of the classifier stores."""
     from transformers import AutoModelForSequenceClassification
 
-    from qlora.model import load_base_model
-    from qlora.profile.inventory import load_config
-    from qlora.recipe import ModelSpec, QuantizationSpec, Recipe
+    from qlora.model.load import load_base_model
+    from qlora.memory.inventory import load_config
+    from qlora.config.recipe import ModelSpec, QuantizationSpec, Recipe
 
     for config_path in (llama_config, qwen2_config):
         causal, classifier = load_inventory(str(config_path)), load_inventory(str(config_path), "bfloat16", "classification", 5)
@@ -134,7 +134,7 @@ def test_catalog_models_order_full_lora_qlora_and_add_up(name):
      "mixtral: mixture-of-experts models are not modeled by the profiler"),
 ], ids=["gpt2", "mixtral"])
 def test_architectures_outside_the_model_of_memory_are_one_line_errors(config, message, tmp_path):
-    from qlora.errors import QLoraError
+    from qlora.config.errors import QLoraError
 
     (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(QLoraError, match=f"^{re.escape(message)}"):
@@ -143,7 +143,7 @@ def test_architectures_outside_the_model_of_memory_are_one_line_errors(config, m
 
 
 def test_a_soft_capped_head_is_profiled_with_the_standard_loss_the_trainer_falls_back_to(tmp_path):
-    """qlora.loss cannot reproduce a soft-capped head and trains it with the standard loss: so does the profiler."""
+    """qlora.ops.loss cannot reproduce a soft-capped head and trains it with the standard loss: so does the profiler."""
     llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8192}
     (tmp_path / "capped").mkdir()

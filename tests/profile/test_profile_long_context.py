@@ -8,13 +8,13 @@ import json
 import pytest
 import yaml
 
-from qlora.errors import QLoraError, run_cli
-from qlora.profile.activations import OFFLOADED, TILED_MLP_INPUT
-from qlora.profile.estimate import estimate
-from qlora.profile.measure import measure
-from qlora.profile.planner import RECIPE_KEYS, plan, predict
-from qlora.profile.settings import Settings, from_recipe
-from qlora.recipe import recipe_from_mapping
+from qlora.config.errors import QLoraError, run_cli
+from qlora.memory.activations import OFFLOADED, TILED_MLP_INPUT
+from qlora.memory.estimate import estimate
+from qlora.training.measure import measure
+from qlora.memory.planner import RECIPE_KEYS, plan, predict
+from qlora.memory.settings import Settings, from_recipe
+from qlora.config.recipe import recipe_from_mapping
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
@@ -135,7 +135,7 @@ def test_profile_recipe_measure_works_for_a_folder_with_only_a_config(tmp_path, 
     recipe.write_text(yaml.safe_dump({
         "model": {"name_or_path": str(folder)}, "data": {"path": "d.jsonl", "max_seq_len": 96}, "output_dir": str(tmp_path / "o"),
         "lora": {"r": 4}, "training": {"mlp_tiles": 3}}))
-    from qlora.profile.cli import main
+    from qlora.profile import main
 
     assert run_cli(main, ["--recipe", str(recipe), "--measure", "--format", "json"]) == 0
     result = json.loads(capsys.readouterr().out)["runs"][0]["results"][0]

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from qlora.errors import run_cli
-from qlora.profile.estimate import estimate
-from qlora.profile.measure import PeakTracker, measure
-from qlora.profile.settings import Settings
+from qlora.config.errors import run_cli
+from qlora.memory.estimate import estimate
+from qlora.training.measure import PeakTracker, measure
+from qlora.memory.settings import Settings
 
 SMALL = Settings(seq_len=32, batch_size=2, rank=4, device="cpu")
 
@@ -33,7 +33,7 @@ def test_tracker_follows_storages_to_their_release():
 def test_cli_measure_every_method_within_5_percent_of_its_measured_peak(llama_config, capsys):
     """The must-show: `--measure` on a small Llama config.json; in fact the model is exact to a few bytes."""
     argv = ["--model", str(llama_config), "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--measure", "--format", "json"]
-    assert run_cli(__import__("qlora.profile.cli", fromlist=["main"]).main, argv) == 0
+    assert run_cli(__import__("qlora.profile", fromlist=["main"]).main, argv) == 0
     results = json.loads(capsys.readouterr().out)["runs"][0]["results"]
     assert [r["method"] for r in results] == ["full", "lora", "qlora"]
     for r in results:

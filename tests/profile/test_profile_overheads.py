@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qlora.profile.overheads import measured_overheads, named_assumptions
+from qlora.memory.overheads import measured_overheads, named_assumptions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,7 @@ def test_defaults_without_measurements_and_the_largest_measured_values_with_them
 
 def test_the_profiler_uses_them(tmp_path):
     write(tmp_path, "nvidia-h200", 700 * 2**20, 0.03)
-    code = ("import json; from qlora.profile.estimate import estimate; from qlora.profile.settings import Settings; "
+    code = ("import json; from qlora.memory.estimate import estimate; from qlora.memory.settings import Settings; "
             "print(json.dumps(estimate('smollm2-135m', 'qlora', Settings()).details['overhead']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "QLORA_MEASURED_DIR": str(tmp_path)})

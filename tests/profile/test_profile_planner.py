@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from qlora.profile import estimate_recipe, plan_fit
-from qlora.profile.estimate import estimate
-from qlora.profile.planner import largest, plan
-from qlora.profile.settings import Settings
-from qlora.recipe import load_recipe, parse_gpu_memory
+from qlora.memory.estimate import estimate_recipe
+from qlora.memory.planner import plan_fit
+from qlora.memory.estimate import estimate
+from qlora.memory.planner import largest, plan
+from qlora.memory.settings import Settings
+from qlora.config.recipe import load_recipe, parse_gpu_memory
 
 GIB = 2**30
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from qlora.profile import report
-from qlora.profile.estimate import COMPONENTS, estimate
-from qlora.profile.measure import Measurement
-from qlora.profile.planner import plan
-from qlora.profile.report import Result, Run
-from qlora.profile.settings import Settings
+from qlora.memory import report
+from qlora.memory.estimate import COMPONENTS, estimate
+from qlora.training.measure import Measurement
+from qlora.memory.planner import plan
+from qlora.memory.report import Result, Run
+from qlora.memory.settings import Settings
 
 SETTINGS = Settings(seq_len=64, batch_size=2, rank=8)
 

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from qlora.errors import QLoraError, run_cli
-from qlora.profile.cli import main
-from qlora.profile.estimate import estimate
-from qlora.profile.settings import Settings
+from qlora.config.errors import QLoraError, run_cli
+from qlora.profile import main
+from qlora.memory.estimate import estimate
+from qlora.memory.settings import Settings
 
 GIB = 2**30
 

@@ -1,0 +1,56 @@
+"""Names of model parts across the common decoder families (Llama, Mistral, Qwen2, Gemma, Phi-3, GPT-NeoX,
+Falcon, GPT-2), shared by training (LoRA targets, the loss) and the profiler (its meta-device inventory),
+so that both resolve `lora.targets` and the output head the same way."""
+
+from __future__ import annotations
+
+from qlora.config.errors import did_you_mean, QLoraError
+
+ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "dense", "out_proj", "c_proj"}
+QV_NAMES = {"q_proj", "v_proj", "query", "value"}
+MLP_NAMES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"}
+PRESETS = {"attention": ATTENTION_NAMES, "qv": QV_NAMES, "mlp": MLP_NAMES}
+CLASSIFIER_HEADS = ("score", "classifier")
+IGNORE_INDEX = -100  # labels with this value are skipped by the loss (PyTorch's cross-entropy default)
+# Config keys of heads that are more than `hidden @ W.T (+ b)`; the chunked loss would not reproduce them.
+HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale", "logit_softcapping")
+
+
+def chunked_loss_unsupported(model) -> str | None:
+    """Why the chunked loss cannot reproduce this causal LM's logits, or None when it can (works on a meta model)."""
+    import inspect
+
+    import torch  # here, not at the top: `qlora.config` is imported by every CLI's argument parsing
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in HEAD_TRANSFORMS:
+        value = getattr(config, key, None)
+        if value not in (None, 1, 1.0, 0, False):
+            return f"its config sets {key}={value}"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:
+        return f"its output head is a {type(head).__name__}, not a plain linear layer"
+    if getattr(model, "base_model", model) is model:
+        return "it has no separate decoder to take the hidden states from"
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return "its forward takes no logits_to_keep"
+    return None
+
+
+def lora_target_names(linear_leaves: set[str], head_leaves: set[str], targets: str | list[str] | tuple[str, ...]) -> list[str]:
+    """`lora.targets` (a preset or module names) resolved against a model's linear layer leaf names; the one
+    rule used by training (`qlora.model.lora`) and the profiler (`qlora.memory.inventory`)."""
+    if targets == "all-linear":
+        # peft's own 'all-linear' writes every full module path into adapter_config.json (hundreds for a 70B);
+        # the leaf names say the same, stay readable and portable to other tools.
+        return sorted(linear_leaves - head_leaves)
+    if isinstance(targets, str):
+        chosen = sorted(linear_leaves & PRESETS[targets])
+        if not chosen:
+            raise QLoraError(f"lora.targets: preset '{targets}' matches no linear layer of this model "
+                             f"(its linear layers: {', '.join(sorted(linear_leaves))}); list module names instead")
+        return chosen
+    for name in targets:
+        if name not in linear_leaves:
+            raise QLoraError(f"lora.targets: this model has no linear layer named '{name}'{did_you_mean(name, linear_leaves)}")
+    return list(targets)

@@ -1,0 +1,54 @@
+"""Long context on one GPU: the recipe keys `training.mlp_tiles` and `training.offload_checkpoints`.
+
+- `training.mlp_tiles: auto | 1 | N`: each decoder layer's MLP runs over N tiles of tokens and is
+  recomputed tile by tile in backward (`qlora.ops.tiled_mlp`). `auto` picks, per call,
+  `ceil(tokens / max(hidden, 4096))` tiles (Arctic Long Sequence Training's ceil(tokens / hidden),
+  with a floor): a tile has at most `hidden` tokens on a model with hidden >= 4096, so its
+  `tokens x intermediate` tensors are no larger than one MLP weight, the size of the dequantized
+  weight a 4-bit layer's backward makes anyway. Up to 4,096 tokens (or `hidden`) nothing is tiled:
+  there the MLP's terms are a few hundred MiB at most on an 8B model, and the extra forward a tiled
+  MLP costs (three instead of two under checkpointing) would buy nothing; small models (the demo,
+  tests) are never slowed by tiles they do not need.
+- `training.offload_checkpoints: false | true | auto`: under gradient checkpointing the input kept
+  for each layer's recompute lives in host RAM. `auto` offloads only when the profiler predicts
+  that the run does not fit the GPU otherwise.
+
+The rules here are shared by training (qlora.model.build installs qlora.ops) and the profiler (qlora.memory),
+which must agree on them to the byte: how many tiles a call uses, how many tokens a loss chunk holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+from qlora.config.errors import QLoraError
+
+OFFLOAD_CHOICES = (False, True, "auto")
+AUTO_TILE_TOKENS = 4096  # `mlp_tiles: auto`: the fewest tokens per tile (hidden when larger)
+# fp32 logits per chunk of the chunked loss: 256 MiB, i.e. 512 tokens at a 128k vocabulary. Smaller chunks
+# save little (the chunk is already below one layer's backward at 8B) and run slower matmuls.
+CHUNK_BYTES = 2**28
+
+
+def check_keys(mlp_tiles, offload, gradient_checkpointing: bool) -> None:
+    """Recipe validation of the two keys: one-line errors naming the key."""
+    if not (mlp_tiles == "auto" or (isinstance(mlp_tiles, int) and not isinstance(mlp_tiles, bool) and mlp_tiles >= 1)):
+        raise QLoraError(f"training.mlp_tiles: expected auto or an integer >= 1, got {mlp_tiles!r}")
+    if offload not in OFFLOAD_CHOICES or (offload in (0, 1) and not isinstance(offload, bool)):
+        raise QLoraError(f"training.offload_checkpoints: expected false, true or auto, got {offload!r}")
+    if offload is True and not gradient_checkpointing:
+        raise QLoraError("training.offload_checkpoints: true needs training.gradient_checkpointing=true "
+                         "(it moves the layer inputs that checkpointing keeps)")
+
+
+def mlp_tiles_for(setting, tokens: int, hidden: int) -> int:
+    """How many tiles the MLP uses for a call with `tokens` tokens (1: untiled)."""
+    if setting == "auto":
+        return max(1, math.ceil(tokens / max(hidden, AUTO_TILE_TOKENS)))
+    return max(1, min(int(setting), tokens))
+
+
+def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
+    """Tokens per chunk of the chunked loss: as many fp32 logit rows as fit `budget`, rounded down to a multiple of 64."""
+    rows = budget // (4 * vocab)
+    return rows // 64 * 64 if rows >= 64 else max(1, rows)

@@ -1,0 +1,1 @@
+"""Examples in, token sequences out: files -> formats -> tokenize -> mask the prompt -> pack / collate."""

@@ -1,0 +1,223 @@
+"""Every parameter and buffer of a model, by role, from its config alone.
+
+The real transformers class is instantiated on the meta device (shapes, no memory, no weights), with
+the dtype a real load would use, so what is counted is what `from_pretrained` builds: tied
+embeddings once, non-persistent buffers (RoPE), biases, the head. Which linear layers bitsandbytes
+would quantize is decided by transformers' own skip rules, called on that meta model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from qlora.config.architecture import ATTENTION_NAMES, CLASSIFIER_HEADS, MLP_NAMES, chunked_loss_unsupported, lora_target_names
+from qlora.config.errors import QLoraError
+from qlora.memory.catalog import resolve
+
+ROLES = ("embedding", "attention", "mlp", "norm", "bias", "lm_head", "classifier", "other")
+HEAD_ROLES = ("lm_head", "classifier")  # output heads: LoRA never wraps them
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer; `quantized`: bitsandbytes would replace it (4- or 8-bit) in a quantized load."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    itemsize: int
+    role: str
+    quantized: bool
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A parameter outside the linear layers (embeddings, norms) or a buffer."""
+
+    name: str
+    numel: int
+    itemsize: int
+    role: str
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the activation model needs (text model of the config)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int  # the longest sequence the model was trained for (the planner searches up to it)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    name: str
+    architecture: str
+    dims: Dims
+    tied_embeddings: bool
+    linears: tuple[Linear, ...]
+    params: tuple[Tensor, ...]
+    buffers: tuple[Tensor, ...]
+    layer_prefix: str  # e.g. 'model.layers.0.': the linears of one decoder layer start with it
+    task: str = "causal_lm"
+    chunked_loss_unsupported: str | None = None  # why qlora.ops.loss falls back to the standard loss here (soft-capping, …)
+
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.params) + sum(
+            lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0) for lin in self.linears
+        )
+
+    def counts_by_role(self) -> dict[str, int]:
+        counts = dict.fromkeys(ROLES, 0)
+        for t in self.params:
+            counts[t.role] += t.numel
+        for lin in self.linears:
+            counts[lin.role] += lin.in_features * lin.out_features
+            counts["bias"] += lin.out_features if lin.bias else 0
+        return counts
+
+    def layer_linears(self) -> dict[str, Linear]:
+        """Leaf name -> linear layer, for one decoder layer (all layers have the same shapes)."""
+        return {lin.leaf: lin for lin in self.linears if lin.name.startswith(self.layer_prefix)}
+
+    def lora_targets(self, targets: str | tuple[str, ...]) -> tuple[Linear, ...]:
+        """The linear layers LoRA wraps: `lora_target_names`, the rule training applies to a real model."""
+        heads = {lin.leaf for lin in self.linears if lin.role in HEAD_ROLES}
+        names = set(lora_target_names({lin.leaf for lin in self.linears}, heads, targets))
+        return tuple(lin for lin in self.linears if lin.leaf in names and lin.role not in HEAD_ROLES)
+
+    def classifier_head(self) -> tuple[Linear, ...]:
+        """A classifier's new head (trained in full next to LoRA); empty for a causal LM."""
+        return tuple(lin for lin in self.linears if lin.role == "classifier")
+
+
+def load_inventory(source: str, dtype_name: str = "bfloat16", task: str = "causal_lm", num_labels: int = 2) -> Inventory:
+    """The inventory of a catalog name, Hub id, model folder or config.json, as loaded in `dtype_name`
+    for `task` (a causal LM, or a sequence classifier with `num_labels` outputs)."""
+    model_source = resolve(source)
+    return _inventory(str(model_source.config_path), model_source.name, dtype_name, task, num_labels)
+
+
+@lru_cache(maxsize=32)
+def _inventory(config_path: str, name: str, dtype_name: str, task: str, num_labels: int) -> Inventory:
+    import torch
+
+    model = meta_model(Path(config_path), getattr(torch, dtype_name), task, num_labels)
+    return _describe(model, name, task)
+
+
+def load_config(config_path: Path):
+    """transformers' config object for a config.json, with one-line errors for unusable files."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(config_path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise QLoraError(f"cannot read model config {config_path}: {str(exc).splitlines()[0]}") from None
+
+
+def meta_model(config_path: Path, dtype, task: str = "causal_lm", num_labels: int = 2):
+    """The config's causal-LM (or sequence-classification) class, built on the meta device in `dtype`
+    (as `from_pretrained` would)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = load_config(config_path)
+    loader, what = AutoModelForCausalLM, "causal language model"
+    if task == "classification":
+        config.num_labels = num_labels
+        loader, what = AutoModelForSequenceClassification, "sequence classifier"
+    try:
+        with torch.device("meta"):
+            return loader.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise QLoraError(f"{config_path}: not a {what} transformers can build: {str(exc).splitlines()[0]}") from None
+
+
+def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
+    import torch
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    linears, params, claimed = [], [], set()
+    for mod_name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and not (tied and module is head):  # a tied head stores nothing of its own
+            leaf = mod_name.rsplit(".", 1)[-1]
+            role = ("lm_head" if module is head else "classifier" if task == "classification" and mod_name in CLASSIFIER_HEADS
+                    else "attention" if leaf in ATTENTION_NAMES else "mlp" if leaf in MLP_NAMES else "other")
+            linears.append(Linear(
+                mod_name, module.in_features, module.out_features, module.bias is not None,
+                module.weight.element_size(), role, should_convert_module(mod_name, skip),
+            ))
+            claimed.update(id(p) for p in module.parameters())
+    for param_name, param in model.named_parameters():  # deduplicated: a tied weight is listed once
+        if id(param) in claimed:
+            continue
+        owner = model.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else model
+        role = "embedding" if isinstance(owner, torch.nn.Embedding) else "norm" if "norm" in type(owner).__name__.lower() else "other"
+        params.append(Tensor(param_name, param.numel(), param.element_size(), role))
+    buffers = tuple(Tensor(n, b.numel(), b.element_size(), "buffer") for n, b in model.named_buffers())
+    return Inventory(
+        name=name,
+        architecture=type(model).__name__,
+        dims=_dims(model.config.get_text_config()),
+        tied_embeddings=tied,
+        linears=tuple(linears),
+        params=tuple(params),
+        buffers=buffers,
+        layer_prefix=_first_layer_prefix(model),
+        task=task,
+        chunked_loss_unsupported=chunked_loss_unsupported(model) if task == "causal_lm" else None,
+    )
+
+
+DIM_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _dims(config) -> Dims:
+    """The decoder's sizes; a one-line error for what the activation model does not describe."""
+    missing = [key for key in DIM_KEYS if getattr(config, key, None) is None]
+    if missing:
+        raise QLoraError(f"{config.model_type}: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, "
+                         f"Gemma, Phi-3, …): its config has no {', '.join(missing)}")
+    if any(getattr(config, key, None) for key in EXPERT_KEYS):
+        raise QLoraError(f"{config.model_type}: mixture-of-experts models are not modeled by the profiler "
+                         "(routing changes both the activations and what bitsandbytes quantizes)")
+    heads = config.num_attention_heads
+    return Dims(
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab=config.vocab_size,
+        max_positions=getattr(config, "max_position_embeddings", None) or 4096,  # 4096 when the config does not say
+    )
+
+
+def _first_layer_prefix(model) -> str:
+    """'model.layers.0.': the first module of the ModuleList that holds the decoder layers."""
+    import torch
+
+    layers = model.config.get_text_config().num_hidden_layers
+    for mod_name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            return f"{mod_name}.0."
+    raise QLoraError(f"{type(model).__name__}: cannot find its {layers} decoder layers")

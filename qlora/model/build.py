@@ -1,0 +1,87 @@
+"""The model as a recipe trains it: the loaded base, gradient checkpointing (offloaded or not), LoRA, the
+chosen loss and the tiled MLP. `qlora train` and the profiler's measured mode both build it here.
+
+Every value arrives decided: `auto` keys are resolved by training (which asks the profiler) before loading.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qlora.config.architecture import chunked_loss_unsupported
+from qlora.config.long_context import mlp_tiles_for
+from qlora.config.precision import resolve_compute_dtype
+from qlora.config.recipe import Recipe
+from qlora.model.load import load_base_model, load_tokenizer
+from qlora.model.lora import attach_lora
+from qlora.ops.loss import install_chunked_loss
+from qlora.ops.offload import offloaded
+from qlora.ops.tiled_mlp import tile_mlps
+
+
+@dataclass
+class LoadedModel:
+    """What training needs from loading: the peft model, its tokenizer, the dtype it computes in and the loss it uses."""
+
+    model: Any
+    tokenizer: Any
+    compute_dtype: torch.dtype
+    loss: str = "standard"
+
+
+def enable_gradient_checkpointing(model, reentrant: bool = False, offload: bool = False) -> None:
+    """Recompute each layer in backward instead of keeping its activations (transformers' checkpointing).
+
+    `reentrant` for ZeRO-3 and FSDP: ZeRO-3's partitioned weights are gathered by module hooks, which
+    the non-reentrant recompute does not re-run (it finds empty weights and stops with a CheckpointError);
+    FSDP-QLoRA is documented (peft) with reentrant checkpointing. `offload`: the checkpoint function chosen
+    here keeps each layer's input in host RAM (qlora.ops.offload), in either mode.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    if offload:
+        chosen = next(m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False))
+        model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded(chosen))
+    model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
+def install_loss(model, recipe: Recipe) -> str:
+    """`training.loss` on a causal LM (qlora.ops.loss); a classifier keeps its own small loss. Returns the loss used."""
+    if recipe.task != "causal_lm" or recipe.training.loss != "chunked":
+        return "standard"
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    reason = chunked_loss_unsupported(causal_lm)
+    if reason:
+        print(f"training.loss: chunked cannot reproduce this model's logits ({reason}); using the standard loss", file=sys.stderr)
+        return "standard"
+    install_chunked_loss(model)
+    return "chunked"
+
+
+def prepare_for_training(base, recipe: Recipe, lora: bool = True, offload: bool = False):
+    """(model, loss): `base` with checkpointing, LoRA (unless full fine-tuning), the loss and the tiled MLP."""
+    t = recipe.training
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(base, reentrant=recipe.distributed.strategy in ("fsdp", "zero3"), offload=offload)
+    model = attach_lora(base, recipe.lora, recipe.task) if lora else base
+    loss = install_loss(model, recipe)
+    if t.mlp_tiles != 1:
+        hidden = base.config.get_text_config().hidden_size
+        tile_mlps(base, functools.partial(mlp_tiles_for, t.mlp_tiles, hidden=hidden))
+    return model, loss
+
+
+def build_model(recipe: Recipe, label_names: list[str] | None = None, device: str | None = None, tokenizer=None,
+                offload: bool = False) -> LoadedModel:
+    """Tokenizer + quantized base + LoRA (+ checkpointing, loss, tiles), all as the recipe says; `offload`:
+    training's decision for `training.offload_checkpoints`."""
+    compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype, device)
+    tokenizer = tokenizer or load_tokenizer(recipe.model)
+    base = load_base_model(recipe, compute_dtype, label_names, announce=True, pad_token_id=tokenizer.pad_token_id)
+    model, loss = prepare_for_training(base, recipe, offload=offload)
+    return LoadedModel(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype, loss=loss)

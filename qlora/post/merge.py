@@ -1,0 +1,237 @@
+"""`qlora merge OUT --to DIR [--dtype float16|bfloat16] [--device auto|cuda|layers|cpu]`: the adapter
+folded into a plain 16-bit model.
+
+Merging onto the original checkpoint is the known trap (peft issues 1080, 2105, 2321): the adapter
+learned to correct the 4-bit weights, not the originals, so its deltas would land on the wrong base.
+Here the base is loaded exactly as training loaded it, every 4-bit weight is dequantized in the
+compute dtype training saw (transformers' `dequantize`, i.e. bitsandbytes' dequantize_4bit), peft
+merges the adapter, and the saved model's logits are checked against the 4-bit base + adapter
+before the folder is published. The merge math runs in the compute dtype (fp32 on CPU) and the
+result is cast to `--dtype` only for saving. Where it runs (the whole model on the GPU, one layer at
+a time, or the CPU) follows from what it needs (qlora.memory.merge) and what the GPU has free.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from qlora.config.errors import QLoraError
+from qlora.config.io import publish_dir, staging_dir_for
+from qlora.config.precision import resolve_compute_dtype
+from qlora.memory.inventory import load_inventory
+from qlora.memory.merge import PLACEMENTS, choose_placement, describe, free_gpu_bytes, merge_memory_bytes, MergeMemory
+from qlora.model.lora import quiet_peft_deprecations
+from qlora.post.export import check_destination, TrainedRun
+from qlora.post.generate import format_prompt, load_adapted_model, load_run_base
+
+SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# Of what the adapter changes (max |logits of 4-bit base + adapter - logits of 4-bit base|). A right merge
+# differs from the 4-bit base + adapter only by rounding to --dtype (0.04 % fp16, 0.2 % bf16 on the tests'
+# tiny run); a merge onto the original, unquantized weights lands at 3 % there, and further on real models,
+# whose quantization error moves logits about as much as a short fine-tune does.
+MAX_RELATIVE_DIFF = 0.01
+MISMATCH_EXIT_CODE = 4
+CHECK_INSTRUCTIONS = (
+    "Give three tips for staying healthy.",
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain why the sky is blue in one sentence.",
+)
+
+
+@dataclass
+class MergeCheck:
+    """How far the merged model's logits are from those of the 4-bit base + adapter, measured against how
+    far the adapter moves them (a logit-scale measure cannot tell a wrong base from rounding)."""
+
+    max_abs_diff: float
+    adapter_change: float
+    logit_scale: float
+    positions: int
+    placement: str = ""
+
+    @property
+    def relative(self) -> float:
+        if self.adapter_change:
+            return self.max_abs_diff / self.adapter_change
+        return 0.0 if self.max_abs_diff == 0 else float("inf")  # an adapter that changes nothing
+
+    @property
+    def ok(self) -> bool:
+        return self.relative <= MAX_RELATIVE_DIFF
+
+
+def check_inputs(run: TrainedRun, tokenizer) -> list[torch.Tensor]:
+    """Token ids of a few prompts in the run's format (BOS included), one tensor per prompt."""
+    texts = [format_prompt(run, tokenizer, text) for text in CHECK_INSTRUCTIONS]
+    return [tokenizer(t, add_special_tokens=False, return_tensors="pt")["input_ids"] for t in texts]
+
+
+@torch.no_grad()
+def logits_for(model, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 logits of each input, one input at a time (no padding to mask): (positions, vocabulary) for a
+    causal LM, (1, labels) for a classifier."""
+    outputs = [model(ids.to(model.device)).logits for ids in inputs]
+    return [logits.reshape(-1, logits.shape[-1]).float().cpu() for logits in outputs]
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor], base: list[torch.Tensor]) -> MergeCheck:
+    """`candidate` vs `reference` (4-bit base + adapter), against `reference` vs `base` (4-bit base alone)."""
+    return MergeCheck(
+        max_abs_diff=max_diff(reference, candidate),
+        adapter_change=max_diff(reference, base),
+        logit_scale=max(float(r.abs().max()) for r in reference),
+        positions=sum(r.shape[0] for r in reference),
+    )
+
+
+def reference_logits(run: TrainedRun, inputs_for, device: str | None):
+    """(inputs, logits of the 4-bit base + adapter, logits of the 4-bit base alone, tokenizer)."""
+    adapted, tokenizer = load_adapted_model(run, device)
+    inputs = inputs_for(run, tokenizer)
+    with_adapter = logits_for(adapted, inputs)
+    with adapted.disable_adapter():
+        base_only = logits_for(adapted, inputs)
+    del adapted
+    free_memory()
+    return inputs, with_adapter, base_only, tokenizer
+
+
+def dequantize_layer_by_layer(model, dtype: torch.dtype, to: str = "cpu"):
+    """Replace each bitsandbytes Linear by a plain one on `to`, one at a time, then move the rest there.
+
+    transformers' `dequantize` converts in place, so the whole dense model ends up on the GPU; here the
+    GPU holds the quantized model and one dense weight at a time (the same bitsandbytes dequantization).
+    """
+    import bitsandbytes as bnb
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            continue
+        weight = dequantize_bnb_weight(module.weight, getattr(module, "state", None)).to(to, dtype)
+        with torch.device("meta"):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        dense.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if module.bias is not None:
+            dense.bias = torch.nn.Parameter(module.bias.detach().to(to, dtype), requires_grad=False)
+        model.set_submodule(name, dense)
+        del module, weight
+        free_memory()
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    return model.to(to)
+
+
+def dequantized_base(run: TrainedRun, compute_dtype: torch.dtype, tokenizer, placement: str = "cuda"):
+    """The base exactly as training loaded it, its quantized weights turned into plain Linears (on the GPU
+    for `cuda`, on the CPU for `cpu` and `layers`).
+
+    Always a fresh load that has never run: on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit
+    weight into a CPU-only layout on its first inference forward, which dequantize_4bit misreads.
+    """
+    base = load_run_base(run, compute_dtype, tokenizer, "cpu" if placement == "cpu" else None)
+    if not getattr(base, "is_quantized", False):
+        return base if placement == "cuda" else base.to("cpu")
+    if placement == "layers":
+        return dequantize_layer_by_layer(base, compute_dtype, to="cpu")
+    return base.dequantize(dtype=compute_dtype)
+
+
+def merged_model(run: TrainedRun, compute_dtype: torch.dtype, save_dtype: str, tokenizer, placement: str = "cuda"):
+    """Dequantized base + adapter, merged (peft; a classifier's trained head replaces the new one) and
+    cast to `save_dtype`."""
+    from peft import PeftModel
+
+
+    base = dequantized_base(run, compute_dtype, tokenizer, placement)
+    with quiet_peft_deprecations():
+        model = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
+    model = model.to(SAVE_DTYPES[save_dtype])
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise QLoraError(f"--dtype {save_dtype}: merged weights overflow {save_dtype}; use --dtype bfloat16")
+    return model
+
+
+def free_memory() -> None:
+    """Return a deleted model's memory before loading the next, so the peak is one model, not two."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def auto_class(run: TrainedRun):
+    """The transformers class a user loads the merged model with."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if run.label_names else AutoModelForCausalLM
+
+
+def reload_saved(run: TrainedRun, folder: Path, save_dtype: str, placement: str = "cuda", budget: int | None = None):
+    """The saved folder as a user loads it: plain transformers, no peft, no quantization. Layer by layer,
+    accelerate keeps what does not fit `budget` on the CPU and runs it on the GPU a layer at a time."""
+    loader = auto_class(run)
+    if placement == "cuda" and torch.cuda.is_available():
+        return loader.from_pretrained(folder, dtype=SAVE_DTYPES[save_dtype], device_map={"": torch.cuda.current_device()})
+    if placement == "layers" and torch.cuda.is_available():
+        max_memory = {torch.cuda.current_device(): int(budget or 0), "cpu": psutil.virtual_memory().available}
+        return loader.from_pretrained(folder, dtype=SAVE_DTYPES[save_dtype], device_map="auto", max_memory=max_memory)
+    return loader.from_pretrained(folder, dtype=torch.float32)  # CPU 16-bit matmuls are slow and lossy
+
+
+def plan(run: TrainedRun, compute_dtype: torch.dtype, device: str, gpu_memory: int | None):
+    """(placement, GPU budget, the line saying why): `--device` resolved against what the merge needs."""
+    if device not in PLACEMENTS:
+        raise QLoraError(f"--device: unknown value '{device}' (valid: {', '.join(PLACEMENTS)})")
+    free = free_gpu_bytes()
+    budget = min(free, gpu_memory) if (free is not None and gpu_memory) else free
+    q, dtype = run.recipe.quantization, str(compute_dtype).removeprefix("torch.")
+    try:
+        inventory = load_inventory(run.recipe.model.name_or_path, dtype, run.recipe.task, len(run.label_names or []) or 2)
+        memory = merge_memory_bytes(inventory, dtype, q.bits, q.double_quant)
+    except Exception as exc:  # no config to size it from: auto keeps the old behaviour (the GPU when there is one)
+        placement = choose_placement(device, MergeMemory(0, 0, 0), budget)
+        return placement, budget, f"merge memory: not estimated ({exc}); merging on {placement}"
+    placement = choose_placement(device, memory, budget)
+    return placement, budget, describe(memory, placement, budget)
+
+
+def merge(run: TrainedRun, to: Path, save_dtype: str = "float16", overwrite: bool = False, device: str = "auto",
+          gpu_memory: int | None = None) -> MergeCheck:
+    """Merge, save to a staging folder, check logits, and publish to `to` only when the check passes.
+
+    `device`: auto | cuda | layers | cpu (see qlora.memory.merge); `gpu_memory`: a GPU budget in bytes
+    below what is free."""
+    check_destination(to, run, overwrite)
+    compute_dtype = resolve_compute_dtype(run.recipe.quantization.compute_dtype)
+    placement, budget, why = plan(run, compute_dtype, device, gpu_memory)
+    print(why, file=sys.stderr)
+    inputs, reference, base_only, tokenizer = reference_logits(run, check_inputs, "cpu" if placement == "cpu" else None)
+    staging = staging_dir_for(to)
+    try:
+        model = merged_model(run, compute_dtype, save_dtype, tokenizer, placement)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        del model
+        free_memory()
+        reloaded = reload_saved(run, staging, save_dtype, placement, budget)
+        check = compare(reference, logits_for(reloaded.eval(), inputs), base_only)
+        check.placement = placement
+        del reloaded
+        free_memory()
+        if check.ok:
+            publish_dir(staging, to)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return check

@@ -1,0 +1,324 @@
+"""More than one process: launcher detection, the device per process, and the recipe's `distributed`
+section turned into what transformers' Trainer, accelerate and DeepSpeed need for QLoRA.
+
+`torchrun` and `accelerate launch` both describe the run in the environment (RANK, LOCAL_RANK,
+WORLD_SIZE); everything here reads that, so one recipe runs in one process or in many unchanged.
+The strategy decides how memory is divided (see `qlora.memory.sharding` for the bytes):
+
+    ddp    every process holds the whole model; the data and gradients are split and averaged
+    zero3  DeepSpeed ZeRO-3: parameters, gradients and optimizer states split across processes
+    fsdp   PyTorch FSDP (FSDP1-style, the documented FSDP-QLoRA path): the same split, GPUs only
+
+What cannot work is refused before the model loads, in one line naming `distributed.*`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from qlora.config.errors import QLoraError
+
+STRATEGIES = ("ddp", "fsdp", "zero3")
+OFFLOADS = ("none", "cpu")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the run, as the launcher says (one process without one)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    launched: bool = False  # started by torchrun / accelerate launch (even with one process)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launch_env(environ: dict[str, str] | None = None) -> Launch:
+    """The launcher's view of this process: RANK, LOCAL_RANK, WORLD_SIZE (torchrun and accelerate set all three)."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in env:
+        return Launch()
+    try:
+        return Launch(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), True)
+    except ValueError:
+        raise QLoraError(f"the launcher's environment is not numeric: RANK={env.get('RANK')!r} "
+                         f"LOCAL_RANK={env.get('LOCAL_RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r}") from None
+
+
+def keep_deepspeed_off_stdout() -> None:
+    """DeepSpeed (optional, for zero3), once installed, is imported by transformers and accelerate; on a
+    machine without CUDA it then announces on stdout that it falls back to its CPU accelerator, a line
+    that corrupts `--format json`. Naming that accelerator up front skips the detection and the line."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def is_main_process() -> bool:
+    """Whether this process is the one that writes (rank 0; the only one without a launcher)."""
+    return launch_env().is_main
+
+
+def loading_device_map(strategy: str | None) -> dict[str, int | str]:
+    """`from_pretrained`'s device map on CUDA: the whole model on this process's own GPU (LOCAL_RANK),
+    not on GPU 0 for every process.
+
+    FSDP loads on the CPU instead: transformers' rank-0-only loading skips quantized models, so each
+    process would first put the whole 4-bit model on its GPU (a 70B's 37 GB on a 24 GB card); FSDP
+    moves each process's shard to its GPU as it wraps. ZeRO-3 partitions from the GPU (DeepSpeed moves
+    the module there before splitting it), so that GPU must hold the 4-bit model once while loading.
+    """
+    import torch
+
+    local = launch_env().local_rank
+    torch.cuda.set_device(local)  # collectives and kernels of this process go to its GPU
+    return {"": "cpu"} if strategy == "fsdp" else {"": local}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved strategy of this run: what the recipe asked, checked against the machine."""
+
+    launch: Launch
+    strategy: str | None  # None: one process, nothing to divide
+    offload: str = "none"
+    cuda: bool = False
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shards_weights(self) -> bool:
+        """FSDP and ZeRO-3 split the (4-bit) weights: their storage dtype must be one the engines can flatten."""
+        return self.strategy in ("fsdp", "zero3")
+
+
+def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bool | None = None) -> Plan:
+    """Check the recipe's `distributed` section against the launcher and the machine; build the Trainer kwargs."""
+    import torch
+
+    launch = launch_env() if launch is None else launch
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    strategy = spec.strategy or ("ddp" if launch.distributed else None)
+    if strategy == "fsdp" and not cuda:
+        raise QLoraError("distributed.strategy: 'fsdp' needs CUDA GPUs (on a CPU, accelerate silently falls back to DDP or "
+                         "fails at sync_module_states); use 'zero3' or 'ddp' here")
+    if strategy in ("fsdp", "zero3") and not launch.launched:
+        raise QLoraError(f"distributed.strategy: '{strategy}' divides the model across processes; start it with a launcher: "
+                         "torchrun --nproc_per_node N -m qlora.train RECIPE (or accelerate launch -m qlora.train RECIPE)")
+    if spec.offload == "cpu" and strategy not in ("fsdp", "zero3"):
+        raise QLoraError("distributed.offload: 'cpu' moves sharded parameters and optimizer states to host RAM; "
+                         "it needs distributed.strategy fsdp or zero3")
+    if strategy in ("fsdp", "zero3") and quant_bits == 8:
+        raise QLoraError(f"distributed.strategy: '{strategy}' cannot shard bitsandbytes 8-bit weights; "
+                         "use quantization.bits 4 (QLoRA) or none")
+    if strategy == "zero3":
+        _require_deepspeed()
+    if spec.gpus and launch.launched and launch.world_size != spec.gpus and launch.is_main:
+        import sys
+
+        print(f"warning: distributed.gpus: the recipe is sized for {spec.gpus} GPUs and {launch.world_size} processes "
+              "were launched; the memory per GPU differs from its plan", file=sys.stderr)
+    kwargs = trainer_kwargs(strategy, spec.offload, launch, cuda)
+    return Plan(launch, strategy, spec.offload, cuda, kwargs)
+
+
+def _require_deepspeed() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise QLoraError("distributed.strategy: 'zero3' needs DeepSpeed, which is not installed: pip install 'qlora[deepspeed]'")
+
+
+def trainer_kwargs(strategy: str | None, offload: str, launch: Launch, cuda: bool) -> dict[str, Any]:
+    """`TrainingArguments` keywords for the strategy (empty for one plain process)."""
+    kwargs: dict[str, Any] = {}
+    if launch.launched and not cuda:
+        # Without use_cpu, accelerate sees no distributed run on a CPU (one process each, world size 1,
+        # DeepSpeed included) and every process trains alone.
+        kwargs.update(use_cpu=True, ddp_backend="gloo")
+    if strategy == "ddp":
+        kwargs["ddp_find_unused_parameters"] = False  # the frozen base has no gradients: nothing to search for
+    elif strategy == "zero3":
+        kwargs["deepspeed"] = zero3_config(offload)
+    elif strategy == "fsdp":
+        kwargs.update(fsdp="full_shard auto_wrap" + (" offload" if offload == "cpu" else ""), fsdp_config=fsdp_config())
+    return kwargs
+
+
+def zero3_config(offload: str) -> dict[str, Any]:
+    """A DeepSpeed ZeRO-3 config; 'auto' values are filled in by transformers from TrainingArguments."""
+    zero: dict[str, Any] = {
+        "stage": 3,
+        "overlap_comm": True,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": "auto",
+        "stage3_gather_16bit_weights_on_model_save": True,  # the adapter is saved whole, not as shards
+    }
+    if offload == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "zero_optimization": zero,
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "zero_allow_untested_optimizer": True,  # the recipe's bitsandbytes (paged) AdamW is the client optimizer
+        "wall_clock_breakdown": False,
+    }
+
+
+def fsdp_config() -> dict[str, Any]:
+    """The FSDP-QLoRA settings peft documents: FSDP1, one unit per decoder layer, flat params of the
+    frozen 4-bit weights kept apart from the trained LoRA ones, weights loaded on rank 0 only."""
+    return {
+        "version": 1,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # transformers wraps each model's _no_split_modules (the decoder layer)
+        "cpu_ram_efficient_loading": True,
+        "sync_module_states": True,  # needed with cpu_ram_efficient_loading: ranks > 0 receive rank 0's weights
+        "use_orig_params": False,
+        "backward_prefetch": "BACKWARD_PRE",
+        "forward_prefetch": False,
+        "state_dict_type": "SHARDED_STATE_DICT",
+    }
+
+
+def prepare_loading(plan: Plan) -> None:
+    """What must be set before `from_pretrained`: FSDP's rank-0-only loading is read from the environment."""
+    if plan.strategy == "fsdp":
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
+
+
+def start(plan: Plan) -> None:
+    """Join the process group early, so that the output folder can be prepared by one process while
+    the others wait (accelerate and DeepSpeed reuse a group that exists)."""
+    import torch
+    import torch.distributed as dist
+
+    if not plan.launch.distributed or dist.is_initialized():
+        return
+    if plan.cuda:
+        torch.cuda.set_device(plan.launch.local_rank)
+    dist.init_process_group(backend="nccl" if plan.cuda else "gloo")
+
+
+def allow_wrapping(trainer) -> None:
+    """Let the trainer wrap the model for training after the eval before training.
+
+    That eval runs the model through `accelerate.prepare` in evaluation mode (no DDP; a DeepSpeed
+    inference engine), which marks it prepared and keeps the eval wrapper; training's prepare then
+    skips the DDP wrap (every process trains alone, gradients never averaged) or the DeepSpeed engine
+    (the first backward fails), accelerate 1.15 / transformers 5. Forgetting the eval wrapper restores both.
+    """
+    if trainer.args.world_size == 1 and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+        return  # one plain process: nothing to wrap, and a second prepare would wrap autocast twice
+    model = trainer.model
+    if getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+    trainer.model_wrapped = model
+    if getattr(trainer, "deepspeed", None) is not None:
+        trainer.deepspeed = None
+
+
+def finish() -> None:
+    """Leave the process group once every process is done: left to interpreter exit, gloo's threads can
+    be torn down mid-collective and abort a process ('terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run `fn` on the main process only and hand its result (or its user error) to every process.
+
+    A user error on the main process alone would leave the others waiting at the next collective.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except QLoraError as exc:
+            box[0] = ("error", str(exc))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise QLoraError(value)
+    return value
+
+
+def gather(value: T) -> list[T]:
+    """`value` from every process, in rank order (just `[value]` in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def local_parameter_bytes(model) -> int:
+    """Bytes of parameters this process holds: its ZeRO-3 partition (`ds_tensor`), its FSDP flat shard,
+    or the whole parameter when nothing is sharded."""
+    total = 0
+    for param in model.parameters():
+        local = getattr(param, "ds_tensor", None)
+        local = param if local is None else local
+        total += local.numel() * local.element_size()
+    return int(total)
+
+
+def process_metrics(plan: Plan, peak: int, per_device_batch: int, grad_accum: int, model) -> dict[str, Any]:
+    """Peak memory and parameter bytes per process and in total, and the global batch (per-device ×
+    accumulation × processes). Tokens need no gathering: Trainer's `num_input_tokens_seen` counts every process's.
+    """
+    peaks = gather(int(peak))
+    params = gather(local_parameter_bytes(model))
+    world = plan.launch.world_size
+    return {
+        "strategy": plan.strategy or "single",
+        "offload": plan.offload,
+        "world_size": world,
+        "global_batch_size": per_device_batch * grad_accum * world,
+        "peak_memory_bytes_per_process": peaks,
+        "peak_memory_bytes_total": sum(peaks),
+        "parameter_bytes_per_process": params,
+    }
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """The run summary's global batch and, for several processes, the strategy and each one's peak."""
+    line = f"global batch {metrics['global_batch_size']} (per-device batch × grad_accum × {metrics['world_size']} process(es))"
+    if metrics["world_size"] > 1:
+        peaks = ", ".join(f"{p / 2**30:.2f}" for p in metrics["peak_memory_bytes_per_process"])
+        line += (f" | {metrics['strategy']} | peak memory per process {peaks} GiB, "
+                 f"total {metrics['peak_memory_bytes_total'] / 2**30:.2f} GiB")
+    return line

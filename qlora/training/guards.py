@@ -1,0 +1,120 @@
+"""What surrounds one training run so that nothing is lost and no traceback reaches the user.
+
+`guarded_run(output_dir)` holds the output folder's lock (taken by `lock.acquire()` just before the
+run writes its first file), handles SIGTERM (qlora.training.preemption) and turns a full disk into one line.
+`run_callbacks(recipe)` are the Trainer callbacks that go with it, and `exit_if_stopped(trainer)`
+ends a run that a callback stopped early with its documented exit code.
+
+Exit codes of `qlora train` (also in the README's Reliability section):
+  0 done | 2 user mistake (`error: ...`) | 3 out of GPU memory | 4 stopped by SIGTERM, a complete
+  checkpoint kept (continue with --resume) | 5 non-finite loss, the last good checkpoint kept |
+  6 disk full while writing, the last complete checkpoint and any finished adapter kept |
+  143 SIGTERM before any checkpoint existed (nothing to resume).
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from qlora.training.checkpoints import checkpoints_dir, latest_complete_checkpoint, remove_unfinished, rotate
+from qlora.training.lock import RunLock
+from qlora.training.nonfinite import ADVICE, NONFINITE_EXIT_CODE, stop_on_nonfinite_callback
+from qlora.training.preemption import resume_hint, sigterm_handling, stop_on_sigterm_callback
+
+DISK_FULL_EXIT_CODE = 6
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Writers that are not Python's own (safetensors' Rust, torch.save's C++) report a full disk in text.
+DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether an exception (or one it was raised from) is a full disk or an exhausted quota."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(exc, Exception) and any(text in str(exc) for text in DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def remove_debris(output_dir: Path) -> list[Path]:
+    """Half-written files a failed write leaves: staging folders/files and unmarked new checkpoints."""
+    removed = remove_unfinished(output_dir)
+    for folder in (Path(output_dir), checkpoints_dir(output_dir)):
+        for child in (folder.glob(".*.tmp") if folder.is_dir() else []):
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            removed.append(child)
+    return removed
+
+
+def disk_full_exit(exc: BaseException, output_dir: Path) -> SystemExit:
+    """One line saying what happened and what is kept; the exit to raise."""
+    remove_debris(output_dir)
+    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    checkpoint = latest_complete_checkpoint(output_dir)
+    adapter = (Path(output_dir) / "adapter").is_dir()
+    if checkpoint is not None:
+        kept = f"the last complete checkpoint ({checkpoint.name}){' and the finished adapter' if adapter else ''} kept; " \
+               "free space, then continue with --resume"
+    else:
+        kept = f"{'the finished adapter kept; ' if adapter else 'no checkpoint was written yet; '}free space, then run again"
+    print(f"error: disk full while writing{where}; partial files removed, {kept}", file=sys.stderr)
+    return SystemExit(DISK_FULL_EXIT_CODE)
+
+
+@contextmanager
+def guarded_run(output_dir: Path):
+    """Lock + SIGTERM handling + disk-full handling around one run; yields the (not yet taken) lock."""
+    output_dir = Path(output_dir)
+    with RunLock(output_dir) as lock, sigterm_handling(output_dir):
+        try:
+            yield lock
+        except Exception as exc:
+            if lock.held and is_disk_full(exc):
+                raise disk_full_exit(exc, output_dir) from None
+            raise
+
+
+def rotate_checkpoints_callback(keep: int | None):
+    """`training.save_total_limit`, applied only after the newest checkpoint is marked complete."""
+    from transformers import TrainerCallback
+
+
+    class RotateCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if args.should_save:
+                rotate(Path(args.output_dir), keep)
+
+    return RotateCheckpoints()
+
+
+def run_callbacks(recipe) -> list:
+    """The callbacks that go with `guarded_run` (after the COMPLETE marker's, in this order)."""
+    return [
+        rotate_checkpoints_callback(recipe.training.save_total_limit),
+        stop_on_sigterm_callback(),
+        stop_on_nonfinite_callback(recipe.training.max_nonfinite_steps),  # last: it vetoes the save
+    ]
+
+
+def exit_if_stopped(trainer, output_dir: Path) -> None:
+    """After `trainer.train()`: a run stopped by SIGTERM or a non-finite loss ends here, with its code."""
+    by_name = {type(cb).__name__: cb for cb in trainer.callback_handler.callbacks}
+    nonfinite, sigterm = by_name.get("StopOnNonFinite"), by_name.get("StopOnSigterm")
+    if nonfinite is not None and nonfinite.stopped_at is not None:
+        last = latest_complete_checkpoint(output_dir)
+        kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint was written before it"
+        print(f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}",
+              file=sys.stderr)
+        raise SystemExit(NONFINITE_EXIT_CODE)
+    if sigterm is not None and sigterm.stopped_at is not None:
+        kept, code = resume_hint(output_dir)
+        print(f"stopped by SIGTERM at step {sigterm.stopped_at}: {kept}", file=sys.stderr)
+        raise SystemExit(code)

@@ -1,0 +1,340 @@
+"""Measured peak memory of real training steps, beside the prediction.
+
+The model is built by the trainer's own functions (`qlora.model.load`: quantized load, LoRA, gradient
+checkpointing) from the config with random weights, the optimizer by transformers' `Trainer`
+mapping of the optimizer name; then one warm-up accumulation cycle (two micro-batches, gradient
+clipping, optimizer step) creates the optimizer states and a second cycle is measured, then the
+eval step (gradients freed as the Trainer frees them, a no-grad forward at the eval batch size).
+
+- CUDA: `torch.cuda.max_memory_allocated`, reset per phase. Paged optimizer states live in CUDA
+  unified memory outside PyTorch's allocator, so their bytes are added to the measured peak.
+- CPU: `PeakTracker`, a TorchDispatchMode that follows every tensor storage from allocation to
+  release, including the model's pre-existing tensors (bitsandbytes' packed weights and quant
+  states) and the temporaries inside bitsandbytes' own operators.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import platform
+import tempfile
+import warnings
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from qlora.config.precision import default_device, resolve_compute_dtype, trainer_precision_flags
+from qlora.config.recipe import LoraSpec, ModelSpec, QuantizationSpec, Recipe, TrainingSpec
+from qlora.memory.catalog import resolve
+from qlora.memory.inventory import load_config
+from qlora.memory.report import Measurement
+from qlora.memory.settings import METHODS, Settings
+from qlora.model.build import prepare_for_training
+from qlora.model.load import load_base_model
+from qlora.training.metrics import paged_optimizer_bytes
+
+MICRO_BATCHES = 2  # gradient accumulation, so gradients exist while activations peak (as in the recipes)
+
+
+class PeakTracker(TorchDispatchMode):
+    """Live bytes of CPU tensor storages, with the peak and which storages made it up.
+
+    Written by hand because torch's MemTracker registers a gradient hook on every parameter and so
+    fails on frozen ones (all of LoRA's base), and cannot see inside custom operators.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._serials = itertools.count()
+        self._live: dict[int, tuple[int, int, weakref.ref]] = {}  # id(storage) -> (serial, nbytes, ref)
+        self.current = self.peak = 0
+        self.peak_storages: dict[int, int] = {}  # serial -> nbytes, at the peak
+        self.phase: str | None = None
+        self.phase_peaks: dict[str, int] = {}
+
+    def track(self, tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+            return
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._live or storage.nbytes() == 0:
+            return
+        self._live[key] = (next(self._serials), storage.nbytes(), weakref.ref(storage, lambda _, k=key: self._release(k)))
+        self.current += storage.nbytes()
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_storages = {serial: size for serial, size, _ in self._live.values()}
+        if self.phase and self.current > self.phase_peaks.get(self.phase, 0):
+            self.phase_peaks[self.phase] = self.current
+
+    def _release(self, key: int) -> None:
+        self.current -= self._live.pop(key)[1]
+
+    def serial(self, tensor) -> int | None:
+        entry = self._live.get(id(tensor.untyped_storage()))
+        return entry[0] if entry else None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "bitsandbytes":
+            # bitsandbytes' CPU kernels are Python functions of torch ops: run them with this mode on
+            # (calling the CPU kernel directly, not the operator, which would land here again).
+            with self:
+                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        for tensor in tree_leaves(out):
+            self.track(tensor)
+        return out
+
+
+def measure(model: str, method: str, settings: Settings, weights: Path | None = None) -> Measurement:
+    """Build `method` for `model` on this machine's device and measure one training step's peak.
+
+    `weights`: a folder of saved (random) weights of `model` to load instead of saving new ones, so a
+    caller measuring one config many times (benchmarks/gpu_check.py: an 8B model) builds it once."""
+    from transformers.utils import logging as hf_logging
+
+    device = default_device()
+    settings = settings.replace(device=device)
+    hf_logging.disable_progress_bar()  # saving and loading the random model is not news to the user
+    with tempfile.TemporaryDirectory(prefix="qlora-measure-") as folder, warnings.catch_warnings(), _cpu_threads(1):
+        # on CPU bitsandbytes falls back to unpaged states of the same size, and says so each time
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        trained = build(model, method, settings, Path(folder), weights)
+        batch = _batch(trained.model, settings, device)
+        eval_batch = lambda: _batch(trained.model, settings.replace(batch_size=settings.eval_batch), device)  # noqa: E731
+        cycle(trained, batch)  # warm-up: creates the optimizer states
+        trained.optimizer.zero_grad(set_to_none=True)
+        measure_on = _measure_cuda if device == "cuda" else _measure_cpu
+        return measure_on(trained, batch, eval_batch, method)
+
+
+def environment(device: str) -> dict[str, str]:
+    """Where a measurement ran: the device and the versions of everything that decides its bytes."""
+    from importlib.metadata import version
+
+    if device == "cuda":
+        env = {"device": torch.cuda.get_device_name(), "CUDA": str(torch.version.cuda), "driver": _cuda_driver()}
+    else:
+        env = {"device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)"}
+    env["python"] = platform.python_version()
+    env.update({name: version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate")})
+    return env
+
+
+def _cuda_driver() -> str:
+    """The NVIDIA driver version (torch reports the CUDA runtime only), via NVML when installed."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return str(pynvml.nvmlSystemGetDriverVersion())
+    except Exception:  # NVML missing or unusable: the report says so instead of failing the measurement
+        return "unknown"
+
+
+@contextmanager
+def _cpu_threads(count: int):
+    """Bytes do not depend on the thread count, but on a busy CPU OpenMP's spin-waiting threads make
+    the small ops of a small model 50x slower; the measurement runs on one thread and restores it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class Trained:
+    model: object
+    optimizer: object
+    method: str
+    autocast: torch.dtype | None = None  # Trainer's bf16/fp16 autocast around forward and loss (GPU only)
+
+
+def build(model: str, method: str, settings: Settings, folder: Path, weights: Path | None = None) -> Trained:
+    """Random weights saved from the config, loaded and wrapped exactly as `qlora train` does."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    config = load_config(resolve(model).config_path)
+    labels = [str(i) for i in range(settings.num_labels)] if settings.task == "classification" else None
+    if labels:  # saved with its head, so loading it reports nothing missing
+        config.num_labels = len(labels)
+        config.pad_token_id = 0 if config.pad_token_id is None else config.pad_token_id  # pools the last non-pad token
+    if weights is None:
+        (AutoModelForSequenceClassification if labels else AutoModelForCausalLM).from_config(config).save_pretrained(folder)
+    recipe = Recipe(
+        task=settings.task,
+        model=ModelSpec(name_or_path=str(weights or folder), attn_implementation=settings.attn_implementation),
+        quantization=QuantizationSpec(bits=METHODS[method], compute_dtype=settings.compute_dtype, double_quant=settings.double_quant),
+        lora=LoraSpec(r=settings.rank, dropout=settings.lora_dropout,
+                      targets=settings.targets if isinstance(settings.targets, str) else list(settings.targets)),
+        training=TrainingSpec(optimizer=settings.optimizer, batch_size=settings.batch_size,
+                              gradient_checkpointing=settings.checkpointing, mlp_tiles=settings.mlp_tiles,
+                              offload_checkpoints=settings.offload_checkpoints, loss=settings.loss),
+    )
+    compute = resolve_compute_dtype(settings.compute_dtype, settings.device)
+    net, _ = prepare_for_training(load_base_model(recipe, compute, labels), recipe, lora=method != "full",
+                                  offload=settings.offload_checkpoints is True and settings.device == "cuda")
+    net.config.use_cache = False
+    net.train()
+    args = TrainingArguments(output_dir=str(folder / "out"), optim=settings.optimizer, report_to="none",
+                             use_cpu=settings.device == "cpu")
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    optimizer = optimizer_cls([p for p in net.parameters() if p.requires_grad], **kwargs)
+    autocast = compute if any(trainer_precision_flags(compute, settings.device).values()) else None
+    return Trained(net, optimizer, method, autocast)
+
+
+def _batch(model, settings: Settings, device: str) -> dict[str, torch.Tensor]:
+    """Random token ids, and labels as a separate tensor as the data collator makes them (one class
+    id per sequence for a classifier)."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (settings.batch_size, settings.seq_len), generator=generator)
+    if settings.task == "classification":
+        labels = torch.randint(0, settings.num_labels, (settings.batch_size,), generator=generator)
+    else:
+        labels = ids.clone()
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
+
+
+def cycle(trained: Trained, batch: dict, tracker: PeakTracker | None = None, on_phase=None) -> None:
+    """One optimizer step over MICRO_BATCHES micro-batches, as Trainer runs it (gradients not yet cleared)."""
+    device = next(iter(batch.values())).device.type
+    for _ in range(MICRO_BATCHES):
+        _phase("forward", tracker, on_phase)
+        with torch.autocast(device, dtype=trained.autocast, enabled=trained.autocast is not None):
+            loss = trained.model(**batch).loss / MICRO_BATCHES
+        _phase("backward", tracker, on_phase)
+        loss.backward()
+        del loss
+    _phase("optimizer step", tracker, on_phase)
+    torch.nn.utils.clip_grad_norm_([p for p in trained.model.parameters() if p.requires_grad], 0.3)
+    trained.optimizer.step()
+    _phase(None, tracker, on_phase)
+
+
+def evaluate(trained: Trained, make_batch, tracker: PeakTracker | None = None, on_phase=None) -> None:
+    """The eval step as Trainer.evaluate runs it between optimizer steps: gradients freed, eval mode, no
+    grad, its batch made then (`make_batch`), as the eval loader makes it."""
+    trained.optimizer.zero_grad(set_to_none=True)
+    trained.model.eval()
+    _phase("eval", tracker, on_phase)
+    batch = make_batch()
+    device = next(iter(batch.values())).device.type
+    with torch.no_grad(), torch.autocast(device, dtype=trained.autocast, enabled=trained.autocast is not None):
+        loss = trained.model(**batch).loss
+    del loss, batch
+    _phase(None, tracker, on_phase)
+    trained.model.train()
+
+
+def _phase(name, tracker, on_phase) -> None:
+    if tracker is not None:
+        tracker.phase = name
+    if on_phase is not None:
+        on_phase(name)
+
+
+def model_tensors(model):
+    """(tensor, kind) for everything a loaded model stores: parameters, buffers, bitsandbytes' quant states.
+
+    kind: 'trainable', 'frozen' (weights and quant states) or 'buffer'."""
+    for param in model.parameters():
+        yield param, "trainable" if param.requires_grad else "frozen"
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            nested = state.state2
+            for tensor in (state.absmax, state.code, state.offset, *((nested.absmax, nested.code) if nested else ())):
+                if tensor is not None:  # no offset without double quant
+                    yield tensor, "frozen"
+        if getattr(param, "SCB", None) is not None:
+            yield param.SCB, "frozen"
+    for module in model.modules():
+        scb = getattr(getattr(module, "state", None), "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            yield scb, "frozen"
+    for buffer in model.buffers():
+        yield buffer, "buffer"
+
+
+def optimizer_tensors(optimizer):
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def _categories(trained: Trained, serial) -> dict[int, str]:
+    """Storage serial -> component, for the tensors that outlive the step."""
+    trainable_kind = "weights" if trained.method == "full" else "adapters"
+    kinds = {}
+    for tensor, kind in model_tensors(trained.model):
+        kinds[serial(tensor)] = {"trainable": trainable_kind, "frozen": "weights", "buffer": "overhead"}[kind]
+        if getattr(tensor, "grad", None) is not None:
+            kinds[serial(tensor.grad)] = "gradients"
+    for tensor in optimizer_tensors(trained.optimizer):
+        kinds[serial(tensor)] = "optimizer"
+    kinds.pop(None, None)
+    return kinds
+
+
+def _measure_cpu(trained: Trained, batch: dict, eval_batch, method: str) -> Measurement:
+    tracker = PeakTracker()
+    for tensor, _ in model_tensors(trained.model):
+        tracker.track(tensor)
+    for tensor in optimizer_tensors(trained.optimizer):
+        tracker.track(tensor)
+    for tensor in batch.values():
+        tracker.track(tensor)
+    with tracker:
+        cycle(trained, batch, tracker)
+        kinds = _categories(trained, tracker.serial)  # before the eval step frees the gradients
+        evaluate(trained, eval_batch, tracker)
+    parts = dict.fromkeys(("weights", "adapters", "gradients", "optimizer", "activations", "overhead"), 0)
+    for serial, size in tracker.peak_storages.items():
+        parts[kinds.get(serial, "activations")] += size
+    return Measurement(method, "cpu", tracker.peak, parts, dict(tracker.phase_peaks))
+
+
+def _measure_cuda(trained: Trained, batch: dict, eval_batch, method: str) -> Measurement:
+    """Peak allocated per phase; paged optimizer states (outside the allocator) are added to every phase."""
+    torch.cuda.synchronize()
+    paged = paged_optimizer_bytes(trained.optimizer)  # the same count as a training run's metrics.json
+    phases: dict[str, int] = {}
+    current = {"phase": None}
+
+    def on_phase(name):
+        torch.cuda.synchronize()
+        if current["phase"] is not None:
+            phases[current["phase"]] = max(phases.get(current["phase"], 0), torch.cuda.max_memory_allocated() + paged)
+        torch.cuda.reset_peak_memory_stats()
+        current["phase"] = name
+
+    on_phase(None)
+    cycle(trained, batch, on_phase=on_phase)
+    grads = sum(p.grad.nbytes for p in trained.model.parameters() if p.grad is not None)
+    states = sum(t.nbytes for t in optimizer_tensors(trained.optimizer))
+    trainable = sum(p.nbytes for p in trained.model.parameters() if p.requires_grad)
+    buffers = sum(b.nbytes for b in trained.model.buffers())
+    resident = torch.cuda.memory_allocated() + paged - grads - states - buffers
+    evaluate(trained, eval_batch, on_phase=on_phase)
+    peak = max(phases.values())
+    parts = {
+        "weights": resident - (0 if method == "full" else trainable),
+        "adapters": 0 if method == "full" else trainable,
+        "gradients": grads,
+        "optimizer": states,
+        "overhead": buffers,
+    }
+    parts["activations"] = peak - sum(parts.values())
+    return Measurement(method, "cuda", peak, parts, phases)

@@ -1,0 +1,254 @@
+"""`qlora train RECIPE` / `python -m qlora.train RECIPE`: recipe in, adapter + metrics out.
+
+Reads top to bottom: check the output folder -> load model and data -> measure before ->
+train (transformers.Trainer, paged optimizer, checkpoints) -> measure after -> save atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qlora.config.io import atomic_write_json, publish_dir, staged_dir, staging_dir_for
+from qlora.config.precision import trainer_precision_flags
+from qlora.data.prepare import data_collator, describe, prepare_data
+from qlora.model.build import build_model
+from qlora.model.load import check_model_source, load_tokenizer
+from qlora.model.lora import parameter_counts
+from qlora.training.auto import wants_offload
+from qlora.training import distributed
+from qlora.training.checkpoints import mark_complete, prepare_output_dir
+from qlora.training.distributed import barrier, finish, is_main_process, on_main, summary_line
+from qlora.training.guards import exit_if_stopped, guarded_run, run_callbacks
+from qlora.training.metrics import memory_figures, task_metrics
+from qlora.training.oom import OOM_EXIT_CODE, OutOfMemoryExit, fit_advice  # noqa: F401 (OOM_EXIT_CODE: sweep, tests)
+
+KEPT_CHECKPOINT = "the last complete checkpoint is kept (continue with --resume after a change)"
+EVAL_ADVICE = "evaluation runs training.eval_batch_size sequences at a time; lower it, or eval.max_examples"
+
+
+def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool, parallel: dict | None = None):
+    """transformers `TrainingArguments` from the recipe's training section (`parallel`: qlora.training.distributed's)."""
+    import torch
+    from transformers import TrainingArguments
+
+
+    t = recipe.training
+    return TrainingArguments(
+        output_dir=str(checkpoint_root),
+        optim=t.optimizer,
+        learning_rate=t.learning_rate,
+        # 'constant' would ignore warmup; transformers names the warmed-up variant separately.
+        lr_scheduler_type="constant_with_warmup" if (t.lr_scheduler == "constant" and t.warmup_ratio) else t.lr_scheduler,
+        warmup_steps=t.warmup_ratio if t.warmup_ratio < 1 else 0.999,  # a float < 1 is a ratio of total steps
+        weight_decay=t.weight_decay,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        prediction_loss_only=recipe.task == "causal_lm",  # eval_loss only: the chunked loss returns no logits
+        gradient_accumulation_steps=t.grad_accum,
+        max_grad_norm=t.max_grad_norm,
+        # gradient checkpointing is left off here: qlora.model.load enables it (non-reentrant) on the base
+        eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # qlora.training.guards rotates once the newer checkpoint is complete
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        train_sampling_strategy="group_by_length" if recipe.data.group_by_length else "random",
+        label_names=["labels"],
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only earns a warning
+        **trainer_precision_flags(compute_dtype),
+        **(parallel or {}),
+    )
+
+
+def checkpoint_marker_callback():
+    """A Trainer callback that marks each checkpoint complete once Trainer has finished writing it."""
+    from transformers import TrainerCallback
+
+
+    class MarkCheckpointComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            barrier()  # every process has written its part (ZeRO-3: one shard each)
+            if state.is_world_process_zero:
+                mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return MarkCheckpointComplete()
+
+
+def build_trainer(recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None):
+    from transformers import Trainer
+
+
+    return Trainer(
+        model=loaded.model,
+        args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None, parallel),
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data_collator(loaded.tokenizer, recipe.data),
+        processing_class=loaded.tokenizer,
+        callbacks=[checkpoint_marker_callback(), *run_callbacks(recipe)],
+    )
+
+
+def measure(trainer, loaded, data, recipe) -> dict[str, float]:
+    """Eval loss and the task metric on the held-out split (empty when there is none)."""
+    if data.eval is None:
+        return {}
+    results = {"eval_loss": float(trainer.evaluate()["eval_loss"])}
+    results.update(task_metrics(recipe, trainer, loaded, data))
+    return results
+
+
+def baseline(trainer, loaded, data, recipe, output_dir: Path, resuming: bool) -> dict[str, float]:
+    """Metrics before training, kept on disk so that a resumed run reports the true 'before'."""
+    path = output_dir / "checkpoints" / "baseline.json"
+    if resuming and path.exists():
+        return json.loads(path.read_text())
+
+    before = measure(trainer, loaded, data, recipe)
+    if is_main_process():
+        atomic_write_json(path, before)
+    return before
+
+
+def save_adapter(loaded, output_dir: Path, sharded_trainer=None) -> Path:
+    """Write the adapter (peft format, safetensors) + tokenizer to `output_dir/adapter` atomically, from
+    the main process. `sharded_trainer` (FSDP, ZeRO-3): every process calls this; Trainer gathers the shards."""
+    final = output_dir / "adapter"
+    if sharded_trainer is None:
+        if is_main_process():
+            with staged_dir(final) as staging:  # a failed write (disk full) leaves no debris and the old adapter
+                loaded.model.save_pretrained(staging, safe_serialization=True)
+                loaded.tokenizer.save_pretrained(staging)
+        return final
+    staging = on_main(lambda: staging_dir_for(final))
+    if sharded_trainer.is_fsdp_enabled:  # checkpoints are sharded; the adapter is saved whole, in peft's format
+        sharded_trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    sharded_trainer.save_model(str(staging))
+    if is_main_process():
+        (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer's, not the adapter's
+        loaded.tokenizer.save_pretrained(staging)
+        publish_dir(staging, final)
+    return final
+
+
+def out_of_memory(phase: str, recipe, kept: str = KEPT_CHECKPOINT, extra: str = "", deferred: bool = False):
+    """The OOM handler of one training phase: exit 3 with the profiler's fit plan (see qlora.training.oom)."""
+    return OutOfMemoryExit(phase, lambda: [*([extra] if extra else []), *fit_advice(recipe)], kept, deferred)
+
+
+def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run one recipe end to end; returns what was written to metrics.json.
+
+    Under `qlora.training.guards`: one run per output_dir (lock), SIGTERM saves a checkpoint (exit 4),
+    a non-finite loss stops (exit 5), a full disk is one line (exit 6).
+    """
+    with guarded_run(Path(recipe.output_dir)) as lock:
+        metrics = run_recipe(recipe, resume, overwrite, lock)
+    finish()  # every process leaves the group together
+    return metrics
+
+
+def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
+    """`train`'s body: check -> load -> measure before -> train -> measure after -> save."""
+    import torch
+    from transformers import set_seed
+
+
+    # Everything a user can get wrong is checked before output_dir is touched (--overwrite would
+    # delete the previous results) and before minutes go into loading the model.
+    output_dir = Path(recipe.output_dir)
+    plan = distributed.resolve(recipe.distributed, recipe.quantization.bits)  # torchrun / accelerate launch
+    check_model_source(recipe.model)
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe, tokenizer)
+    print(f"data: {describe(data.stats)}", file=sys.stderr)
+    distributed.start(plan)
+    lock.acquire()  # before the first write (main process only): a second run into output_dir is refused
+    # The main process alone prepares and writes the output folder; the others wait for its answer.
+    resume_from = distributed.on_main(lambda: prepare_output_dir(output_dir, overwrite=overwrite, resume=resume))
+    if plan.launch.is_main:
+        recipe.save(output_dir / "recipe.yaml")
+    set_seed(recipe.training.seed)
+    distributed.prepare_loading(plan)
+    offload = wants_offload(recipe)  # the profiler answers `auto` before anything loads
+    with OutOfMemoryExit("model loading", lambda: fit_advice(recipe), kept="no training step ran"):
+        loaded = build_model(recipe, data.label_names, tokenizer=tokenizer, offload=offload)  # a classifier head needs the labels
+    trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints", plan.trainer_kwargs)
+    with out_of_memory("the evaluation before training", recipe, kept="no training step ran", extra=EVAL_ADVICE):
+        before = baseline(trainer, loaded, data, recipe, output_dir, resuming=resume_from is not None)
+    distributed.allow_wrapping(trainer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with out_of_memory("training", recipe):
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    exit_if_stopped(trainer, output_dir)  # SIGTERM (exit 4) or a non-finite loss (exit 5)
+    runtime = time.perf_counter() - started
+    memory = memory_figures(trainer.optimizer)  # labelled figures; paged optimizer states included on CUDA
+    # before the last evaluation: an OOM there must not lose it
+    adapter_dir = save_adapter(loaded, output_dir, trainer if plan.shards_weights else None)
+    after: dict[str, float] = {}
+    with out_of_memory("the evaluation after training", recipe, f"the adapter is saved in {adapter_dir}, "
+                       "metrics.json has no after-metrics", EVAL_ADVICE, deferred=True) as after_oom:
+        after = measure(trainer, loaded, data, recipe)
+    trainable, total = parameter_counts(loaded.model)
+    metrics: dict[str, Any] = {f"{k}_before": v for k, v in before.items()}
+    metrics.update({f"{k}_after": v for k, v in after.items()})
+    metrics.update(
+        method=recipe.method,
+        trainable_params=trainable,
+        total_params=total,
+        **memory,
+        train_runtime_s=round(runtime, 2),
+        train_steps=int(result.global_step),
+        train_loss=float(result.training_loss),
+        tokens_per_s=round(trainer.state.num_input_tokens_seen / runtime, 1) if runtime > 0 else 0.0,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        compute_dtype=str(loaded.compute_dtype).removeprefix("torch."),
+        data=data.stats,
+        adapter_dir=str(adapter_dir),
+    )
+    if after_oom.happened:
+        metrics["eval_after_skipped"] = "out of GPU memory in the evaluation after training"
+    metrics.update(distributed.process_metrics(plan, memory["peak_memory_bytes"], recipe.training.batch_size,
+                                               recipe.training.grad_accum, trainer.model))
+    if plan.launch.is_main:
+        atomic_write_json(output_dir / "metrics.json", metrics)
+        print_summary(metrics, output_dir)
+    after_oom.exit_if_out_of_memory()
+    return metrics
+
+
+def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
+    """Before/after at a glance, on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"qlora: {output_dir}")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in sorted(k.removesuffix("_after") for k in metrics if k.endswith("_after")):
+        table.add_row(key, f"{metrics.get(key + '_before', float('nan')):.4f}", f"{metrics[key + '_after']:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"trainable params {metrics['trainable_params']:,} of {metrics['total_params']:,} | "
+        f"peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB | {metrics['train_steps']} steps in "
+        f"{metrics['train_runtime_s']:.1f} s | {metrics['tokens_per_s']:.0f} tokens/s | adapter: {metrics['adapter_dir']}"
+    )
+
+    console.print(summary_line(metrics))
