@@ -188,7 +188,7 @@ class FakeHfApi:
 def test_hub_push_uploads_the_folder_and_never_leaks_the_token(run, tmp_path, monkeypatch, capsys):
     import huggingface_hub
 
-    from qlora.post.export import main
+    from qlora.export import main
 
     monkeypatch.setenv("HF_TOKEN", "secret-xyz")
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
@@ -216,7 +216,7 @@ def test_hub_push_uploads_the_folder_and_never_leaks_the_token(run, tmp_path, mo
     (["--to", "{tmp}/y", "--base-model", "bad id!"], "--base-model: 'bad id!' is not a Hub model id"),
 ])
 def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, argv, message, monkeypatch):
-    from qlora.post.export import main
+    from qlora.export import main
 
     monkeypatch.setenv("HF_TOKEN", "secret-xyz")
     argv = [a.format(run=run.out_dir, tmp=tmp_path) for a in argv]

@@ -43,7 +43,7 @@ def test_answers_come_from_the_adapter_and_differ_from_the_base(run):
 
 
 def test_cli_prints_prompt_and_answer(run, capsys):
-    from qlora.post.generate import main
+    from qlora.generate import main
 
     assert run_cli(main, [str(run.out_dir), "--prompt", "Say the next number.", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
@@ -56,7 +56,7 @@ def test_cli_prints_prompt_and_answer(run, capsys):
     (["{run}", "--prompt", "x", "--prompt", "y", "--input", "z"], "--input: give one per --prompt (got 2 prompts, 1 inputs)"),
 ])
 def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, argv, message):
-    from qlora.post.generate import main
+    from qlora.generate import main
 
     argv = [a.format(run=run.out_dir, missing=tmp_path / "nope") for a in argv]
     assert run_cli(main, argv) == 2

@@ -104,10 +104,11 @@ def test_existing_folder_needs_overwrite(run, merged):
 
 
 def test_a_failed_check_exits_nonzero_and_writes_nothing(run, tmp_path, monkeypatch, capsys):
+    import qlora.merge
     import qlora.post.merge
 
     monkeypatch.setattr(qlora.post.merge, "MAX_RELATIVE_DIFF", 0.0)
-    assert run_cli(qlora.post.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m")]) == qlora.post.merge.MISMATCH_EXIT_CODE
+    assert run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m")]) == qlora.post.merge.MISMATCH_EXIT_CODE
     assert "does not match the 4-bit base + adapter; nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
 
@@ -153,11 +154,12 @@ def test_merge_memory_of_an_8b_model_does_not_fit_a_t4_whole_but_does_layer_by_l
 
 
 def test_asking_for_the_gpu_without_one_is_a_clear_error(run, tmp_path, capsys):
+    import qlora.merge
     import qlora.post.merge
 
-    assert run_cli(qlora.post.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m"), "--device", "layers"]) == 2
+    assert run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m"), "--device", "layers"]) == 2
     assert "error: --device layers: no CUDA GPU is available (use --device cpu or auto)" in capsys.readouterr().err
-    assert run_cli(qlora.post.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m"), "--gpu-memory", "lots"]) == 2
+    assert run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m"), "--gpu-memory", "lots"]) == 2
     assert "error: --gpu-memory: expected a size such as '12GiB', got 'lots'" in capsys.readouterr().err
 
 
@@ -166,13 +168,13 @@ def test_merge_within_a_small_gpu_budget_goes_layer_by_layer_and_matches(run, me
     path runs (its GPU work lands on the CPU here) and saves the same weights as the whole-model merge."""
     from safetensors.torch import load_file
 
-    import qlora.memory.merge
+    import qlora.post.merge
     from qlora.post.merge import merge
     from qlora.memory.merge import merge_memory_bytes
 
     memory = merge_memory_bytes(run.recipe.model.name_or_path, "float32")
     budget = (memory.layers + memory.full) // 2
-    monkeypatch.setattr(qlora.memory.merge, "free_gpu_bytes", lambda: 10 * memory.full)
+    monkeypatch.setattr(qlora.post.merge, "free_gpu_bytes", lambda: 10 * memory.full)
     check = merge(run, tmp_path / "m", gpu_memory=budget)
     assert check.placement == "layers" and check.ok
     assert "merging on layers" in capsys.readouterr().err

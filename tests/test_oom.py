@@ -35,10 +35,10 @@ def test_other_errors_pass_through_and_deferred_waits_for_the_caller(capsys):
 
 
 def test_oom_while_loading_the_model_exits_3_with_advice(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
-    import qlora.model.load
+    import qlora.model.build
     from qlora.training.run import train
 
-    monkeypatch.setattr(qlora.model.load, "load_base_model", out_of_memory)
+    monkeypatch.setattr(qlora.model.build, "load_base_model", out_of_memory)
     with pytest.raises(SystemExit) as info:
         train(tiny_recipe(tiny_llama, alpaca_file, tmp_path / "run", "target_gpu=24GB"))
     assert info.value.code == OOM_EXIT_CODE
@@ -96,11 +96,12 @@ def run_dir(tmp_path_factory, tiny_llama, alpaca_file):
 
 
 def test_oom_in_merge_exits_3_and_writes_nothing(run_dir, tmp_path, monkeypatch, capsys):
+    import qlora.merge
     import qlora.post.merge
 
     monkeypatch.setattr(qlora.post.merge, "merged_model", out_of_memory)
     with pytest.raises(SystemExit) as info:
-        qlora.post.merge.main([str(run_dir), "--to", str(tmp_path / "m")])
+        qlora.merge.main([str(run_dir), "--to", str(tmp_path / "m")])
     assert info.value.code == OOM_EXIT_CODE and list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err
     assert f"error: out of GPU memory during merge; nothing was written to {tmp_path / 'm'}" in err
@@ -108,10 +109,10 @@ def test_oom_in_merge_exits_3_and_writes_nothing(run_dir, tmp_path, monkeypatch,
 
 
 def test_oom_in_generate_exits_3_with_advice(run_dir, monkeypatch, capsys):
-    import qlora.training.metrics
-    from qlora.post.generate import main
+    import qlora.post.generate
+    from qlora.generate import main
 
-    monkeypatch.setattr(qlora.training.metrics, "generate_answers", out_of_memory)
+    monkeypatch.setattr(qlora.post.generate, "generate_answers", out_of_memory)
     with pytest.raises(SystemExit) as info:
         main([str(run_dir), "--prompt", "Say the next number."])
     assert info.value.code == OOM_EXIT_CODE

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import qlora.sweep
 import qlora.training.sweep
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.io import atomic_write_json
@@ -140,7 +141,7 @@ def test_point_names_are_readable_and_filesystem_safe():
     ],
 )
 def test_every_point_is_checked_before_the_first_run(tmp_path, fake_train, capsys, argv, message):
-    assert run_cli(qlora.training.sweep.main, [str(write_recipe(tmp_path)), *argv]) == 2
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), *argv]) == 2
     assert capsys.readouterr().err.startswith(message)
     assert fake_train.calls() == [] and not (tmp_path / "sweep").exists()
 
@@ -149,7 +150,7 @@ def test_folder_trained_with_another_recipe_is_refused(tmp_path, fake_train, cap
     recipe = write_recipe(tmp_path)
     point = tmp_path / "sweep" / "lora.alpha=8"
     load_recipe(recipe, ["lora.alpha=8", "training.max_steps=5", f"output_dir={point}"]).save(point / "recipe.yaml")
-    assert run_cli(qlora.training.sweep.main, [str(recipe), "--grid", "lora.alpha=8"]) == 2
+    assert run_cli(qlora.sweep.main, [str(recipe), "--grid", "lora.alpha=8"]) == 2
     assert "was trained with training.max_steps=5, this sweep has training.max_steps=-1" in capsys.readouterr().err
 
 
@@ -158,7 +159,7 @@ def test_folder_trained_with_another_recipe_is_refused(tmp_path, fake_train, cap
 
 def test_failed_points_are_recorded_and_the_sweep_goes_on(tmp_path, fake_train, capsys):
     fake_train.set_outcomes({16: "lora.targets: this model has no linear layer named 'x'", 32: "oom", 128: "crash"})
-    assert run_cli(qlora.training.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32,64,128"]) == 1
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32,64,128"]) == 1
     rows = read_rows(tmp_path / "sweep")
     assert [(r["lora.alpha"], r["status"]) for r in rows] == [
         ("64", "ok"), ("8", "ok"),  # lower eval loss first
@@ -175,10 +176,10 @@ def test_failed_points_are_recorded_and_the_sweep_goes_on(tmp_path, fake_train, 
 def test_a_point_whose_last_evaluation_ran_out_of_memory_keeps_its_row_on_a_rerun(tmp_path, fake_train):
     fake_train.set_outcomes({16: "oom after training"})
     argv = [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"]
-    assert run_cli(qlora.training.sweep.main, argv) == 1
+    assert run_cli(qlora.sweep.main, argv) == 1
     row = {r["lora.alpha"]: r for r in read_rows(tmp_path / "sweep")}["16"]
     assert (row["status"], row["eval_loss_before"], row["eval_loss_after"]) == ("failed: out of GPU memory", "3.0", "")
-    assert run_cli(qlora.training.sweep.main, argv) == 1  # the rerun skips the finished point and says why it failed
+    assert run_cli(qlora.sweep.main, argv) == 1  # the rerun skips the finished point and says why it failed
     row = {r["lora.alpha"]: r for r in read_rows(tmp_path / "sweep")}["16"]
     assert (row["status"], row["eval_loss_before"]) == ("failed: out of GPU memory in the evaluation after training", "3.0")
     assert len(fake_train.calls()) == 2
@@ -186,7 +187,7 @@ def test_a_point_whose_last_evaluation_ran_out_of_memory_keeps_its_row_on_a_reru
 
 def test_every_point_trains_in_its_own_process(tmp_path, fake_train):
     """bitsandbytes never frees paged optimizer buffers: a point must not inherit the previous point's."""
-    assert run_cli(qlora.training.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32"]) == 0
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32"]) == 0
     pids = [call[3] for call in fake_train.calls()]
     assert len(pids) == 3 and len(set(pids)) == 3 and os.getpid() not in pids
 
@@ -196,19 +197,19 @@ def test_a_diverging_point_fails_alone_but_sigterm_stops_the_sweep(tmp_path, fak
     from qlora.training.preemption import PREEMPTED_EXIT_CODE
 
     fake_train.set_outcomes({16: f"exit {NONFINITE_EXIT_CODE}"})
-    assert run_cli(qlora.training.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"]) == 1
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"]) == 1
     assert [(r["lora.alpha"], r["status"]) for r in read_rows(tmp_path / "sweep")] == [
         ("8", "ok"), ("16", "failed: non-finite loss")]
     fake_train.set_outcomes({8: f"exit {PREEMPTED_EXIT_CODE}"})
     with pytest.raises(SystemExit) as info:
-        run_cli(qlora.training.sweep.main, [str(write_recipe(tmp_path, output_dir=str(tmp_path / "b"))), "--grid", "lora.alpha=8,16"])
+        run_cli(qlora.sweep.main, [str(write_recipe(tmp_path, output_dir=str(tmp_path / "b"))), "--grid", "lora.alpha=8,16"])
     assert info.value.code == PREEMPTED_EXIT_CODE
 
 
 def test_task_metric_ranks_first_and_gets_columns(tmp_path, fake_train):
     fake_train.set_outcomes({8: 0.9, 64: 0.5})
     recipe = write_recipe(tmp_path, eval={"metric": "exact_match"})
-    assert run_cli(qlora.training.sweep.main, [str(recipe), "--grid", "lora.alpha=64,8"]) == 0
+    assert run_cli(qlora.sweep.main, [str(recipe), "--grid", "lora.alpha=64,8"]) == 0
     rows = read_rows(tmp_path / "sweep")
     assert list(rows[0]) == ["lora.alpha", "trainable_params", "eval_loss_before", "eval_loss_after",
                              "eval_exact_match_before", "eval_exact_match_after", "peak_memory_bytes",
@@ -222,7 +223,7 @@ def test_task_metric_ranks_first_and_gets_columns(tmp_path, fake_train):
 def test_equal_task_metric_ranks_the_lower_eval_loss_first(tmp_path, fake_train):
     # eight steps of the demo leave every point at 0 % exact match; the loss must still order them
     recipe = write_recipe(tmp_path, eval={"metric": "exact_match"})
-    assert run_cli(qlora.training.sweep.main, [str(recipe), "--grid", "lora.alpha=8,64,32"]) == 0
+    assert run_cli(qlora.sweep.main, [str(recipe), "--grid", "lora.alpha=8,64,32"]) == 0
     assert [r["lora.alpha"] for r in read_rows(tmp_path / "sweep")] == ["64", "32", "8"]
 
 
@@ -232,7 +233,7 @@ def test_resume_skips_finished_resumes_checkpointed_restarts_junk(tmp_path, fake
     (base / "lora.alpha=16" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     (base / "lora.alpha=16" / "checkpoints" / "checkpoint-2" / "COMPLETE").write_text("ok\n")
     (base / "lora.alpha=32" / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # no marker: half written
-    assert run_cli(qlora.training.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32"]) == 0
+    assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32"]) == 0
     assert names_and_flags(fake_train.calls()) == [("lora.alpha=16", True, False), ("lora.alpha=32", False, True)]
     assert {r["lora.alpha"]: r["eval_loss_after"] for r in read_rows(base)}["8"] == "1.0"
 
@@ -240,13 +241,13 @@ def test_resume_skips_finished_resumes_checkpointed_restarts_junk(tmp_path, fake
 def test_interrupted_sweep_resumes_without_retraining(tmp_path, fake_train):
     argv = [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32"]
     fake_train.set_outcomes({16: "interrupt"})  # Ctrl-C reaches the point's process, which exits 130
-    assert run_cli(qlora.training.sweep.main, argv) == 130
+    assert run_cli(qlora.sweep.main, argv) == 130
     base = tmp_path / "sweep"
     assert [r["status"] for r in read_rows(base)] == ["ok", "pending", "pending"]
     mtime = (base / "lora.alpha=8" / "metrics.json").stat().st_mtime_ns
 
     fake_train.set_outcomes({})
-    assert run_cli(qlora.training.sweep.main, argv) == 0
+    assert run_cli(qlora.sweep.main, argv) == 0
     assert (base / "lora.alpha=8" / "metrics.json").stat().st_mtime_ns == mtime
     assert [call[0] for call in fake_train.calls()] == ["lora.alpha=8", "lora.alpha=16", "lora.alpha=16", "lora.alpha=32"]
     assert [r["status"] for r in read_rows(base)] == ["ok", "ok", "ok"]

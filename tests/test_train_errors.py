@@ -60,7 +60,7 @@ def test_bad_input_is_one_line_and_exit_2(workdir, args, message):
 
 def cli_error(workdir: Path, monkeypatch, capsys, *args: str) -> str:
     """Run `qlora train` in-process from `workdir`; return its single stderr line."""
-    from qlora.training.run import main
+    from qlora.train import main
 
     monkeypatch.chdir(workdir)
     assert run_cli(main, list(args)) == USAGE_EXIT_CODE

@@ -91,7 +91,7 @@ def test_out_writes_markdown_json_and_pngs(tmp_path, capsys):
     (["--gpu", "a100-80"], "error: --gpu: unknown GPU 'a100-80' (did you mean 'a100-80gb'?)"),
     (["--methods", "full,qlra"], "error: --methods: unknown value 'qlra' (did you mean 'qlora'?)"),
     (["--methods", ","], "error: --methods: give at least one of full, lora, lora-8bit, qlora"),
-    (["--seq-len", "0"], "error: --seq-len: must be >= 1, got 0"),
+    (["--seq-len", "0"], "error: --seq-len: must be > 0, got 0"),
     (["--recipe", "recipes/demo-classify.yaml", "--rank", "8"], "error: --rank: a --recipe sets its own method and settings"),
     (["--set", "lora.r=8"], "error: --set: changes recipe keys; give a --recipe"),
     (["--model", "llama-2-70b", "--measure"], "error: --measure: llama-2-70b needs about "),

@@ -96,10 +96,10 @@ def test_settings_read_the_recipe_keys_and_refuse_bad_values():
                                   "training": {"mlp_tiles": 6, "offload_checkpoints": "auto"}})
     _, _, settings = from_recipe(recipe)
     assert (settings.mlp_tiles, settings.offload_checkpoints) == (6, "auto")
-    with pytest.raises(QLoraError, match="^training.mlp_tiles: "):
-        Settings(mlp_tiles=0)
+    with pytest.raises(QLoraError, match="^training.mlp_tiles: "):  # the recipe checks the values, once
+        recipe_from_mapping({"model": {"name_or_path": "org/m"}, "training": {"mlp_tiles": 0}}, for_training=False)
     with pytest.raises(QLoraError, match="^training.offload_checkpoints: "):
-        Settings(offload_checkpoints="maybe")
+        recipe_from_mapping({"model": {"name_or_path": "org/m"}, "training": {"offload_checkpoints": "maybe"}}, for_training=False)
 
 
 def test_auto_offload_is_resolved_against_the_gpu():

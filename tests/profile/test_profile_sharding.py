@@ -51,9 +51,16 @@ def test_zero3_loading_the_whole_4bit_model_onto_each_gpu_is_its_peak_for_a_70b(
     assert est.peak_moment.startswith("loading") and est.bytes["weights"] == sum(per_gpu().details["weights"].values())
 
 
+def run_cli_raising(argv):
+    """The profile CLI's work without its error printing: a user mistake raises."""
+    from qlora.profile import jobs, parse_args
+
+    return jobs(parse_args(argv))
+
+
 def test_refusals_name_the_flag():
     with pytest.raises(QLoraError, match="--offload"):
-        Settings(gpus=2, strategy="ddp", offload="cpu")
+        run_cli_raising(["--gpus", "2", "--strategy", "ddp", "--offload", "cpu"])
     with pytest.raises(QLoraError, match="--strategy: fsdp cannot shard bitsandbytes 8-bit"):
         estimate("llama-3.1-8b", "lora-8bit", Settings(gpus=2, strategy="fsdp"))
     assert run_cli(main, ["--gpus", "auto"]) == 2
@@ -102,7 +109,7 @@ def test_a_recipe_sized_for_two_gpus_is_profiled_per_gpu_and_flags_override_it(c
 
 @pytest.mark.parametrize("argv, message", [
     (["--gpus", "two"], "--gpus: expected a number of GPUs or 'auto'"),
-    (["--gpus", "2", "--strategy", "ddp", "--offload", "cpu"], "--offload: cpu offload"),
+    (["--gpus", "2", "--strategy", "ddp", "--offload", "cpu"], "--offload: 'cpu' moves sharded parameters"),
     (["--model", "llama-3.1-8b", "--gpus", "2", "--measure"], "--measure: measures one process"),
 ])
 def test_sharding_flags_fail_in_one_line(argv, message, capsys):
