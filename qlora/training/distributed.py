@@ -14,14 +14,14 @@ What cannot work is refused before the model loads, in one line naming `distribu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
 from qlora.config.errors import QLoraError
+from qlora.config.recipe import SHARDED_STRATEGIES, check_distributed
 
-STRATEGIES = ("ddp", "fsdp", "zero3")
-OFFLOADS = ("none", "cpu")
 T = TypeVar("T")
 
 
@@ -55,14 +55,7 @@ def launch_env(environ: dict[str, str] | None = None) -> Launch:
                          f"LOCAL_RANK={env.get('LOCAL_RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r}") from None
 
 
-def keep_deepspeed_off_stdout() -> None:
-    """DeepSpeed (optional, for zero3), once installed, is imported by transformers and accelerate; on a
-    machine without CUDA it then announces on stdout that it falls back to its CPU accelerator, a line
-    that corrupts `--format json`. Naming that accelerator up front skips the detection and the line."""
-    import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def is_main_process() -> bool:
@@ -70,20 +63,7 @@ def is_main_process() -> bool:
     return launch_env().is_main
 
 
-def loading_device_map(strategy: str | None) -> dict[str, int | str]:
-    """`from_pretrained`'s device map on CUDA: the whole model on this process's own GPU (LOCAL_RANK),
-    not on GPU 0 for every process.
 
-    FSDP loads on the CPU instead: transformers' rank-0-only loading skips quantized models, so each
-    process would first put the whole 4-bit model on its GPU (a 70B's 37 GB on a 24 GB card); FSDP
-    moves each process's shard to its GPU as it wraps. ZeRO-3 partitions from the GPU (DeepSpeed moves
-    the module there before splitting it), so that GPU must hold the 4-bit model once while loading.
-    """
-    import torch
-
-    local = launch_env().local_rank
-    torch.cuda.set_device(local)  # collectives and kernels of this process go to its GPU
-    return {"": "cpu"} if strategy == "fsdp" else {"": local}
 
 
 @dataclass(frozen=True)
@@ -99,7 +79,7 @@ class Plan:
     @property
     def shards_weights(self) -> bool:
         """FSDP and ZeRO-3 split the (4-bit) weights: their storage dtype must be one the engines can flatten."""
-        return self.strategy in ("fsdp", "zero3")
+        return self.strategy in SHARDED_STRATEGIES
 
 
 def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bool | None = None) -> Plan:
@@ -112,15 +92,10 @@ def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bo
     if strategy == "fsdp" and not cuda:
         raise QLoraError("distributed.strategy: 'fsdp' needs CUDA GPUs (on a CPU, accelerate silently falls back to DDP or "
                          "fails at sync_module_states); use 'zero3' or 'ddp' here")
-    if strategy in ("fsdp", "zero3") and not launch.launched:
+    if strategy in SHARDED_STRATEGIES and not launch.launched:
         raise QLoraError(f"distributed.strategy: '{strategy}' divides the model across processes; start it with a launcher: "
                          "torchrun --nproc_per_node N -m qlora.train RECIPE (or accelerate launch -m qlora.train RECIPE)")
-    if spec.offload == "cpu" and strategy not in ("fsdp", "zero3"):
-        raise QLoraError("distributed.offload: 'cpu' moves sharded parameters and optimizer states to host RAM; "
-                         "it needs distributed.strategy fsdp or zero3")
-    if strategy in ("fsdp", "zero3") and quant_bits == 8:
-        raise QLoraError(f"distributed.strategy: '{strategy}' cannot shard bitsandbytes 8-bit weights; "
-                         "use quantization.bits 4 (QLoRA) or none")
+    check_distributed(dataclasses.replace(spec, strategy=strategy), quant_bits)  # the recipe's rules, for the launched strategy
     if strategy == "zero3":
         _require_deepspeed()
     if spec.gpus and launch.launched and launch.world_size != spec.gpus and launch.is_main:
