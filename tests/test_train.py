@@ -130,7 +130,8 @@ def test_out_of_memory_keeps_checkpoints_and_explains(tiny_llama, alpaca_file, t
     import transformers
 
     from qlora.training.checkpoints import mark_complete
-    from qlora.training.run import OOM_EXIT_CODE, train
+    from qlora.training.oom import OOM_EXIT_CODE
+    from qlora.training.run import train
 
     out = tmp_path / "oom"
 

@@ -45,11 +45,6 @@ def memory_figures(optimizer=None) -> dict[str, int]:
             "paged_optimizer_bytes": paged, "peak_memory_reserved_bytes": int(torch.cuda.max_memory_reserved())}
 
 
-def peak_memory_bytes(optimizer=None) -> int:
-    """Peak GPU memory of tensors, paged optimizer states included (CUDA), else the peak resident set size."""
-    return memory_figures(optimizer)["peak_memory_bytes"]
-
-
 def _peak_rss() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes

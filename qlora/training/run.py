@@ -24,7 +24,7 @@ from qlora.training.checkpoints import mark_complete, prepare_output_dir
 from qlora.training.distributed import barrier, finish, is_main_process, on_main, summary_line
 from qlora.training.guards import exit_if_stopped, guarded_run, run_callbacks
 from qlora.training.metrics import memory_figures, task_metrics
-from qlora.training.oom import OOM_EXIT_CODE, OutOfMemoryExit, fit_advice  # noqa: F401 (OOM_EXIT_CODE: sweep, tests)
+from qlora.training.oom import OutOfMemoryExit, fit_advice
 
 KEPT_CHECKPOINT = "the last complete checkpoint is kept (continue with --resume after a change)"
 EVAL_ADVICE = "evaluation runs training.eval_batch_size sequences at a time; lower it, or eval.max_examples"
