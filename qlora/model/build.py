@@ -42,7 +42,11 @@ def enable_gradient_checkpointing(model, reentrant: bool = False, offload: bool 
     FSDP-QLoRA is documented (peft) with reentrant checkpointing. `offload`: the checkpoint function chosen
     here keeps each layer's input in host RAM (qlora.ops.offload), in either mode.
     """
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 (the old name warns there)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if offload:
         chosen = next(m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False))
         model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded(chosen))

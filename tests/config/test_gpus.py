@@ -10,7 +10,7 @@ from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import GIB, GPU_PRESETS, markdown_table, parse_gpu_list, parse_gpu_memory, preset
 from qlora.profile import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 @pytest.mark.parametrize("text,expected", [

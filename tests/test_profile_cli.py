@@ -14,7 +14,7 @@ from qlora.config.errors import run_cli
 from qlora.config.gpus import GPU_PRESETS
 from qlora.profile import main
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def profile(argv, capsys):

@@ -10,7 +10,7 @@ import pytest
 from qlora.memory.estimate import estimate_recipe
 from qlora.config.recipe import load_recipe, parse_gpu_memory
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 ALL_RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 CONSUMER_RECIPES = [p for p in ALL_RECIPES if not p.name.startswith("demo")]
 

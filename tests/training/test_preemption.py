@@ -21,7 +21,7 @@ from qlora.training.lock import LOCK_NAME
 
 from test_nonfinite import short_recipe
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
 MAX_STEPS = 12
 SHORT = [f"training.max_steps={MAX_STEPS}", "training.batch_size=4", "training.save_steps=4", "training.logging_steps=4",
          "data.eval_size=8", "eval.metric=none"]
@@ -33,7 +33,7 @@ def command(out: Path, *extra: str) -> list[str]:
 
 
 def environment() -> dict:
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 

@@ -18,7 +18,7 @@ from qlora.training.distributed import Launch, launch_env, resolve, trainer_kwar
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import DistributedSpec
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "recipes" / "demo.yaml"
 TWO = Launch(rank=1, local_rank=1, world_size=2, launched=True)
 

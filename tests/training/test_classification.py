@@ -238,7 +238,7 @@ def test_cli_trains_a_classification_recipe(tiny_llama, classify_file, tmp_path)
     assert {"eval_accuracy_before", "eval_accuracy_after", "eval_f1_after", "eval_map_at_3_after"} <= metrics.keys()
 
 
-DEMO = Path(__file__).resolve().parent.parent / "recipes" / "demo-classify.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo-classify.yaml"
 
 
 @pytest.mark.slow
