@@ -88,17 +88,16 @@ DRY_CONFIGS = {  # the same wiring on a CPU in seconds; vocabulary >= the demo t
 METHODS = ("qlora", "lora")
 SEQ_LENS, DRY_SEQ_LENS = (512, 2048), (32, 64)
 RANK, DRY_RANK = 64, 8
-# (label, Settings fields) of the long-context work: measured at the longest sequence only; a row
-# whose field Settings does not have (yet) is recorded as skipped. Field names follow the recipe keys
-# training.loss / training.mlp_tiles / training.offload_checkpoints.
+# (label, recipe keys) of the long-context work: measured at the longest sequence only; a row whose key
+# the recipe does not have (yet) is recorded as skipped.
 # The baseline is the step without the long-context work (transformers' loss, untiled MLP, no offload);
 # each FEATURES row adds its keys to it.
-BASELINE = {"loss": "standard", "mlp_tiles": 1, "offload_checkpoints": False}
+BASELINE = {"training.loss": "standard", "training.mlp_tiles": 1, "training.offload_checkpoints": False}
 FEATURES = [
-    ("chunked loss", {"loss": "chunked"}),
-    ("tiled MLP", {"mlp_tiles": "auto"}),
-    ("offloaded checkpoints", {"offload_checkpoints": True}),
-    ("all long-context", {"loss": "chunked", "mlp_tiles": "auto", "offload_checkpoints": True}),
+    ("chunked loss", {"training.loss": "chunked"}),
+    ("tiled MLP", {"training.mlp_tiles": "auto"}),
+    ("offloaded checkpoints", {"training.offload_checkpoints": True}),
+    ("all long-context", {"training.loss": "chunked", "training.mlp_tiles": "auto", "training.offload_checkpoints": True}),
 ]
 TARGET_ERROR_PCT = 3.0
 # Seconds per section. A point already running finishes past its budget (an 8B point takes ~30 s), so
@@ -197,14 +196,14 @@ def context_worker() -> dict:
 
 
 def feature_rows() -> list[tuple[str, dict, str | None]]:
-    """(label, Settings fields, reason skipped or None): the baseline, then every FEATURES row."""
-    from qlora.memory.settings import Settings
+    """(label, recipe keys, reason skipped or None): the baseline, then every FEATURES row."""
+    from qlora.config.recipe import all_keys
 
-    fields = {f.name for f in dataclasses.fields(Settings)}
+    fields = set(all_keys())
     rows = [("baseline", {k: v for k, v in BASELINE.items() if k in fields}, None)]
     for label, changes in FEATURES:
         missing = sorted(set(changes) - fields)
-        rows.append((label, {**rows[0][1], **changes}, f"Settings has no field {', '.join(missing)} (feature not merged)" if missing else None))
+        rows.append((label, {**rows[0][1], **changes}, f"the recipe has no key {', '.join(missing)} (feature not merged)" if missing else None))
     return rows
 
 
@@ -255,18 +254,21 @@ def measure_point(point: dict, plan: Plan, weights: Path) -> dict:
     """Predicted vs measured peak of one point; the reserved bytes give the allocator's slack."""
     import torch
 
+    from qlora.config.recipe import recipe_from_mapping
     from qlora.memory.estimate import estimate, settings_inventory
+    from qlora.memory.settings import from_recipe
     from qlora.training.measure import measure
-    from qlora.memory.settings import Settings
 
     cuda = torch.cuda.is_available()
-    settings = Settings(seq_len=point["seq_len"], rank=plan.rank, device="cuda" if cuda else "cpu").replace(**point["changes"])
     config_json = str(weights / "config.json")
+    keys = {"data.max_seq_len": point["seq_len"], "lora.r": plan.rank, **point["changes"]}
+    recipe = recipe_from_mapping({"model": {"name_or_path": config_json}}, [f"{k}={v}" for k, v in keys.items()], for_training=False)
+    _, _, settings = from_recipe(recipe, device="cuda" if cuda else "cpu")
     predicted = estimate(settings_inventory(config_json, settings), point["method"], settings)
     if cuda:
         torch.cuda.empty_cache()
     started = time.perf_counter()
-    measured = measure(config_json, point["method"], settings, weights=weights)
+    measured = measure(recipe, point["method"], weights=weights)
     row = {**point, "predicted_allocated_bytes": predicted.allocated, "predicted_total_bytes": predicted.total,
            "measured_bytes": measured.peak, "error_pct": round(100 * (predicted.allocated - measured.peak) / measured.peak, 3),
            "measured_components": measured.bytes, "phase_peaks": measured.phases, "seconds": round(time.perf_counter() - started, 1)}

@@ -21,7 +21,7 @@ from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import parse_gpu_list, parse_gpu_memory
 from qlora.config.precision import default_device
 from qlora.config.recipe import (ATTN_IMPLEMENTATIONS, DISTRIBUTED_OFFLOADS, DISTRIBUTED_STRATEGIES, LOSSES, OPTIMIZERS, TASKS,
-                                 load_recipe, recipe_from_mapping)
+                                 Recipe, load_recipe, recipe_from_mapping)
 from qlora.memory import report
 from qlora.memory.estimate import estimate, settings_inventory
 from qlora.memory.planner import CLI_KEYS, RECIPE_KEYS, cards_needed, plan
@@ -109,6 +109,7 @@ class Job:
     model: str
     methods: tuple[str, ...]
     settings: Settings
+    source: Recipe  # what the settings were derived from (what --measure builds)
     recipe: str | None = None
     target_gpu: str | None = None
 
@@ -137,7 +138,7 @@ def model_job(model: str, methods: tuple[str, ...], args: argparse.Namespace) ->
     overrides = flag_overrides(args, [f for f in FLAG_KEYS if f not in ("gpus",) or args.gpus != "auto"])
     recipe = flag_recipe(lambda: recipe_from_mapping(base, overrides, for_training=False), args)
     _, _, settings = from_recipe(recipe, num_labels=args.num_labels or 2)
-    return Job(model, model, methods, settings)
+    return Job(model, model, methods, settings, recipe)
 
 
 def recipe_job(path: str, args: argparse.Namespace) -> Job:
@@ -145,7 +146,7 @@ def recipe_job(path: str, args: argparse.Namespace) -> Job:
     sharding = flag_overrides(args, [f for f in SHARDING_FLAGS if f != "gpus" or args.gpus != "auto"])
     recipe = flag_recipe(lambda: load_recipe(path, [*args.overrides, *sharding]), args)
     model, method, settings = from_recipe(recipe)
-    return Job(Path(path).stem, model, (method,), settings, str(path), recipe.target_gpu)
+    return Job(Path(path).stem, model, (method,), settings, recipe, str(path), recipe.target_gpu)
 
 
 def profile(args: argparse.Namespace) -> list:
@@ -167,19 +168,19 @@ def profile(args: argparse.Namespace) -> list:
             if args.gpus == "auto":
                 run.cards = {m: cards_needed(inv, m, settings, target) for m in job.methods}
             if args.measure and i == 0:
-                measure_run(run, job.model, device)
+                measure_run(run, job.source, device)
             elif args.measure:
                 run.environment = runs[-1].environment
             runs.append(run)
     return runs
 
 
-def measure_run(run, model: str, device: str) -> None:
-    """Measure every method of `run` here, refusing models this machine cannot hold."""
+def measure_run(run, recipe: Recipe, device: str) -> None:
+    """Measure every method of `run` (what `recipe` sets) here, refusing models this machine cannot hold."""
     check_measurable(run, device)
     for result in run.results:
         print(f"measuring {run.label} {result.estimate.method} on {device} …", file=sys.stderr, flush=True)
-        result.measured = measure(model, result.estimate.method, run.settings)
+        result.measured = measure(recipe, result.estimate.method, run.settings.num_labels)
     run.environment = environment(device)
 
 

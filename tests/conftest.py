@@ -113,3 +113,30 @@ def big_vocab_llama_config(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def big_vocab_qwen2_config(tmp_path_factory) -> Path:
     return write_config(tmp_path_factory.mktemp("tiny-qwen2-8k-vocab"), {**TINY_QWEN2, "vocab_size": 8192})
+
+
+# --- the profiler's input: a recipe (`qlora profile` builds one from its flags) ---
+
+def profile_recipe(model, *overrides: str):
+    """A recipe for the profiler (no data or output folder needed) from `key=value` overrides."""
+    from qlora.config.recipe import recipe_from_mapping
+
+    data = {"model": {"name_or_path": str(model)}, **({"data": {"format": "classification"}} if "task=classification" in overrides else {})}
+    return recipe_from_mapping(data, list(overrides), for_training=False)
+
+
+def prediction(model, method: str, *overrides: str, num_labels: int | None = None):
+    """The profiler's estimate of `method` for this recipe on this machine's device (a CPU here)."""
+    from qlora.config.precision import default_device
+    from qlora.memory.estimate import estimate
+    from qlora.memory.settings import from_recipe
+
+    _, _, settings = from_recipe(profile_recipe(model, *overrides), num_labels, default_device())
+    return estimate(str(model), method, settings)
+
+
+def predicted_and_measured(model, method: str, *overrides: str, num_labels: int | None = None):
+    """(prediction, measurement) of one recipe's step, as `qlora profile --measure` makes them."""
+    from qlora.training.measure import measure
+
+    return prediction(model, method, *overrides, num_labels=num_labels), measure(profile_recipe(model, *overrides), method, num_labels)

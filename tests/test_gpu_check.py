@@ -46,14 +46,14 @@ def test_without_a_gpu_the_real_check_refuses_in_one_line(tmp_path):
     assert done.returncode == 1 and done.stderr.strip().endswith("error: no CUDA GPU here; run with --dry-run to check the wiring on a CPU")
 
 
-def test_a_feature_whose_settings_field_is_missing_is_skipped_with_its_reason(monkeypatch):
+def test_a_feature_whose_recipe_key_is_missing_is_skipped_with_its_reason(monkeypatch):
     sys.path.insert(0, str(SCRIPT.parent))
     import gpu_check
 
-    monkeypatch.setattr(gpu_check, "FEATURES", [("made up", {"no_such_field": 1}), ("rank 8", {"rank": 8})])
+    monkeypatch.setattr(gpu_check, "FEATURES", [("made up", {"training.no_such_key": 1}), ("rank 8", {"lora.r": 8})])
     rows = gpu_check.feature_rows()
     base = gpu_check.BASELINE
     assert rows == [("baseline", base, None),
-                    ("made up", {**base, "no_such_field": 1}, "Settings has no field no_such_field (feature not merged)"),
-                    ("rank 8", {**base, "rank": 8}, None)]
+                    ("made up", {**base, "training.no_such_key": 1}, "the recipe has no key training.no_such_key (feature not merged)"),
+                    ("rank 8", {**base, "lora.r": 8}, None)]
     assert gpu_check.gpu_slug("NVIDIA H200") == "nvidia-h200" and gpu_check.gpu_slug("Tesla T4") == "tesla-t4"

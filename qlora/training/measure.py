@@ -15,6 +15,7 @@ eval step (gradients freed as the Trainer frees them, a no-grad forward at the e
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import platform
@@ -30,11 +31,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from qlora.config.precision import default_device, resolve_compute_dtype, trainer_precision_flags
-from qlora.config.recipe import LoraSpec, ModelSpec, QuantizationSpec, Recipe, TrainingSpec
+from qlora.config.recipe import Recipe
 from qlora.memory.catalog import resolve
 from qlora.memory.inventory import load_config
 from qlora.memory.report import Measurement
-from qlora.memory.settings import METHODS, Settings
+from qlora.memory.settings import METHODS, Settings, from_recipe
 from qlora.model.build import prepare_for_training
 from qlora.model.load import load_base_model
 from qlora.training.metrics import paged_optimizer_bytes
@@ -94,26 +95,28 @@ class PeakTracker(TorchDispatchMode):
         return out
 
 
-def measure(model: str, method: str, settings: Settings, weights: Path | None = None) -> Measurement:
-    """Build `method` for `model` on this machine's device and measure one training step's peak.
+def measure(recipe: Recipe, method: str, num_labels: int | None = None, weights: Path | None = None) -> Measurement:
+    """Build `method` (full, lora, lora-8bit, qlora) of `recipe` on this machine's device, from its model's
+    config with random weights, and measure one training step's peak and its eval step.
 
-    `weights`: a folder of saved (random) weights of `model` to load instead of saving new ones, so a
-    caller measuring one config many times (benchmarks/gpu_check.py: an 8B model) builds it once."""
-    from transformers.utils import logging as hf_logging
+    `num_labels`: a classifier's head size (else counted from the recipe's data). `weights`: a folder of
+    saved (random) weights to load instead of saving new ones, so a caller measuring one config many times
+    (benchmarks/gpu_check.py: an 8B model) builds it once."""
+    from transformers.utils import logging as hf_logging  # here: importing transformers costs seconds on every CLI start
 
     device = default_device()
-    settings = settings.replace(device=device)
+    _, _, settings = from_recipe(recipe, num_labels, device)  # the batch shapes, as the profiler sees them
     hf_logging.disable_progress_bar()  # saving and loading the random model is not news to the user
     with tempfile.TemporaryDirectory(prefix="qlora-measure-") as folder, warnings.catch_warnings(), _cpu_threads(1):
         # on CPU bitsandbytes falls back to unpaged states of the same size, and says so each time
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        trained = build(model, method, settings, Path(folder), weights)
-        batch = _batch(trained.model, settings, device)
-        eval_batch = lambda: _batch(trained.model, settings.replace(batch_size=settings.eval_batch), device)  # noqa: E731
-        cycle(trained, batch)  # warm-up: creates the optimizer states
-        trained.optimizer.zero_grad(set_to_none=True)
+        built = build(recipe, method, settings, Path(folder), weights)
+        batch = _batch(built.model, settings, device)
+        eval_batch = lambda: _batch(built.model, settings.replace(batch_size=settings.eval_batch), device)  # noqa: E731
+        cycle(built, batch)  # warm-up: creates the optimizer states
+        built.optimizer.zero_grad(set_to_none=True)
         measure_on = _measure_cuda if device == "cuda" else _measure_cpu
-        return measure_on(trained, batch, eval_batch, method)
+        return measure_on(built, batch, eval_batch, method)
 
 
 def environment(device: str) -> dict[str, str]:
@@ -153,36 +156,31 @@ def _cpu_threads(count: int):
 
 
 @dataclass
-class Trained:
+class Built:
+    """A model as `qlora train` builds it (not trained yet), its optimizer, and the autocast Trainer would use."""
+
     model: object
     optimizer: object
     method: str
     autocast: torch.dtype | None = None  # Trainer's bf16/fp16 autocast around forward and loss (GPU only)
 
 
-def build(model: str, method: str, settings: Settings, folder: Path, weights: Path | None = None) -> Trained:
-    """Random weights saved from the config, loaded and wrapped exactly as `qlora train` does."""
+def build(recipe: Recipe, method: str, settings: Settings, folder: Path, weights: Path | None = None) -> Built:
+    """Random weights saved from the recipe's model config, loaded and wrapped exactly as `qlora train` does
+    (with the base quantized as `method` says)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    config = load_config(resolve(model).config_path)
+    config = load_config(resolve(recipe.model.name_or_path).config_path)
     labels = [str(i) for i in range(settings.num_labels)] if settings.task == "classification" else None
     if labels:  # saved with its head, so loading it reports nothing missing
         config.num_labels = len(labels)
         config.pad_token_id = 0 if config.pad_token_id is None else config.pad_token_id  # pools the last non-pad token
     if weights is None:
         (AutoModelForSequenceClassification if labels else AutoModelForCausalLM).from_config(config).save_pretrained(folder)
-    recipe = Recipe(
-        task=settings.task,
-        model=ModelSpec(name_or_path=str(weights or folder), attn_implementation=settings.attn_implementation),
-        quantization=QuantizationSpec(bits=METHODS[method], compute_dtype=settings.compute_dtype, double_quant=settings.double_quant),
-        lora=LoraSpec(r=settings.rank, dropout=settings.lora_dropout,
-                      targets=settings.targets if isinstance(settings.targets, str) else list(settings.targets)),
-        training=TrainingSpec(optimizer=settings.optimizer, batch_size=settings.batch_size,
-                              gradient_checkpointing=settings.checkpointing, mlp_tiles=settings.mlp_tiles,
-                              offload_checkpoints=settings.offload_checkpoints, loss=settings.loss),
-    )
-    compute = resolve_compute_dtype(settings.compute_dtype, settings.device)
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=str(weights or folder)),
+                                 quantization=dataclasses.replace(recipe.quantization, bits=METHODS[method]))
+    compute = resolve_compute_dtype(recipe.quantization.compute_dtype, settings.device)
     net, _ = prepare_for_training(load_base_model(recipe, compute, labels), recipe, lora=method != "full",
                                   offload=settings.offload_checkpoints is True and settings.device == "cuda")
     net.config.use_cache = False
@@ -192,7 +190,7 @@ def build(model: str, method: str, settings: Settings, folder: Path, weights: Pa
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     optimizer = optimizer_cls([p for p in net.parameters() if p.requires_grad], **kwargs)
     autocast = compute if any(trainer_precision_flags(compute, settings.device).values()) else None
-    return Trained(net, optimizer, method, autocast)
+    return Built(net, optimizer, method, autocast)
 
 
 def _batch(model, settings: Settings, device: str) -> dict[str, torch.Tensor]:
@@ -207,35 +205,35 @@ def _batch(model, settings: Settings, device: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
-def cycle(trained: Trained, batch: dict, tracker: PeakTracker | None = None, on_phase=None) -> None:
+def cycle(built: Built, batch: dict, tracker: PeakTracker | None = None, on_phase=None) -> None:
     """One optimizer step over MICRO_BATCHES micro-batches, as Trainer runs it (gradients not yet cleared)."""
     device = next(iter(batch.values())).device.type
     for _ in range(MICRO_BATCHES):
         _phase("forward", tracker, on_phase)
-        with torch.autocast(device, dtype=trained.autocast, enabled=trained.autocast is not None):
-            loss = trained.model(**batch).loss / MICRO_BATCHES
+        with torch.autocast(device, dtype=built.autocast, enabled=built.autocast is not None):
+            loss = built.model(**batch).loss / MICRO_BATCHES
         _phase("backward", tracker, on_phase)
         loss.backward()
         del loss
     _phase("optimizer step", tracker, on_phase)
-    torch.nn.utils.clip_grad_norm_([p for p in trained.model.parameters() if p.requires_grad], 0.3)
-    trained.optimizer.step()
+    torch.nn.utils.clip_grad_norm_([p for p in built.model.parameters() if p.requires_grad], 0.3)
+    built.optimizer.step()
     _phase(None, tracker, on_phase)
 
 
-def evaluate(trained: Trained, make_batch, tracker: PeakTracker | None = None, on_phase=None) -> None:
+def evaluate(built: Built, make_batch, tracker: PeakTracker | None = None, on_phase=None) -> None:
     """The eval step as Trainer.evaluate runs it between optimizer steps: gradients freed, eval mode, no
     grad, its batch made then (`make_batch`), as the eval loader makes it."""
-    trained.optimizer.zero_grad(set_to_none=True)
-    trained.model.eval()
+    built.optimizer.zero_grad(set_to_none=True)
+    built.model.eval()
     _phase("eval", tracker, on_phase)
     batch = make_batch()
     device = next(iter(batch.values())).device.type
-    with torch.no_grad(), torch.autocast(device, dtype=trained.autocast, enabled=trained.autocast is not None):
-        loss = trained.model(**batch).loss
+    with torch.no_grad(), torch.autocast(device, dtype=built.autocast, enabled=built.autocast is not None):
+        loss = built.model(**batch).loss
     del loss, batch
     _phase(None, tracker, on_phase)
-    trained.model.train()
+    built.model.train()
 
 
 def _phase(name, tracker, on_phase) -> None:
@@ -274,42 +272,42 @@ def optimizer_tensors(optimizer):
                 yield value
 
 
-def _categories(trained: Trained, serial) -> dict[int, str]:
+def _categories(built: Built, serial) -> dict[int, str]:
     """Storage serial -> component, for the tensors that outlive the step."""
-    trainable_kind = "weights" if trained.method == "full" else "adapters"
+    trainable_kind = "weights" if built.method == "full" else "adapters"
     kinds = {}
-    for tensor, kind in model_tensors(trained.model):
+    for tensor, kind in model_tensors(built.model):
         kinds[serial(tensor)] = {"trainable": trainable_kind, "frozen": "weights", "buffer": "overhead"}[kind]
         if getattr(tensor, "grad", None) is not None:
             kinds[serial(tensor.grad)] = "gradients"
-    for tensor in optimizer_tensors(trained.optimizer):
+    for tensor in optimizer_tensors(built.optimizer):
         kinds[serial(tensor)] = "optimizer"
     kinds.pop(None, None)
     return kinds
 
 
-def _measure_cpu(trained: Trained, batch: dict, eval_batch, method: str) -> Measurement:
+def _measure_cpu(built: Built, batch: dict, eval_batch, method: str) -> Measurement:
     tracker = PeakTracker()
-    for tensor, _ in model_tensors(trained.model):
+    for tensor, _ in model_tensors(built.model):
         tracker.track(tensor)
-    for tensor in optimizer_tensors(trained.optimizer):
+    for tensor in optimizer_tensors(built.optimizer):
         tracker.track(tensor)
     for tensor in batch.values():
         tracker.track(tensor)
     with tracker:
-        cycle(trained, batch, tracker)
-        kinds = _categories(trained, tracker.serial)  # before the eval step frees the gradients
-        evaluate(trained, eval_batch, tracker)
+        cycle(built, batch, tracker)
+        kinds = _categories(built, tracker.serial)  # before the eval step frees the gradients
+        evaluate(built, eval_batch, tracker)
     parts = dict.fromkeys(("weights", "adapters", "gradients", "optimizer", "activations", "overhead"), 0)
     for serial, size in tracker.peak_storages.items():
         parts[kinds.get(serial, "activations")] += size
     return Measurement(method, "cpu", tracker.peak, parts, dict(tracker.phase_peaks))
 
 
-def _measure_cuda(trained: Trained, batch: dict, eval_batch, method: str) -> Measurement:
+def _measure_cuda(built: Built, batch: dict, eval_batch, method: str) -> Measurement:
     """Peak allocated per phase; paged optimizer states (outside the allocator) are added to every phase."""
     torch.cuda.synchronize()
-    paged = paged_optimizer_bytes(trained.optimizer)  # the same count as a training run's metrics.json
+    paged = paged_optimizer_bytes(built.optimizer)  # the same count as a training run's metrics.json
     phases: dict[str, int] = {}
     current = {"phase": None}
 
@@ -321,13 +319,13 @@ def _measure_cuda(trained: Trained, batch: dict, eval_batch, method: str) -> Mea
         current["phase"] = name
 
     on_phase(None)
-    cycle(trained, batch, on_phase=on_phase)
-    grads = sum(p.grad.nbytes for p in trained.model.parameters() if p.grad is not None)
-    states = sum(t.nbytes for t in optimizer_tensors(trained.optimizer))
-    trainable = sum(p.nbytes for p in trained.model.parameters() if p.requires_grad)
-    buffers = sum(b.nbytes for b in trained.model.buffers())
+    cycle(built, batch, on_phase=on_phase)
+    grads = sum(p.grad.nbytes for p in built.model.parameters() if p.grad is not None)
+    states = sum(t.nbytes for t in optimizer_tensors(built.optimizer))
+    trainable = sum(p.nbytes for p in built.model.parameters() if p.requires_grad)
+    buffers = sum(b.nbytes for b in built.model.buffers())
     resident = torch.cuda.memory_allocated() + paged - grads - states - buffers
-    evaluate(trained, eval_batch, on_phase=on_phase)
+    evaluate(built, eval_batch, on_phase=on_phase)
     peak = max(phases.values())
     parts = {
         "weights": resident - (0 if method == "full" else trainable),

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import yaml
+from conftest import predicted_and_measured
 
 from qlora.config.errors import QLoraError, run_cli
 from qlora.memory.activations import OFFLOADED, TILED_MLP_INPUT
 from qlora.memory.estimate import estimate
-from qlora.training.measure import measure
 from qlora.memory.planner import RECIPE_KEYS, plan, predict
 from qlora.memory.settings import Settings, from_recipe
 from qlora.config.recipe import recipe_from_mapping
@@ -33,20 +33,19 @@ WIDE_MLP = {**TINY_LLAMA, "intermediate_size": 1024, "vocab_size": 128, "max_pos
 NARROW_MLP = {**WIDE_MLP, "intermediate_size": 64}  # tiled finely, the norm's or attention's backward takes over
 WIDE_HEADS = {**NARROW_MLP, "head_dim": 40, "num_key_value_heads": 1}  # attention wider than hidden
 LONG = Settings(seq_len=128, batch_size=1, rank=4, device="cpu")
+LONG_KEYS = ("data.max_seq_len=128", "training.batch_size=1", "lora.r=4")  # LONG as a recipe (what --measure builds)
 
 
 @pytest.mark.parametrize("config,method,changes,busiest", [
-    (WIDE_MLP, "qlora", {"mlp_tiles": 4}, "one MLP tile"),
-    (WIDE_MLP, "lora", {"mlp_tiles": 3, "seq_len": 100, "lora_dropout": 0.0}, "one MLP tile"),
-    (WIDE_MLP, "lora-8bit", {"mlp_tiles": 4, "lora_dropout": 0.0}, "one MLP tile"),
-    (NARROW_MLP, "qlora", {"mlp_tiles": 16}, "post-attention norm"),
-    (WIDE_HEADS, "qlora", {"mlp_tiles": 16, "lora_dropout": 0.0}, "attention"),
-    (WIDE_HEADS, "lora", {"mlp_tiles": 16, "targets": "qv"}, "attention"),
+    (WIDE_MLP, "qlora", ("training.mlp_tiles=4",), "one MLP tile"),
+    (WIDE_MLP, "lora", ("training.mlp_tiles=3", "data.max_seq_len=100", "lora.dropout=0"), "one MLP tile"),
+    (WIDE_MLP, "lora-8bit", ("training.mlp_tiles=4", "lora.dropout=0"), "one MLP tile"),
+    (NARROW_MLP, "qlora", ("training.mlp_tiles=16",), "post-attention norm"),
+    (WIDE_HEADS, "qlora", ("training.mlp_tiles=16", "lora.dropout=0"), "attention"),
+    (WIDE_HEADS, "lora", ("training.mlp_tiles=16", "lora.targets=qv"), "attention"),
 ], ids=["qlora-mlp-tile", "lora-uneven-tiles-no-dropout", "int8-mlp-tile", "qlora-norm", "qlora-o-proj", "lora-qv-attention-kernel"])
 def test_a_tiled_step_is_predicted_to_a_few_bytes(tmp_path, config, method, changes, busiest):
-    path = str(write_config(tmp_path, config))
-    settings = LONG.replace(**changes)
-    predicted, measured = estimate(path, method, settings), measure(path, method, settings)
+    predicted, measured = predicted_and_measured(write_config(tmp_path, config), method, *LONG_KEYS, *changes)
     assert busiest in predicted.peak_moment and "MLP" in predicted.peak_moment
     for component in ("weights", "adapters", "gradients", "optimizer"):
         assert measured.bytes[component] == predicted.bytes[component]

@@ -6,12 +6,11 @@ import json
 
 import pytest
 
+from conftest import predicted_and_measured, prediction
 from qlora.config.errors import run_cli
-from qlora.memory.estimate import estimate
-from qlora.training.measure import PeakTracker, measure
-from qlora.memory.settings import Settings
+from qlora.training.measure import PeakTracker
 
-SMALL = Settings(seq_len=32, batch_size=2, rank=4, device="cpu")
+SMALL = ("data.max_seq_len=32", "training.batch_size=2", "lora.r=4")
 
 
 def test_tracker_follows_storages_to_their_release():
@@ -45,59 +44,53 @@ def test_cli_measure_every_method_within_5_percent_of_its_measured_peak(llama_co
 
 
 @pytest.mark.parametrize("config,method,changes", [
-    ("qwen2_config", "qlora", {}),  # biases, tied embeddings
-    ("llama_config", "lora", {"checkpointing": False, "attn_implementation": "eager"}),  # everything saved, S x S scores
+    ("qwen2_config", "qlora", ()),  # biases, tied embeddings
+    ("llama_config", "lora", ("training.gradient_checkpointing=false", "model.attn_implementation=eager")),  # everything saved, S x S scores
 ], ids=["qwen2-qlora", "llama-lora-eager-no-checkpointing"])
 def test_activation_model_matches_a_measured_step(config, method, changes, request):
-    config_path = str(request.getfixturevalue(config))
-    settings = SMALL.replace(**changes)
-    predicted, measured = estimate(config_path, method, settings), measure(config_path, method, settings)
+    predicted, measured = predicted_and_measured(request.getfixturevalue(config), method, *SMALL, *changes)
     assert predicted.bytes["activations"] == pytest.approx(measured.bytes["activations"], rel=0.01)
     assert predicted.allocated == pytest.approx(measured.peak, rel=0.01)
 
 
-@pytest.mark.parametrize("method,changes", [
-    ("qlora", {}),
-    ("full", {}),
-    ("lora", {"lora_dropout": 0.0, "num_labels": 7}),
+@pytest.mark.parametrize("method,changes,labels", [
+    ("qlora", (), 3),
+    ("full", (), 3),
+    ("lora", ("lora.dropout=0",), 7),
 ], ids=["qlora", "full", "lora-no-dropout-7-labels"])
-def test_a_classifier_step_is_predicted_to_a_few_bytes(llama_config, method, changes):
+def test_a_classifier_step_is_predicted_to_a_few_bytes(llama_config, method, changes, labels):
     """The trained head (a fp32 copy, its gradient and Adam states) and the small pooled logits instead
     of vocabulary-sized ones: the classifier's own step, not its causal LM's."""
-    settings = SMALL.replace(task="classification", num_labels=3).replace(**changes)
-    predicted, measured = estimate(str(llama_config), method, settings), measure(str(llama_config), method, settings)
+    predicted, measured = predicted_and_measured(llama_config, method, *SMALL, "task=classification", *changes, num_labels=labels)
     for component in ("weights", "adapters", "gradients", "optimizer"):
         assert measured.bytes[component] == predicted.bytes[component]
     assert abs(predicted.allocated - measured.peak) < 64
-    assert predicted.allocated < estimate(str(llama_config), method, SMALL.replace(**{k: v for k, v in changes.items() if k != "num_labels"})).allocated
+    assert predicted.allocated < prediction(llama_config, method, *SMALL, *changes).allocated
 
 
 @pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw_torch"])
 def test_optimizer_states_of_small_tensors_are_exact(llama_config, optimizer):
     """8-bit AdamW keeps fp32 states (and makes no code tables) for tensors under 4,096 elements;
     torch's AdamW adds one fp32 step counter per tensor."""
-    settings = SMALL.replace(optimizer=optimizer)
-    predicted, measured = estimate(str(llama_config), "lora", settings), measure(str(llama_config), "lora", settings)
+    predicted, measured = predicted_and_measured(llama_config, "lora", *SMALL, f"training.optimizer={optimizer}")
     assert measured.bytes["optimizer"] == predicted.bytes["optimizer"]
     assert "8-bit code tables" not in predicted.details["optimizer"]
 
 
 @pytest.mark.parametrize("config,method,changes,phase,moment", [
-    ("big_vocab_llama_config", "qlora", {}, "train", "loss chunk (chunked loss)"),
-    ("big_vocab_llama_config", "qlora", {"eval_batch_size": 4}, "eval", "eval step (eval loss chunk (chunked loss))"),
-    ("big_vocab_llama_config", "lora", {"loss": "standard", "eval_batch_size": 4}, "eval", "eval step (eval logits and loss)"),
-    ("llama_config", "qlora", {"eval_batch_size": 8}, "eval", "eval step (eval forward through one layer)"),
-    ("llama_config", "qlora", {"eval_batch_size": 8, "seq_len": 128, "attn_implementation": "eager"}, "eval",
+    ("big_vocab_llama_config", "qlora", (), "train", "loss chunk (chunked loss)"),
+    ("big_vocab_llama_config", "qlora", ("training.eval_batch_size=4",), "eval", "eval step (eval loss chunk (chunked loss))"),
+    ("big_vocab_llama_config", "lora", ("training.loss=standard", "training.eval_batch_size=4"), "eval", "eval step (eval logits and loss)"),
+    ("llama_config", "qlora", ("training.eval_batch_size=8",), "eval", "eval step (eval forward through one layer)"),
+    ("llama_config", "qlora", ("training.eval_batch_size=8", "data.max_seq_len=128", "model.attn_implementation=eager"), "eval",
      "eval step (eval forward through one layer)"),  # at eager attention's scores
-    ("big_vocab_qwen2_config", "full", {"optimizer": "adamw_torch", "seq_len": 64}, "train", "loss chunk (chunked loss)"),
+    ("big_vocab_qwen2_config", "full", ("training.optimizer=adamw_torch", "data.max_seq_len=64"), "train", "loss chunk (chunked loss)"),
 ], ids=["qlora-chunk", "qlora-eval-chunk", "lora-eval-standard", "qlora-eval-layer", "qlora-eval-eager-scores",
         "full-tied-trained-head"])
 def test_the_chunked_loss_and_the_eval_step_are_predicted_to_a_few_bytes(config, method, changes, phase, moment, request):
     """Each candidate peak of a run, made the peak in turn and measured: the loss chunk in training (and
     with a trained, tied head its fp32 gradient), the eval step's loss (chunked and standard) and its layer forward."""
-    settings = SMALL.replace(**changes)
-    predicted, measured = estimate(str(request.getfixturevalue(config)), method, settings), \
-        measure(str(request.getfixturevalue(config)), method, settings)
+    predicted, measured = predicted_and_measured(request.getfixturevalue(config), method, *SMALL, *changes)
     assert (predicted.phase, predicted.peak_moment) == (phase, moment)
     assert abs(predicted.allocated - measured.peak) < 64
     assert abs(predicted.phases["eval"]["allocated_bytes"] - measured.phases["eval"]) < 64
@@ -109,8 +102,7 @@ def test_the_chunked_loss_and_the_eval_step_are_predicted_to_a_few_bytes(config,
 
 def test_the_chunked_loss_holds_a_fraction_of_the_standard_peak(big_vocab_llama_config):
     """At 8k vocabulary and 2 x 64 tokens (memory_reports/measured/cpu-long-context: 0.16 at 128k x 2,048)."""
-    settings = SMALL.replace(seq_len=64)
-    chunked, standard = (measure(str(big_vocab_llama_config), "qlora", settings.replace(loss=loss)) for loss in ("chunked", "standard"))
+    (_, chunked), (predicted, standard) = (predicted_and_measured(big_vocab_llama_config, "qlora", *SMALL, "data.max_seq_len=64",
+                                                                  f"training.loss={loss}") for loss in ("chunked", "standard"))
     assert chunked.peak < 0.55 * standard.peak  # one chunk of fp32 logits instead of three vocabulary-sized tensors
-    predicted = estimate(str(big_vocab_llama_config), "qlora", settings.replace(loss="standard"))
     assert abs(predicted.allocated - standard.peak) < 64
