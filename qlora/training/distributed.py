@@ -2,7 +2,10 @@
 section turned into what transformers' Trainer, accelerate and DeepSpeed need for QLoRA.
 
 `torchrun` and `accelerate launch` both describe the run in the environment (RANK, LOCAL_RANK,
-WORLD_SIZE); everything here reads that, so one recipe runs in one process or in many unchanged.
+WORLD_SIZE); before the process group exists that is all there is to read (`launch_env`), so one recipe
+runs in one process or in many unchanged. Once the group exists, accelerate's `PartialState` answers
+who is who, and accelerate's operations (`broadcast_object_list`, `gather_object`, `reduce`) move
+objects and decisions between the processes.
 The strategy decides how memory is divided (see `qlora.memory.sharding` for the bytes):
 
     ddp    every process holds the whole model; the data and gradients are split and averaged
@@ -15,9 +18,16 @@ What cannot work is refused before the model loads, in one line naming `distribu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object, reduce
 
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import SHARDED_STRATEGIES, check_distributed
@@ -44,7 +54,12 @@ class Launch:
 
 
 def launch_env(environ: dict[str, str] | None = None) -> Launch:
-    """The launcher's view of this process: RANK, LOCAL_RANK, WORLD_SIZE (torchrun and accelerate set all three)."""
+    """The launcher's view of this process: RANK, LOCAL_RANK, WORLD_SIZE (torchrun and accelerate set all three).
+
+    Read by hand because it is needed before the process group exists (to decide whether to start it,
+    and in `resolve`): accelerate's `PartialState` cannot answer without joining the group (its first
+    instance initialises it), and torch.distributed knows nothing until then either.
+    """
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" not in env:
         return Launch()
@@ -55,15 +70,31 @@ def launch_env(environ: dict[str, str] | None = None) -> Launch:
                          f"LOCAL_RANK={env.get('LOCAL_RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r}") from None
 
 
+def joined() -> PartialState | None:
+    """accelerate's state of this process once the process group exists (None before, and in one plain process).
 
+    The first `PartialState` of a process takes its distributed type from its arguments, not from the
+    group: without `cpu=True` a gloo group on a CPU reads as one process. Passing what the group is makes
+    the answer right whoever asks first; later calls return that same state (Trainer's included).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    backend = dist.get_backend()
+    return PartialState(cpu=backend == "gloo", backend=backend)
 
 
 def is_main_process() -> bool:
     """Whether this process is the one that writes (rank 0; the only one without a launcher)."""
-    return launch_env().is_main
+    state = joined()
+    return state.is_main_process if state is not None else launch_env().is_main
 
 
-
+def any_process(flag: bool) -> bool:
+    """`flag` OR-ed over all processes (just `flag` in one): a stop decided anywhere is made everywhere."""
+    state = joined()
+    if state is None:
+        return flag
+    return bool(reduce(torch.tensor([float(flag)], device=state.device), reduction="max").item())
 
 
 @dataclass(frozen=True)
@@ -84,8 +115,6 @@ class Plan:
 
 def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bool | None = None) -> Plan:
     """Check the recipe's `distributed` section against the launcher and the machine; build the Trainer kwargs."""
-    import torch
-
     launch = launch_env() if launch is None else launch
     cuda = torch.cuda.is_available() if cuda is None else cuda
     strategy = spec.strategy or ("ddp" if launch.distributed else None)
@@ -99,8 +128,6 @@ def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bo
     if strategy == "zero3":
         _require_deepspeed()
     if spec.gpus and launch.launched and launch.world_size != spec.gpus and launch.is_main:
-        import sys
-
         print(f"warning: distributed.gpus: the recipe is sized for {spec.gpus} GPUs and {launch.world_size} processes "
               "were launched; the memory per GPU differs from its plan", file=sys.stderr)
     kwargs = trainer_kwargs(strategy, spec.offload, launch, cuda)
@@ -108,8 +135,6 @@ def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bo
 
 
 def _require_deepspeed() -> None:
-    import importlib.util
-
     if importlib.util.find_spec("deepspeed") is None:
         raise QLoraError("distributed.strategy: 'zero3' needs DeepSpeed, which is not installed: pip install 'qlora[deepspeed]'")
 
@@ -181,15 +206,11 @@ def prepare_loading(plan: Plan) -> None:
 
 def start(plan: Plan) -> None:
     """Join the process group early, so that the output folder can be prepared by one process while
-    the others wait (accelerate and DeepSpeed reuse a group that exists)."""
-    import torch
-    import torch.distributed as dist
-
+    the others wait (accelerate's state sets this process's GPU and starts the group; transformers'
+    Trainer, accelerate and DeepSpeed reuse a group that exists)."""
     if not plan.launch.distributed or dist.is_initialized():
         return
-    if plan.cuda:
-        torch.cuda.set_device(plan.launch.local_rank)
-    dist.init_process_group(backend="nccl" if plan.cuda else "gloo")
+    PartialState(cpu=not plan.cuda, backend="nccl" if plan.cuda else "gloo")
 
 
 def allow_wrapping(trainer) -> None:
@@ -213,16 +234,12 @@ def allow_wrapping(trainer) -> None:
 def finish() -> None:
     """Leave the process group once every process is done: left to interpreter exit, gloo's threads can
     be torn down mid-collective and abort a process ('terminate called without an active exception')."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -232,17 +249,16 @@ def on_main(fn: Callable[[], T]) -> T:
 
     A user error on the main process alone would leave the others waiting at the next collective.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    state = joined()
+    if state is None:
         return fn()
     box: list[Any] = [None]
-    if dist.get_rank() == 0:
+    if state.is_main_process:
         try:
             box[0] = ("ok", fn())
         except QLoraError as exc:
             box[0] = ("error", str(exc))
-    dist.broadcast_object_list(box, src=0)
+    broadcast_object_list(box, from_process=0)
     kind, value = box[0]
     if kind == "error":
         raise QLoraError(value)
@@ -251,13 +267,9 @@ def on_main(fn: Callable[[], T]) -> T:
 
 def gather(value: T) -> list[T]:
     """`value` from every process, in rank order (just `[value]` in one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    if joined() is None:
         return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
+    return gather_object([value])
 
 
 def local_parameter_bytes(model) -> int:
@@ -277,7 +289,7 @@ def process_metrics(plan: Plan, peak: int, per_device_batch: int, grad_accum: in
     """
     peaks = gather(int(peak))
     params = gather(local_parameter_bytes(model))
-    world = plan.launch.world_size
+    world = len(peaks)  # one figure per process
     return {
         "strategy": plan.strategy or "single",
         "offload": plan.offload,

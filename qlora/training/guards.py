@@ -84,8 +84,9 @@ def guarded_run(output_dir: Path):
 
 def rotate_checkpoints_callback(keep: int | None):
     """`training.save_total_limit`, applied only after the newest checkpoint is marked complete."""
+    # here, not at the top: importing transformers takes seconds, and `qlora train` reaches this module
+    # at start-up, before a recipe error should be reported
     from transformers import TrainerCallback
-
 
     class RotateCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):

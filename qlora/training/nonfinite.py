@@ -9,6 +9,14 @@ gradients spreads NaN into every adapter weight. Checked once per optimizer step
   bad as a non-finite loss; with one, an overflowing gradient under a finite loss is routine (the
   scaler skips that step and lowers its scale), so only the loss counts.
 
+The gradient norm is computed here although transformers' Trainer computes it too (for clipping, or
+with an infinite bound when clipping is off), just before `on_pre_optimizer_step`: the Trainer keeps it
+in a local variable and hands it to callbacks only through `on_log` (`logs["grad_norm"]`), after the
+optimizer step and on logging steps only; `on_pre_optimizer_step` gets neither the norm nor the trainer
+(transformers 5, checked on 5.24). That is too late to skip the step, so the check takes the norm once
+more with torch's `get_total_norm` (one fused reduction, one sync). Clipping by a non-finite norm leaves
+NaN gradients behind, so the figure after the Trainer's clipping says the same as the one before it.
+
 A bad step is skipped (its gradients dropped, as the fp16 scaler does); after
 `training.max_nonfinite_steps` skipped steps (default 0: at the first one) training stops without
 saving, so the last checkpoint written is the last good one, and the run exits with
@@ -19,6 +27,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 NONFINITE_EXIT_CODE = 5
 ADVICE = ("try quantization.compute_dtype=bfloat16 where the GPU supports it (fp16 overflows), a lower "
           "training.learning_rate, or a smaller training.max_grad_norm")
@@ -26,8 +36,6 @@ ADVICE = ("try quantization.compute_dtype=bfloat16 where the GPU supports it (fp
 
 def gradients_finite(model) -> bool:
     """Whether every gradient the optimizer is about to apply is finite (one reduction, one sync)."""
-    import torch
-
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return True
@@ -50,8 +58,6 @@ class LossWatch:
             self.handle = None
 
     def hook(self, module, args, output) -> None:
-        import torch
-
         loss = getattr(output, "loss", None)
         if module.training and isinstance(loss, torch.Tensor):
             bad = ~torch.isfinite(loss.detach()).all()
@@ -75,6 +81,8 @@ def step_is_bad(watch: LossWatch, model, optimizer) -> bool:
 
 def stop_on_nonfinite_callback(max_skipped: int = 0):
     """The Trainer callback that skips up to `max_skipped` non-finite steps, then stops training."""
+    # here, not at the top: importing transformers takes seconds, and `qlora train` reaches this module
+    # at start-up, before a recipe error should be reported
     from transformers import TrainerCallback
 
     class StopOnNonFinite(TrainerCallback):

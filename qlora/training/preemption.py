@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qlora.training.checkpoints import latest_complete_checkpoint
+from qlora.training.distributed import any_process
 
 PREEMPTED_EXIT_CODE = 4
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143: SIGTERM before anything was worth saving
@@ -69,20 +70,13 @@ def sigterm_handling(output_dir: Path):
 
 def requested_anywhere() -> bool:
     """The flag, OR-ed over all processes when distributed (every rank must stop at the same step)."""
-    import torch
-
-    flag = STATE.requested
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        tensor = torch.tensor([1.0 if flag else 0.0])
-        if torch.distributed.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        flag = bool(tensor.item())
-    return flag
+    return any_process(STATE.requested)
 
 
 def stop_on_sigterm_callback():
     """The Trainer callback: after a SIGTERM, save at the end of this step and stop."""
+    # here, not at the top: importing transformers takes seconds, and `qlora train` reaches this module
+    # at start-up, before a recipe error should be reported
     from transformers import TrainerCallback
 
     class StopOnSigterm(TrainerCallback):
