@@ -81,8 +81,3 @@ def optimizer_state_dtype(optimizer: str, param_dtype: torch.dtype) -> torch.dty
     if optimizer.endswith("32bit"):
         return torch.float32
     return param_dtype
-
-
-def is_paged_optimizer(optimizer: str) -> bool:
-    """Paged optimizers keep their states in CUDA unified memory, outside PyTorch's allocator."""
-    return optimizer.startswith("paged_")

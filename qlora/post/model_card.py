@@ -91,11 +91,6 @@ def predicted_estimate(recipe: Recipe):
         return None
 
 
-def predicted_peak_bytes(recipe: Recipe) -> int | None:
-    """The profiler's predicted GPU total (tensors + CUDA context + allocator slack); None when unknown."""
-    found = predicted_estimate(recipe)
-    return None if found is None else int(found.total)
-
 
 # --- the card ---------------------------------------------------------------------------------------
 
