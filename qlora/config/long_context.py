@@ -28,21 +28,29 @@ AUTO_TILE_TOKENS = 4096  # `mlp_tiles: auto`: the fewest tokens per tile (hidden
 # fp32 logits per chunk of the chunked loss: 256 MiB, i.e. 512 tokens at a 128k vocabulary. Smaller chunks
 # save little (the chunk is already below one layer's backward at 8B) and run slower matmuls.
 CHUNK_BYTES = 2**28
+# DeepSpeed ZeRO-3's partitioned linear layers reject the gradients a tile's recompute returns in backward
+# (its LinearFunctionForZeroStage3 expects the partitioned, empty shape): `auto` runs untiled there.
+UNTILED_STRATEGY = "zero3"
 
 
-def check_keys(mlp_tiles, offload, gradient_checkpointing: bool) -> None:
+def check_keys(mlp_tiles, offload, gradient_checkpointing: bool, strategy: str | None = None) -> None:
     """Recipe validation of the two keys: one-line errors naming the key."""
     if not (mlp_tiles == "auto" or (isinstance(mlp_tiles, int) and not isinstance(mlp_tiles, bool) and mlp_tiles >= 1)):
         raise QLoraError(f"training.mlp_tiles: expected auto or an integer >= 1, got {mlp_tiles!r}")
     if offload not in OFFLOAD_CHOICES or (offload in (0, 1) and not isinstance(offload, bool)):
         raise QLoraError(f"training.offload_checkpoints: expected false, true or auto, got {offload!r}")
+    if strategy == UNTILED_STRATEGY and mlp_tiles not in ("auto", 1):
+        raise QLoraError(f"training.mlp_tiles: {mlp_tiles} tiles cannot run under distributed.strategy zero3 (DeepSpeed's "
+                         "partitioned linear layers refuse the per-tile gradients); set training.mlp_tiles=1 or auto")
     if offload is True and not gradient_checkpointing:
         raise QLoraError("training.offload_checkpoints: true needs training.gradient_checkpointing=true "
                          "(it moves the layer inputs that checkpointing keeps)")
 
 
-def mlp_tiles_for(setting, tokens: int, hidden: int) -> int:
-    """How many tiles the MLP uses for a call with `tokens` tokens (1: untiled)."""
+def mlp_tiles_for(setting, tokens: int, hidden: int, strategy: str | None = None) -> int:
+    """How many tiles the MLP uses for a call with `tokens` tokens (1: untiled; always under ZeRO-3)."""
+    if strategy == UNTILED_STRATEGY:
+        return 1
     if setting == "auto":
         return max(1, math.ceil(tokens / max(hidden, AUTO_TILE_TOKENS)))
     return max(1, min(int(setting), tokens))

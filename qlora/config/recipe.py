@@ -371,7 +371,7 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
     _check(t.max_nonfinite_steps >= 0, f"training.max_nonfinite_steps: must be >= 0, got {t.max_nonfinite_steps}")
     _check(t.logging_steps > 0, f"training.logging_steps: must be > 0, got {t.logging_steps}")
     _check(t.eval_steps is None or t.eval_steps > 0, f"training.eval_steps: must be > 0, got {t.eval_steps}")
-    check_long_context_keys(t.mlp_tiles, t.offload_checkpoints, t.gradient_checkpointing)
+    check_long_context_keys(t.mlp_tiles, t.offload_checkpoints, t.gradient_checkpointing, recipe.distributed.strategy)
     _check_choice("training.loss", t.loss, LOSSES)
     _check(t.eval_batch_size is None or t.eval_batch_size >= 1, f"training.eval_batch_size: must be >= 1, got {t.eval_batch_size}")
     _check_choice("eval.metric", e.metric, METRICS)

@@ -396,7 +396,7 @@ def tiled_layer_backward(inv: Inventory, step: Step) -> tuple[str, int]:
     """
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     candidates = {
-        ONE_MLP_TILE: 2 * T * d.hidden * c + one_mlp_tile(inv, step),
+        ONE_MLP_TILE: 2 * T * d.hidden * c + one_mlp_tile(inv, step) + tile_parameter_gradients(inv, step),
         "post-attention norm, MLP tiled": norm_backward(inv, step),
         "attention, MLP tiled": attention_backward(inv, step),
     }
@@ -479,6 +479,17 @@ def one_mlp_tile(inv: Inventory, step: Step) -> int:
             product += _lora_saved(inv, mlp, ["down_proj"])  # _mlp_backward counted them freed
             forward += _lora_saved(inv, mlp, ["down_proj"])
     return saved + max(forward, t * H * c + max(down, product))
+
+
+def tile_parameter_gradients(inv: Inventory, step: Step) -> int:
+    """The tiled MLP's parameter gradients during a tile's backward (qlora.ops.tiled_mlp): the sums over the
+    tiles so far (every trained MLP tensor) and the tile's own down_proj adapter gradients, found first."""
+    if step.method == "full":
+        linears = inv.layer_linears()
+        return 2 * sum(linears[leaf].in_features * linears[leaf].out_features for leaf in MLP_LEAVES & set(linears)) * step.compute_bytes
+    mlp = replace(step, lora_leaves=step.lora_leaves & MLP_LEAVES)
+    down = replace(step, lora_leaves=step.lora_leaves & {"down_proj"})
+    return (_adapter_numel(inv, mlp) + _adapter_numel(inv, down)) * step.adapter_bytes
 
 
 def _adapter_numel(inv: Inventory, step: Step) -> int:

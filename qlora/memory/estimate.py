@@ -163,7 +163,7 @@ def long_context_step(inv: Inventory, settings: Settings) -> dict:
     `auto` is resolved against a GPU size by the planner (here, without one: no offload)."""
     tokens = settings.batch_size * settings.seq_len
     offload = settings.offload_checkpoints is True and settings.checkpointing and settings.device == "cuda"
-    return {"mlp_tiles": mlp_tiles_for(settings.mlp_tiles, tokens, inv.dims.hidden), "offload": offload}
+    return {"mlp_tiles": mlp_tiles_for(settings.mlp_tiles, tokens, inv.dims.hidden, settings.strategy), "offload": offload}
 
 
 def _linear_tensors(linears) -> list[int]:

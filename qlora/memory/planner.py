@@ -192,7 +192,7 @@ def long_context_keys(inv: Inventory, method: str, s: Settings, k: dict[str, str
     if method != "full" and s.lora_dropout > 0:
         changes["lora_dropout"] = 0.0
         spelled.append(k["dropout"])
-    tiles = mlp_tiles_for("auto", s.batch_size * s.seq_len, inv.dims.hidden)
+    tiles = mlp_tiles_for("auto", s.batch_size * s.seq_len, inv.dims.hidden, s.strategy)
     if s.mlp_tiles != "auto" and tiles > s.mlp_tiles:
         changes["mlp_tiles"] = "auto"
         spelled.append(k["tiles"].format(tiles))

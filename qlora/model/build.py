@@ -76,7 +76,7 @@ def prepare_for_training(base, recipe: Recipe, lora: bool = True, offload: bool 
     loss = install_loss(model, recipe)
     if t.mlp_tiles != 1:
         hidden = base.config.get_text_config().hidden_size
-        tile_mlps(base, functools.partial(mlp_tiles_for, t.mlp_tiles, hidden=hidden))
+        tile_mlps(base, functools.partial(mlp_tiles_for, t.mlp_tiles, hidden=hidden, strategy=recipe.distributed.strategy))
     return model, loss
 
 

@@ -39,16 +39,18 @@ def _bounds(tokens: int, tiles: int) -> list[tuple[int, int]]:
 class TiledMLPFunction(torch.autograd.Function):
     """forward(x, forward_fn, tiles, random, *params) -> forward_fn(x), computed over `tiles` tiles of tokens.
 
-    `params` (the MLP's trained tensors) are inputs only so that autograd calls backward even when
-    `x` needs no gradient (the first layer without checkpointing); their gradients are accumulated
-    by the per-tile backward itself, as the untiled MLP would, and None is returned for them.
+    `params` (the MLP's trained tensors) are inputs: each tile's gradients w.r.t. them are taken with
+    `torch.autograd.grad` (no accumulation into `.grad`, so no gradient hook fires per tile), summed over the
+    tiles, and returned once, as the untiled MLP's backward would give them: DDP's, FSDP's and ZeRO-3's hooks
+    fire once per backward. Being inputs also makes autograd call backward when `x` needs no gradient (the
+    first layer without checkpointing).
     `random`: the MLP draws random numbers (dropout in training), so each tile's generator state is
     kept and restored when the tile is recomputed, making backward see the forward's masks.
     """
 
     @staticmethod
     def forward(ctx, x, forward_fn, tiles, random, *params):
-        ctx.forward_fn, ctx.tiles = forward_fn, tiles
+        ctx.forward_fn, ctx.tiles, ctx.params = forward_fn, tiles, params
         ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         ctx.rng_states = []
         ctx.save_for_backward(x)
@@ -70,6 +72,8 @@ class TiledMLPFunction(torch.autograd.Function):
         flat = x.detach().reshape(-1, x.shape[-1])
         grads = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
+        params = [p for p, needed in zip(ctx.params, ctx.needs_input_grad[4:]) if needed]
+        sums = [None] * len(params)  # each parameter's gradient, summed over the tiles
         enabled, dtype = ctx.autocast
         for index, (start, end) in enumerate(_bounds(flat.shape[0], ctx.tiles)):
             # a fresh leaf per tile, dropped with its gradient before the next tile
@@ -79,13 +83,18 @@ class TiledMLPFunction(torch.autograd.Function):
                     _set_rng_state(ctx.rng_states[index], x.device)
                 with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
                     output = ctx.forward_fn(tile)
-            torch.autograd.backward(output, grads[start:end])
+            wrt = ([tile] if grad_input is not None else []) + params
+            found = list(torch.autograd.grad(output, wrt, grads[start:end], allow_unused=True))
             del output
             if grad_input is not None:
-                grad_input[start:end] = tile.grad
-            del tile
+                grad_input[start:end] = found.pop(0)
+            for i in range(len(sums)):  # by index: no loop variable keeps a tile's gradient alive into the next tile
+                if found[i] is not None:
+                    sums[i] = found[i] if sums[i] is None else sums[i].add_(found[i])
+            del tile, found
         grad_x = grad_input.view_as(x) if grad_input is not None else None
-        return (grad_x, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
+        summed = iter(sums)
+        return (grad_x, None, None, None, *(next(summed) if needed else None for needed in ctx.needs_input_grad[4:]))
 
 
 class TiledMLP(torch.nn.Module):
