@@ -18,7 +18,7 @@ import psutil
 import torch
 
 from qlora.config.errors import QLoraError, run_cli
-from qlora.config.gpus import parse_gpu_list, parse_gpu_memory
+from qlora.config.gpus import gpu_target, parse_gpu_list
 from qlora.config.precision import default_device
 from qlora.config.recipe import (ATTN_IMPLEMENTATIONS, DISTRIBUTED_OFFLOADS, DISTRIBUTED_STRATEGIES, LOSSES, OPTIMIZERS, TASKS,
                                  Recipe, load_recipe, recipe_from_mapping)
@@ -158,13 +158,14 @@ def profile(args: argparse.Namespace) -> list:
         settings = job.settings.replace(device=device)
         inv = settings_inventory(job.model, settings)
         results = [Result(estimate(inv, method, settings)) for method in job.methods]
-        targets = gpus or ([parse_gpu_memory(job.target_gpu, "target_gpu")] if job.target_gpu else [None])
+        targets = gpus or ([gpu_target(job.target_gpu)] if job.target_gpu else [(None, True)])
         if args.measure and settings.gpus > 1:
             raise QLoraError("--measure: measures one process on this machine; per-GPU shares (--gpus, distributed.gpus) "
                              "are predictions only: measure with --gpus 1")
-        for i, target in enumerate(targets):  # one run per GPU, sharing the predictions (and the measurement)
-            fit_plan = plan(inv, job.methods, settings, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None
-            run = Run(job.label if job.recipe else inv.name, inv.name, settings, results, fit_plan, job.recipe)
+        for i, (target, bf16) in enumerate(targets):  # one run per GPU, sharing the predictions (and the measurement)
+            card = settings.replace(native_bf16=bf16) if device == "cuda" else settings  # its dtype: the bytes are the same
+            fit_plan = plan(inv, job.methods, card, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None
+            run = Run(job.label if job.recipe else inv.name, inv.name, card, results, fit_plan, job.recipe)
             if args.gpus == "auto":
                 run.cards = {m: cards_needed(inv, m, settings, target) for m in job.methods}
             if args.measure and i == 0:

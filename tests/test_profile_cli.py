@@ -113,3 +113,16 @@ def test_python_m_qlora_profile_prints_the_headline_table_within_20_seconds():
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("│ llama-2-") == 9
     assert elapsed < 20
+
+
+@pytest.mark.parametrize("gpu,dtype", [("t4", "float16"), ("v100", "float16"), ("4090", "bfloat16"), ("24GB", "bfloat16")])
+def test_the_plan_names_the_compute_dtype_of_the_card_it_plans_for(gpu, dtype, capsys):
+    """A T4 or V100 trains in fp16 (compute capability below 8.0), newer cards in bf16; the bytes are the same."""
+    code, out, _ = profile(["--model", "llama-3.1-8b", "--methods", "qlora", "--gpu", gpu, "--format", "json"], capsys)
+    assert code == 0
+    run = json.loads(out)["runs"][0]
+    assert run["compute_dtype"] == dtype
+    code, table, _ = profile(["--model", "llama-3.1-8b", "--methods", "qlora", "--gpu", gpu], capsys)
+    assert f"{dtype} on cuda" in table
+    code, plain, _ = profile(["--model", "llama-3.1-8b", "--methods", "qlora", "--format", "json"], capsys)
+    assert json.loads(plain)["runs"][0]["results"][0]["bytes"] == run["results"][0]["bytes"]

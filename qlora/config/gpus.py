@@ -119,9 +119,16 @@ def parse_gpu_memory(text: str | int, key: str = "target_gpu") -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def parse_gpu_list(values: list[str] | None, key: str = "--gpu") -> list[int]:
-    """Repeated and/or comma-separated --gpu values -> bytes each, in order."""
-    return [parse_gpu_memory(v, key) for value in values or () for v in value.split(",") if v.strip()]
+def parse_gpu_list(values: list[str] | None, key: str = "--gpu") -> list[tuple[int, bool]]:
+    """Repeated and/or comma-separated --gpu values -> (bytes, native bf16) each, in order. A size without a
+    preset is taken to compute in bf16 (compute capability 8.0 and above); a T4 or V100 preset computes in fp16."""
+    return [gpu_target(v, key) for value in values or () for v in value.split(",") if v.strip()]
+
+
+def gpu_target(text: str | int, key: str = "target_gpu") -> tuple[int, bool]:
+    """(bytes, whether the card computes bf16 natively) of a preset or a size."""
+    found = preset(str(text))
+    return parse_gpu_memory(text, key), found is None or found.capability >= (8, 0)
 
 
 def markdown_table() -> str:

@@ -221,7 +221,8 @@ def to_json(runs: list[Run]) -> dict:
             if fit:
                 entry["fit"] = fit.to_dict()
             results.append(entry)
-        item = {"model": run.model, "settings": run.settings.to_dict(), "results": results}
+        item = {"model": run.model, "settings": run.settings.to_dict(), "compute_dtype": dtype_name(compute_dtype(run.settings)),
+                "results": results}
         if run.recipe:
             item["recipe"] = run.recipe
         if run.plan:

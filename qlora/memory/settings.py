@@ -49,6 +49,7 @@ class Settings:
     offload: str = "none"  # none | cpu, as distributed.offload
     loss: str = "chunked"  # causal LM: 'chunked' (qlora.ops.loss, no full logits) or 'standard'; a classifier ignores it
     eval_batch_size: int | None = None  # the eval step's batch (None: batch_size)
+    native_bf16: bool = True  # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): same bytes
 
     @property
     def eval_batch(self) -> int:
@@ -112,4 +113,4 @@ def from_recipe(recipe, num_labels: int | None = None, device: str = "cuda") -> 
 
 def compute_dtype(settings: Settings):
     """The compute dtype the trainer would pick on the settings' device (a GPU with bf16 when planning)."""
-    return resolve_compute_dtype(settings.compute_dtype, settings.device, bf16_supported=True)
+    return resolve_compute_dtype(settings.compute_dtype, settings.device, bf16_supported=settings.native_bf16)

@@ -48,7 +48,7 @@ def test_presets_hold_what_the_card_reports_not_the_box_label():
 
 
 def test_several_gpus_comma_separated_or_repeated():
-    assert parse_gpu_list(["t4,4090", "80GB"]) == [GPU_PRESETS["t4"].bytes, GPU_PRESETS["4090"].bytes, 80 * 10**9]
+    assert parse_gpu_list(["t4,4090", "80GB"]) == [(GPU_PRESETS["t4"].bytes, False), (GPU_PRESETS["4090"].bytes, True), (80 * 10**9, True)]
 
 
 def profile_json(argv, capsys):
