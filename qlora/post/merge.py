@@ -190,7 +190,7 @@ def reload_saved(run: TrainedRun, folder: Path, save_dtype: str, placement: str 
     return loader.from_pretrained(folder, dtype=torch.float32)  # CPU 16-bit matmuls are slow and lossy
 
 
-def plan(run: TrainedRun, compute_dtype: torch.dtype, device: str, gpu_memory: int | None):
+def choose_merge_placement(run: TrainedRun, compute_dtype: torch.dtype, device: str, gpu_memory: int | None):
     """(placement, GPU budget, the line saying why): `--device` resolved against what the merge needs."""
     if device not in PLACEMENTS:
         raise QLoraError(f"--device: unknown value '{device}' (valid: {', '.join(PLACEMENTS)})")
@@ -215,7 +215,7 @@ def merge(run: TrainedRun, to: Path, save_dtype: str = "float16", overwrite: boo
     below what is free."""
     check_destination(to, run, overwrite)
     compute_dtype = resolve_compute_dtype(run.recipe.quantization.compute_dtype)
-    placement, budget, why = plan(run, compute_dtype, device, gpu_memory)
+    placement, budget, why = choose_merge_placement(run, compute_dtype, device, gpu_memory)
     print(why, file=sys.stderr)
     inputs, reference, base_only, tokenizer = reference_logits(run, check_inputs, "cpu" if placement == "cpu" else None)
     staging = staging_dir_for(to)

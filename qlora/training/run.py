@@ -102,7 +102,7 @@ def build_trainer(recipe, loaded, data, checkpoint_root: Path, parallel: dict | 
     )
 
 
-def measure(trainer, loaded, data, recipe) -> dict[str, float]:
+def evaluate_metrics(trainer, loaded, data, recipe) -> dict[str, float]:
     """Eval loss and the task metric on the held-out split (empty when there is none)."""
     if data.eval is None:
         return {}
@@ -117,7 +117,7 @@ def baseline(trainer, loaded, data, recipe, output_dir: Path, resuming: bool) ->
     if resuming and path.exists():
         return json.loads(path.read_text())
 
-    before = measure(trainer, loaded, data, recipe)
+    before = evaluate_metrics(trainer, loaded, data, recipe)
     if is_main_process():
         atomic_write_json(path, before)
     return before
@@ -203,7 +203,7 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     after: dict[str, float] = {}
     with out_of_memory("the evaluation after training", recipe, f"the adapter is saved in {adapter_dir}, "
                        "metrics.json has no after-metrics", EVAL_ADVICE, deferred=True) as after_oom:
-        after = measure(trainer, loaded, data, recipe)
+        after = evaluate_metrics(trainer, loaded, data, recipe)
     trainable, total = parameter_counts(loaded.model)
     metrics: dict[str, Any] = {f"{k}_before": v for k, v in before.items()}
     metrics.update({f"{k}_after": v for k, v in after.items()})
