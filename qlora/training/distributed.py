@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import pickle
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
@@ -245,24 +246,67 @@ def barrier() -> None:
 
 
 def on_main(fn: Callable[[], T]) -> T:
-    """Run `fn` on the main process only and hand its result (or its user error) to every process.
+    """Run `fn` on the main process only and hand its result, or whatever it raised, to every process.
 
-    A user error on the main process alone would leave the others waiting at the next collective.
+    A failure on the main process alone would leave the others waiting at the next collective. So every
+    process raises it: the main process its own exception, the others a copy (`relayed`); then all leave
+    the group together, since no collective follows a failure.
     """
     state = joined()
     if state is None:
         return fn()
     box: list[Any] = [None]
+    failure: BaseException | None = None
     if state.is_main_process:
         try:
-            box[0] = ("ok", fn())
-        except QLoraError as exc:
-            box[0] = ("error", str(exc))
+            value = fn()
+            pickle.dumps(value)  # a result that cannot be sent fails here, where the others still hear of it
+            box[0] = ("ok", value)
+        except BaseException as exc:  # SystemExit (SIGTERM) and KeyboardInterrupt too: the others must not wait
+            failure, box[0] = exc, ("error", relayable(exc))
     broadcast_object_list(box, from_process=0)
     kind, value = box[0]
-    if kind == "error":
-        raise QLoraError(value)
-    return value
+    if kind == "ok":
+        return value
+    finish()
+    if failure is not None:
+        raise failure
+    raise relayed(value)
+
+
+def relayable(exc: BaseException) -> tuple[str, Any]:
+    """What another process needs to raise `exc` again: the exception itself when it survives pickling
+    unchanged (OSError keeps its errno and file name, SystemExit its code), else its type when the type
+    can be rebuilt from the message, else the type's name and the message."""
+    message = str(exc)
+    try:
+        copy = pickle.loads(pickle.dumps(exc))
+        if type(copy) is type(exc) and str(copy) == message:
+            return "exception", exc
+    except Exception:
+        pass
+    try:
+        kind = type(exc)
+        if pickle.loads(pickle.dumps(kind)) is kind and isinstance(kind(message), kind):
+            return "type", (kind, message)
+    except Exception:
+        pass
+    return "named", (f"{type(exc).__module__}.{type(exc).__qualname__}", message)
+
+
+def relayed(payload: tuple[str, Any]) -> BaseException:
+    """The exception to raise on a process that was told about the main process's failure (see `relayable`)."""
+    how, value = payload
+    if how == "exception":
+        return value
+    if how == "type":
+        kind, message = value
+        try:
+            return kind(message)
+        except Exception:
+            return RuntimeError(f"{kind.__module__}.{kind.__qualname__} on the main process: {message}")
+    name, message = value
+    return RuntimeError(f"{name} on the main process: {message}")
 
 
 def gather(value: T) -> list[T]:

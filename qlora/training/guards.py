@@ -1,15 +1,18 @@
 """What surrounds one training run so that nothing is lost and no traceback reaches the user.
 
 `guarded_run(output_dir)` holds the output folder's lock (taken by `lock.acquire()` just before the
-run writes its first file), handles SIGTERM (qlora.training.preemption) and turns a full disk into one line.
-`run_callbacks(recipe)` are the Trainer callbacks that go with it, and `exit_if_stopped(trainer)`
-ends a run that a callback stopped early with its documented exit code.
+run writes its first file), handles SIGTERM (qlora.training.preemption) and turns a full disk, or any
+other file-system error (permissions, a read-only disk), into one line. Under a launcher every process
+prints its own line: an error the main process met in `qlora.training.distributed.on_main` is raised on
+every process, so each ends with the same line. `run_callbacks(recipe)` are the Trainer callbacks that
+go with it, and `exit_if_stopped(trainer)` ends a run that a callback stopped early with its documented
+exit code, every process at the same step (the callbacks' decisions are reduced across processes).
 
 Exit codes of `qlora train` (also in the README's Reliability section):
-  0 done | 2 user mistake (`error: ...`) | 3 out of GPU memory | 4 stopped by SIGTERM, a complete
-  checkpoint kept (continue with --resume) | 5 non-finite loss, the last good checkpoint kept |
-  6 disk full while writing, the last complete checkpoint and any finished adapter kept |
-  143 SIGTERM before any checkpoint existed (nothing to resume).
+  0 done | 2 user mistake, or a file the run cannot read or write (`error: ...`) | 3 out of GPU memory |
+  4 stopped by SIGTERM, a complete checkpoint kept (continue with --resume) | 5 non-finite loss, the last
+  good checkpoint kept | 6 disk full while writing, the last complete checkpoint and any finished adapter
+  kept | 143 SIGTERM before any checkpoint existed (nothing to resume).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from qlora.config.errors import QLoraError
 from qlora.training.checkpoints import checkpoints_dir, latest_complete_checkpoint, remove_unfinished, rotate
+from qlora.training.distributed import finish
 from qlora.training.lock import RunLock
 from qlora.training.nonfinite import ADVICE, NONFINITE_EXIT_CODE, stop_on_nonfinite_callback
 from qlora.training.preemption import resume_hint, sigterm_handling, stop_on_sigterm_callback
@@ -54,10 +59,14 @@ def remove_debris(output_dir: Path) -> list[Path]:
     return removed
 
 
+def _where(exc: BaseException) -> str:
+    return f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+
+
 def disk_full_exit(exc: BaseException, output_dir: Path) -> SystemExit:
     """One line saying what happened and what is kept; the exit to raise."""
     remove_debris(output_dir)
-    where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    where = _where(exc)
     checkpoint = latest_complete_checkpoint(output_dir)
     adapter = (Path(output_dir) / "adapter").is_dir()
     if checkpoint is not None:
@@ -71,7 +80,8 @@ def disk_full_exit(exc: BaseException, output_dir: Path) -> SystemExit:
 
 @contextmanager
 def guarded_run(output_dir: Path):
-    """Lock + SIGTERM handling + disk-full handling around one run; yields the (not yet taken) lock."""
+    """Lock + SIGTERM handling + a full disk or another file-system error as one line, around one run;
+    yields the (not yet taken) lock."""
     output_dir = Path(output_dir)
     with RunLock(output_dir) as lock, sigterm_handling(output_dir):
         try:
@@ -79,7 +89,19 @@ def guarded_run(output_dir: Path):
         except Exception as exc:
             if lock.held and is_disk_full(exc):
                 raise disk_full_exit(exc, output_dir) from None
+            if isinstance(exc, OSError):
+                if is_disk_full(exc):  # not the process that writes (or nothing written yet): nothing to clean up here
+                    print(f"error: disk full while writing{_where(exc)}; free space, then run again", file=sys.stderr)
+                    raise SystemExit(DISK_FULL_EXIT_CODE) from None
+                raise QLoraError(os_error_line(exc)) from exc
             raise
+
+
+def os_error_line(exc: OSError) -> str:
+    """A file-system error as `error:` text: the file, then what went wrong ('out/adapter: Permission denied')."""
+    if exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
 
 
 def rotate_checkpoints_callback(keep: int | None):
@@ -106,16 +128,22 @@ def run_callbacks(recipe) -> list:
 
 
 def exit_if_stopped(trainer, output_dir: Path) -> None:
-    """After `trainer.train()`: a run stopped by SIGTERM or a non-finite loss ends here, with its code."""
+    """After `trainer.train()`: a run stopped by SIGTERM or a non-finite loss ends here, with its code.
+
+    Both stops are decided by all processes together (the callbacks reduce their flags), so every
+    process gets here at the same step and they leave the process group together before exiting.
+    """
     by_name = {type(cb).__name__: cb for cb in trainer.callback_handler.callbacks}
     nonfinite, sigterm = by_name.get("StopOnNonFinite"), by_name.get("StopOnSigterm")
     if nonfinite is not None and nonfinite.stopped_at is not None:
+        finish()
         last = latest_complete_checkpoint(output_dir)
         kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint was written before it"
         print(f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}",
               file=sys.stderr)
         raise SystemExit(NONFINITE_EXIT_CODE)
     if sigterm is not None and sigterm.stopped_at is not None:
+        finish()
         kept, code = resume_hint(output_dir)
         print(f"stopped by SIGTERM at step {sigterm.stopped_at}: {kept}", file=sys.stderr)
         raise SystemExit(code)

@@ -17,6 +17,10 @@ optimizer step and on logging steps only; `on_pre_optimizer_step` gets neither t
 more with torch's `get_total_norm` (one fused reduction, one sync). Clipping by a non-finite norm leaves
 NaN gradients behind, so the figure after the Trainer's clipping says the same as the one before it.
 
+With more than one process each one judges its own loss and gradients, and the verdict is OR-ed over
+all of them (`qlora.training.distributed.any_process`): every process skips, or stops at, the same
+step, so none waits in a collective for one that has stopped.
+
 A bad step is skipped (its gradients dropped, as the fp16 scaler does); after
 `training.max_nonfinite_steps` skipped steps (default 0: at the first one) training stops without
 saving, so the last checkpoint written is the last good one, and the run exits with
@@ -28,6 +32,8 @@ from __future__ import annotations
 import sys
 
 import torch
+
+from qlora.training.distributed import any_process
 
 NONFINITE_EXIT_CODE = 5
 ADVICE = ("try quantization.compute_dtype=bfloat16 where the GPU supports it (fp16 overflows), a lower "
@@ -70,7 +76,7 @@ class LossWatch:
 
 
 def step_is_bad(watch: LossWatch, model, optimizer) -> bool:
-    """The check described above, for the optimizer step about to run."""
+    """The check described above, for the optimizer step about to run, as this process sees it."""
     loss_bad = watch.take()
     if loss_bad:
         return True
@@ -100,7 +106,7 @@ def stop_on_nonfinite_callback(max_skipped: int = 0):
             self.watch.detach()
 
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-            if not step_is_bad(self.watch, model, optimizer):
+            if not any_process(step_is_bad(self.watch, model, optimizer)):  # every process, every step
                 return control
             for p in (model.parameters() if model is not None else []):  # no update from this step
                 p.grad = None  # (AdamW, paged or not, skips parameters without a gradient)
