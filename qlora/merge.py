@@ -11,7 +11,7 @@ from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import parse_gpu_memory
 from qlora.memory.merge import PLACEMENTS
 from qlora.post.export import read_run
-from qlora.post.merge import CHECK_INSTRUCTIONS, MAX_RELATIVE_DIFF, MISMATCH_EXIT_CODE, SAVE_DTYPES, auto_class, merge
+from qlora.post.merge import CHECK_INSTRUCTIONS, FLOOR_MULTIPLE, MAX_RELATIVE_DIFF, MISMATCH_EXIT_CODE, SAVE_DTYPES, auto_class, merge
 from qlora.training.oom import OutOfMemoryExit
 
 
@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check = merge(run, args.to, args.dtype, args.overwrite, args.device, budget)
     print(
         f"merge check: max |logit diff| {check.max_abs_diff:.4g} against the adapter's change {check.adapter_change:.4g}: "
-        f"{100 * check.relative:.3f} % (limit {100 * MAX_RELATIVE_DIFF:.0f} %) over {check.positions} positions "
+        f"{100 * check.relative:.3f} % (limit {100 * MAX_RELATIVE_DIFF:.0f} %), {check.max_abs_diff / check.floor if check.floor else 0:.2f}x "
+        f"the rounding floor {check.floor:.4g} (limit {FLOOR_MULTIPLE:g}x){'' if check.finite else ', NON-FINITE logits'} over {check.positions} positions "
         f"of {len(CHECK_INSTRUCTIONS)} prompts, merged {args.dtype} model vs 4-bit base + adapter (merged on {check.placement})"
     )
     if not check.ok:

@@ -8,6 +8,8 @@ ones the run's metrics describe.
 
 from __future__ import annotations
 
+import torch
+
 
 from qlora.config.errors import QLoraError
 from qlora.config.precision import resolve_compute_dtype
@@ -24,14 +26,16 @@ def load_run_base(run: TrainedRun, compute_dtype, tokenizer, device: str | None 
     return load_base_model(run.recipe, compute_dtype, run.label_names, pad_token_id=tokenizer.pad_token_id, device=device)
 
 
-def load_adapted_model(run: TrainedRun, device: str | None = None):
-    """(peft model on the 4-bit base as trained, the run's tokenizer), in eval mode."""
+def load_adapted_model(run: TrainedRun, device: str | None = None, compute_dtype: torch.dtype | None = None):
+    """(peft model on the 4-bit base as trained, the run's tokenizer), in eval mode; `compute_dtype`: the
+    recipe's, resolved for `device`, unless given."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
 
     tokenizer = AutoTokenizer.from_pretrained(str(run.adapter_dir))
-    base = load_run_base(run, resolve_compute_dtype(run.recipe.quantization.compute_dtype), tokenizer, device)
+    compute_dtype = compute_dtype or resolve_compute_dtype(run.recipe.quantization.compute_dtype, device)
+    base = load_run_base(run, compute_dtype, tokenizer, device)
     with quiet_peft_deprecations():
         model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     return model.eval(), tokenizer

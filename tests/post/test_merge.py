@@ -49,7 +49,7 @@ def test_merged_model_matches_the_4bit_base_plus_adapter(merged, reference):
 
     _, check = merged
     _, with_adapter, base_only = reference
-    assert check.ok and check.relative == check.max_abs_diff / check.adapter_change < MAX_RELATIVE_DIFF
+    assert check.ok and check.finite and check.relative < MAX_RELATIVE_DIFF and 0 < check.floor
     assert check.adapter_change == max_diff(with_adapter, base_only) > 0.1  # the adapter moves logits a lot
     assert check.positions > 100 and check.placement == "cpu"  # auto without a GPU
 
@@ -65,9 +65,54 @@ def test_merging_onto_the_original_weights_is_rejected(run, merged, reference, t
     inputs, with_adapter, base_only = reference
     original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     wrong = PeftModel.from_pretrained(original, str(run.adapter_dir)).merge_and_unload().eval()
-    check = compare(with_adapter, logits_for(wrong, inputs), base_only)
+    check = compare(with_adapter, logits_for(wrong, inputs), base_only, merged[1].floor)
     assert not check.ok and check.relative > 2 * MAX_RELATIVE_DIFF
     assert merged[1].ok and check.relative > 10 * merged[1].relative
+
+
+@pytest.mark.parametrize("compute", ["bfloat16", "float16"])
+def test_with_a_16bit_compute_dtype_right_merges_pass_and_the_original_base_is_refused(run, tmp_path, tiny_llama, compute):
+    """What a GPU does (16-bit kernels on both sides of the check), on the CPU: every right merge passes, in either
+    --dtype, and the merge onto the original weights stays far outside both the limit and the rounding floor."""
+    import dataclasses
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qlora.post.generate import load_adapted_model
+    from qlora.post.merge import FLOOR_MULTIPLE, MAX_RELATIVE_DIFF, SAVE_DTYPES, check_inputs, compare, logits_for, merge, rounding_floor
+
+    quantization = dataclasses.replace(run.recipe.quantization, compute_dtype=compute)
+    run16 = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, quantization=quantization))
+    checks = {save: merge(run16, tmp_path / save, save_dtype=save) for save in ("float16", "bfloat16")}
+    assert all(check.ok and check.finite for check in checks.values()), checks
+    model, tokenizer = load_adapted_model(run16, "cpu", SAVE_DTYPES[compute])
+    inputs = check_inputs(run16, tokenizer)
+    with model.disable_adapter():
+        base_only = logits_for(model, inputs)
+    with_adapter = logits_for(model, inputs)
+    for save, right in checks.items():
+        original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        wrong = PeftModel.from_pretrained(original, str(run.adapter_dir)).merge_and_unload().to(SAVE_DTYPES[save]).float().eval()
+        floor = rounding_floor(run16, SAVE_DTYPES[compute], save, tokenizer, "cpu", inputs, base_only)
+        check = compare(with_adapter, logits_for(wrong, inputs), base_only, floor)
+        assert not check.ok, (compute, save, check)
+        assert check.relative > 2 * MAX_RELATIVE_DIFF and check.max_abs_diff > 2 * FLOOR_MULTIPLE * floor, (compute, save, check)
+        assert check.max_abs_diff > 5 * right.max_abs_diff, (compute, save, check, right)
+
+
+def test_a_non_finite_logit_on_any_prompt_is_refused():
+    """NaN on the third prompt: Python's max over the prompts would skip it after a finite first one."""
+    from qlora.post.merge import compare
+
+    reference = [torch.zeros(2, 3), torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2, 3)]
+    base = [r + 1 for r in reference]
+    candidate = [r.clone() for r in reference]
+    candidate[2][1, 1] = float("nan")
+    check = compare(reference, candidate, base, floor=1.0)
+    assert not check.finite and not check.ok
+    candidate[2][1, 1] = 1.0
+    assert compare(reference, candidate, base, floor=1.0).ok
 
 
 def test_an_adapter_that_changes_nothing_is_only_accepted_when_identical():
@@ -108,6 +153,7 @@ def test_a_failed_check_exits_nonzero_and_writes_nothing(run, tmp_path, monkeypa
     import qlora.post.merge
 
     monkeypatch.setattr(qlora.post.merge, "MAX_RELATIVE_DIFF", 0.0)
+    monkeypatch.setattr(qlora.post.merge, "FLOOR_MULTIPLE", 0.0)
     assert run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m")]) == qlora.post.merge.MISMATCH_EXIT_CODE
     assert "does not match the 4-bit base + adapter; nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
