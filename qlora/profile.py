@@ -24,7 +24,7 @@ from qlora.config.recipe import (ATTN_IMPLEMENTATIONS, DISTRIBUTED_OFFLOADS, DIS
                                  Recipe, load_recipe, recipe_from_mapping)
 from qlora.memory import report
 from qlora.memory.estimate import estimate, settings_inventory
-from qlora.memory.planner import CLI_KEYS, RECIPE_KEYS, cards_needed, plan
+from qlora.memory.planner import CLI_KEYS, RECIPE_KEYS, cards_needed, plan, predict
 from qlora.memory.report import Result, Run
 from qlora.memory.settings import DEFAULT_METHODS, Settings, from_recipe, parse_methods
 from qlora.training.measure import environment, measure
@@ -42,7 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--recipe", action="append", default=[], metavar="RECIPE",
                         help="profile what this recipe trains: its model, method and settings (repeatable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of every --recipe, e.g. --set data.max_seq_len=2048")
+                        help="override a recipe key of every run, e.g. --set training.gradient_checkpointing=auto (with --gpu: "
+                             "the fewest checkpointed layers that fit it)")
     parser.add_argument("--methods", help="comma-separated: full, lora, lora-8bit, qlora (default full,lora,qlora)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
     parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 1)")
@@ -120,8 +121,6 @@ def jobs(args: argparse.Namespace) -> list[Job]:
         given = [f"--{f.replace('_', '-')}" for f in SETTING_FLAGS if getattr(args, f) not in (None, False)]
         if given:
             raise QLoraError(f"{', '.join(given)}: a --recipe sets its own method and settings; change them with --set KEY=VALUE")
-    if args.overrides and not args.recipe:
-        raise QLoraError("--set: changes recipe keys; give a --recipe (or use --seq-len, --rank, … with --model)")
     if args.num_labels is not None and args.task != "classification":
         raise QLoraError("--num-labels: sizes a classifier's head; add --task classification")
     if args.num_labels is not None and args.num_labels < 2:
@@ -135,7 +134,7 @@ def jobs(args: argparse.Namespace) -> list[Job]:
 def model_job(model: str, methods: tuple[str, ...], args: argparse.Namespace) -> Job:
     """A --model run: the recipe defaults (the headline settings) changed by the flags given."""
     base = {"model": {"name_or_path": model}, **({"data": {"format": "classification"}} if args.task == "classification" else {})}
-    overrides = flag_overrides(args, [f for f in FLAG_KEYS if f not in ("gpus",) or args.gpus != "auto"])
+    overrides = flag_overrides(args, [f for f in FLAG_KEYS if f not in ("gpus",) or args.gpus != "auto"]) + args.overrides
     recipe = flag_recipe(lambda: recipe_from_mapping(base, overrides, for_training=False), args)
     _, _, settings = from_recipe(recipe, num_labels=args.num_labels or 2)
     return Job(model, model, methods, settings, recipe)
@@ -165,6 +164,8 @@ def profile(args: argparse.Namespace) -> list:
         for i, (target, bf16) in enumerate(targets):  # one run per GPU, sharing the predictions (and the measurement)
             card = settings.replace(native_bf16=bf16) if device == "cuda" else settings  # its dtype: the bytes are the same
             fit_plan = plan(inv, job.methods, card, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None
+            if target and settings.checkpoint_layers == "auto":  # the fewest checkpointed layers that fit this GPU
+                results = [Result(predict(inv, method, card, target)) for method in job.methods]
             run = Run(job.label if job.recipe else inv.name, inv.name, card, results, fit_plan, job.recipe)
             if args.gpus == "auto":
                 run.cards = {m: cards_needed(inv, m, settings, target) for m in job.methods}

@@ -93,12 +93,12 @@ def test_out_writes_markdown_json_and_pngs(tmp_path, capsys):
     (["--methods", ","], "error: --methods: give at least one of full, lora, lora-8bit, qlora"),
     (["--seq-len", "0"], "error: --seq-len: must be > 0, got 0"),
     (["--recipe", "recipes/demo-classify.yaml", "--rank", "8"], "error: --rank: a --recipe sets its own method and settings"),
-    (["--set", "lora.r=8"], "error: --set: changes recipe keys; give a --recipe"),
+    (["--set", "lora.rr=8"], "error: unknown recipe key 'lora.rr' in --set (did you mean 'lora.r'?)"),  # --set changes every run
     (["--model", "llama-2-70b", "--measure"], "error: --measure: llama-2-70b needs about "),
     (["--num-labels", "3"], "error: --num-labels: sizes a classifier's head; add --task classification"),
     (["--task", "classification", "--num-labels", "1"], "error: --num-labels: a classifier needs at least 2 labels, got 1"),
 ], ids=["unknown-model", "missing-config", "bad-gpu", "gpu-typo", "bad-method", "no-method", "bad-seq-len", "recipe-and-flag",
-        "set-without-recipe", "measure-too-big", "labels-without-task", "one-label"])
+        "set-unknown-key", "measure-too-big", "labels-without-task", "one-label"])
 def test_user_mistakes_are_one_line_errors_with_exit_2(argv, message, capsys):
     code, out, err = profile(argv, capsys)
     assert code == 2 and out == ""

@@ -33,8 +33,12 @@ CHUNK_BYTES = 2**28
 UNTILED_STRATEGY = "zero3"
 
 
-def check_keys(mlp_tiles, offload, gradient_checkpointing: bool, strategy: str | None = None) -> None:
-    """Recipe validation of the two keys: one-line errors naming the key."""
+def check_keys(mlp_tiles, offload, gradient_checkpointing, strategy: str | None = None) -> None:
+    """Recipe validation of the long-context keys: one-line errors naming the key."""
+    if not (isinstance(gradient_checkpointing, bool) or gradient_checkpointing == "auto"
+            or (isinstance(gradient_checkpointing, int) and gradient_checkpointing >= 0)):
+        raise QLoraError(f"training.gradient_checkpointing: expected true, false, auto or a number of layers >= 0, "
+                         f"got {gradient_checkpointing!r}")
     if not (mlp_tiles == "auto" or (isinstance(mlp_tiles, int) and not isinstance(mlp_tiles, bool) and mlp_tiles >= 1)):
         raise QLoraError(f"training.mlp_tiles: expected auto or an integer >= 1, got {mlp_tiles!r}")
     if offload not in OFFLOAD_CHOICES or (offload in (0, 1) and not isinstance(offload, bool)):
@@ -60,3 +64,11 @@ def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
     """Tokens per chunk of the chunked loss: as many fp32 logit rows as fit `budget`, rounded down to a multiple of 64."""
     rows = budget // (4 * vocab)
     return rows // 64 * 64 if rows >= 64 else max(1, rows)
+
+
+def checkpointed_layers(setting, layers: int) -> int:
+    """How many decoder layers `training.gradient_checkpointing` checkpoints: the first N (the rest keep their
+    activations). `auto` counts as all of them until training (or the planner) resolves it against a GPU."""
+    if setting is True or setting == "auto":
+        return layers
+    return 0 if setting is False else min(int(setting), layers)

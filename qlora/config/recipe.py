@@ -98,7 +98,7 @@ class TrainingSpec:
     batch_size: int = 1
     grad_accum: int = 16
     max_grad_norm: float = 0.3
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | int | str = True  # true | false | N (the first N decoder layers) | auto (the fewest that fit)
     mlp_tiles: int | str = "auto"  # qlora.config.long_context: sequence-tiled MLP (auto: ceil(tokens / max(hidden, 4096)) tiles)
     offload_checkpoints: bool | str = False  # qlora.config.long_context: checkpointed layer inputs in host RAM (true | auto)
     eval_steps: int | None = None  # None: evaluate only before and after training

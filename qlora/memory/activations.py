@@ -63,6 +63,7 @@ class Step:
     num_labels: int = 2  # classification: the head's outputs
     mlp_tiles: int = 1  # the tiled MLP's tiles (qlora.ops.tiled_mlp); 1: untiled
     offload: bool = False  # checkpointed layer inputs in host RAM (qlora.config.long_context)
+    checkpointed_layers: int | None = None  # with checkpointing: the first N layers only (None: all)
     loss: str = "standard"  # 'chunked': qlora.ops.loss (causal LM only)
 
     @property
@@ -113,45 +114,66 @@ class Activations:
         return sum(self.kept.values()) + max(self.moments.values())
 
 
+def checkpointed(inv: Inventory, step: Step) -> int:
+    """How many decoder layers are checkpointed: the first `step.checkpointed_layers` (all when None)."""
+    if not step.checkpointing:
+        return 0
+    return inv.dims.layers if step.checkpointed_layers is None else min(step.checkpointed_layers, inv.dims.layers)
+
+
 def activation_bytes(inv: Inventory, step: Step) -> Activations:
-    """Bytes of activations at the step's activation peak, split into named terms."""
+    """Bytes of activations at the step's activation peak, split into named terms.
+
+    With the first N of L layers checkpointed (`training.gradient_checkpointing: N`), those keep their input
+    and the others everything they save; backward meets the unchecked layers first (no recompute), and
+    reaches the checkpointed ones once the others' saved tensors are freed.
+    """
     d, T, S, c = inv.dims, step.tokens, step.seq, step.compute_bytes
-    layer = sum(layer_saved(inv, step).values())
+    n, L = checkpointed(inv, step), inv.dims.layers
+    ckpt, free = replace(step, checkpointing=True), replace(step, checkpointing=False)
+    layer = sum(layer_saved(inv, ckpt).values())
+    first_norm_input = T * d.hidden * FP32 if c == FP32 else 0  # an fp32 layer input is what its first norm saves
+    unchecked = (L - n) * (sum(layer_saved(inv, free).values()) + first_norm_input)
     kept, host = {}, {}
-    if step.checkpointing and step.offload:
-        host = offloaded(inv, step)
-    elif step.checkpointing:
-        kept["layer inputs kept by checkpointing"] = d.layers * T * d.hidden * c
-    else:
-        first_norm_input = T * d.hidden * FP32 if c == FP32 else 0  # an fp32 layer input is what its first norm saves
-        kept["everything the layers save"] = d.layers * (layer + first_norm_input) - _unsaved_in_first_layer(inv, step)
-    if step.method == "lora-8bit" and step.checkpointing:
+    if n and step.offload:
+        host = offloaded(inv, step, n)
+    elif n:
+        kept["layer inputs kept by checkpointing"] = n * T * d.hidden * c
+    if n < L:
+        key = "everything the layers save" if n == 0 else f"everything the {L - n} unchecked layers save"
+        kept[key] = unchecked - (_unsaved_in_first_layer(inv, step) if n == 0 else 0)
+    if step.method == "lora-8bit" and n:
         # bitsandbytes' 8-bit matmul keeps its input as `ctx.A`, a plain attribute that checkpointing
         # cannot drop: the forward graph holds it until backward.
         # (a tiled MLP runs its forward without grad: its int8 matmuls hold nothing past the tile)
         held = _linear_inputs(inv, step, count_attention_output=True, skip=MLP_LEAVES if step.tiled else frozenset())
-        kept["int8 layers' inputs (held by bitsandbytes)"] = d.layers * held
+        kept["int8 layers' inputs (held by bitsandbytes)"] = n * held
     kept["token ids, labels, positions"] = batch_bytes(step) + S * 8
     kept["rotary tables"] = 2 * S * d.head_dim * c
     if step.attention == "eager":
         kept["causal mask"] = step.batch * S * S * c
     head = _head_saved(inv, step)
-    recomputed = layer if step.checkpointing else 0
-    if step.checkpointing and step.offload:  # the layer's input, back from host RAM for its recompute
+    recomputed = layer if n else 0
+    if n and step.offload:  # the layer's input, back from host RAM for its recompute
         recomputed += T * d.hidden * c
+    cached = replace(step, adapter_numel=step.adapter_numel * n // L, checkpointing=n > 0)  # autocast's copies of checkpointed layers
     parts = {}
     if step.chunked:
         chunk = {"final norm (saved)": head, **chunked_loss_terms(inv, step, grads=True)}
-        if _adapters_cast(step) and step.checkpointing:
-            chunk["autocast's adapter copies"] = step.adapter_numel * step.compute_bytes
+        if _adapters_cast(step) and n:
+            chunk["autocast's adapter copies"] = cached.adapter_numel * step.compute_bytes
         parts["loss chunk (chunked loss)"] = chunk
         moments = {"loss chunk (chunked loss)": sum(chunk.values())}
     else:
         moments = {
-            "end of forward (logits, loss)": head + _forward_end(inv, step),
+            "end of forward (logits, loss)": head + _forward_end(inv, cached),
             "start of backward (loss gradient)": head + _loss_backward(inv, step),
         }
-    moments.update(layer_backward_moment(inv, step, recomputed))
+    if n < L:  # the last layers keep their activations: no recompute
+        moments.update(layer_backward_moment(inv, free, 0))
+    if n:
+        for name, value in layer_backward_moment(inv, ckpt, recomputed).items():
+            moments[name if n == L else name.replace("one layer", "a checkpointed layer")] = value - (unchecked if n < L else 0)
     return Activations(kept, moments, parts, host)
 
 
@@ -503,12 +525,12 @@ def _adapter_numel(inv: Inventory, step: Step) -> int:
 OFFLOADED = "offloaded to host RAM (checkpointed layer inputs)"
 
 
-def offloaded(inv: Inventory, step: Step) -> dict[str, int]:
-    """Host RAM of an offloaded run: every layer's kept input, in pinned memory. PyTorch's pinned
+def offloaded(inv: Inventory, step: Step, layers: int) -> dict[str, int]:
+    """Host RAM of an offloaded run: every checkpointed layer's kept input, in pinned memory. PyTorch's pinned
     (host) caching allocator rounds each block up to a power of two, and keeps it for the next step."""
     size = step.tokens * inv.dims.hidden * step.compute_bytes
     block = 1 << (size - 1).bit_length()
-    parts = {OFFLOADED: inv.dims.layers * size, "pinned-memory rounding (power-of-two blocks)": inv.dims.layers * (block - size)}
+    parts = {OFFLOADED: layers * size, "pinned-memory rounding (power-of-two blocks)": layers * (block - size)}
     return {k: v for k, v in parts.items() if v}
 
 

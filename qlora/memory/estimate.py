@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from qlora.config.errors import did_you_mean, QLoraError
 from qlora.config.long_context import mlp_tiles_for
 from qlora.config.precision import ADAPTER_DTYPE, dtype_name, optimizer_state_dtype, trainable_dtype, trainer_precision_flags
-from qlora.memory.activations import activation_bytes, batch_bytes, eval_activation_bytes, Step
+from qlora.memory.activations import activation_bytes, batch_bytes, eval_activation_bytes, Step, checkpointed
+from qlora.memory.flops import recompute_saved_pct
 from qlora.memory.inventory import Inventory, load_inventory
 from qlora.memory.overheads import overhead, slack
 from qlora.memory.settings import METHODS, compute_dtype, from_recipe, Settings
@@ -50,6 +51,8 @@ class Estimate:
     host_bytes: dict[str, int] = field(default_factory=dict)  # host RAM beside the GPU (offload, loading), not in `total`
     phases: dict[str, dict] = field(default_factory=dict)  # 'train' / 'eval' -> {bytes, total_bytes, allocated_bytes}
     phase: str = "train"  # the peak phase, whose bytes `bytes` are
+    checkpointed_layers: int = 0  # decoder layers recomputed in backward (the first ones)
+    recompute_saved_pct: float | None = None  # with checkpointing: the share of an all-layers step's FLOPs not recomputed
 
     @property
     def total(self) -> int:
@@ -75,6 +78,8 @@ class Estimate:
             "host_bytes": dict(self.host_bytes),
             "host_ram_bytes": sum(self.host_bytes.values()),
             "phase": self.phase,
+            **({"gradient_checkpointing_layers": self.checkpointed_layers, "recompute_saved_pct": self.recompute_saved_pct}
+               if self.recompute_saved_pct is not None else {}),
             "phases": {name: dict(phase, bytes=dict(phase["bytes"])) for name, phase in self.phases.items()},
         }
 
@@ -106,6 +111,7 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         batch=settings.batch_size, seq=settings.seq_len, compute_bytes=dtype.itemsize,
         autocast=any(trainer_precision_flags(dtype, settings.device).values()), device=settings.device,
         checkpointing=settings.checkpointing, attention=settings.attn_implementation, method=method,
+        checkpointed_layers=settings.checkpoint_layers if isinstance(settings.checkpoint_layers, int) else None,
         rank=settings.rank, lora_dropout=settings.lora_dropout, lora_leaves=frozenset(lin.leaf for lin in targets),
         adapter_numel=adapter_numel, adapter_bytes=ADAPTER_DTYPE.itemsize,
         task=settings.task, num_labels=settings.num_labels, **long_context_step(inv, settings),
@@ -143,7 +149,8 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
     whole = Estimate(
         model=inv.name, method=method, settings=settings, bytes=train if peak_phase == "train" else evaluation,
         details=details, peak_moment=moment, parameters=inv.parameter_count(), trainable=sum(trainable),
-        parameters_by_role=inv.counts_by_role(), phase=peak_phase, host_bytes=acts.host,
+        parameters_by_role=inv.counts_by_role(), phase=peak_phase, host_bytes=acts.host, checkpointed_layers=checkpointed(inv, step),
+        recompute_saved_pct=recompute_saved_pct(inv, settings.seq_len, method, checkpointed(inv, step)) if settings.checkpointing else None,
         phases={name: {"bytes": phase, "total_bytes": sum(phase.values()),
                        "allocated_bytes": sum(phase.values()) - slack(overheads[name])}
                 for name, phase in (("train", train), ("eval", evaluation))},

@@ -112,8 +112,11 @@ def largest(fits: Callable[[int], bool], limit: int) -> int:
 
 
 def predict(inv: Inventory, method: str, settings: Settings, gpu_bytes: int) -> Estimate:
-    """`estimate`, with `training.offload_checkpoints: auto` resolved as the trainer resolves it:
-    offloaded only when the run does not fit `gpu_bytes` otherwise."""
+    """`estimate`, with the `auto` keys resolved as the trainer resolves them: `training.gradient_checkpointing`
+    the fewest layers that fit `gpu_bytes`, `training.offload_checkpoints` offloaded only when the run does
+    not fit otherwise."""
+    if settings.checkpointing and settings.checkpoint_layers == "auto":
+        settings = settings.replace(checkpoint_layers=fewest_checkpointed_layers(inv, method, settings, gpu_bytes))
     if settings.offload_checkpoints != "auto":
         return estimate(inv, method, settings)
     kept = estimate(inv, method, settings.replace(offload_checkpoints=False))
@@ -131,6 +134,21 @@ def fit_method(inv: Inventory, method: str, settings: Settings, gpu_bytes: int) 
         max_batch_size=largest(lambda n: within(batch_size=n), MAX_BATCH),
         seq_len_limit=limit,
     )
+
+
+def fewest_checkpointed_layers(inv: Inventory, method: str, settings: Settings, gpu_bytes: int) -> int:
+    """The fewest (first) decoder layers to checkpoint for the step to fit `gpu_bytes`; all of them when even
+    that does not fit. Every layer not checkpointed is a layer's forward not recomputed: the speed a card's
+    spare memory buys."""
+    layers = inv.dims.layers
+    fits = lambda n: predict(inv, method, settings.replace(checkpoint_layers=n), gpu_bytes).total <= gpu_bytes  # noqa: E731
+    if not fits(layers):
+        return layers
+    low, high = -1, layers  # the peak falls as layers are checkpointed: not fits(low), fits(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
 
 
 def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[str]) -> list[str]:

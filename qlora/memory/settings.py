@@ -36,6 +36,7 @@ class Settings:
     lora_dropout: float = 0.05
     optimizer: str = "paged_adamw_32bit"
     checkpointing: bool = True
+    checkpoint_layers: int | str | None = None  # with checkpointing: the first N decoder layers, 'auto' (the planner's), None (all)
     attn_implementation: str = "sdpa"
     compute_dtype: str = "auto"
     double_quant: bool = True
@@ -93,7 +94,8 @@ def from_recipe(recipe, num_labels: int | None = None, device: str = "cuda") -> 
         targets=targets,
         lora_dropout=recipe.lora.dropout,
         optimizer=recipe.training.optimizer,
-        checkpointing=recipe.training.gradient_checkpointing,
+        checkpointing=recipe.training.gradient_checkpointing not in (False, 0),
+        checkpoint_layers=None if isinstance(recipe.training.gradient_checkpointing, bool) else recipe.training.gradient_checkpointing,
         attn_implementation=recipe.model.attn_implementation,
         compute_dtype=recipe.quantization.compute_dtype,
         double_quant=recipe.quantization.double_quant,

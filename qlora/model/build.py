@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from qlora.config.architecture import chunked_loss_unsupported
-from qlora.config.long_context import mlp_tiles_for
+from qlora.config.long_context import checkpointed_layers, mlp_tiles_for
 from qlora.config.precision import resolve_compute_dtype
 from qlora.config.recipe import Recipe
 from qlora.model.load import load_base_model, load_tokenizer
@@ -34,8 +35,9 @@ class LoadedModel:
     loss: str = "standard"
 
 
-def enable_gradient_checkpointing(model, reentrant: bool = False, offload: bool = False) -> None:
-    """Recompute each layer in backward instead of keeping its activations (transformers' checkpointing).
+def enable_gradient_checkpointing(model, reentrant: bool = False, offload: bool = False, layers: int | None = None) -> None:
+    """Recompute each layer in backward instead of keeping its activations (transformers' checkpointing);
+    `layers`: only the first so many decoder layers (the rest keep theirs, and are not recomputed).
 
     `reentrant` for ZeRO-3 and FSDP: ZeRO-3's partitioned weights are gathered by module hooks, which
     the non-reentrant recompute does not re-run (it finds empty weights and stops with a CheckpointError);
@@ -50,6 +52,9 @@ def enable_gradient_checkpointing(model, reentrant: bool = False, offload: bool 
     if offload:
         chosen = next(m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False))
         model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded(chosen))
+    if layers is not None:  # transformers' own flag per layer (its every_n_layers sets the same one)
+        for index, layer in enumerate(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
+            layer.gradient_checkpointing = index < layers
     model.enable_input_require_grads()
     model.config.use_cache = False
 
@@ -70,8 +75,9 @@ def install_loss(model, recipe: Recipe) -> str:
 def prepare_for_training(base, recipe: Recipe, lora: bool = True, offload: bool = False):
     """(model, loss): `base` with checkpointing, LoRA (unless full fine-tuning), the loss and the tiled MLP."""
     t = recipe.training
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(base, reentrant=recipe.distributed.strategy in ("fsdp", "zero3"), offload=offload)
+    layers = checkpointed_layers(t.gradient_checkpointing, base.config.get_text_config().num_hidden_layers)
+    if layers:
+        enable_gradient_checkpointing(base, reentrant=recipe.distributed.strategy in ("fsdp", "zero3"), offload=offload, layers=layers)
     model = attach_lora(base, recipe.lora, recipe.task) if lora else base
     loss = install_loss(model, recipe)
     if t.mlp_tiles != 1:

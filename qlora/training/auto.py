@@ -8,7 +8,10 @@ import sys
 
 import torch
 
-from qlora.memory.estimate import estimate_recipe
+from qlora.config.gpus import parse_gpu_memory
+from qlora.memory.estimate import estimate_recipe, settings_inventory
+from qlora.memory.planner import fewest_checkpointed_layers
+from qlora.memory.settings import from_recipe
 
 
 def gpu_bytes() -> int | None:
@@ -37,3 +40,21 @@ def fits_without_offload(recipe, gpu: int) -> bool:
           f"{gpu / 2**30:.2f} GiB GPU, so {'no offload' if fits else 'the checkpointed layer inputs go to host RAM'}",
           file=sys.stderr)
     return fits
+
+
+def resolve_checkpointing(recipe):
+    """`training.gradient_checkpointing: auto` -> the fewest (first) decoder layers whose predicted peak fits the
+    recipe's `target_gpu`, else the GPU this process runs on, else (neither known) every layer; said in one line.
+    Other values pass through. Returns the recipe to train."""
+    if recipe.training.gradient_checkpointing != "auto":
+        return recipe
+    gpu = parse_gpu_memory(recipe.target_gpu, "target_gpu") if recipe.target_gpu else gpu_bytes()
+    model, method, settings = from_recipe(recipe)
+    inv = settings_inventory(model, settings)
+    layers = inv.dims.layers if gpu is None else fewest_checkpointed_layers(inv, method, settings, gpu)
+    chosen = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, gradient_checkpointing=layers))
+    saved = estimate_recipe(chosen).recompute_saved_pct
+    where = "no GPU size known (target_gpu or a GPU), so every layer" if gpu is None else f"the fewest that fit {gpu / 2**30:.2f} GiB"
+    print(f"training.gradient_checkpointing: auto: {layers} of {inv.dims.layers} decoder layers checkpointed ({where}); "
+          f"recompute saved: {saved:.1f} % of the step's FLOPs", file=sys.stderr)
+    return chosen

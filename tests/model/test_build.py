@@ -26,3 +26,23 @@ def test_del_frees_a_built_model_without_the_garbage_collector(tiny_llama, alpac
         assert model() is None
     finally:
         gc.enable()
+
+
+def test_checkpointing_the_first_layers_only_gives_the_gradients_of_checkpointing_all(tiny_llama, alpaca_file):
+    """`training.gradient_checkpointing: 1` recomputes the first decoder layer only; what is learnt is the same."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    grads = {}
+    for setting, expected in ((True, [True, True]), (1, [True, False]), (False, [False, False])):
+        recipe = recipe_from_mapping({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": str(alpaca_file)},
+                                      "output_dir": "unused", "lora": {"dropout": 0.0}, "training": {"gradient_checkpointing": setting}})
+        torch.manual_seed(0)
+        model = build_model(recipe).model.train()
+        flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert flags == expected
+        ids = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads[str(setting)] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in grads["True"].items():
+        torch.testing.assert_close(grads["1"][name], grad, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads["False"][name], grad, rtol=0, atol=1e-6, msg=name)
