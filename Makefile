@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # Without a GPU take torch's CPU build (small, quick to install); with one, pip resolves the CUDA build.
 CPU_TORCH ?= torch==2.13.0
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+comma := ,
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 # The versions the suite is known to pass with (`make constraints` rewrites it from a venv that passes);
 # `make test` installs from it, a user's plain `pip install .` still takes the newest. With a GPU, torch
@@ -16,15 +17,19 @@ CONSTRAINTS ?= constraints/ci.txt
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# With a GPU the install brings the fused CUDA kernels too (Liger Kernel: the chunked loss's fused linear
+# cross-entropy, RMSNorm, SwiGLU, RoPE); without one they would be dead weight (Triton, CUDA only).
+EXTRAS := $(if $(HAS_GPU),kernels,)
+
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(if $(HAS_GPU),,$(PIP) $(CPU_TORCH))
-	$(PIP) -e .
+	$(PIP) -e .$(if $(EXTRAS),'[$(EXTRAS)]')
 	@touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(if $(HAS_GPU),grep -v '^torch==' $(CONSTRAINTS) > $(VENV)/constraints.txt,cp $(CONSTRAINTS) $(VENV)/constraints.txt)
 	$(if $(HAS_GPU),,$(PIP) -c $(VENV)/constraints.txt $(CPU_TORCH))
-	$(PIP) -c $(VENV)/constraints.txt -e '.[dev]'
+	$(PIP) -c $(VENV)/constraints.txt -e '.[dev$(if $(EXTRAS),$(comma)$(EXTRAS))]'
 	@touch $@
 
 # Pin what this venv holds (after a green `make test`): every installed package but qlora itself, torch

@@ -124,6 +124,11 @@ def chunked_causal_lm_loss(hidden, weight, bias, labels, num_items_in_batch=None
     return chunked_cross_entropy_forward(hidden, weight, bias, positions, targets, denominator, chunk)[0]
 
 
+def fused_kernel_installed() -> bool:
+    """Whether Liger Kernel's fused linear cross-entropy is there for CUDA tensors (`pip install 'qlora[kernels]'`)."""
+    return _liger() is not None
+
+
 @functools.cache
 def _liger():
     """Liger's fused linear cross-entropy when installed (looked up once, not at every forward)."""

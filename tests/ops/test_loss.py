@@ -232,3 +232,18 @@ def test_qlora_train_gives_the_same_adapter_and_eval_loss_with_either_loss(tiny_
     assert a_std.keys() == a_chk.keys()
     for name, tensor in a_std.items():
         torch.testing.assert_close(a_chk[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_fused_kernel_is_looked_up_once_and_its_absence_on_a_gpu_is_one_line(monkeypatch, capsys):
+    import qlora.model.build
+    import qlora.ops.loss
+
+    qlora.ops.loss._liger.cache_clear()
+    for _ in range(3):
+        qlora.ops.loss.fused_kernel_installed()
+    assert qlora.ops.loss._liger.cache_info().misses == 1  # one import attempt, not one per forward
+    monkeypatch.setattr(qlora.model.build, "fused_kernel_installed", lambda: False)
+    monkeypatch.setattr(qlora.model.build.torch.cuda, "is_available", lambda: True)
+    assert install_loss(tiny(), loss_recipe("chunked")) == "chunked"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Liger Kernel is not installed" in err[0] and "pip install 'qlora[kernels]'" in err[0]
