@@ -26,6 +26,7 @@ from qlora.config.long_context import check_keys as check_long_context_keys
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit")
 SCHEDULERS = ("constant", "cosine", "linear")
 LOSSES = ("chunked", "standard")
+KERNELS = ("auto", "none")
 TARGET_PRESETS = ("all-linear", "attention", "qv", "mlp")
 TASKS = ("causal_lm", "classification")
 DATA_FORMATS = ("alpaca", "chat", "text", "classification")
@@ -109,6 +110,8 @@ class TrainingSpec:
     seed: int = 42
     loss: str = "chunked"  # causal LMs: 'chunked' never holds batch x seq x vocab logits (qlora.ops.loss); 'standard'
     eval_batch_size: int | None = None  # None: the training batch_size
+    kernels: str = "auto"  # auto: Liger Kernel's RMSNorm, SwiGLU and RoPE on CUDA where installed (qlora.ops.kernels); none
+    compile: bool = False  # torch.compile of each decoder layer (one compiled graph, reused by every layer)
 
 
 @dataclass
@@ -373,6 +376,7 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
     _check(t.eval_steps is None or t.eval_steps > 0, f"training.eval_steps: must be > 0, got {t.eval_steps}")
     check_long_context_keys(t.mlp_tiles, t.offload_checkpoints, t.gradient_checkpointing, recipe.distributed.strategy)
     _check_choice("training.loss", t.loss, LOSSES)
+    _check_choice("training.kernels", t.kernels, KERNELS)
     _check(t.eval_batch_size is None or t.eval_batch_size >= 1, f"training.eval_batch_size: must be >= 1, got {t.eval_batch_size}")
     _check_choice("eval.metric", e.metric, METRICS)
     _check(e.max_examples > 0, f"eval.max_examples: must be > 0, got {e.max_examples}")

@@ -18,8 +18,9 @@ from qlora.config.architecture import chunked_loss_unsupported
 from qlora.config.long_context import checkpointed_layers, mlp_tiles_for
 from qlora.config.precision import resolve_compute_dtype
 from qlora.config.recipe import Recipe
-from qlora.model.load import load_base_model, load_tokenizer
+from qlora.model.load import load_base_model, load_model_config, load_tokenizer
 from qlora.model.lora import attach_lora
+from qlora.ops.kernels import apply_decoder_kernels
 from qlora.ops.loss import fused_kernel_installed, install_chunked_loss
 from qlora.ops.offload import offloaded
 from qlora.ops.tiled_mlp import tile_mlps
@@ -86,7 +87,17 @@ def prepare_for_training(base, recipe: Recipe, lora: bool = True, offload: bool 
     if t.mlp_tiles != 1:
         hidden = base.config.get_text_config().hidden_size
         tile_mlps(base, functools.partial(mlp_tiles_for, t.mlp_tiles, hidden=hidden, strategy=recipe.distributed.strategy))
+    if t.compile:  # each layer's call compiled; the layers share one graph (their weights are its inputs)
+        for layer in (m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)):
+            layer.compile()
     return model, loss
+
+
+def use_decoder_kernels(recipe: Recipe) -> bool:
+    """`training.kernels: auto` on CUDA: Liger's fused decoder kernels, swapped in before the model is built."""
+    if recipe.training.kernels != "auto" or not torch.cuda.is_available():
+        return False
+    return apply_decoder_kernels(load_model_config(recipe.model).model_type)
 
 
 def build_model(recipe: Recipe, label_names: list[str] | None = None, device: str | None = None, tokenizer=None,
@@ -95,6 +106,7 @@ def build_model(recipe: Recipe, label_names: list[str] | None = None, device: st
     training's decision for `training.offload_checkpoints`."""
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype, device)
     tokenizer = tokenizer or load_tokenizer(recipe.model)
+    use_decoder_kernels(recipe)
     base = load_base_model(recipe, compute_dtype, label_names, announce=True, pad_token_id=tokenizer.pad_token_id)
     model, loss = prepare_for_training(base, recipe, offload=offload)
     return LoadedModel(model=model, tokenizer=tokenizer, compute_dtype=compute_dtype, loss=loss)

@@ -100,6 +100,13 @@ def _from_pretrained(loader, spec: ModelSpec, **kwargs):
         ) from None
 
 
+def load_model_config(spec: ModelSpec):
+    """The base model's transformers config (a small file: what the build needs to know before loading weights)."""
+    from transformers import AutoConfig  # here: transformers costs seconds to import on every CLI start
+
+    return _from_pretrained(AutoConfig, spec)
+
+
 def load_tokenizer(spec: ModelSpec):
     """The base model's tokenizer, with a pad token (many causal LMs ship without one)."""
     from transformers import AutoTokenizer

@@ -36,7 +36,7 @@ from qlora.memory.catalog import resolve
 from qlora.memory.inventory import load_config
 from qlora.memory.report import Measurement
 from qlora.memory.settings import METHODS, Settings, from_recipe
-from qlora.model.build import prepare_for_training
+from qlora.model.build import prepare_for_training, use_decoder_kernels
 from qlora.model.load import load_base_model
 from qlora.training.metrics import paged_optimizer_bytes
 
@@ -180,6 +180,7 @@ def build(recipe: Recipe, method: str, settings: Settings, folder: Path, weights
         (AutoModelForSequenceClassification if labels else AutoModelForCausalLM).from_config(config).save_pretrained(folder)
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=str(weights or folder)),
                                  quantization=dataclasses.replace(recipe.quantization, bits=METHODS[method]))
+    use_decoder_kernels(recipe)  # training.kernels, as build_model does
     compute = resolve_compute_dtype(recipe.quantization.compute_dtype, settings.device)
     net, _ = prepare_for_training(load_base_model(recipe, compute, labels), recipe, lora=method != "full",
                                   offload=settings.offload_checkpoints is True and settings.device == "cuda")
