@@ -180,7 +180,7 @@ def train_command(point: Point, resume: bool) -> list[str]:
 
 def child_env() -> dict[str, str]:
     """The environment for a point's process: this one, with this qlora first on the import path."""
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])
     paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
 
