@@ -66,7 +66,8 @@ def test_the_trainer_loads_a_t4_run_in_fp16(fake_gpu, monkeypatch):
     monkeypatch.setattr(model, "load_base_model", fake_load_base_model)
     from qlora.config.recipe import recipe_from_mapping
 
-    recipe = recipe_from_mapping({"model": {"name_or_path": "x"}, "data": {"path": "d.jsonl"}, "output_dir": "o"})
+    recipe = recipe_from_mapping({"model": {"name_or_path": "x"}, "data": {"path": "d.jsonl"}, "output_dir": "o",
+                                  "training": {"kernels": "none"}})  # no config of 'x' to read for the fused kernels
     assert recipe.quantization.compute_dtype == "auto"
     with pytest.raises(RuntimeError, match="stop here"):
         model.build_model(recipe, tokenizer=type("Tokenizer", (), {"pad_token_id": 0})())

@@ -41,7 +41,7 @@ def test_seven_b_on_24gb_limits_are_the_edge_of_fitting():
     assert lora.max_batch_size < qlora.max_batch_size
     assert estimate("llama-2-7b", "lora", Settings(seq_len=lora.max_seq_len)).total <= 24 * GIB
     advice = fit_plan.advice()
-    assert advice[0] == "llama-2-7b full: predicted peak 80.34 GiB of 24.00 GiB: does not fit"
+    assert advice[0] == "llama-2-7b full: predicted peak 80.59 GiB of 24.00 GiB: does not fit"
     assert advice[1].startswith("  - fits with --methods lora-8bit: ")  # lora and qlora are in the plan already
     assert "fits; longest sequence 4,096 (the model's context) at batch 1" in advice[-1]
 
@@ -77,12 +77,13 @@ def test_plan_fit_speaks_in_recipe_keys():
 
 def test_a_batch_too_large_for_any_useful_length_is_advised_down_to_one():
     recipe = load_recipe(RECIPES[0].parent / "llama-2-13b-alpaca-24gb.yaml")  # batch 4 x 1024 tokens, r 64
-    advice = plan_fit(recipe, 12 * GIB).advice()
+    gpu = int(12.5 * GIB)  # 12.5 GiB: batch 4 holds 117 tokens, batch 1 holds 470
+    advice = plan_fit(recipe, gpu).advice()
     one = next(line for line in advice if "training.batch_size=1 and data.max_seq_len=" in line)
     longest = int(one.split("data.max_seq_len=")[1].split()[0])
     settings = estimate_recipe(recipe).settings
-    assert estimate("llama-2-13b", "qlora", settings.replace(batch_size=1, seq_len=longest)).total <= 12 * GIB
-    assert estimate("llama-2-13b", "qlora", settings.replace(batch_size=1, seq_len=longest + 1)).total > 12 * GIB
+    assert estimate("llama-2-13b", "qlora", settings.replace(batch_size=1, seq_len=longest)).total <= gpu
+    assert estimate("llama-2-13b", "qlora", settings.replace(batch_size=1, seq_len=longest + 1)).total > gpu
     assert any("lora.r=" in line for line in advice)  # the rank is the change that keeps batch and length
 
 
