@@ -10,6 +10,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,7 +28,7 @@ from qlora.memory.estimate import estimate, settings_inventory
 from qlora.memory.planner import CLI_KEYS, RECIPE_KEYS, cards_needed, plan, predict
 from qlora.memory.report import Result, Run
 from qlora.memory.settings import DEFAULT_METHODS, Settings, from_recipe, parse_methods
-from qlora.training.measure import environment, measure
+from qlora.training.measure import environment, measure, random_weights
 
 HEADLINE_MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
 SETTING_FLAGS = ("seq_len", "batch_size", "rank", "optimizer", "no_checkpointing", "attn", "task", "num_labels", "methods",
@@ -180,9 +181,12 @@ def profile(args: argparse.Namespace) -> list:
 def measure_run(run, recipe: Recipe, device: str) -> None:
     """Measure every method of `run` (what `recipe` sets) here, refusing models this machine cannot hold."""
     check_measurable(run, device)
-    for result in run.results:
-        print(f"measuring {run.label} {result.estimate.method} on {device} …", file=sys.stderr, flush=True)
-        result.measured = measure(recipe, result.estimate.method, run.settings.num_labels)
+    labels = run.settings.num_labels if run.settings.task == "classification" else None
+    with tempfile.TemporaryDirectory(prefix="qlora-weights-") as folder:  # one random model for every method
+        weights = random_weights(recipe, labels, Path(folder))
+        for result in run.results:
+            print(f"measuring {run.label} {result.estimate.method} on {device} …", file=sys.stderr, flush=True)
+            result.measured = measure(recipe, result.estimate.method, labels, weights)
     run.environment = environment(device)
 
 

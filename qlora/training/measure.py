@@ -100,23 +100,52 @@ def measure(recipe: Recipe, method: str, num_labels: int | None = None, weights:
     config with random weights, and measure one training step's peak and its eval step.
 
     `num_labels`: a classifier's head size (else counted from the recipe's data). `weights`: a folder of
-    saved (random) weights to load instead of saving new ones, so a caller measuring one config many times
-    (benchmarks/gpu_check.py: an 8B model) builds it once."""
+    `random_weights` to load, so a caller measuring one config several times builds them once. Nothing the
+    measurement built outlives it: on a GPU, allocated memory is back where it started (checked)."""
     from transformers.utils import logging as hf_logging  # here: importing transformers costs seconds on every CLI start
 
     device = default_device()
     _, _, settings = from_recipe(recipe, num_labels, device)  # the batch shapes, as the profiler sees them
     hf_logging.disable_progress_bar()  # saving and loading the random model is not news to the user
-    with tempfile.TemporaryDirectory(prefix="qlora-measure-") as folder, warnings.catch_warnings(), _cpu_threads(1):
+    with tempfile.TemporaryDirectory(prefix="qlora-measure-") as folder:
+        if weights is None:
+            weights = random_weights(recipe, settings.num_labels if settings.task == "classification" else None, Path(folder))
+        start = torch.cuda.memory_allocated() if device == "cuda" else 0
+        measured = _measure(recipe, method, settings, weights, device)
+        if device == "cuda" and torch.cuda.memory_allocated() != start:
+            raise RuntimeError(f"measure: {torch.cuda.memory_allocated() - start} bytes of GPU memory outlived the measurement")
+    return measured
+
+
+def _measure(recipe: Recipe, method: str, settings: Settings, weights: Path, device: str) -> Measurement:
+    """The measurement itself: every tensor it makes is local here, freed when it returns (no reference cycles)."""
+    with warnings.catch_warnings(), _cpu_threads(1):
         # on CPU bitsandbytes falls back to unpaged states of the same size, and says so each time
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        built = build(recipe, method, settings, Path(folder), weights)
+        built = build(recipe, method, settings, weights)
         batch = _batch(built.model, settings, device)
         eval_batch = lambda: _batch(built.model, settings.replace(batch_size=settings.eval_batch), device)  # noqa: E731
         cycle(built, batch)  # warm-up: creates the optimizer states
         built.optimizer.zero_grad(set_to_none=True)
         measure_on = _measure_cuda if device == "cuda" else _measure_cpu
         return measure_on(built, batch, eval_batch, method)
+
+
+def random_weights(recipe: Recipe, num_labels: int | None, folder: Path) -> Path:
+    """The recipe's model config with random weights (a classifier's head with `num_labels` outputs), saved in
+    the compute dtype, built on the GPU when there is one and with every CPU thread; returns `folder`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    config = load_config(resolve(recipe.model.name_or_path).config_path)
+    if num_labels:  # saved with its head, so loading it reports nothing missing
+        config.num_labels = num_labels
+        config.pad_token_id = 0 if config.pad_token_id is None else config.pad_token_id  # pools the last non-pad token
+    dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
+    with torch.device(default_device()):
+        model = (AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM).from_config(config, dtype=dtype)
+    model.save_pretrained(folder)
+    return folder
 
 
 def environment(device: str) -> dict[str, str]:
@@ -165,20 +194,14 @@ class Built:
     autocast: torch.dtype | None = None  # Trainer's bf16/fp16 autocast around forward and loss (GPU only)
 
 
-def build(recipe: Recipe, method: str, settings: Settings, folder: Path, weights: Path | None = None) -> Built:
-    """Random weights saved from the recipe's model config, loaded and wrapped exactly as `qlora train` does
-    (with the base quantized as `method` says)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
+def build(recipe: Recipe, method: str, settings: Settings, weights: Path) -> Built:
+    """The saved random `weights`, loaded and wrapped exactly as `qlora train` does (with the base quantized as
+    `method` says)."""
+    from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    config = load_config(resolve(recipe.model.name_or_path).config_path)
     labels = [str(i) for i in range(settings.num_labels)] if settings.task == "classification" else None
-    if labels:  # saved with its head, so loading it reports nothing missing
-        config.num_labels = len(labels)
-        config.pad_token_id = 0 if config.pad_token_id is None else config.pad_token_id  # pools the last non-pad token
-    if weights is None:
-        (AutoModelForSequenceClassification if labels else AutoModelForCausalLM).from_config(config).save_pretrained(folder)
-    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=str(weights or folder)),
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=str(weights)),
                                  quantization=dataclasses.replace(recipe.quantization, bits=METHODS[method]))
     use_decoder_kernels(recipe)  # training.kernels, as build_model does
     compute = resolve_compute_dtype(recipe.quantization.compute_dtype, settings.device)
@@ -186,7 +209,7 @@ def build(recipe: Recipe, method: str, settings: Settings, folder: Path, weights
                                   offload=settings.offload_checkpoints is True and settings.device == "cuda")
     net.config.use_cache = False
     net.train()
-    args = TrainingArguments(output_dir=str(folder / "out"), optim=settings.optimizer, report_to="none",
+    args = TrainingArguments(output_dir=str(weights / "out"), optim=settings.optimizer, report_to="none",
                              use_cpu=settings.device == "cpu")
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     optimizer = optimizer_cls([p for p in net.parameters() if p.requires_grad], **kwargs)

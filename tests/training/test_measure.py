@@ -106,3 +106,37 @@ def test_the_chunked_loss_holds_a_fraction_of_the_standard_peak(big_vocab_llama_
                                                                   f"training.loss={loss}") for loss in ("chunked", "standard"))
     assert chunked.peak < 0.55 * standard.peak  # one chunk of fp32 logits instead of three vocabulary-sized tensors
     assert abs(predicted.allocated - standard.peak) < 64
+
+
+def test_a_measured_model_is_garbage_when_measure_returns(llama_config, monkeypatch):
+    """No reference cycle keeps the built model (or its optimizer) alive after the measurement: a later
+    measurement in the same process starts from nothing (on a GPU: allocated memory back where it was)."""
+    import gc
+    import weakref
+
+    import qlora.training.measure
+    from conftest import profile_recipe
+
+    built = []
+    real_build = qlora.training.measure.build
+    monkeypatch.setattr(qlora.training.measure, "build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    recipe = profile_recipe(llama_config, *SMALL)
+    qlora.training.measure.measure(recipe, "qlora")
+    model, optimizer = weakref.ref(built[0].model), weakref.ref(built[0].optimizer)
+    gc.disable()
+    try:
+        built.clear()
+        assert model() is None and optimizer() is None
+    finally:
+        gc.enable()
+
+
+def test_methods_measured_in_one_process_give_the_bytes_of_each_alone(llama_config):
+    from conftest import profile_recipe
+    from qlora.training.measure import measure
+
+    recipe = profile_recipe(llama_config, *SMALL)
+    first = measure(recipe, "qlora")
+    measure(recipe, "lora")
+    again = measure(recipe, "qlora")
+    assert (again.peak, again.bytes, again.phases) == (first.peak, first.bytes, first.phases)
