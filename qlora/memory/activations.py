@@ -64,6 +64,7 @@ class Step:
     mlp_tiles: int = 1  # the tiled MLP's tiles (qlora.ops.tiled_mlp); 1: untiled
     offload: bool = False  # checkpointed layer inputs in host RAM (qlora.config.long_context)
     checkpointed_layers: int | None = None  # with checkpointing: the first N layers only (None: all)
+    generate_tokens: int = 0  # eval.metric exact_match: new tokens generated per prompt in the eval phase (0: none)
     loss: str = "standard"  # 'chunked': qlora.ops.loss (causal LM only)
 
     @property
@@ -557,8 +558,25 @@ def eval_activation_bytes(inv: Inventory, step: Step, train_batch: int) -> Activ
     if step.attention == "eager":
         layer["causal mask"] = step.batch * S * S * c
     parts["eval forward through one layer"] = layer
+    if step.generate_tokens and not step.classifier:  # eval.metric exact_match: greedy generation at the eval batch
+        parts["exact-match generation (KV cache)"] = generation_terms(inv, step)
     moments = {name: sum(terms.values()) for name, terms in parts.items()}
     return Activations(kept, moments, parts)
+
+
+def generation_terms(inv: Inventory, step: Step) -> dict[str, int]:
+    """`eval.metric: exact_match`'s greedy generation (transformers' `generate`, DynamicCache) at its end: every
+    layer's keys and values for the prompt (at most `seq` tokens) and the new tokens, one layer's cache being
+    extended (its old and new copy), the last position's fp32 logits, and the prompt's forward through one
+    layer at its start (the larger of the two moments)."""
+    d, c, b = inv.dims, step.compute_bytes, step.batch
+    per_token = 2 * d.kv_heads * d.head_dim * c  # keys and values of one token in one layer
+    tokens = step.seq + step.generate_tokens
+    end = {"KV cache (every layer)": d.layers * b * tokens * per_token, "one layer's cache being extended": b * tokens * per_token,
+           "last position's logits (fp32)": b * d.vocab * FP32}
+    prefill = {"KV cache (every layer, the prompt)": d.layers * b * step.seq * per_token,
+               "the prompt's forward through one layer": _layer_forward(inv, step)}
+    return end if sum(end.values()) >= sum(prefill.values()) else prefill
 
 
 def _layer_forward(inv: Inventory, step: Step) -> int:

@@ -112,6 +112,7 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         autocast=any(trainer_precision_flags(dtype, settings.device).values()), device=settings.device,
         checkpointing=settings.checkpointing, attention=settings.attn_implementation, method=method,
         checkpointed_layers=settings.checkpoint_layers if isinstance(settings.checkpoint_layers, int) else None,
+        generate_tokens=settings.generate_tokens,
         rank=settings.rank, lora_dropout=settings.lora_dropout, lora_leaves=frozenset(lin.leaf for lin in targets),
         adapter_numel=adapter_numel, adapter_bytes=ADAPTER_DTYPE.itemsize,
         task=settings.task, num_labels=settings.num_labels, **long_context_step(inv, settings),

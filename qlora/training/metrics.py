@@ -84,11 +84,11 @@ def generate_answers(
     return answers
 
 
-def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, add_bos: bool = True) -> float:
+def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, add_bos: bool = True, batch_size: int = 16) -> float:
     """Share of examples whose greedy answer equals the reference (normalised)."""
     if not examples:
         return 0.0
-    answers = generate_answers(model, tokenizer, [e.prompt for e in examples], max_new_tokens, add_bos=add_bos)
+    answers = generate_answers(model, tokenizer, [e.prompt for e in examples], max_new_tokens, batch_size, add_bos)
     hits = sum(normalise_answer(a) == normalise_answer(e.response) for a, e in zip(answers, examples))
     return hits / len(examples)
 
@@ -142,6 +142,7 @@ def task_metrics(recipe, trainer, loaded, data) -> dict[str, float]:
         examples = data.eval_examples[: recipe.eval.max_examples]
         add_bos = recipe.data.format != "chat"  # a chat template writes its own BOS into the prompt
         return {
-            "eval_exact_match": exact_match(loaded.model, loaded.tokenizer, examples, recipe.eval.max_new_tokens, add_bos)
+            "eval_exact_match": exact_match(loaded.model, loaded.tokenizer, examples, recipe.eval.max_new_tokens, add_bos,
+                                            recipe.training.eval_batch_size or recipe.training.batch_size)  # the eval phase's batch
         }
     return {}

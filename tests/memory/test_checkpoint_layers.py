@@ -73,3 +73,14 @@ def test_the_cli_plans_the_fewest_layers_for_a_24gb_card(capsys):
 def test_bad_values_name_the_key(value):
     with pytest.raises(QLoraError, match="^training.gradient_checkpointing: "):
         recipe_from_mapping({"model": {"name_or_path": "m"}}, [f"training.gradient_checkpointing={value}"], for_training=False)
+
+
+def test_exact_match_generation_is_part_of_the_eval_phase_with_its_kv_cache():
+    """`eval.metric: exact_match` generates at the eval batch with a KV cache: the eval phase holds it."""
+    keys = ("data.max_seq_len=2048", "lora.r=16", "training.eval_batch_size=16")
+    plain = prediction("llama-3.1-8b", "qlora", *keys)
+    generating = prediction("llama-3.1-8b", "qlora", *keys, "eval.metric=exact_match", "eval.max_new_tokens=256")
+    kv_cache = 32 * 16 * 2048 * 2 * 8 * 128 * 4  # layers x batch x prompt x (keys, values) x kv heads x head dim x fp32 (CPU)
+    assert generating.phases["eval"]["allocated_bytes"] > plain.phases["eval"]["allocated_bytes"] + 0.99 * kv_cache
+    assert generating.phase == "eval" and "generation" in generating.peak_moment
+    assert generating.details["activations"]["eval: KV cache (every layer, the prompt)"] == kv_cache  # the prompt's forward is the peak

@@ -61,12 +61,23 @@ def test_chat_prompts_are_generated_without_an_extra_bos(monkeypatch):
     import qlora.training.metrics
 
     seen = []
-    monkeypatch.setattr(qlora.training.metrics, "exact_match", lambda *args: seen.append(args[-1]) or 0.5)
+    monkeypatch.setattr(qlora.training.metrics, "exact_match", lambda *args: seen.append(args[4:]) or 0.5)  # (add_bos, batch)
     data = type("Data", (), {"eval_examples": []})()
     loaded = type("Loaded", (), {"model": None, "tokenizer": None})()
     for fmt in ("chat", "alpaca"):
         assert task_metrics(recipe(metric="exact_match", fmt=fmt), None, loaded, data) == {"eval_exact_match": 0.5}
-    assert seen == [False, True]
+    assert [add_bos for add_bos, _ in seen] == [False, True]
+    assert {batch for _, batch in seen} == {recipe(metric="exact_match").training.batch_size}  # no eval_batch_size: the training batch
+
+
+def test_exact_match_generates_at_the_eval_batch_size(monkeypatch):
+    import qlora.training.metrics
+
+    seen = []
+    monkeypatch.setattr(qlora.training.metrics, "generate_answers", lambda model, tok, prompts, new, batch, bos: seen.append(batch) or [""] * len(prompts))
+    examples = [qlora.training.metrics.Example(prompt="p", response="r")] * 3
+    qlora.training.metrics.exact_match(None, None, examples, 4, True, 6)
+    assert seen == [6]
 
 
 def fake_optimizer():
