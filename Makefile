@@ -87,9 +87,11 @@ test-floors: $(FLOORS_VENV)/.installed
 	$(FPY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider
 
 # qlora vs the plain peft + bitsandbytes + Trainer recipe, same model and data (a few minutes on 2 cores;
-# not part of `make test`): writes memory_reports/bench/bench.md and bench.json.
+# not part of `make test`): writes memory_reports/bench/bench.md and bench.json; on a GPU also the speed benchmark
+# (benchmarks/speed.py: memory_reports/bench/cuda-<gpu>/speed.md).
 bench: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_memory.py $(ARGS)
+	$(if $(HAS_GPU),$(PY) benchmarks/speed.py)
 
 # The one prepared GPU check (<= 8 min on one GPU; results under memory_reports/measured/cuda-<gpu>/):
 # `make gpu-check`; `make gpu-check ARGS=--dry-run` checks its wiring on a CPU in seconds. On a machine

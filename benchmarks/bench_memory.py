@@ -73,22 +73,28 @@ def token_data(vocab: int, rows: int, seq: int):
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
-def qlora_trainer(folder: Path, args, data, out: Path):
+def qlora_recipe(folder: Path, args, out: Path, **training):
+    """The recipe qlora's side trains (`training`: more keys of its training section)."""
+    from qlora.config.recipe import recipe_from_mapping
+
+    return recipe_from_mapping({
+        "model": {"name_or_path": str(folder)}, "data": {"path": str(folder)}, "output_dir": str(out),
+        "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": "all-linear"},
+        "training": {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_steps": args.steps,
+                     "logging_steps": 1000, "save_steps": 1000, "warmup_ratio": 0.0, "loss": "chunked", **training},
+    })
+
+
+def qlora_trainer(folder: Path, args, data, out: Path, recipe=None):
     """qlora's own path: build_model (4-bit base, LoRA, checkpointing, chunked loss) and its TrainingArguments."""
     from types import SimpleNamespace
 
     from transformers import Trainer, default_data_collator
 
     from qlora.model.build import build_model
-    from qlora.config.recipe import recipe_from_mapping
     from qlora.training.run import training_arguments
 
-    recipe = recipe_from_mapping({
-        "model": {"name_or_path": str(folder)}, "data": {"path": str(folder)}, "output_dir": str(out),
-        "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": "all-linear"},
-        "training": {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_steps": args.steps,
-                     "logging_steps": 1000, "save_steps": 1000, "warmup_ratio": 0.0, "loss": "chunked"},
-    })
+    recipe = recipe or qlora_recipe(folder, args, out)
     loaded = build_model(recipe, tokenizer=SimpleNamespace(pad_token_id=0))
     training_args = training_arguments(recipe, loaded.compute_dtype, out, has_eval=False)
     training_args.disable_tqdm = True

@@ -1,4 +1,4 @@
-"""`make gpu-check`: the one prepared GPU check, about 8 minutes on one GPU.
+"""`make gpu-check`: the one prepared GPU check, about 9 minutes on one GPU (budgets in BUDGET_S).
 
 What no CPU test can show, measured on the GPU it runs on, each section under its own time budget
 (a point that does not fit is recorded as skipped, never silently dropped):
@@ -7,19 +7,21 @@ What no CPU test can show, measured on the GPU it runs on, each section under it
 2. overheads: the CUDA context (device memory in use beyond PyTorch's reserved segments once CUDA,
    cuBLAS, SDPA and bitsandbytes' 4-bit kernels are loaded, in a fresh process) and the allocator
    slack (over the memory points: reserved / allocated at the peak - 1). They are written to
-   `overheads.json`, which `qlora/profile/overheads.py` makes the profiler use instead of its two
-   named assumptions (CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK in qlora/profile/estimate.py);
+   `overheads.json`, which `qlora/memory/overheads.py` makes the profiler use instead of its two
+   named assumptions (CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK there); qlora runs with expandable segments;
 3. memory: `qlora.training.measure` for QLoRA and LoRA on Llama-shaped ~1B / 3B / 8B configs with
    random weights at seq 512 and 2,048, with and without each long-context feature (FEATURES) whose
-   `Settings` field exists; predicted `allocated_bytes` vs measured `max_memory_allocated` (+ paged
+   recipe key exists; predicted `allocated_bytes` vs measured `max_memory_allocated` (+ paged
    optimizer states) with the % error (target <= 3 %). One process per config (bitsandbytes never
    frees paged buffers), the random weights saved once per config;
 4. training: `qlora.training.run` for a few steps with each optimizer on a generated dataset: tokens/s and
    the labelled peaks of metrics.json;
-5. merge and generate once, on the last training run (`qlora merge`, `qlora generate`).
+5. merge and generate once, on the last training run (`qlora merge`, `qlora generate`);
+6. speed: benchmarks/speed.py at 2,048 tokens on the 8B shape (the plain peft + bitsandbytes + Trainer
+   recipe, qlora lean and qlora fit-24GB, one process each): tokens/s, MFU, peaks, the slowest ops.
 
 Everything lands in `memory_reports/measured/cuda-<gpu>/` (gpu_check.json, gpu_check.md,
-overheads.json), or in `--out DIR`.
+overheads.json, speed/), or in `--out DIR`.
 
 `--dry-run` runs the same wiring on a CPU with tiny configs and steps, in one process, into a
 temporary folder (or `--out`), in well under a minute; the test suite runs it
@@ -102,7 +104,8 @@ FEATURES = [
 TARGET_ERROR_PCT = 3.0
 # Seconds per section. A point already running finishes past its budget (an 8B point takes ~30 s), so
 # the budgets add up to ~6.5 minutes to end within 8.
-BUDGET_S = {"overheads": 45, "memory": 240, "training": 80, "merge": 60}
+BUDGET_S = {"overheads": 45, "memory": 160, "training": 60, "merge": 50, "speed": 210}
+SPEED_ARGS = ["--seq-lens", "2048", "--steps", "4"]  # the 8B shape; 16,384 tokens too with `make bench` on a GPU
 TRAIN = {"steps": 8, "batch_size": 8, "max_seq_len": 512, "model": "llama-1b", "rows": 4096}
 DRY_TRAIN = {"steps": 2, "batch_size": 2, "max_seq_len": 64, "model": "tiny-a", "rows": 128}
 DEMO_TOKENIZER = ROOT / "recipes" / "demo-assets" / "base-model"
@@ -431,6 +434,17 @@ def run_merge_and_generate(plan: Plan, training: list[dict], deadline: float) ->
 # --- the report ------------------------------------------------------------------------------------
 
 
+def run_speed(plan: Plan, out: Path, budget: float) -> dict:
+    """benchmarks/speed.py (qlora against the plain recipe, one process per side) within its budget."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--out", str(out), *(["--dry-run"] if plan.dry else SPEED_ARGS)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=budget)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the speed benchmark ran over its {budget:.0f} s budget"}
+    path = out / "speed.json"
+    return json.loads(path.read_text()) if path.exists() else {"error": done.stderr.strip()[-500:]}
+
+
 def overheads(context: dict, memory: list[dict], env: dict) -> dict | None:
     """What the profiler reads (qlora/profile/overheads.py), when both figures were measured."""
     slacks = [r["slack"] for r in memory if "slack" in r]
@@ -465,6 +479,8 @@ def markdown(report: dict) -> str:
     lines += ["", "## Merge and generate", "", json.dumps({k: (v if not isinstance(v, dict) else
                                                             {kk: vv for kk, vv in v.items() if kk != "output_tail"})
                                                         for k, v in merge.items()}), ""]
+    speed = report.get("speed") or {}
+    lines += ["## Speed (benchmarks/speed.py; its table: speed/speed.md)", "", f"qlora / plain: {speed.get('ratios', speed.get('error'))}", ""]
     return "\n".join(lines)
 
 
@@ -490,9 +506,10 @@ def check(plan: Plan, out: Path | None) -> dict:
     memory = run_memory(plan, deadline)
     training = run_training(plan, time.monotonic() + BUDGET_S["training"])
     merge = run_merge_and_generate(plan, training, time.monotonic() + BUDGET_S["merge"])
+    speed = run_speed(plan, out / "speed", BUDGET_S["speed"])
     measured = [r for r in memory if "error_pct" in r]
     report = {"dry_run": plan.dry, "measured_folder": folder, "environment": env, "context": context, "memory": memory, "training": training,
-              "merge_generate": merge, "overheads": overheads(context, memory, env), "target_error_pct": TARGET_ERROR_PCT,
+              "merge_generate": merge, "speed": speed, "overheads": overheads(context, memory, env), "target_error_pct": TARGET_ERROR_PCT,
               "points_within_target": sum(abs(r["error_pct"]) <= TARGET_ERROR_PCT for r in measured),
               "points_measured": len(measured), "seconds": round(time.monotonic() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 def test_dry_run_measures_trains_merges_and_generates(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] is True and report["environment"]["device"].startswith("CPU")
@@ -38,6 +38,9 @@ def test_dry_run_measures_trains_merges_and_generates(tmp_path):
     assert report["merge_generate"]["merge"]["exit_code"] == 0 and report["merge_generate"]["generate"]["exit_code"] == 0
     assert report["overheads"] is None and not (tmp_path / "overheads.json").exists()  # a CPU measures no CUDA context
     assert "| tiny-a | qlora | 32 | baseline |" in (tmp_path / "gpu_check.md").read_text()
+    speed = report["speed"]  # benchmarks/speed.py: plain, lean and fit-24GB, each in its own process
+    assert sorted({r["side"] for r in speed["rows"]}) == ["fit-24GB", "lean", "plain"] and all("error" not in r for r in speed["rows"])
+    assert (tmp_path / "speed" / "speed.md").exists()
 
 
 def test_without_a_gpu_the_real_check_refuses_in_one_line(tmp_path):

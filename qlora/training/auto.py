@@ -10,6 +10,7 @@ import torch
 
 from qlora.config.gpus import parse_gpu_memory
 from qlora.memory.estimate import estimate_recipe, settings_inventory
+from qlora.memory.flops import recompute_saved_pct
 from qlora.memory.planner import fewest_checkpointed_layers
 from qlora.memory.settings import from_recipe
 
@@ -53,7 +54,7 @@ def resolve_checkpointing(recipe):
     inv = settings_inventory(model, settings)
     layers = inv.dims.layers if gpu is None else fewest_checkpointed_layers(inv, method, settings, gpu)
     chosen = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, gradient_checkpointing=layers))
-    saved = estimate_recipe(chosen).recompute_saved_pct
+    saved = recompute_saved_pct(inv, settings.seq_len, method, layers)
     where = "no GPU size known (target_gpu or a GPU), so every layer" if gpu is None else f"the fewest that fit {gpu / 2**30:.2f} GiB"
     print(f"training.gradient_checkpointing: auto: {layers} of {inv.dims.layers} decoder layers checkpointed ({where}); "
           f"recompute saved: {saved:.1f} % of the step's FLOPs", file=sys.stderr)
