@@ -140,3 +140,14 @@ def predicted_and_measured(model, method: str, *overrides: str, num_labels: int 
     from qlora.training.measure import measure
 
     return prediction(model, method, *overrides, num_labels=num_labels), measure(profile_recipe(model, *overrides), method, num_labels)
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module, for tests of its functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

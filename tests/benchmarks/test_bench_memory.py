@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_memory.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 @pytest.mark.slow
 def test_dry_run_trains_both_sides_and_writes_the_report(tmp_path):
-    bench = load_bench()
+    bench = load_benchmark("bench_memory")
     assert bench.main(["--dry-run", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
     plain, qlora = result["sides"]["plain"], result["sides"]["qlora"]

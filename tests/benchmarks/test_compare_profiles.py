@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_profiles.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare_profiles", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def entry(weights: int) -> dict:
@@ -26,12 +17,12 @@ OUTPUT = {"runs": [{"model": "tiny", "advice": ["from qlora.profile.planner"], "
 
 
 def test_identical_outputs_have_no_differences():
-    compare = load_script()
+    compare = load_benchmark("compare_profiles")
     assert compare.compare_outputs(OUTPUT, copy.deepcopy(OUTPUT)) == []
 
 
 def test_one_changed_byte_is_one_difference_naming_its_key():
-    compare = load_script()
+    compare = load_benchmark("compare_profiles")
     current = copy.deepcopy(OUTPUT)
     current["runs"][0]["results"][0]["bytes"]["optimizer"] = 201
     assert compare.compare_outputs(OUTPUT, current) == [("runs[0].results[0]/lora.bytes.optimizer", 200, 201)]
@@ -39,7 +30,7 @@ def test_one_changed_byte_is_one_difference_naming_its_key():
 
 
 def test_text_fields_are_not_byte_differences():
-    compare = load_script()
+    compare = load_benchmark("compare_profiles")
     current = copy.deepcopy(OUTPUT)
     current["runs"][0]["model"] = "renamed"
     current["runs"][0]["advice"] = ["from qlora.memory.planner"]
@@ -50,7 +41,7 @@ def test_text_fields_are_not_byte_differences():
 
 
 def test_phases_are_compared_only_when_both_sides_have_them():
-    compare = load_script()
+    compare = load_benchmark("compare_profiles")
     current = copy.deepcopy(OUTPUT)
     current["runs"][0]["results"][0]["phases"]["eval"]["total_bytes"] = 1
     assert [key for key, _, _ in compare.compare_outputs(OUTPUT, current)] == ["runs[0].results[0]/lora.phases.eval.total_bytes"]
