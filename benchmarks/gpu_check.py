@@ -10,13 +10,13 @@ What no CPU test can show, measured on the GPU it runs on, each section under it
    `overheads.json`, which `qlora/memory/overheads.py` makes the profiler use instead of its two
    named assumptions (CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK there); qlora runs with expandable segments;
 3. memory: `qlora.training.measure` for QLoRA and LoRA on Llama-shaped ~1B / 3B / 8B configs with
-   random weights at seq 512 and 2,048, with and without each long-context feature (FEATURES) whose
-   recipe key exists; predicted `allocated_bytes` vs measured `max_memory_allocated` (+ paged
-   optimizer states) with the % error (target <= 3 %). One process per config (bitsandbytes never
-   frees paged buffers), the random weights saved once per config;
+   random weights at 2,048 tokens, the long-context recipe's keys on the 8B shape at 32,768 and 80,000
+   tokens, and each long-context feature (FEATURES) whose recipe key exists; one process per point; predicted `allocated_bytes` vs measured `max_memory_allocated` (+ paged
+   optimizer states) with the % error (target <= 3 %), reserved and NVML's device use per point; the
+   random weights saved once per config;
 4. training: `qlora.training.run` for a few steps with each optimizer on a generated dataset: tokens/s and
    the labelled peaks of metrics.json;
-5. merge and generate once, on the last training run (`qlora merge`, `qlora generate`);
+5. merge (float16 and bfloat16) and generate once, on the last training run (`qlora merge`, `qlora generate`);
 6. speed: benchmarks/speed.py at 2,048 tokens on the 8B shape (the plain peft + bitsandbytes + Trainer
    recipe, qlora lean and qlora fit-24GB, one process each): tokens/s, MFU, peaks, the slowest ops.
 
@@ -88,7 +88,7 @@ DRY_CONFIGS = {  # the same wiring on a CPU in seconds; vocabulary >= the demo t
                "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 3000, "tie_word_embeddings": False},
 }
 METHODS = ("qlora", "lora")
-SEQ_LENS, DRY_SEQ_LENS = (512, 2048), (32, 64)
+SEQ_LENS, DRY_SEQ_LENS = (2048,), (32, 64)
 RANK, DRY_RANK = 64, 8
 # (label, recipe keys) of the long-context work: measured at the longest sequence only; a row whose key
 # the recipe does not have (yet) is recorded as skipped.
@@ -101,10 +101,12 @@ FEATURES = [
     ("offloaded checkpoints", {"training.offload_checkpoints": True}),
     ("all long-context", {"training.loss": "chunked", "training.mlp_tiles": "auto", "training.offload_checkpoints": True}),
 ]
+LONG_CONTEXT_RECIPE = ROOT / "recipes" / "llama-3.1-8b-long-context-24gb.yaml"  # its keys, on the 8B shape
+LONG_SEQ_LENS, DRY_LONG_SEQ_LENS = (32768, 80000), (64, 128)
 TARGET_ERROR_PCT = 3.0
 # Seconds per section. A point already running finishes past its budget (an 8B point takes ~30 s), so
 # the budgets add up to ~6.5 minutes to end within 8.
-BUDGET_S = {"overheads": 45, "memory": 160, "training": 60, "merge": 50, "speed": 210}
+BUDGET_S = {"overheads": 45, "memory": 200, "training": 50, "merge": 50, "speed": 180}
 SPEED_ARGS = ["--seq-lens", "2048", "--steps", "4"]  # the 8B shape; 16,384 tokens too with `make bench` on a GPU
 TRAIN = {"steps": 8, "batch_size": 8, "max_seq_len": 512, "model": "llama-1b", "rows": 4096}
 DRY_TRAIN = {"steps": 2, "batch_size": 2, "max_seq_len": 64, "model": "tiny-a", "rows": 128}
@@ -210,9 +212,25 @@ def feature_rows() -> list[tuple[str, dict, str | None]]:
     return rows
 
 
+def long_context_keys() -> dict:
+    """The long-context recipe's memory keys, as recipe overrides (its model replaced by the 8B shape's config)."""
+    from qlora.config.recipe import load_recipe
+
+    r = load_recipe(LONG_CONTEXT_RECIPE)
+    return {"lora.r": r.lora.r, "lora.dropout": r.lora.dropout, "training.optimizer": r.training.optimizer,
+            "training.loss": r.training.loss, "training.mlp_tiles": r.training.mlp_tiles,
+            "training.offload_checkpoints": r.training.offload_checkpoints, "training.batch_size": r.training.batch_size}
+
+
 def points(plan: Plan, config: str, part: str) -> list[dict]:
-    """The memory points of one config: part 'baseline' (every method and sequence length) or
-    'features' (each feature row at the longest sequence)."""
+    """The memory points of one config: part 'baseline' (every method and sequence length), 'features'
+    (each feature row at the longest sequence) or 'long-context' (the 8B shape only: the long-context
+    recipe's keys at 32,768 and 80,000 tokens)."""
+    if part == "long-context":
+        if config != list(plan.configs)[-1]:
+            return []
+        return [{"config": config, "method": "qlora", "seq_len": seq, "feature": "long-context recipe", "changes": long_context_keys(),
+                 "skipped": None} for seq in (DRY_LONG_SEQ_LENS if plan.dry else LONG_SEQ_LENS)]
     out = []
     for label, changes, skipped in feature_rows():
         if (label == "baseline") != (part == "baseline"):
@@ -264,7 +282,7 @@ def measure_point(point: dict, plan: Plan, weights: Path) -> dict:
 
     cuda = torch.cuda.is_available()
     config_json = str(weights / "config.json")
-    keys = {"data.max_seq_len": point["seq_len"], "lora.r": plan.rank, **point["changes"]}
+    keys = {"data.max_seq_len": point["seq_len"], "lora.r": plan.rank, **point["changes"]}  # a point's own r wins
     recipe = recipe_from_mapping({"model": {"name_or_path": config_json}}, [f"{k}={v}" for k, v in keys.items()], for_training=False)
     _, _, settings = from_recipe(recipe, device="cuda" if cuda else "cpu")
     predicted = estimate(settings_inventory(config_json, settings), point["method"], settings)
@@ -278,14 +296,18 @@ def measure_point(point: dict, plan: Plan, weights: Path) -> dict:
     if cuda:
         reserved = max(torch.cuda.memory_reserved(), torch.cuda.max_memory_reserved())
         paged = measured.bytes.get("optimizer", 0) if settings.optimizer.startswith("paged_") else 0
-        row.update(reserved_bytes=int(reserved), slack=round(reserved / max(measured.peak - paged, 1) - 1, 4))
+        row.update(reserved_bytes=int(reserved), slack=round(reserved / max(measured.peak - paged, 1) - 1, 4),
+                   max_allocated_bytes=int(torch.cuda.max_memory_allocated()), nvml_used_bytes=nvml_used())
     return row
 
 
-def memory_worker(plan: Plan, config: str, part: str, deadline: float):
-    """The `part` points of `config`, in this process, yielding one row per point (skips past the deadline)."""
+def memory_worker(plan: Plan, config: str, part: str, deadline: float, index: int | None = None):
+    """The `part` points of `config` (only the `index`-th when given), in this process, yielding one row per
+    point (skips past the deadline)."""
     weights = None
-    for point in points(plan, config, part):
+    for i, point in enumerate(points(plan, config, part)):
+        if index is not None and i != index:
+            continue
         if point["skipped"]:
             yield point
             continue
@@ -304,19 +326,22 @@ def run_memory(plan: Plan, deadline: float) -> list[dict]:
     in-process for the dry run, one subprocess per config and part on a GPU (the random weights, saved
     once per config, stay on disk until the end: 25 GB for 1B + 3B + 8B in 16 bits)."""
     rows = []
-    for part in ("baseline", "features"):
+    for part in ("baseline", "long-context", "features"):
         for config in plan.configs:
-            got = memory_subprocess(plan, config, part, deadline) if plan.isolate else list(memory_worker(plan, config, part, deadline))
+            if plan.isolate:  # one process per point: allocator statistics and bitsandbytes' paged buffers are per process
+                got = [row for i in range(len(points(plan, config, part))) for row in memory_subprocess(plan, config, part, deadline, i)]
+            else:
+                got = list(memory_worker(plan, config, part, deadline))
             print_rows(got)
             rows.extend(got)
     shutil.rmtree(plan.work / "models", ignore_errors=True)
     return rows
 
 
-def memory_subprocess(plan: Plan, config: str, part: str, deadline: float) -> list[dict]:
+def memory_subprocess(plan: Plan, config: str, part: str, deadline: float, index: int) -> list[dict]:
     left = max(deadline - time.monotonic(), 0)
     command = [sys.executable, __file__, "--worker", "memory", "--config", config, "--part", part, "--work", str(plan.work),
-               "--deadline-in", str(left)] + (["--dry-run"] if plan.dry else [])
+               "--point", str(index), "--deadline-in", str(left)] + (["--dry-run"] if plan.dry else [])
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=left + 120)
     except subprocess.TimeoutExpired as exc:
@@ -422,6 +447,7 @@ def run_merge_and_generate(plan: Plan, training: list[dict], deadline: float) ->
     run = str(plan.work / "runs" / done[-1]["optimizer"])
     result = {"run": done[-1]["optimizer"]}
     for step, module, argv in (("merge", "qlora.merge", [run, "--to", str(plan.work / "merged"), "--overwrite"]),
+                               ("merge-bfloat16", "qlora.merge", [run, "--to", str(plan.work / "merged-bf16"), "--dtype", "bfloat16", "--overwrite"]),
                                ("generate", "qlora.generate", [run, "--prompt", "Repeat the word twice.", "--input", "cave",
                                                                "--max-new-tokens", "8"])):
         started = time.perf_counter()
@@ -532,7 +558,8 @@ def parse_args(argv=None):
     parser.add_argument("--isolate", action="store_true", help="dry run: also use a process per config and run, as on a GPU")
     parser.add_argument("--worker", choices=("context", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
-    parser.add_argument("--part", choices=("baseline", "features"), default="baseline", help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=("baseline", "long-context", "features"), default="baseline", help=argparse.SUPPRESS)
+    parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-in", type=float, default=0.0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -545,7 +572,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="qlora-gpu-check-") as scratch:
         plan = Plan.make(args.dry_run, args.work or Path(scratch), True if args.isolate else None)
         if args.worker == "memory":
-            for row in memory_worker(plan, args.config, args.part, time.monotonic() + args.deadline_in):
+            for row in memory_worker(plan, args.config, args.part, time.monotonic() + args.deadline_in, args.point):
                 print(json.dumps(row, default=str), flush=True)
             return 0
         out = args.out or (Path(scratch) / "results" if args.dry_run else None)

@@ -21,11 +21,14 @@ def test_dry_run_measures_trains_merges_and_generates(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["dry_run"] is True and report["environment"]["device"].startswith("CPU")
     measured = [r for r in report["memory"] if "error_pct" in r]
-    # three configs x QLoRA and LoRA x two sequence lengths, each predicted within the target (exact on CPU)
+    # three configs x QLoRA and LoRA x two sequence lengths, each predicted within the target (exact on CPU),
+    # and the long-context recipe's keys on the largest config at two longer lengths
     assert sorted({(r["config"], r["method"], r["seq_len"]) for r in measured}) == sorted(
-        (c, m, s) for c in ("tiny-a", "tiny-b", "tiny-c") for m in ("qlora", "lora") for s in (32, 64))
-    # 12 baseline points, and the 4 long-context feature rows at the longest sequence (24 more)
-    assert report["points_within_target"] == report["points_measured"] == 36
+        {(c, m, s) for c in ("tiny-a", "tiny-b", "tiny-c") for m in ("qlora", "lora") for s in (32, 64)} | {("tiny-c", "qlora", 128)})
+    long_context = [r for r in measured if r["feature"] == "long-context recipe"]
+    assert [r["seq_len"] for r in long_context] == [64, 128] and all(r["measured_bytes"] > 0 for r in long_context)
+    # 12 baseline points, the 2 long-context recipe points, and the 4 feature rows at the longest sequence (24 more)
+    assert report["points_within_target"] == report["points_measured"] == 38
     baseline = [r for r in measured if r["feature"] == "baseline"]
     assert len(baseline) == 12 and all(r["measured_bytes"] > 0 and abs(r["error_pct"]) <= 0.01 for r in baseline)
     # with the chunked loss one layer's backward is the peak of these tiny models, which the model of
@@ -35,7 +38,7 @@ def test_dry_run_measures_trains_merges_and_generates(tmp_path):
     assert features and all(("error_pct" in r) or r.get("skipped") or r.get("error") for r in features)
     assert [r["optimizer"] for r in report["training"]] == ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit"]
     assert all(r["exit_code"] == 0 and r["tokens_per_s"] > 0 and r["train_steps"] == 2 for r in report["training"])
-    assert report["merge_generate"]["merge"]["exit_code"] == 0 and report["merge_generate"]["generate"]["exit_code"] == 0
+    assert all(report["merge_generate"][step]["exit_code"] == 0 for step in ("merge", "merge-bfloat16", "generate"))
     assert report["overheads"] is None and not (tmp_path / "overheads.json").exists()  # a CPU measures no CUDA context
     assert "| tiny-a | qlora | 32 | baseline |" in (tmp_path / "gpu_check.md").read_text()
     speed = report["speed"]  # benchmarks/speed.py: plain, lean and fit-24GB, each in its own process
