@@ -33,7 +33,7 @@ pip and network, in the repository root (the folder is ignored by git):
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl bitsandbytes==0.50.2 datasets dill multiprocess
+        -d .whl bitsandbytes==0.50.2 datasets dill multiprocess liger-kernel==0.8.5
 
 (pip prints the versions it picked; keep one version of each). Then, on the GPU machine, with `.whl`
 carried along (this project's device tool: `carry: [".whl"]`):
