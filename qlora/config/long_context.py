@@ -72,3 +72,25 @@ def checkpointed_layers(setting, layers: int) -> int:
     if setting is True or setting == "auto":
         return layers
     return 0 if setting is False else min(int(setting), layers)
+
+
+def fused_loss_chunk_tokens(labelled: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk of Liger Kernel's fused linear cross-entropy (0.8.5, ops/fused_linear_cross_entropy.py):
+    the next power of two of labelled / ceil(vocab / hidden), at most `labelled`. It grows with the sequence."""
+    per = -(-labelled // -(-vocab // hidden))
+    return min(1 << max(per - 1, 0).bit_length(), labelled)
+
+
+def fused_loss_is_smaller(labelled: int, tokens: int, vocab: int, hidden: int, compute_bytes: int) -> bool:
+    """Whether Liger's fused loss holds no more than the torch chunked loss for this call, from both codes: Liger
+    copies the labelled rows and makes their gradient (2 x labelled x hidden), one chunk's logits in the compute
+    dtype and the chunk's input gradient; the torch path makes the hidden-state gradient (tokens x hidden) and one
+    fp32 chunk of `chunk_tokens` (plus its 16-bit copy and rows). Short sequences: Liger's is smaller (and
+    faster); at tens of thousands of tokens its chunk passes a GiB, so the torch path runs there. The profiler
+    models the torch path's terms, which are then the larger: an upper bound either way."""
+    c, fp32 = compute_bytes, 4
+    fused_chunk = fused_loss_chunk_tokens(labelled, vocab, hidden)
+    fused = 2 * labelled * hidden * c + 5 * labelled + fused_chunk * (vocab + hidden) * c
+    chunk = min(labelled, chunk_tokens(vocab))
+    torch_path = tokens * hidden * c + chunk * vocab * (fp32 + (c if c != fp32 else 0)) + 2 * chunk * hidden * c
+    return fused <= torch_path

@@ -22,7 +22,7 @@ import functools
 import torch
 
 from qlora.config.architecture import IGNORE_INDEX
-from qlora.config.long_context import chunk_tokens
+from qlora.config.long_context import chunk_tokens, fused_loss_is_smaller
 
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
@@ -116,7 +116,8 @@ def chunked_causal_lm_loss(hidden, weight, bias, labels, num_items_in_batch=None
     denominator = num_items_in_batch if num_items_in_batch is not None else positions.numel()
     if torch.is_tensor(denominator):
         denominator = denominator.to(hidden.device)
-    if hidden.is_cuda and _liger() is not None:
+    if hidden.is_cuda and _liger() is not None and fused_loss_is_smaller(
+            positions.numel(), hidden[..., 0].numel(), weight.shape[0], weight.shape[1], hidden.element_size()):
         return _liger_loss(hidden, weight, bias, positions, targets, denominator)
     chunk = chunk or chunk_tokens(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):

@@ -247,3 +247,14 @@ def test_the_fused_kernel_is_looked_up_once_and_its_absence_on_a_gpu_is_one_line
     assert install_loss(tiny(), loss_recipe("chunked")) == "chunked"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Liger Kernel is not installed" in err[0] and "pip install 'qlora[kernels]'" in err[0]
+
+
+def test_liger_runs_where_its_memory_is_the_smaller_the_torch_path_beyond():
+    """Liger's chunk grows with the sequence (its code's rule); past a few ten thousand tokens of an 8B the torch
+    chunked loss holds less, so it runs there, and the profiler's torch terms stay an upper bound."""
+    from qlora.config.long_context import fused_loss_chunk_tokens, fused_loss_is_smaller
+
+    assert [fused_loss_chunk_tokens(n, 128256, 4096) for n in (2047, 16383, 79999)] == [64, 512, 4096]
+    assert fused_loss_chunk_tokens(10, 128256, 4096) == 1 and fused_loss_chunk_tokens(3, 32, 4096) == 3
+    assert fused_loss_is_smaller(2047, 2048, 128256, 4096, 2) and fused_loss_is_smaller(16383, 16384, 128256, 4096, 2)
+    assert not fused_loss_is_smaller(79999, 80000, 128256, 4096, 2)  # the long-context recipe: the torch path
