@@ -145,14 +145,17 @@ def worker(args) -> dict:
 
 def run(args) -> dict:
     """Every side at every length, one fresh process each, one after the other."""
-    from qlora.training.measure import environment
+    from qlora.config.recipe import recipe_from_mapping
+    from qlora.training.measure import environment, random_weights
 
     cuda = torch.cuda.is_available()
     rows = []
     with tempfile.TemporaryDirectory(prefix="qlora-speed-weights-") as tmp:
         config = bench_memory.DRY_RUN_CONFIG if args.dry_run else (json.loads(args.config.read_text()) if args.config else CONFIG_8B)
-        folder = Path(tmp) / "model"
-        save_weights(config, folder)
+        (Path(tmp) / "config").mkdir()
+        (Path(tmp) / "config" / "config.json").write_text(json.dumps(config))
+        source = recipe_from_mapping({"model": {"name_or_path": str(Path(tmp) / "config")}}, for_training=False)
+        folder = random_weights(source, None, Path(tmp) / "model")  # in the compute dtype, on the GPU: both sides load them
         for seq in (int(s) for s in args.seq_lens.split(",")):
             for side in SIDES:
                 target = Path(tmp) / f"{side}-{seq}.json"
@@ -166,17 +169,6 @@ def run(args) -> dict:
                 print(f"speed: {side} at {seq}: {row.get('step_time_s', 'error')} s/step", file=sys.stderr, flush=True)
     return {"rows": rows, "ratios": ratios(rows), "targets": TARGETS, "dry_run": args.dry_run, "environment": environment("cuda" if cuda else "cpu")}
 
-
-def save_weights(config: dict, folder: Path) -> None:
-    """Random weights in bf16 (fp32 on a CPU), built on the GPU where there is one: both sides load the same."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**config), dtype=dtype)
-    model.save_pretrained(folder)
-    del model
 
 
 def ratios(rows: list[dict]) -> dict:

@@ -150,17 +150,19 @@ def trainer_kwargs(strategy: str | None, offload: str, launch: Launch, cuda: boo
     if strategy == "ddp":
         kwargs["ddp_find_unused_parameters"] = False  # the frozen base has no gradients: nothing to search for
     elif strategy == "zero3":
-        kwargs["deepspeed"] = zero3_config(offload)
+        kwargs["deepspeed"] = zero3_config(offload, cuda)
     elif strategy == "fsdp":
         kwargs.update(fsdp="full_shard auto_wrap" + (" offload" if offload == "cpu" else ""), fsdp_config=fsdp_config())
     return kwargs
 
 
-def zero3_config(offload: str) -> dict[str, Any]:
+def zero3_config(offload: str, cuda: bool = True) -> dict[str, Any]:
     """A DeepSpeed ZeRO-3 config; 'auto' values are filled in by transformers from TrainingArguments."""
     zero: dict[str, Any] = {
         "stage": 3,
-        "overlap_comm": True,
+        # Overlapping reductions with compute needs CUDA streams; over gloo on a CPU there is nothing to overlap,
+        # and its asynchronous reductions were seen to outlive the run's last collective (an abort at exit).
+        "overlap_comm": cuda,
         "contiguous_gradients": True,
         "reduce_bucket_size": "auto",
         "stage3_prefetch_bucket_size": "auto",
