@@ -56,13 +56,15 @@ def parse_args(argv):
 
 
 def save_random_model(config_path: Path | None, folder: Path) -> Path:
-    """Random weights from the config, saved once so both sides load the same model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    """Random weights from the config (qlora's `random_weights`), saved once so both sides load the same model."""
+    from qlora.config.recipe import recipe_from_mapping
+    from qlora.training.measure import random_weights
 
-    torch.manual_seed(0)
-    config = LlamaConfig(**DRY_RUN_CONFIG) if config_path is None else AutoConfig.from_pretrained(str(config_path))
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
+    if config_path is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        config_path = folder / "config.json"
+        config_path.write_text(json.dumps(DRY_RUN_CONFIG))
+    return random_weights(recipe_from_mapping({"model": {"name_or_path": str(config_path)}}, for_training=False), None, folder)
 
 
 def token_data(vocab: int, rows: int, seq: int):

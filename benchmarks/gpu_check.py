@@ -244,26 +244,16 @@ def points(plan: Plan, config: str, part: str) -> list[dict]:
 
 
 def save_random_model(config: dict, folder: Path, tokenizer: bool = False) -> Path:
-    """Random weights of `config` saved once (on the GPU when there is one: an 8B initialises in seconds)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """Random weights of `config` saved once (qlora's `random_weights`: in the compute dtype, on the GPU when there
+    is one: an 8B initialises in seconds), with the demo tokenizer's files when `tokenizer`."""
+    from qlora.config.recipe import recipe_from_mapping
+    from qlora.training.measure import random_weights
 
     if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    cfg.architectures = ["LlamaForCausalLM"]
-    from qlora.config.precision import default_device, resolve_compute_dtype
-
-    device = default_device()
-    dtype = resolve_compute_dtype("auto", device)  # what the trainer loads: fp32 on CPU, bf16 or fp16 on a GPU
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.save_pretrained(folder)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    (folder / "config.json").write_text(json.dumps(config))  # what random_weights builds from; saved again with the weights
+    random_weights(recipe_from_mapping({"model": {"name_or_path": str(folder)}}, for_training=False), None, folder)
     if tokenizer:
         for name in TOKENIZER_FILES:
             if (DEMO_TOKENIZER / name).exists():

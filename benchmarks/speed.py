@@ -127,12 +127,12 @@ def worker(args) -> dict:
               "tokens_per_s": round(tokens / step, 1), "top_ops": top_ops()}
     layers = config["num_hidden_layers"]
     if recipe is not None:
-        model, method, settings = from_recipe(recipe)
         predicted = estimate_recipe(recipe)
         layers = predicted.checkpointed_layers
         result.update(gradient_checkpointing_layers=layers, recompute_saved_pct=predicted.recompute_saved_pct,
                       predicted_allocated_bytes=predicted.allocated, predicted_total_bytes=predicted.total)
-    inv = settings_inventory(str(args.weights / "config.json"), from_recipe(bench_memory.qlora_recipe(args.weights, args, out))[2])
+    _, _, settings = from_recipe(recipe or bench_memory.qlora_recipe(args.weights, args, out))  # the plain side: the same model's
+    inv = settings_inventory(str(args.weights / "config.json"), settings)
     flops = step_flops_per_token(inv, args.seq_len, "qlora", layers)
     result["flops_per_token"] = flops
     if torch.cuda.is_available():
