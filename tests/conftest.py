@@ -87,6 +87,30 @@ TINY_LLAMA = {
 TINY_QWEN2 = {**TINY_LLAMA, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True}
 
 
+def make_trained_run(out_dir: Path, model_dir: Path, data_file: Path) -> Path:
+    """A real `qlora train` run folder in a few seconds. The high learning rate makes the adapter
+    change the model a lot, so tests that compare with and without it are not vacuous."""
+    from qlora.config.recipe import recipe_from_mapping
+    from qlora.training.run import train
+
+    recipe = recipe_from_mapping({
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"path": str(data_file), "max_seq_len": 128},
+        "lora": {"r": 4, "alpha": 8},
+        "training": {"max_steps": 3, "batch_size": 4, "grad_accum": 1, "learning_rate": 0.05, "warmup_ratio": 0.0, "save_steps": 100},
+        "eval": {"metric": "exact_match", "max_examples": 2, "max_new_tokens": 2},
+        "output_dir": str(out_dir),
+    })
+    train(recipe)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_llama, alpaca_file) -> Path:
+    """One real run folder per test session, shared by the tests that only read it (export, merge, generate, OOM)."""
+    return make_trained_run(tmp_path_factory.mktemp("trained-run"), tiny_llama, alpaca_file)
+
+
 def write_config(folder: Path, config: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.json"

@@ -216,24 +216,6 @@ def start(plan: Plan) -> None:
     PartialState(cpu=not plan.cuda, backend="nccl" if plan.cuda else "gloo")
 
 
-def allow_wrapping(trainer) -> None:
-    """Let the trainer wrap the model for training after the eval before training.
-
-    That eval runs the model through `accelerate.prepare` in evaluation mode (no DDP; a DeepSpeed
-    inference engine), which marks it prepared and keeps the eval wrapper; training's prepare then
-    skips the DDP wrap (every process trains alone, gradients never averaged) or the DeepSpeed engine
-    (the first backward fails), accelerate 1.15 / transformers 5. Forgetting the eval wrapper restores both.
-    """
-    if trainer.args.world_size == 1 and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
-        return  # one plain process: nothing to wrap, and a second prepare would wrap autocast twice
-    model = trainer.model
-    if getattr(model, "_is_accelerate_prepared", False):
-        model._is_accelerate_prepared = False
-    trainer.model_wrapped = model
-    if getattr(trainer, "deepspeed", None) is not None:
-        trainer.deepspeed = None
-
-
 def finish() -> None:
     """Leave the process group once every process is done: left to interpreter exit, gloo's threads can
     be torn down mid-collective and abort a process ('terminate called without an active exception')."""

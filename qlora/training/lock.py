@@ -19,17 +19,9 @@ import sys
 from pathlib import Path
 
 from qlora.config.errors import QLoraError
+from qlora.training.distributed import is_main_process
 
 LOCK_NAME = ".qlora.lock"
-
-
-def is_main_process() -> bool:
-    """True outside a launcher, and for rank 0 under torchrun / accelerate."""
-    for name in ("RANK", "LOCAL_RANK"):
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return value.strip() == "0"
-    return True
 
 
 def pid_alive(pid: int) -> bool:

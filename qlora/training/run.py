@@ -10,7 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qlora.config.io import atomic_write_json, publish_dir, staged_dir, staging_dir_for
 from qlora.config.precision import trainer_precision_flags
@@ -87,7 +87,30 @@ def checkpoint_marker_callback():
     return MarkCheckpointComplete()
 
 
-def build_trainer(recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None):
+def evaluate_before_training_callback(evaluate: Callable[[], dict[str, float]]):
+    """The evaluation before training, run by the Trainer when training begins: the model is wrapped for
+    training by then (DDP, a DeepSpeed engine). Evaluated before `train()`, the model would be prepared
+    for evaluation only, and training would then skip its wrap (transformers 5 / accelerate 1.15).
+    Training's clock (`finished_at`) and peak memory start after it."""
+    import torch
+    from transformers import TrainerCallback
+
+
+    class EvaluateBeforeTraining(TrainerCallback):
+        metrics: dict[str, float] = {}
+        finished_at = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.metrics = evaluate()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            self.finished_at = time.perf_counter()
+
+    return EvaluateBeforeTraining()
+
+
+def build_trainer(recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None, first: list | None = None):
+    """The Trainer of a run; `first`: callbacks that run before qlora's checkpoint and stop callbacks."""
     from transformers import Trainer
 
 
@@ -98,7 +121,7 @@ def build_trainer(recipe, loaded, data, checkpoint_root: Path, parallel: dict | 
         eval_dataset=data.eval,
         data_collator=data_collator(loaded.tokenizer, recipe.data),
         processing_class=loaded.tokenizer,
-        callbacks=[checkpoint_marker_callback(), *run_callbacks(recipe)],
+        callbacks=[*(first or []), checkpoint_marker_callback(), *run_callbacks(recipe)],
     )
 
 
@@ -114,8 +137,11 @@ def evaluate_metrics(trainer, loaded, data, recipe) -> dict[str, float]:
 def baseline(trainer, loaded, data, recipe, output_dir: Path, resuming: bool) -> dict[str, float]:
     """Metrics before training, kept on disk so that a resumed run reports the true 'before'."""
     path = output_dir / "checkpoints" / "baseline.json"
-    if resuming and path.exists():
-        return json.loads(path.read_text())
+    if resuming:  # the checkpoint's weights are loaded by now: only the stored metrics are the true 'before'
+        if path.exists():
+            return json.loads(path.read_text())
+        print("note: no checkpoints/baseline.json to resume from: metrics.json has no before-metrics", file=sys.stderr)
+        return {}
 
     before = evaluate_metrics(trainer, loaded, data, recipe)
     if is_main_process():
@@ -187,17 +213,18 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     offload = wants_offload(recipe)
     with OutOfMemoryExit("model loading", lambda: fit_advice(recipe), kept="no training step ran"):
         loaded = build_model(recipe, data.label_names, tokenizer=tokenizer, offload=offload)  # a classifier head needs the labels
-    trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints", plan.trainer_kwargs)
-    with out_of_memory("the evaluation before training", recipe, kept="no training step ran", extra=EVAL_ADVICE):
-        before = baseline(trainer, loaded, data, recipe, output_dir, resuming=resume_from is not None)
-    distributed.allow_wrapping(trainer)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
+    resuming = resume_from is not None
+
+    def evaluate_before():  # `trainer` is bound by then: the Trainer calls this back from train()
+        with out_of_memory("the evaluation before training", recipe, kept="no training step ran", extra=EVAL_ADVICE):
+            return baseline(trainer, loaded, data, recipe, output_dir, resuming)
+
+    before = evaluate_before_training_callback(evaluate_before)  # first: SIGTERM during it exits at once
+    trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints", plan.trainer_kwargs, first=[before])
     with out_of_memory("training", recipe):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     exit_if_stopped(trainer, output_dir)  # SIGTERM (exit 4) or a non-finite loss (exit 5)
-    runtime = time.perf_counter() - started
+    runtime = time.perf_counter() - before.finished_at
     memory = memory_figures(trainer.optimizer)  # labelled figures; paged optimizer states included on CUDA
     # before the last evaluation: an OOM there must not lose it
     adapter_dir = save_adapter(loaded, output_dir, trainer if plan.shards_weights else None)
@@ -206,7 +233,7 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
                        "metrics.json has no after-metrics", EVAL_ADVICE, deferred=True) as after_oom:
         after = evaluate_metrics(trainer, loaded, data, recipe)
     trainable, total = parameter_counts(loaded.model)
-    metrics: dict[str, Any] = {f"{k}_before": v for k, v in before.items()}
+    metrics: dict[str, Any] = {f"{k}_before": v for k, v in before.metrics.items()}
     metrics.update({f"{k}_after": v for k, v in after.items()})
     metrics.update(
         method=recipe.method,

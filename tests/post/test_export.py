@@ -11,42 +11,11 @@ import pytest
 from qlora.config.errors import QLoraError, run_cli
 
 
-def make_trained_run(out_dir: Path, model_dir: Path, data_file: Path) -> Path:
-    """A real `qlora train` run folder in a few seconds. The high learning rate makes the adapter
-    change the model a lot, so tests that compare with and without it are not vacuous."""
-    from qlora.config.recipe import recipe_from_mapping
-    from qlora.training.run import train
-
-    recipe = recipe_from_mapping({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"path": str(data_file), "max_seq_len": 128},
-        "lora": {"r": 4, "alpha": 8},
-        "training": {"max_steps": 3, "batch_size": 4, "grad_accum": 1, "learning_rate": 0.05, "warmup_ratio": 0.0, "save_steps": 100},
-        "eval": {"metric": "exact_match", "max_examples": 2, "max_new_tokens": 2},
-        "output_dir": str(out_dir),
-    })
-    train(recipe)
-    return out_dir
-
-
-def session_run(tmp_path_factory, tiny_llama, alpaca_file) -> Path:
-    """One run folder per test session, shared by the export, merge and generate tests (which only read it)."""
-    out = tmp_path_factory.getbasetemp() / "trained-run"
-    if not (out / "metrics.json").exists():
-        make_trained_run(out, tiny_llama, alpaca_file)
-    return out
-
-
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_llama, alpaca_file) -> Path:
-    return session_run(tmp_path_factory, tiny_llama, alpaca_file)
-
-
-@pytest.fixture(scope="module")
-def run(run_dir):
+def run(trained_run):
     from qlora.post.export import read_run
 
-    return read_run(run_dir)
+    return read_run(trained_run)
 
 
 @pytest.fixture(scope="module")

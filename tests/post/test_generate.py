@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 
 from qlora.config.errors import run_cli
-from test_export import session_run  # the session's real tiny run folder, see test_export.py
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_llama, alpaca_file):
+def run(trained_run):
     from qlora.post.export import read_run
 
-    return read_run(session_run(tmp_path_factory, tiny_llama, alpaca_file))
+    return read_run(trained_run)
 
 
 def test_prompt_is_bos_plus_the_alpaca_template_unless_raw(run):

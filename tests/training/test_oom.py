@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from qlora.training.oom import OOM_EXIT_CODE, OutOfMemoryExit
-from test_export import session_run  # the session's real tiny run folder, see test_export.py
 from test_train import tiny_recipe
 
 
@@ -51,13 +50,13 @@ def test_oom_in_the_evaluation_before_training_exits_3_with_advice(tiny_llama, a
 
     from qlora.training.run import train
 
-    trained = []
-    monkeypatch.setattr(transformers.Trainer, "evaluate", out_of_memory)
-    monkeypatch.setattr(transformers.Trainer, "train", lambda *a, **k: trained.append(1))
+    steps = []
+    monkeypatch.setattr(transformers.Trainer, "evaluate", out_of_memory)  # called back as training begins
+    monkeypatch.setattr(transformers.Trainer, "training_step", lambda *a, **k: steps.append(1))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
         train(tiny_recipe(tiny_llama, alpaca_file, out, "target_gpu=24GB"))
-    assert info.value.code == OOM_EXIT_CODE and trained == []
+    assert info.value.code == OOM_EXIT_CODE and steps == []
     err = capsys.readouterr().err
     assert "error: out of GPU memory during the evaluation before training; no training step ran" in err
     assert "training.eval_batch_size" in err and "qlora profile --recipe" in err
@@ -90,30 +89,25 @@ def test_oom_in_the_evaluation_after_training_exits_3_with_the_adapter_saved(tin
     assert f"error: out of GPU memory during the evaluation after training; the adapter is saved in {out / 'adapter'}" in err
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_llama, alpaca_file):
-    return session_run(tmp_path_factory, tiny_llama, alpaca_file)
-
-
-def test_oom_in_merge_exits_3_and_writes_nothing(run_dir, tmp_path, monkeypatch, capsys):
+def test_oom_in_merge_exits_3_and_writes_nothing(trained_run, tmp_path, monkeypatch, capsys):
     import qlora.merge
     import qlora.post.merge
 
     monkeypatch.setattr(qlora.post.merge, "merged_model", out_of_memory)
     with pytest.raises(SystemExit) as info:
-        qlora.merge.main([str(run_dir), "--to", str(tmp_path / "m")])
+        qlora.merge.main([str(trained_run), "--to", str(tmp_path / "m")])
     assert info.value.code == OOM_EXIT_CODE and list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err
     assert f"error: out of GPU memory during merge; nothing was written to {tmp_path / 'm'}" in err
     assert "--device layers" in err
 
 
-def test_oom_in_generate_exits_3_with_advice(run_dir, monkeypatch, capsys):
+def test_oom_in_generate_exits_3_with_advice(trained_run, monkeypatch, capsys):
     import qlora.post.generate
     from qlora.generate import main
 
     monkeypatch.setattr(qlora.post.generate, "generate_answers", out_of_memory)
     with pytest.raises(SystemExit) as info:
-        main([str(run_dir), "--prompt", "Say the next number."])
+        main([str(trained_run), "--prompt", "Say the next number."])
     assert info.value.code == OOM_EXIT_CODE
     assert "error: out of GPU memory during generation\ngive fewer or shorter --prompt values" in capsys.readouterr().err

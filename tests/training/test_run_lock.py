@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from qlora.config.errors import QLoraError
-from qlora.training.lock import LOCK_NAME, RunLock, is_main_process
+from qlora.training.distributed import is_main_process
+from qlora.training.lock import LOCK_NAME, RunLock
 
 
 def dead_pid() -> int:
@@ -63,9 +64,14 @@ def test_a_refused_run_leaves_no_folder_it_created(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("env, main", [({}, True), ({"RANK": "0"}, True), ({"RANK": "1"}, False), ({"LOCAL_RANK": "2"}, False)])
+def launched(rank: int, local_rank: int, world: int) -> dict[str, str]:
+    return {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world)}  # what torchrun sets
+
+
+@pytest.mark.parametrize("env, main", [({}, True), (launched(0, 0, 2), True), (launched(1, 1, 2), False),
+                                       (launched(2, 0, 4), False)])  # the second machine's first process
 def test_only_the_main_process_takes_the_lock(tmp_path, monkeypatch, env, main):
-    for name in ("RANK", "LOCAL_RANK"):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
