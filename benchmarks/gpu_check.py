@@ -100,6 +100,7 @@ FEATURES = [
     ("tiled MLP", {"training.mlp_tiles": "auto"}),
     ("offloaded checkpoints", {"training.offload_checkpoints": True}),
     ("all long-context", {"training.loss": "chunked", "training.mlp_tiles": "auto", "training.offload_checkpoints": True}),
+    ("no Liger kernels", {"training.kernels": "none"}),  # the other rows run Liger's where it is installed (the default)
 ]
 LONG_CONTEXT_RECIPE = ROOT / "recipes" / "llama-3.1-8b-long-context-24gb.yaml"  # its keys, on the 8B shape
 LONG_SEQ_LENS, DRY_LONG_SEQ_LENS = (32768, 80000), (64, 128)
@@ -268,12 +269,14 @@ def measure_point(point: dict, plan: Plan, weights: Path) -> dict:
     from qlora.config.recipe import recipe_from_mapping
     from qlora.memory.estimate import estimate, settings_inventory
     from qlora.memory.settings import from_recipe
+    from qlora.training.auto import resolve_kernels
     from qlora.training.measure import measure
 
     cuda = torch.cuda.is_available()
     config_json = str(weights / "config.json")
     keys = {"data.max_seq_len": point["seq_len"], "lora.r": plan.rank, **point["changes"]}  # a point's own r wins
     recipe = recipe_from_mapping({"model": {"name_or_path": config_json}}, [f"{k}={v}" for k, v in keys.items()], for_training=False)
+    recipe = resolve_kernels(recipe)  # 'auto' without Liger installed here: predicted as what runs
     _, _, settings = from_recipe(recipe, device="cuda" if cuda else "cpu")
     predicted = estimate(settings_inventory(config_json, settings), point["method"], settings)
     if cuda:

@@ -3,8 +3,8 @@ Trainer recipe, the same model and batches, one process per side, one side after
 
 Sides, for each sequence length (default the Llama-3.1-8B shape at 2,048 and 16,384 tokens):
     plain     from_pretrained in 4-bit NF4, prepare_model_for_kbit_training, get_peft_model, Trainer, standard loss
-    lean      qlora with every decoder layer checkpointed (`training.gradient_checkpointing: true`)
-    fit-24GB  qlora with `gradient_checkpointing: auto` planned for a 24 GB card and `kernels: auto`
+    lean      qlora's defaults: every decoder layer checkpointed, `training.kernels: auto` (Liger where installed)
+    fit-24GB  qlora with `gradient_checkpointing: auto` planned for a 24 GB card (kernels as lean)
 All: batch 1, gradient accumulation 2, LoRA r 16 on every linear layer, paged AdamW 32-bit, expandable segments on
 both sides (qlora turns them on in every process; the plain side's worker imports qlora first too).
 
@@ -98,7 +98,7 @@ def worker(args) -> dict:
     from qlora.memory.estimate import estimate_recipe, settings_inventory
     from qlora.memory.flops import step_flops_per_token
     from qlora.memory.settings import from_recipe
-    from qlora.training.auto import resolve_checkpointing
+    from qlora.training.auto import resolve_checkpointing, resolve_kernels
 
     torch.set_num_threads(args.threads)
     args.steps = max(args.steps, 3)
@@ -109,8 +109,8 @@ def worker(args) -> dict:
     if args.worker == "plain":
         trainer = bench_memory.plain_trainer(args.weights, args, data, out)
     else:
-        keys = {"gradient_checkpointing": True, "kernels": "none"} if args.worker == "lean" else {"gradient_checkpointing": "auto", "kernels": "auto"}
-        recipe = bench_memory.qlora_recipe(args.weights, args, out, **keys)
+        keys = {"gradient_checkpointing": True} if args.worker == "lean" else {"gradient_checkpointing": "auto"}
+        recipe = resolve_kernels(bench_memory.qlora_recipe(args.weights, args, out, **keys))  # the default kernels: auto
         if args.worker == "fit-24GB":
             recipe = resolve_checkpointing(type(recipe)(**{**recipe.__dict__, "target_gpu": args.target_gpu}))
         trainer = bench_memory.qlora_trainer(args.weights, args, data, out, recipe)

@@ -28,6 +28,7 @@ from qlora.memory.estimate import estimate, settings_inventory
 from qlora.memory.planner import CLI_KEYS, RECIPE_KEYS, cards_needed, plan, predict
 from qlora.memory.report import Result, Run
 from qlora.memory.settings import DEFAULT_METHODS, Settings, from_recipe, parse_methods
+from qlora.training.auto import resolve_kernels
 from qlora.training.measure import environment, measure, random_weights
 
 HEADLINE_MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
@@ -155,7 +156,8 @@ def profile(args: argparse.Namespace) -> list:
     device = default_device() if args.measure else "cuda"  # without --measure: the GPU being planned for
     runs = []
     for job in jobs(args):
-        settings = job.settings.replace(device=device)
+        source = resolve_kernels(job.source) if args.measure else job.source  # measured here: what runs here
+        settings = job.settings.replace(device=device, kernels=source.training.kernels)
         inv = settings_inventory(job.model, settings)
         results = [Result(estimate(inv, method, settings)) for method in job.methods]
         targets = gpus or ([gpu_target(job.target_gpu)] if job.target_gpu else [(None, True)])
@@ -171,7 +173,7 @@ def profile(args: argparse.Namespace) -> list:
             if args.gpus == "auto":
                 run.cards = {m: cards_needed(inv, m, settings, target) for m in job.methods}
             if args.measure and i == 0:
-                measure_run(run, job.source, device)
+                measure_run(run, source, device)
             elif args.measure:
                 run.environment = runs[-1].environment
             runs.append(run)

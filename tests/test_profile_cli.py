@@ -59,8 +59,8 @@ def test_recipe_set_overrides_change_what_is_profiled(capsys):
     recipe = RECIPES / "qwen2.5-32b-alpaca-24gb.yaml"
     code, out, _ = profile(["--recipe", str(recipe), "--set", "data.max_seq_len=4096", "--format", "markdown"], capsys)
     assert code == 0
-    assert "seq 4,096" in out and "| no | 2,178 |" in out  # target_gpu "3090": 23.55 GiB, chunked loss, the H200-measured context
-    assert "  - fits with data.max_seq_len=2178 (at batch 1)" in out
+    assert "seq 4,096" in out and "| no | 2,322 |" in out  # target_gpu "3090": 23.55 GiB, chunked loss, Liger, the H200-measured context
+    assert "  - fits with data.max_seq_len=2322 (at batch 1)" in out
 
 
 def test_a_classification_recipe_is_profiled_as_its_classifier(capsys):

@@ -81,16 +81,27 @@ def fused_loss_chunk_tokens(labelled: int, vocab: int, hidden: int) -> int:
     return min(1 << max(per - 1, 0).bit_length(), labelled)
 
 
+def fused_loss_terms(labelled: int, vocab: int, hidden: int, compute_bytes: int) -> dict[str, int]:
+    """What Liger Kernel's fused linear cross-entropy (0.8.5, `fused_linear_cross_entropy_forward`) holds at its
+    busiest point, from its code, as qlora.ops.loss calls it (on the labelled rows, a 16-bit head): their copy,
+    their gradient (`grad_input`, filled chunk by chunk with `mm(out=)`), the per-token fp32 loss and the target
+    mask, and one chunk's logits in the compute dtype (`logits_storage`: the kernel writes their gradient in place).
+    A trained head adds its gradient (`zeros_like(weight)`), counted by the caller."""
+    c, chunk = compute_bytes, fused_loss_chunk_tokens(labelled, vocab, hidden)
+    return {"labelled rows (the kernel's input)": labelled * hidden * c, "their gradient (made in forward)": labelled * hidden * c,
+            "per-token loss (fp32) and target mask": labelled * 5, f"one chunk's logits ({chunk} tokens)": chunk * vocab * c}
+
+
+def torch_loss_chunk_bytes(labelled: int, vocab: int, hidden: int, compute_bytes: int) -> int:
+    """One chunk of qlora.ops.loss's torch path at its busiest point (training): fp32 probabilities (+ their
+    16-bit copy for the gradient matmul), the chunk's rows and their gradient."""
+    c, chunk = compute_bytes, min(labelled, chunk_tokens(vocab))
+    return chunk * vocab * (4 + (c if c != 4 else 0)) + 2 * chunk * hidden * c
+
+
 def fused_loss_is_smaller(labelled: int, tokens: int, vocab: int, hidden: int, compute_bytes: int) -> bool:
-    """Whether Liger's fused loss holds no more than the torch chunked loss for this call, from both codes: Liger
-    copies the labelled rows and makes their gradient (2 x labelled x hidden), one chunk's logits in the compute
-    dtype and the chunk's input gradient; the torch path makes the hidden-state gradient (tokens x hidden) and one
-    fp32 chunk of `chunk_tokens` (plus its 16-bit copy and rows). Short sequences: Liger's is smaller (and
-    faster); at tens of thousands of tokens its chunk passes a GiB, so the torch path runs there. The profiler
-    models the torch path's terms, which are then the larger: an upper bound either way."""
-    c, fp32 = compute_bytes, 4
-    fused_chunk = fused_loss_chunk_tokens(labelled, vocab, hidden)
-    fused = 2 * labelled * hidden * c + 5 * labelled + fused_chunk * (vocab + hidden) * c
-    chunk = min(labelled, chunk_tokens(vocab))
-    torch_path = tokens * hidden * c + chunk * vocab * (fp32 + (c if c != fp32 else 0)) + 2 * chunk * hidden * c
-    return fused <= torch_path
+    """Whether Liger's fused loss holds no more than the torch chunked loss for this call (both from their code;
+    the torch path also makes the hidden-state gradient, tokens x hidden, in forward). Short sequences: Liger's
+    is smaller (and faster); at tens of thousands of tokens its chunk grows past a GiB, so the torch path runs."""
+    torch_path = tokens * hidden * compute_bytes + torch_loss_chunk_bytes(labelled, vocab, hidden, compute_bytes)
+    return sum(fused_loss_terms(labelled, vocab, hidden, compute_bytes).values()) <= torch_path

@@ -23,6 +23,12 @@ them comes back for its layer's recompute.
 The eval step is its own phase (`eval_activation_bytes`): a no-grad forward, whose peak is the loss
 (chunked or standard) or one layer's forward temporaries.
 
+With `training.kernels: auto` on CUDA (`Step.kernels`) the count follows Liger Kernel's code (0.8.5) instead:
+its RMSNorm saves its input as it is and one fp32 rstd per token (no fp32 copy; its weight gradient comes from
+them), its SwiGLU saves the gate's and up's outputs (SiLU is recomputed) and writes their gradients over them
+in backward, its RoPE rotates q and k in place (what attention saves is unchanged), and the loss is its fused
+linear cross-entropy where that holds less (`qlora.config.long_context.fused_loss_terms`).
+
 Sequences are assumed unpadded (no attention mask), as with packing or equal-length batches.
 """
 
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from qlora.config.long_context import chunk_tokens
+from qlora.config.long_context import chunk_tokens, fused_loss_is_smaller, fused_loss_terms, torch_loss_chunk_bytes
 from qlora.memory.inventory import Inventory
 
 FP32 = 4
@@ -66,6 +72,7 @@ class Step:
     checkpointed_layers: int | None = None  # with checkpointing: the first N layers only (None: all)
     generate_tokens: int = 0  # eval.metric exact_match: new tokens generated per prompt in the eval phase (0: none)
     loss: str = "standard"  # 'chunked': qlora.ops.loss (causal LM only)
+    kernels: bool = False  # Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss (training.kernels: auto on CUDA)
 
     @property
     def tiled(self) -> bool:
@@ -133,7 +140,8 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
     n, L = checkpointed(inv, step), inv.dims.layers
     ckpt, free = replace(step, checkpointing=True), replace(step, checkpointing=False)
     layer = sum(layer_saved(inv, ckpt).values())
-    first_norm_input = T * d.hidden * FP32 if c == FP32 else 0  # an fp32 layer input is what its first norm saves
+    # what the first norm saves is the layer input itself when it is fp32, or with Liger's RMSNorm
+    first_norm_input = T * d.hidden * c if (c == FP32 or step.kernels) else 0
     unchecked = (L - n) * (sum(layer_saved(inv, free).values()) + first_norm_input)
     kept, host = {}, {}
     if n and step.offload:
@@ -196,17 +204,24 @@ def chunked_loss_terms(inv: Inventory, step: Step, grads: bool) -> dict[str, int
     positions and their targets, the loss accumulator and one chunk. With `grads` (training) the chunk's
     busiest point is its hidden-state gradient matmul: fp32 probabilities (+ their 16-bit copy), the
     chunk's rows and their gradient; the hidden-state gradient (and for full FT the head's fp32 weight
-    gradient) are made in forward. Without (eval) it is the logits and five per-token temporaries."""
+    gradient) are made in forward. Without (eval) it is the logits and five per-token temporaries.
+    With Liger's fused kernel (where qlora.ops.loss calls it) its own terms, named, training and eval alike."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     labelled = labelled_tokens(step)
     n = min(labelled, chunk_tokens(d.vocab))
-    terms = {"final hidden states": T * d.hidden * c, "label positions and targets": 2 * labelled * 8, "loss accumulator": FP32}
+    terms = {"final hidden states": T * d.hidden * c, "label positions and targets": 2 * labelled * 8}
+    head = next((lin for lin in inv.linears if lin.role == "lm_head"), None)
+    if step.kernels and fused_loss_is_smaller(labelled, T, d.vocab, d.hidden, c):  # qlora.ops.loss calls Liger's kernel
+        terms.update({f"Liger fused loss: {name}": value for name, value in fused_loss_terms(labelled, d.vocab, d.hidden, c).items()})
+        if step.method == "full":  # zeros_like(weight) whenever the head trains, in eval too
+            terms["Liger fused loss: head weight gradient"] = d.vocab * d.hidden * c + (d.vocab * c if head and head.bias else 0)
+        return terms
+    terms["loss accumulator"] = FP32
     if grads:
         terms["hidden-state gradient"] = T * d.hidden * c
         if step.method == "full":
-            head = next((lin for lin in inv.linears if lin.role == "lm_head"), None)
             terms["head weight gradient (fp32)"] = d.vocab * d.hidden * FP32 + (d.vocab * FP32 if head and head.bias else 0)
-        terms["loss chunk"] = n * d.vocab * (FP32 + (c if c != FP32 else 0)) + 2 * n * d.hidden * c
+        terms["loss chunk"] = torch_loss_chunk_bytes(labelled, d.vocab, d.hidden, c)
     else:
         widened = n * d.vocab * (c + FP32) if c != FP32 else 0  # the 16-bit logits and their fp32 copy
         terms["loss chunk"] = n * d.hidden * c + max(n * d.vocab * FP32 + 5 * n * FP32, widened)
@@ -225,14 +240,17 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
     # RMSNorm saves its input in fp32 and one rsqrt per token. The first norm's fp32 input is the layer
     # input itself (counted with the layer inputs) or an upcast copy; the second's is the residual sum.
+    # Liger's saves the input as it is (the first's is the layer input) and an fp32 rstd.
     norms = (T * d.hidden * FP32 if c != FP32 else 0) + T * d.hidden * FP32 + 2 * T * FP32
-    if step.method == "full":
+    if step.kernels:
+        norms = T * d.hidden * c + 2 * T * FP32
+    elif step.method == "full":
         norms += 2 * T * d.hidden * c  # the normalized input, for the norm weight's gradient
     if step.attention == "eager":  # q and repeated k, v; softmax output in fp32 and its 16-bit copy
         attention = T * 3 * q * c + B * d.heads * S * S * (FP32 + (c if c != FP32 else 0))
     else:  # sdpa (flash / memory-efficient) and flash_attention_2: q, k, v, output, logsumexp
         attention = T * (2 * q + 2 * kv) * c + B * d.heads * S * FP32
-    parts = {"norms": norms, "attention": attention, "mlp": 3 * T * d.intermediate * c}
+    parts = {"norms": norms, "attention": attention, "mlp": _mlp_saved(step) * T * d.intermediate * c}
     if step.tiled:
         del parts["mlp"]
         return {**parts, **tiled_mlp_saved(inv, step)}
@@ -243,6 +261,11 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
         if _adapters_cast(step):  # autocast's 16-bit copies of the layer's adapter weights, saved by its matmuls
             parts["adapter copies"] = step.adapter_numel // d.layers * c
     return parts
+
+
+def _mlp_saved(step: Step) -> int:
+    """Intermediate-sized tensors the gated MLP saves: gate, SiLU and up outputs; Liger's SwiGLU recomputes SiLU."""
+    return 2 if step.kernels else 3
 
 
 def _adapters_cast(step: Step) -> bool:
@@ -298,7 +321,7 @@ def _unsaved_in_first_layer(inv: Inventory, step: Step) -> int:
     T, H = step.tokens, inv.dims.hidden
     fed = [leaf for leaf in step.lora_leaves if LINEAR_SOURCE.get(leaf) == "attn_norm"]
     mask = (CUDA_MASK if step.device == "cuda" else step.adapter_bytes) if step.lora_dropout > 0 else 0
-    unsaved = T * H * FP32 + T * FP32 + len(fed) * T * H * mask
+    unsaved = T * H * (step.compute_bytes if step.kernels else FP32) + T * FP32 + len(fed) * T * H * mask
     if step.method == "lora-8bit":
         unsaved += T * H * step.compute_bytes
     return unsaved
@@ -309,9 +332,9 @@ def _head_saved(inv: Inventory, step: Step) -> int:
     FT what the norm weight and the trained head need; a classifier's head trains under every method,
     so it keeps its input (and, under autocast, its 16-bit weight copy)."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
-    saved = T * d.hidden * FP32 + T * FP32
-    if step.method == "full":  # the norm's normalized input; the standard loss's head also saves its input
-        return saved + (1 if step.chunked else 2) * T * d.hidden * c
+    saved = T * d.hidden * (c if step.kernels else FP32) + T * FP32
+    if step.method == "full":  # the norm's normalized input (not Liger's); the standard loss's head also saves its input
+        return saved + ((0 if step.kernels else 1) + (0 if step.chunked else 1)) * T * d.hidden * c
     if step.classifier:
         saved += T * d.hidden * c + (step.num_labels * d.hidden * c if _adapters_cast(step) else 0)
     return saved
@@ -383,7 +406,8 @@ def _mlp_backward(inv: Inventory, step: Step) -> tuple[int, int]:
     down_backward = T * d.intermediate * c + temporary.get(step.method, 0)
     down_lora = "down_proj" in step.lora_leaves
     down_saved = _lora_saved(inv, step, ["down_proj"]) if down_lora else (T * d.intermediate * c if step.method == "full" else 0)
-    return down_backward, 3 * T * d.intermediate * c - down_saved
+    # torch: three intermediate-sized gradients; Liger's SwiGLU writes the gate's and up's over their saved outputs
+    return down_backward, (1 if step.kernels else 3) * T * d.intermediate * c - down_saved
 
 
 # --- the tiled MLP (training.mlp_tiles, qlora.ops.tiled_mlp) ---------------------------------------------
@@ -432,6 +456,8 @@ def norm_backward(inv: Inventory, step: Step) -> int:
     and the norm's rsqrt freed: the incoming gradient waiting for the norm's to be added, and four
     fp32 hidden-sized gradients (the normalized product's, the mean's expanded one, pow's temporaries)."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
+    if step.kernels:  # Liger's backward turns the output's gradient into the input's in place: only the incoming one
+        return T * d.hidden * c - T * FP32
     return T * d.hidden * c + 4 * T * d.hidden * FP32 - T * d.hidden * c - T * FP32
 
 
@@ -451,7 +477,7 @@ def attention_backward(inv: Inventory, step: Step) -> int:
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
     o_lora = step.method != "full" and "o_proj" in step.lora_leaves
-    freed = T * d.hidden * FP32 + T * FP32 + T * d.hidden * c  # post-attention norm's input and rsqrt, the MLP's input
+    freed = T * d.hidden * (c if step.kernels else FP32) + T * FP32 + T * d.hidden * c  # post-attention norm's input and rsqrt, the MLP's input
     if o_lora:
         freed += _lora_saved(inv, step, ["o_proj"])
     o_proj = T * d.hidden * c + (3 if o_lora else 1) * T * q * c
@@ -483,7 +509,7 @@ def one_mlp_tile(inv: Inventory, step: Step) -> int:
     mlp = replace(tile, lora_leaves=step.lora_leaves & MLP_LEAVES)
     up = replace(mlp, lora_leaves=mlp.lora_leaves - {"down_proj"})
     as_is = _saved_as_is(mlp)
-    saved = 3 * t * I * c
+    saved = _mlp_saved(step) * t * I * c
     down, product = _mlp_backward(inv, mlp)
     if step.method == "qlora":  # the absmax dequantized for the weight is freed before the matmul
         down -= -(-H * I // 64) * FP32

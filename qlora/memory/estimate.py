@@ -117,6 +117,7 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         adapter_numel=adapter_numel, adapter_bytes=ADAPTER_DTYPE.itemsize,
         task=settings.task, num_labels=settings.num_labels, **long_context_step(inv, settings),
         loss="standard" if inv.chunked_loss_unsupported else settings.loss,  # as qlora.ops.loss falls back in training
+        kernels=settings.kernels == "auto" and settings.device == "cuda",  # Liger runs on CUDA only
     )
     acts = activation_bytes(inv, step)
     step_temps = optimizer_step_temporaries(settings.optimizer, settings.device, trainable, trainable_dtype(method, dtype))

@@ -51,6 +51,7 @@ class Settings:
     loss: str = "chunked"  # causal LM: 'chunked' (qlora.ops.loss, no full logits) or 'standard'; a classifier ignores it
     eval_batch_size: int | None = None  # the eval step's batch (None: batch_size)
     generate_tokens: int = 0  # eval.metric exact_match: greedy generation of this many tokens at the eval batch (KV cache)
+    kernels: str = "auto"  # training.kernels: 'auto' = Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss on CUDA (a GPU install brings it); 'none'
     native_bf16: bool = True  # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): same bytes
 
     @property
@@ -109,6 +110,7 @@ def from_recipe(recipe, num_labels: int | None = None, device: str = "cuda") -> 
         strategy=recipe.distributed.strategy or "ddp",
         offload=recipe.distributed.offload,
         loss=recipe.training.loss,
+        kernels=recipe.training.kernels,
         eval_batch_size=recipe.training.eval_batch_size,
         generate_tokens=recipe.eval.max_new_tokens if recipe.eval.metric == "exact_match" and recipe.task == "causal_lm" else 0,
     )

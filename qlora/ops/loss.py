@@ -109,14 +109,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_causal_lm_loss(hidden, weight, bias, labels, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
-                           shift_labels=None, chunk: int | None = None):
-    """transformers' ForCausalLMLoss(hidden @ W.T + b, labels), without the full logits."""
+                           shift_labels=None, chunk: int | None = None, fused: bool = True):
+    """transformers' ForCausalLMLoss(hidden @ W.T + b, labels), without the full logits (`fused`: Liger's kernel
+    on CUDA where it is installed and holds less)."""
     positions, targets = shifted_targets(labels.to(hidden.device), ignore_index,
                                          shift_labels.to(hidden.device) if shift_labels is not None else None)
     denominator = num_items_in_batch if num_items_in_batch is not None else positions.numel()
     if torch.is_tensor(denominator):
         denominator = denominator.to(hidden.device)
-    if hidden.is_cuda and _liger() is not None and fused_loss_is_smaller(
+    if fused and hidden.is_cuda and _liger() is not None and fused_loss_is_smaller(
             positions.numel(), hidden[..., 0].numel(), weight.shape[0], weight.shape[1], hidden.element_size()):
         return _liger_loss(hidden, weight, bias, positions, targets, denominator)
     chunk = chunk or chunk_tokens(weight.shape[0])
@@ -147,7 +148,7 @@ def _liger_loss(hidden, weight, bias, positions, targets, denominator):
     return (loss[0] if isinstance(loss, tuple) else loss) / denominator
 
 
-def install_chunked_loss(model) -> None:
+def install_chunked_loss(model, fused: bool = True) -> None:
     """Make `model` (the module its callers call: a peft model or a transformers causal LM) return the
     chunked loss and no logits whenever it is called with labels; without labels (generation) it runs as is.
 
@@ -156,10 +157,11 @@ def install_chunked_loss(model) -> None:
     for all of them. The pre-hook takes the labels away and asks the causal LM for the logits of no position
     (`logits_to_keep` = an empty index); a hook on the decoder keeps its last hidden states; the forward
     hook computes the loss from them and the output head's weight. The hooks hold no reference to a model
-    (each receives its module), so `del model` frees it.
+    (each receives its module), so `del model` frees it. `fused`: Liger's kernel where it applies (see
+    `chunked_causal_lm_loss`); False: the torch path everywhere.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    call = _ChunkedCall()
+    call = _ChunkedCall(fused)
     model.register_forward_pre_hook(call.before, with_kwargs=True)
     model.register_forward_hook(call.after)
     causal_lm.base_model.register_forward_hook(call.keep_hidden)
@@ -168,7 +170,8 @@ def install_chunked_loss(model) -> None:
 class _ChunkedCall:
     """What one call with labels carries from the pre-hook to the forward hook (empty between calls)."""
 
-    def __init__(self):
+    def __init__(self, fused: bool):
+        self.fused = fused
         self.labels = self.hidden = None
         self.loss_kwargs: dict = {}
 
@@ -195,5 +198,5 @@ class _ChunkedCall:
         self.loss_kwargs = {}
         causal_lm = module.get_base_model() if hasattr(module, "get_base_model") else module
         head = causal_lm.get_output_embeddings()
-        loss = chunked_causal_lm_loss(hidden, head.weight, head.bias, labels, **loss_kwargs)
+        loss = chunked_causal_lm_loss(hidden, head.weight, head.bias, labels, **loss_kwargs, fused=self.fused)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=output.hidden_states, attentions=output.attentions)

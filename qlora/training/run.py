@@ -18,7 +18,7 @@ from qlora.data.prepare import data_collator, describe, prepare_data
 from qlora.model.build import build_model
 from qlora.model.load import check_model_source, load_tokenizer
 from qlora.model.lora import parameter_counts
-from qlora.training.auto import resolve_checkpointing, wants_offload
+from qlora.training.auto import resolve_checkpointing, resolve_kernels, wants_offload
 from qlora.training import distributed
 from qlora.training.checkpoints import mark_complete, prepare_output_dir
 from qlora.training.distributed import barrier, finish, is_main_process, on_main, summary_line
@@ -209,7 +209,7 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
         recipe.save(output_dir / "recipe.yaml")
     set_seed(recipe.training.seed)
     distributed.prepare_loading(plan)
-    recipe = resolve_checkpointing(recipe)  # the profiler answers the `auto` keys before anything loads
+    recipe = resolve_checkpointing(resolve_kernels(recipe))  # the profiler answers the `auto` keys before anything loads
     offload = wants_offload(recipe)
     with OutOfMemoryExit("model loading", lambda: fit_advice(recipe), kept="no training step ran"):
         loaded = build_model(recipe, data.label_names, tokenizer=tokenizer, offload=offload)  # a classifier head needs the labels

@@ -49,11 +49,13 @@ def test_training_resolves_auto_against_the_recipes_target_gpu(capsys):
 
     base = {"model": {"name_or_path": "llama-3.1-8b"}, "data": {"path": "d.jsonl", "max_seq_len": 2048}, "output_dir": "o",
             "lora": {"r": 16}, "training": {"gradient_checkpointing": "auto"}}
-    chosen = resolve_checkpointing(recipe_from_mapping(base, ["target_gpu=24GB"]))
+    chosen = resolve_checkpointing(recipe_from_mapping(base, ["target_gpu=24GB", "training.kernels=none"]))
     assert 0 < chosen.training.gradient_checkpointing < 32
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"training.gradient_checkpointing: auto: {chosen.training.gradient_checkpointing} of 32 decoder layers")
     assert "recompute saved" in line
+    liger = resolve_checkpointing(recipe_from_mapping(base, ["target_gpu=24GB"]))  # Liger's kernels (the GPU default) save less
+    assert liger.training.gradient_checkpointing < chosen.training.gradient_checkpointing
     unknown = resolve_checkpointing(recipe_from_mapping(base))  # no target_gpu, no GPU here: every layer
     assert unknown.training.gradient_checkpointing == 32
 

@@ -103,7 +103,7 @@ def test_settings_read_the_recipe_keys_and_refuse_bad_values():
 
 def test_auto_offload_is_resolved_against_the_gpu():
     settings = Settings(seq_len=32768, rank=32, lora_dropout=0.0, offload_checkpoints="auto")
-    roomy, tight = predict("llama-3.1-8b", "qlora", settings, 200 * 2**30), predict("llama-3.1-8b", "qlora", settings, 20 * 2**30)
+    roomy, tight = predict("llama-3.1-8b", "qlora", settings, 200 * 2**30), predict("llama-3.1-8b", "qlora", settings, 18 * 2**30)
     assert roomy.host_bytes == {} and tight.host_bytes
 
 

@@ -235,16 +235,20 @@ def test_qlora_train_gives_the_same_adapter_and_eval_loss_with_either_loss(tiny_
 
 
 def test_the_fused_kernel_is_looked_up_once_and_its_absence_on_a_gpu_is_one_line(monkeypatch, capsys):
-    import qlora.model.build
     import qlora.ops.loss
+    import qlora.training.auto
+    from qlora.training.auto import resolve_kernels
 
     qlora.ops.loss._liger.cache_clear()
     for _ in range(3):
         qlora.ops.loss.fused_kernel_installed()
     assert qlora.ops.loss._liger.cache_info().misses == 1  # one import attempt, not one per forward
-    monkeypatch.setattr(qlora.model.build, "fused_kernel_installed", lambda: False)
-    monkeypatch.setattr(qlora.model.build.torch.cuda, "is_available", lambda: True)
-    assert install_loss(tiny(), loss_recipe("chunked")) == "chunked"
+    recipe = loss_recipe("chunked")
+    monkeypatch.setattr(qlora.training.auto.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(qlora.training.auto, "fused_kernel_installed", lambda: True)
+    assert resolve_kernels(recipe) is recipe and capsys.readouterr().err == ""  # installed: Liger runs, as predicted
+    monkeypatch.setattr(qlora.training.auto, "fused_kernel_installed", lambda: False)
+    assert resolve_kernels(recipe).training.kernels == "none"  # what runs, so the profiler's answers model it
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Liger Kernel is not installed" in err[0] and "pip install 'qlora[kernels]'" in err[0]
 
