@@ -18,7 +18,8 @@ What no CPU test can show, measured on the GPU it runs on, each section under it
    the labelled peaks of metrics.json;
 5. merge (float16 and bfloat16) and generate once, on the last training run (`qlora merge`, `qlora generate`);
 6. speed: benchmarks/speed.py at 2,048 tokens on the 8B shape (the plain peft + bitsandbytes + Trainer
-   recipe, qlora lean and qlora fit-24GB, one process each): tokens/s, MFU, peaks, the slowest ops.
+   recipe, qlora lean and qlora fit-24GB, one process each): tokens/s, MFU, peaks, the slowest ops;
+7. gpu tests: the suite's `gpu`-marked tests (GPU_TESTS), which every other run skips.
 
 Everything lands in `memory_reports/measured/cuda-<gpu>/` (gpu_check.json, gpu_check.md,
 overheads.json, speed/), or in `--out DIR`.
@@ -33,7 +34,7 @@ pip and network, in the repository root (the folder is ignored by git):
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl bitsandbytes==0.50.2 datasets dill multiprocess liger-kernel==0.8.5
+        -d .whl bitsandbytes==0.50.2 datasets dill multiprocess liger-kernel==0.8.5 pytest pluggy iniconfig
 
 (pip prints the versions it picked; keep one version of each). Then, on the GPU machine, with `.whl`
 carried along (this project's device tool: `carry: [".whl"]`):
@@ -107,7 +108,8 @@ LONG_SEQ_LENS, DRY_LONG_SEQ_LENS = (32768, 80000), (64, 128)
 TARGET_ERROR_PCT = 3.0
 # Seconds per section. A point already running finishes past its budget (an 8B point takes ~30 s), so
 # the budgets add up to ~6.5 minutes to end within 8.
-BUDGET_S = {"overheads": 45, "memory": 200, "training": 50, "merge": 50, "speed": 180}
+BUDGET_S = {"overheads": 45, "memory": 185, "training": 50, "merge": 50, "speed": 180, "gpu tests": 30}
+GPU_TESTS = ["tests/training/test_measure.py", "tests/training/test_distributed.py"]  # where `@pytest.mark.gpu` tests live
 SPEED_ARGS = ["--seq-lens", "2048", "--steps", "4"]  # the 8B shape; 16,384 tokens too with `make bench` on a GPU
 TRAIN = {"steps": 8, "batch_size": 8, "max_seq_len": 512, "model": "llama-1b", "rows": 4096}
 DRY_TRAIN = {"steps": 2, "batch_size": 2, "max_seq_len": 64, "model": "tiny-a", "rows": 128}
@@ -500,7 +502,20 @@ def markdown(report: dict) -> str:
                                                         for k, v in merge.items()}), ""]
     speed = report.get("speed") or {}
     lines += ["## Speed (benchmarks/speed.py; its table: speed/speed.md)", "", f"qlora / plain: {speed.get('ratios', speed.get('error'))}", ""]
+    lines += ["## GPU tests (`pytest -m gpu`)", "", f"{report.get('gpu_tests')}", ""]
     return "\n".join(lines)
+
+
+def run_gpu_tests(cuda: bool) -> dict:
+    """The suite's `gpu`-marked tests (skipped everywhere else): exit code and pytest's last lines."""
+    if not cuda:
+        return {"skipped": "no CUDA GPU (dry run)"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS], cwd=ROOT,
+                              capture_output=True, text=True, timeout=BUDGET_S["gpu tests"] + 60)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {BUDGET_S['gpu tests'] + 60} s"}
+    return {"exit_code": done.returncode, "tail": (done.stdout + done.stderr).strip().splitlines()[-5:]}
 
 
 def check(plan: Plan, out: Path | None) -> dict:
@@ -526,9 +541,10 @@ def check(plan: Plan, out: Path | None) -> dict:
     training = run_training(plan, time.monotonic() + BUDGET_S["training"])
     merge = run_merge_and_generate(plan, training, time.monotonic() + BUDGET_S["merge"])
     speed = run_speed(plan, out / "speed", BUDGET_S["speed"])
+    gpu_tests = run_gpu_tests(cuda)
     measured = [r for r in memory if "error_pct" in r]
     report = {"dry_run": plan.dry, "measured_folder": folder, "environment": env, "context": context, "memory": memory, "training": training,
-              "merge_generate": merge, "speed": speed, "overheads": overheads(context, memory, env), "target_error_pct": TARGET_ERROR_PCT,
+              "merge_generate": merge, "speed": speed, "gpu_tests": gpu_tests, "overheads": overheads(context, memory, env), "target_error_pct": TARGET_ERROR_PCT,
               "points_within_target": sum(abs(r["error_pct"]) <= TARGET_ERROR_PCT for r in measured),
               "points_measured": len(measured), "seconds": round(time.monotonic() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,7 @@ def describe(settings: Settings) -> str:
             f"{settings.attn_implementation} · {dtype_name(compute_dtype(settings))} on {settings.device}"
             f"{'' if settings.task == 'classification' else f' · {settings.loss} loss'}"
             f"{f' · eval batch {settings.eval_batch}' if settings.eval_batch != settings.batch_size else ''}"
+            + (" · Liger kernels" if settings.kernels == "auto" and settings.device == "cuda" else "")
             + (f" · MLP tiles {settings.mlp_tiles}" if settings.mlp_tiles != "auto" else "")
             + (f" · offloaded checkpoints ({str(settings.offload_checkpoints).lower()})" if settings.offload_checkpoints else "")
             + (f" · per GPU of {settings.gpus}, {settings.strategy}{' + CPU offload' if settings.offload == 'cpu' else ''}"

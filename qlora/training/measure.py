@@ -15,6 +15,7 @@ eval step (gradients freed as the Trainer frees them, a no-grad forward at the e
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import os
@@ -128,7 +129,10 @@ def _measure(recipe: Recipe, method: str, settings: Settings, weights: Path, dev
         cycle(built, batch)  # warm-up: creates the optimizer states
         built.optimizer.zero_grad(set_to_none=True)
         measure_on = _measure_cuda if device == "cuda" else _measure_cpu
-        return measure_on(built, batch, eval_batch, method)
+        measured = measure_on(built, batch, eval_batch, method)
+        if device == "cuda":
+            release_paged_states(built.optimizer)
+        return measured
 
 
 def random_weights(recipe: Recipe, num_labels: int | None, folder: Path) -> Path:
@@ -287,6 +291,42 @@ def model_tensors(model):
             yield scb, "frozen"
     for buffer in model.buffers():
         yield buffer, "buffer"
+
+
+def release_paged_states(optimizer, cudart=None) -> int:
+    """Free the paged states of a bitsandbytes optimizer that is done with; returns the bytes freed.
+
+    bitsandbytes (0.50) allocates each paged state with cudaMallocManaged, keeps every one in its
+    `GlobalPageManager` for prefetching, and has no call that frees them: a process that measures several
+    runs would keep every earlier run's states on the device. So the states are dropped from the optimizer
+    and the page manager, then freed with the CUDA runtime's `cudaFree` (`cudart`: the library this process
+    has loaded, which bitsandbytes links). Without a runtime to call, they are left as bitsandbytes leaves them."""
+    from bitsandbytes.functional import GlobalPageManager  # bitsandbytes is imported already: it made the states
+
+    sizes = {t.data_ptr(): t.nbytes for t in optimizer_tensors(optimizer) if getattr(t, "is_paged", False)}
+    if not sizes:
+        return 0
+    try:
+        cudart = cudart or _cuda_runtime()
+    except OSError:
+        return 0
+    optimizer.state.clear()
+    manager = GlobalPageManager.get_instance()
+    manager.paged_tensors = [t for t in manager.paged_tensors if t.data_ptr() not in sizes]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # no kernel may still use them
+    for pointer in sizes:
+        cudart.cudaFree(ctypes.c_void_p(pointer))
+    return sum(sizes.values())
+
+
+def _cuda_runtime():
+    """The CUDA runtime library loaded in this process (Linux: found in /proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "libcudart.so" in line:
+                return ctypes.CDLL(line.split()[-1])
+    raise OSError("no CUDA runtime library is loaded")
 
 
 def optimizer_tensors(optimizer):

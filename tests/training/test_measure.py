@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import predicted_and_measured, prediction
 from qlora.config.errors import run_cli
@@ -140,3 +141,42 @@ def test_methods_measured_in_one_process_give_the_bytes_of_each_alone(llama_conf
     measure(recipe, "lora")
     again = measure(recipe, "qlora")
     assert (again.peak, again.bytes, again.phases) == (first.peak, first.bytes, first.phases)
+
+
+def test_paged_states_are_dropped_everywhere_and_freed_with_the_cuda_runtime():
+    """bitsandbytes keeps every paged state in its page manager and never frees it: measure frees them."""
+    from bitsandbytes.functional import GlobalPageManager
+
+    from qlora.training.measure import release_paged_states
+
+    param = torch.nn.Parameter(torch.zeros(8))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    paged = [torch.zeros(8), torch.zeros(4, dtype=torch.float16)]
+    for t in paged:
+        t.is_paged = True  # what bitsandbytes.functional.get_paged marks its managed-memory tensors with
+    optimizer.state[param] = {"state1": paged[0], "state2": paged[1], "step": torch.tensor(3.0)}
+    manager = GlobalPageManager.get_instance()
+    someone_elses = torch.zeros(2)
+    manager.paged_tensors = [paged[0], someone_elses, paged[1]]
+    freed = []
+    runtime = type("Runtime", (), {"cudaFree": staticmethod(lambda pointer: freed.append(pointer.value))})
+    try:
+        assert release_paged_states(optimizer, cudart=runtime) == 32 + 8
+        assert sorted(freed) == sorted(t.data_ptr() for t in paged) and not optimizer.state
+        assert manager.paged_tensors == [someone_elses]
+        assert release_paged_states(optimizer, cudart=runtime) == 0 and len(freed) == 2  # nothing paged is left
+    finally:
+        manager.paged_tensors = []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_paged_optimizer_measured_twice_leaves_the_device_as_it_found_it(llama_config):
+    from conftest import profile_recipe
+    from qlora.training.measure import measure
+
+    recipe = profile_recipe(llama_config, *SMALL, "training.optimizer=paged_adamw_32bit")
+    measure(recipe, "qlora")
+    free_before = torch.cuda.mem_get_info()[0]
+    measure(recipe, "qlora")
+    assert abs(torch.cuda.mem_get_info()[0] - free_before) < 2**20  # the second run's paged states are freed too
