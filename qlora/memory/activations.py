@@ -376,6 +376,8 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
       already scaled for the LoRA branch;
     - down_proj's backward: its input gradient and a weight-sized temporary (the dequantized 4/8-bit
       weight, or for full FT the weight gradient before it is added to the accumulated one);
+    - with LoRA on down_proj, once its branch is backpropagated (the rank-sized tensor freed): the branch's
+      input gradient beside the base's (measured on a CPU; with torch's SwiGLU the next point is larger);
     - the gated product's backward: three intermediate-sized gradients, after down_proj's saved
       tensors are freed.
     """
@@ -393,7 +395,9 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
             recompute_end += T * H * c
         if step.adapter_bytes != c:  # down's input cast to fp32 by peft, and (autocast) dropout's unsaved fp32 output
             recompute_end += T * I * step.adapter_bytes * (2 if step.lora_dropout > 0 and step.autocast else 1)
-    return T * H * c + max(recompute_end, *_mlp_backward(inv, step))
+    # down_proj's LoRA branch backpropagated (its rank-sized tensor freed): its input gradient beside the base's
+    branch = 2 * T * I * c - T * step.rank * step.lora_matmul_bytes if down_lora and step.method != "full" else 0
+    return T * H * c + max(recompute_end, branch, *_mlp_backward(inv, step))
 
 
 def _mlp_backward(inv: Inventory, step: Step) -> tuple[int, int]:

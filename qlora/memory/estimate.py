@@ -117,7 +117,7 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         adapter_numel=adapter_numel, adapter_bytes=ADAPTER_DTYPE.itemsize,
         task=settings.task, num_labels=settings.num_labels, **long_context_step(inv, settings),
         loss="standard" if inv.chunked_loss_unsupported else settings.loss,  # as qlora.ops.loss falls back in training
-        kernels=settings.kernels == "auto" and settings.device == "cuda",  # Liger runs on CUDA only
+        kernels=liger_kernels(settings),
     )
     acts = activation_bytes(inv, step)
     step_temps = optimizer_step_temporaries(settings.optimizer, settings.device, trainable, trainable_dtype(method, dtype))
@@ -164,6 +164,12 @@ def estimate_recipe(recipe, num_labels: int | None = None) -> Estimate:
     """What `qlora train` would hold for `recipe` on the GPU it is planned for (its method and settings): the
     one answer to "what does this recipe cost", for training's `auto` keys, OOM advice, the model card and the CLI."""
     return estimate(*from_recipe(recipe, num_labels))
+
+
+def liger_kernels(settings: Settings) -> bool:
+    """Whether the step runs Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss: `training.kernels: auto` on CUDA
+    (Triton kernels; a GPU install brings Liger, and training turns `auto` into `none` where it is missing)."""
+    return settings.kernels == "auto" and settings.device == "cuda"
 
 
 def long_context_step(inv: Inventory, settings: Settings) -> dict:
