@@ -110,7 +110,7 @@ TARGET_ERROR_PCT = 3.0
 # the budgets add up to ~6.5 minutes to end within 8.
 BUDGET_S = {"overheads": 45, "memory": 185, "training": 50, "merge": 50, "speed": 180, "gpu tests": 30}
 GPU_TESTS = ["tests/training/test_measure.py", "tests/training/test_distributed.py"]  # where `@pytest.mark.gpu` tests live
-SPEED_ARGS = ["--seq-lens", "2048", "--steps", "4"]  # the 8B shape; 16,384 tokens too with `make bench` on a GPU
+SPEED_ARGS = ["--seq-lens", "2048", "--steps", "4", "--sides", "plain,lean,fit-24GB"]  # the 8B shape; 16,384 tokens too with `make bench` on a GPU
 TRAIN = {"steps": 8, "batch_size": 8, "max_seq_len": 512, "model": "llama-1b", "rows": 4096}
 DRY_TRAIN = {"steps": 2, "batch_size": 2, "max_seq_len": 64, "model": "tiny-a", "rows": 128}
 DEMO_TOKENIZER = ROOT / "recipes" / "demo-assets" / "base-model"
@@ -457,7 +457,8 @@ def run_merge_and_generate(plan: Plan, training: list[dict], deadline: float) ->
 
 def run_speed(plan: Plan, out: Path, budget: float) -> dict:
     """benchmarks/speed.py (qlora against the plain recipe, one process per side) within its budget."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--out", str(out), *(["--dry-run"] if plan.dry else SPEED_ARGS)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--out", str(out),
+               *(["--dry-run", *SPEED_ARGS[-2:]] if plan.dry else SPEED_ARGS)]  # the dry run: the same sides
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=budget)
     except subprocess.TimeoutExpired:

@@ -5,6 +5,8 @@ Sides, for each sequence length (default the Llama-3.1-8B shape at 2,048 and 16,
     plain     from_pretrained in 4-bit NF4, prepare_model_for_kbit_training, get_peft_model, Trainer, standard loss
     lean      qlora's defaults: every decoder layer checkpointed, `training.kernels: auto` (Liger where installed)
     fit-24GB  qlora with `gradient_checkpointing: auto` planned for a 24 GB card (kernels as lean)
+    lean-torch  lean with `training.kernels: none`: the torch chunked loss and transformers' kernels (where
+              their time goes: its slowest ops); `make bench` only, `--sides` chooses
 All: batch 1, gradient accumulation 2, LoRA r 16 on every linear layer, paged AdamW 32-bit, expandable segments on
 both sides (qlora turns them on in every process; the plain side's worker imports qlora first too).
 
@@ -39,7 +41,7 @@ CONFIG_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidd
              "rope_theta": 500000.0, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
              "tie_word_embeddings": False}
-SIDES = ("plain", "lean", "fit-24GB")
+SIDES = ("plain", "lean", "fit-24GB", "lean-torch")
 TARGETS = {"default": 0.95, "fit-24GB": 0.70, "lean_peak": 0.55}  # qlora / plain (issue "Speed on a GPU")
 # Dense bf16 tensor-core peaks (FLOP/s, without sparsity), from the vendors' data sheets; MFU is left out elsewhere.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12,
@@ -52,6 +54,7 @@ def parse_args(argv):
     parser.add_argument("--seq-lens", default="2048,16384")
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per side (the first not timed)")
     parser.add_argument("--target-gpu", default="24GB", help="the card fit-24GB plans for")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)} (default: all)")
     parser.add_argument("--out", type=Path, help="default memory_reports/bench/cuda-<gpu> (a --dry-run: a temporary folder)")
     parser.add_argument("--dry-run", action="store_true", help="tiny config, seq 32 and 64, 2 steps, on whatever device is here")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
@@ -109,7 +112,9 @@ def worker(args) -> dict:
     if args.worker == "plain":
         trainer = bench_memory.plain_trainer(args.weights, args, data, out)
     else:
-        keys = {"gradient_checkpointing": True} if args.worker == "lean" else {"gradient_checkpointing": "auto"}
+        keys = {"gradient_checkpointing": "auto"} if args.worker == "fit-24GB" else {"gradient_checkpointing": True}
+        if args.worker == "lean-torch":
+            keys["kernels"] = "none"
         recipe = resolve_kernels(bench_memory.qlora_recipe(args.weights, args, out, **keys))  # the default kernels: auto
         if args.worker == "fit-24GB":
             recipe = resolve_checkpointing(type(recipe)(**{**recipe.__dict__, "target_gpu": args.target_gpu}))
@@ -157,7 +162,7 @@ def run(args) -> dict:
         source = recipe_from_mapping({"model": {"name_or_path": str(Path(tmp) / "config")}}, for_training=False)
         folder = random_weights(source, None, Path(tmp) / "model")  # in the compute dtype, on the GPU: both sides load them
         for seq in (int(s) for s in args.seq_lens.split(",")):
-            for side in SIDES:
+            for side in sides(args.sides):
                 target = Path(tmp) / f"{side}-{seq}.json"
                 command = [sys.executable, __file__, "--worker", side, "--weights", str(folder), "--seq-len", str(seq),
                            "--steps", str(args.steps), "--target-gpu", args.target_gpu, "--json", str(target)] + (["--dry-run"] if args.dry_run else [])
@@ -169,6 +174,14 @@ def run(args) -> dict:
                 print(f"speed: {side} at {seq}: {row.get('step_time_s', 'error')} s/step", file=sys.stderr, flush=True)
     return {"rows": rows, "ratios": ratios(rows), "targets": TARGETS, "dry_run": args.dry_run, "environment": environment("cuda" if cuda else "cpu")}
 
+
+
+def sides(text: str) -> list[str]:
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SIDES]
+    if unknown or not chosen:
+        raise SystemExit(f"error: --sides: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(SIDES)}")
+    return chosen
 
 
 def ratios(rows: list[dict]) -> dict:

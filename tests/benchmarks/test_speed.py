@@ -21,11 +21,11 @@ def test_dry_run_times_every_side_in_its_own_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "speed.json").read_text())
     rows = {(r["side"], r["seq_len"]): r for r in result["rows"]}
-    assert sorted(rows) == sorted((side, seq) for side in ("plain", "lean", "fit-24GB") for seq in (32, 64))
+    assert sorted(rows) == sorted((side, seq) for side in ("plain", "lean", "fit-24GB", "lean-torch") for seq in (32, 64))
     for (side, _), row in rows.items():
         assert row["step_time_s"] > 0 and row["tokens_per_s"] > 0 and len(row["step_times_s"]) >= 3 and row["top_ops"]
         assert row["flops_per_token"] > 0
     assert rows[("lean", 64)]["gradient_checkpointing_layers"] == 2  # every layer of the tiny model
     assert rows[("fit-24GB", 64)]["gradient_checkpointing_layers"] == 0  # a tiny model fits 24 GB without any
-    assert set(result["ratios"]["64"]) == {"lean_step_time", "fit-24GB_step_time"}
+    assert set(result["ratios"]["64"]) == {"lean_step_time", "fit-24GB_step_time", "lean-torch_step_time"}
     assert "| fit-24GB | 64 |" in (tmp_path / "speed.md").read_text()
