@@ -372,6 +372,9 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
     _check(t.num_epochs > 0, f"training.num_epochs: must be > 0, got {t.num_epochs}")
     _check(t.save_steps > 0, f"training.save_steps: must be > 0, got {t.save_steps}")
     _check(t.max_nonfinite_steps >= 0, f"training.max_nonfinite_steps: must be >= 0, got {t.max_nonfinite_steps}")
+    _check(not (t.max_nonfinite_steps and recipe.distributed.strategy == "zero3"),
+           "training.max_nonfinite_steps: DeepSpeed ZeRO-3 applies each optimizer step inside backward, before a "
+           "non-finite step could be skipped; use 0 (stop at the first, keeping the last good checkpoint)")
     _check(t.logging_steps > 0, f"training.logging_steps: must be > 0, got {t.logging_steps}")
     _check(t.eval_steps is None or t.eval_steps > 0, f"training.eval_steps: must be > 0, got {t.eval_steps}")
     check_long_context_keys(t.mlp_tiles, t.offload_checkpoints, t.gradient_checkpointing, recipe.distributed.strategy)

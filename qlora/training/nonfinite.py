@@ -21,6 +21,10 @@ With more than one process each one judges its own loss and gradients, and the v
 all of them (`qlora.training.distributed.any_process`): every process skips, or stops at, the same
 step, so none waits in a collective for one that has stopped.
 
+Under DeepSpeed ZeRO-3 the gradients are DeepSpeed's (no `p.grad`) and its engine steps inside backward
+(accelerate's wrapper), so only the loss is checked and a bad step cannot be skipped (the recipe refuses
+`max_nonfinite_steps` > 0 there): training stops at it, and its update is never saved.
+
 A bad step is skipped (its gradients dropped, as the fp16 scaler does); after
 `training.max_nonfinite_steps` skipped steps (default 0: at the first one) training stops without
 saving, so the last checkpoint written is the last good one, and the run exits with

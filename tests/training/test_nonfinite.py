@@ -128,3 +128,12 @@ def test_what_counts_as_a_nonfinite_step(loss_scale, grad_value, optimizer, stop
         assert all(p.grad is None for p in model.parameters())  # the bad step changes nothing
     callback.on_train_end(None, None, None)
     assert callback.watch.handle is None
+
+
+def test_skipping_non_finite_steps_is_refused_under_zero3():
+    """DeepSpeed steps inside backward (accelerate's engine wrapper): no skip is possible, only the stop."""
+    from qlora.config.errors import QLoraError
+
+    with pytest.raises(QLoraError, match="^training.max_nonfinite_steps: DeepSpeed ZeRO-3 applies each optimizer step"):
+        short_recipe("m", "d", "o", "training.max_nonfinite_steps=2", "distributed.strategy=zero3")
+    assert short_recipe("m", "d", "o", "distributed.strategy=zero3").training.max_nonfinite_steps == 0  # the stop stays
