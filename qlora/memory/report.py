@@ -10,12 +10,13 @@ import itertools
 import os
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qlora.config.io import atomic_write_json, atomic_write_text
 from qlora.config.precision import dtype_name
-from qlora.memory.estimate import COMPONENTS, compute_dtype, Estimate
+from qlora.memory.estimate import COMPONENTS, compute_dtype, Estimate, liger_kernels
 from qlora.memory.planner import FitPlan, MethodFit
 from qlora.memory.settings import Settings
 
@@ -80,7 +81,7 @@ def describe(settings: Settings) -> str:
             f"{settings.attn_implementation} · {dtype_name(compute_dtype(settings))} on {settings.device}"
             f"{'' if settings.task == 'classification' else f' · {settings.loss} loss'}"
             f"{f' · eval batch {settings.eval_batch}' if settings.eval_batch != settings.batch_size else ''}"
-            + (" · Liger kernels" if settings.kernels == "auto" and settings.device == "cuda" else "")
+            + (" · Liger kernels" if liger_kernels(settings) else "")
             + (f" · MLP tiles {settings.mlp_tiles}" if settings.mlp_tiles != "auto" else "")
             + (f" · offloaded checkpoints ({str(settings.offload_checkpoints).lower()})" if settings.offload_checkpoints else "")
             + (f" · per GPU of {settings.gpus}, {settings.strategy}{' + CPU offload' if settings.offload == 'cpu' else ''}"
@@ -241,7 +242,8 @@ def plot(run: Run, path: Path) -> Path:
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state (renders with Agg)
 
     name, scale = unit([run])
-    fig = Figure(figsize=(1.8 + 1.4 * len(run.results), 4.8), layout="constrained")
+    width = 3.4 + 1.4 * len(run.results)  # inches: the bars and the legend beside them
+    fig = Figure(figsize=(width, 4.8), layout="constrained")
     ax = fig.add_subplot()
     methods = [r.estimate.method for r in run.results]
     bottoms = [0.0] * len(methods)
@@ -257,10 +259,10 @@ def plot(run: Run, path: Path) -> Path:
     if run.plan:
         ax.axhline(run.plan.gpu_bytes / scale, color="black", linestyle="--", linewidth=1, label=f"GPU ({run.plan.gpu_bytes / scale:g} {name})")
     ax.set_ylabel(name)
-    ax.set_xlabel(describe(run.settings), fontsize=7, color="dimgray")
-    ax.set_title(f"{run.label}: peak training memory", fontsize=11)
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper right")  # top to bottom, as the bars stack
+    ax.set_xlabel(textwrap.fill(describe(run.settings), int(width * 11)), fontsize=7, color="dimgray")  # within the figure
+    ax.set_title(textwrap.fill(f"{run.label}: peak training memory", int(width * 8)), fontsize=11)
+    handles, labels = ax.get_legend_handles_labels()  # outside the bars, top to bottom as they stack
+    ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     partial = path.with_name(f".{path.name}.tmp")  # then renamed: a reader never sees half a PNG
     fig.savefig(partial, dpi=120, format="png")
     os.replace(partial, path)
