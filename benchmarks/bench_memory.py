@@ -29,9 +29,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "llama-h256-v128k" / "config.json"
 DRY_RUN_CONFIG = {  # the profiler tests' tiny Llama
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-    "max_position_embeddings": 256, "tie_word_embeddings": False,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
 }
 TARGETS = {"peak": 0.5, "step_time": 1.10}  # qlora / plain, from issue 11
 
@@ -42,16 +49,31 @@ def parse_args(argv):
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--grad-accum", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per side (the first is a warm-up, not timed)")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="optimizer steps per side (the first is a warm-up, not timed)"
+    )
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (1: on a shared CPU, spinning OpenMP threads make timings noisy)")
-    parser.add_argument("--out", type=Path, help="default memory_reports/bench (a --dry-run: a temporary folder, the committed results stay)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny config, seq 32, 2 steps: checks the wiring in seconds")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (1: on a shared CPU, spinning OpenMP threads make timings noisy)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="default memory_reports/bench (a --dry-run: a temporary folder, the committed results stay)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny config, seq 32, 2 steps: checks the wiring in seconds"
+    )
     args = parser.parse_args(argv)
     if args.dry_run:
         args.seq_len, args.steps, args.rank = 32, 2, 4
     if args.out is None:
-        args.out = Path(tempfile.gettempdir()) / "qlora-bench-dry-run" if args.dry_run else ROOT / "memory_reports" / "bench"
+        args.out = (
+            Path(tempfile.gettempdir()) / "qlora-bench-dry-run" if args.dry_run else ROOT / "memory_reports" / "bench"
+        )
     return args
 
 
@@ -64,7 +86,9 @@ def save_random_model(config_path: Path | None, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         config_path = folder / "config.json"
         config_path.write_text(json.dumps(DRY_RUN_CONFIG))
-    return random_weights(recipe_from_mapping({"model": {"name_or_path": str(config_path)}}, for_training=False), None, folder)
+    return random_weights(
+        recipe_from_mapping({"model": {"name_or_path": str(config_path)}}, for_training=False), None, folder
+    )
 
 
 def token_data(vocab: int, rows: int, seq: int):
@@ -79,12 +103,24 @@ def qlora_recipe(folder: Path, args, out: Path, **training):
     """The recipe qlora's side trains (`training`: more keys of its training section)."""
     from qlora.config.recipe import recipe_from_mapping
 
-    return recipe_from_mapping({
-        "model": {"name_or_path": str(folder)}, "data": {"path": str(folder)}, "output_dir": str(out),
-        "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": "all-linear"},
-        "training": {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_steps": args.steps,
-                     "logging_steps": 1000, "save_steps": 1000, "warmup_ratio": 0.0, "loss": "chunked", **training},
-    })
+    return recipe_from_mapping(
+        {
+            "model": {"name_or_path": str(folder)},
+            "data": {"path": str(folder)},
+            "output_dir": str(out),
+            "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": "all-linear"},
+            "training": {
+                "batch_size": args.batch_size,
+                "grad_accum": args.grad_accum,
+                "max_steps": args.steps,
+                "logging_steps": 1000,
+                "save_steps": 1000,
+                "warmup_ratio": 0.0,
+                "loss": "chunked",
+                **training,
+            },
+        }
+    )
 
 
 def qlora_trainer(folder: Path, args, data, out: Path, recipe=None):
@@ -106,21 +142,49 @@ def qlora_trainer(folder: Path, args, data, out: Path, recipe=None):
 def plain_trainer(folder: Path, args, data, out: Path):
     """The tutorials' recipe: from_pretrained in 4-bit, prepare_model_for_kbit_training, get_peft_model, Trainer."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments, default_data_collator
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, device_map={"": 0} if torch.cuda.is_available() else None,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                               bnb_4bit_compute_dtype=dtype))
+        folder,
+        dtype=dtype,
+        device_map={"": 0} if torch.cuda.is_available() else None,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        ),
+    )
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.rank,
+            lora_alpha=2 * args.rank,
+            lora_dropout=0.05,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     training_args = TrainingArguments(
-        output_dir=str(out), optim="paged_adamw_32bit", learning_rate=2e-4, max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum, max_grad_norm=0.3,
-        bf16=dtype == torch.bfloat16, save_strategy="no", logging_steps=1000, report_to="none", disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False,
+        output_dir=str(out),
+        optim="paged_adamw_32bit",
+        learning_rate=2e-4,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_grad_norm=0.3,
+        bf16=dtype == torch.bfloat16,
+        save_strategy="no",
+        logging_steps=1000,
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=False,
     )
     return Trainer(model=model, args=training_args, train_dataset=data, data_collator=default_data_collator)
 
@@ -162,8 +226,12 @@ def run_side(make_trainer) -> dict:
             trainer.train()
         peak = tracker.peak
     timed = timer.times[1:] or timer.times
-    result = {"peak_bytes": int(peak), "step_time_s": round(statistics.median(timed), 3), "step_times_s": [round(t, 3) for t in timer.times],
-              "train_loss": round(float(trainer.state.log_history[-1].get("train_loss", float("nan"))), 4)}
+    result = {
+        "peak_bytes": int(peak),
+        "step_time_s": round(statistics.median(timed), 3),
+        "step_times_s": [round(t, 3) for t in timer.times],
+        "train_loss": round(float(trainer.state.log_history[-1].get("train_loss", float("nan"))), 4),
+    }
     del trainer
     gc.collect()
     return result
@@ -184,37 +252,62 @@ def bench(args) -> dict:
         folder = save_random_model(None if args.dry_run else args.config, Path(tmp) / "model")
         vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
         data = token_data(vocab, args.steps * args.grad_accum * args.batch_size, args.seq_len)
-        sides = {"plain": run_side(lambda: plain_trainer(folder, args, data, Path(tmp) / "plain")),
-                 "qlora": run_side(lambda: qlora_trainer(folder, args, data, Path(tmp) / "qlora"))}
+        sides = {
+            "plain": run_side(lambda: plain_trainer(folder, args, data, Path(tmp) / "plain")),
+            "qlora": run_side(lambda: qlora_trainer(folder, args, data, Path(tmp) / "qlora")),
+        }
         config = json.loads((folder / "config.json").read_text())
     return {
-        "settings": {"config": "dry-run tiny Llama" if args.dry_run else str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
-                     "hidden_size": config["hidden_size"], "num_hidden_layers": config["num_hidden_layers"], "vocab_size": vocab,
-                     "seq_len": args.seq_len, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "steps": args.steps,
-                     "lora_r": args.rank, "optimizer": "paged_adamw_32bit", "threads": args.threads},
+        "settings": {
+            "config": "dry-run tiny Llama"
+            if args.dry_run
+            else str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+            "hidden_size": config["hidden_size"],
+            "num_hidden_layers": config["num_hidden_layers"],
+            "vocab_size": vocab,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum,
+            "steps": args.steps,
+            "lora_r": args.rank,
+            "optimizer": "paged_adamw_32bit",
+            "threads": args.threads,
+        },
         "sides": sides,
-        "ratios": {"peak": round(sides["qlora"]["peak_bytes"] / sides["plain"]["peak_bytes"], 4),
-                   "step_time": round(sides["qlora"]["step_time_s"] / sides["plain"]["step_time_s"], 4)},
+        "ratios": {
+            "peak": round(sides["qlora"]["peak_bytes"] / sides["plain"]["peak_bytes"], 4),
+            "step_time": round(sides["qlora"]["step_time_s"] / sides["plain"]["step_time_s"], 4),
+        },
         "targets": TARGETS,
-        "peak_measured_by": "torch.cuda.max_memory_allocated" if device == "cuda" else "qlora.training.measure.PeakTracker (CPU tensor storages)",
+        "peak_measured_by": "torch.cuda.max_memory_allocated"
+        if device == "cuda"
+        else "qlora.training.measure.PeakTracker (CPU tensor storages)",
         "environment": environment(device),
     }
 
 
 def to_markdown(result: dict, command: str) -> str:
     s, sides, ratios = result["settings"], result["sides"], result["ratios"]
-    mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
-    lines = [f"Made by `{command}`.", "",
-             f"**{s['config']}**: hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, vocabulary {s['vocab_size']:,}; "
-             f"seq {s['seq_len']:,} × batch {s['batch_size']}, gradient accumulation {s['grad_accum']}, {s['steps']} optimizer steps "
-             f"(the first not timed), QLoRA NF4 r {s['lora_r']} all-linear, {s['optimizer']}, gradient checkpointing, {s['threads']} threads.", "",
-             "| | peak memory (MiB) | time per optimizer step (s) | train loss |", "|---|---:|---:|---:|",
-             f"| plain peft + bitsandbytes + Trainer (`prepare_model_for_kbit_training`, standard loss) | {mib(sides['plain']['peak_bytes'])} | "
-             f"{sides['plain']['step_time_s']:.2f} | {sides['plain']['train_loss']} |",
-             f"| qlora (`training.loss: chunked`) | {mib(sides['qlora']['peak_bytes'])} | {sides['qlora']['step_time_s']:.2f} | {sides['qlora']['train_loss']} |",
-             f"| **qlora / plain** | **{ratios['peak']:.3f}** (target ≤ {TARGETS['peak']}) | **{ratios['step_time']:.3f}** (target ≤ {TARGETS['step_time']}) | |",
-             "", f"Peak memory: {result['peak_measured_by']}.", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()), ""]
+    mib = lambda n: f"{n / 2**20:,.1f}"
+    lines = [
+        f"Made by `{command}`.",
+        "",
+        f"**{s['config']}**: hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, vocabulary {s['vocab_size']:,}; "
+        f"seq {s['seq_len']:,} × batch {s['batch_size']}, gradient accumulation {s['grad_accum']}, {s['steps']} optimizer steps "
+        f"(the first not timed), QLoRA NF4 r {s['lora_r']} all-linear, {s['optimizer']}, gradient checkpointing, {s['threads']} threads.",
+        "",
+        "| | peak memory (MiB) | time per optimizer step (s) | train loss |",
+        "|---|---:|---:|---:|",
+        f"| plain peft + bitsandbytes + Trainer (`prepare_model_for_kbit_training`, standard loss) | {mib(sides['plain']['peak_bytes'])} | "
+        f"{sides['plain']['step_time_s']:.2f} | {sides['plain']['train_loss']} |",
+        f"| qlora (`training.loss: chunked`) | {mib(sides['qlora']['peak_bytes'])} | {sides['qlora']['step_time_s']:.2f} | {sides['qlora']['train_loss']} |",
+        f"| **qlora / plain** | **{ratios['peak']:.3f}** (target ≤ {TARGETS['peak']}) | **{ratios['step_time']:.3f}** (target ≤ {TARGETS['step_time']}) | |",
+        "",
+        f"Peak memory: {result['peak_measured_by']}.",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 

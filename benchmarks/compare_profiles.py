@@ -32,8 +32,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = "1e0f47d"
@@ -148,8 +149,13 @@ def environment(root: Path, measured: Path) -> dict[str, str]:
 
 def check_import(root: Path, env: dict[str, str]) -> None:
     """Stop if `import qlora` from `root` would find another checkout's package (an editable install)."""
-    found = subprocess.run([sys.executable, "-c", "import qlora; print(qlora.__file__)"], cwd=root, env=env,
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        [sys.executable, "-c", "import qlora; print(qlora.__file__)"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     path = Path(found.stdout.strip() or "?").resolve()
     if found.returncode != 0 or not path.is_relative_to(root.resolve()):
         raise SystemExit(f"`import qlora` from {root} found {path}: {found.stderr.strip()}")
@@ -178,7 +184,9 @@ def slug(args: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", default=DEFAULT_BASE, metavar="REV", help=f"revision to compare against (default {DEFAULT_BASE})")
+    parser.add_argument(
+        "--base", default=DEFAULT_BASE, metavar="REV", help=f"revision to compare against (default {DEFAULT_BASE})"
+    )
     parser.add_argument("--out", type=Path, metavar="DIR", help="keep the JSON outputs in DIR/base and DIR/current")
     opts = parser.parse_args(argv)
 
@@ -213,7 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{label}: DIFFERENT {describe(differences)}", flush=True)
             else:
                 other = other_differences(outputs["base"], outputs["current"])
-                note = f" (non-byte fields differ: {', '.join(other[:5])}{', …' if len(other) > 5 else ''})" if other else ""
+                note = (
+                    f" (non-byte fields differ: {', '.join(other[:5])}{', …' if len(other) > 5 else ''})"
+                    if other
+                    else ""
+                )
                 print(f"{label}: same{note}", flush=True)
     print("all byte figures identical" if all_same else "byte figures differ (see above)")
     return 0 if all_same else 1

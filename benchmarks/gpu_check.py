@@ -70,23 +70,86 @@ if str(ROOT) not in sys.path:
 
 # --- the tables the integrator extends -------------------------------------------------------------
 
-_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
-          "rope_theta": 500000.0, "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 8192,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 3,
+}
 CONFIGS = {  # Llama-3.2 1B and 3B shapes, Llama-3.1 8B
-    "llama-1b": {**_LLAMA, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-                 "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "tie_word_embeddings": True},
-    "llama-3b": {**_LLAMA, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
-                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": True},
-    "llama-8b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256, "tie_word_embeddings": False},
+    "llama-1b": {
+        **_LLAMA,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    },
+    "llama-3b": {
+        **_LLAMA,
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    },
+    "llama-8b": {
+        **_LLAMA,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
 }
 DRY_CONFIGS = {  # the same wiring on a CPU in seconds; vocabulary >= the demo tokenizer's 2,998 for the training run
-    "tiny-a": {**_LLAMA, "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 3000, "tie_word_embeddings": False},
-    "tiny-b": {**_LLAMA, "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 4, "head_dim": 24, "vocab_size": 3000, "tie_word_embeddings": True},
-    "tiny-c": {**_LLAMA, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 3, "num_attention_heads": 8,
-               "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 3000, "tie_word_embeddings": False},
+    "tiny-a": {
+        **_LLAMA,
+        "hidden_size": 64,
+        "intermediate_size": 172,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 3000,
+        "tie_word_embeddings": False,
+    },
+    "tiny-b": {
+        **_LLAMA,
+        "hidden_size": 96,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "head_dim": 24,
+        "vocab_size": 3000,
+        "tie_word_embeddings": True,
+    },
+    "tiny-c": {
+        **_LLAMA,
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 16,
+        "vocab_size": 3000,
+        "tie_word_embeddings": False,
+    },
 }
 METHODS = ("qlora", "lora")
 SEQ_LENS, DRY_SEQ_LENS = (2048,), (32, 64)
@@ -100,8 +163,14 @@ FEATURES = [
     ("chunked loss", {"training.loss": "chunked"}),
     ("tiled MLP", {"training.mlp_tiles": "auto"}),
     ("offloaded checkpoints", {"training.offload_checkpoints": True}),
-    ("all long-context", {"training.loss": "chunked", "training.mlp_tiles": "auto", "training.offload_checkpoints": True}),
-    ("no Liger kernels", {"training.kernels": "none"}),  # the other rows run Liger's where it is installed (the default)
+    (
+        "all long-context",
+        {"training.loss": "chunked", "training.mlp_tiles": "auto", "training.offload_checkpoints": True},
+    ),
+    (
+        "no Liger kernels",
+        {"training.kernels": "none"},
+    ),  # the other rows run Liger's where it is installed (the default)
 ]
 LONG_CONTEXT_RECIPE = ROOT / "recipes" / "llama-3.1-8b-long-context-24gb.yaml"  # its keys, on the 8B shape
 LONG_SEQ_LENS, DRY_LONG_SEQ_LENS = (32768, 80000), (64, 128)
@@ -109,8 +178,18 @@ TARGET_ERROR_PCT = 3.0
 # Seconds per section. A point already running finishes past its budget (an 8B point takes ~30 s), so
 # the budgets add up to ~6.5 minutes to end within 8.
 BUDGET_S = {"overheads": 45, "memory": 185, "training": 50, "merge": 50, "speed": 180, "gpu tests": 30}
-GPU_TESTS = ["tests/training/test_measure.py", "tests/training/test_distributed.py"]  # where `@pytest.mark.gpu` tests live
-SPEED_ARGS = ["--seq-lens", "2048", "--steps", "4", "--sides", "plain,lean,fit-24GB"]  # the 8B shape; 16,384 tokens too with `make bench` on a GPU
+GPU_TESTS = [
+    "tests/training/test_measure.py",
+    "tests/training/test_distributed.py",
+]  # where `@pytest.mark.gpu` tests live
+SPEED_ARGS = [
+    "--seq-lens",
+    "2048",
+    "--steps",
+    "4",
+    "--sides",
+    "plain,lean,fit-24GB",
+]  # the 8B shape; 16,384 tokens too with `make bench` on a GPU
 TRAIN = {"steps": 8, "batch_size": 8, "max_seq_len": 512, "model": "llama-1b", "rows": 4096}
 DRY_TRAIN = {"steps": 2, "batch_size": 2, "max_seq_len": 64, "model": "tiny-a", "rows": 128}
 DEMO_TOKENIZER = ROOT / "recipes" / "demo-assets" / "base-model"
@@ -130,7 +209,7 @@ class Plan:
     isolate: bool  # a process per config and per training run (the GPU default: bnb never frees paged buffers)
 
     @classmethod
-    def make(cls, dry: bool, work: Path, isolate: bool | None = None) -> "Plan":
+    def make(cls, dry: bool, work: Path, isolate: bool | None = None) -> Plan:
         isolate = not dry if isolate is None else isolate
         if dry:
             return cls(True, DRY_CONFIGS, DRY_SEQ_LENS, DRY_RANK, DRY_TRAIN, work, isolate)
@@ -195,9 +274,16 @@ def context_worker() -> dict:
     if before is not None and after is not None:
         used, how = after - before, "NVML used after - before, less torch.cuda.memory_reserved()"
     else:
-        used, how = total - free, "cudaMemGetInfo total - free, less torch.cuda.memory_reserved() (dedicated GPU assumed)"
-    return {"cuda_context_bytes": int(used - reserved), "device_used_bytes": int(used), "reserved_bytes": int(reserved),
-            "method": how}
+        used, how = (
+            total - free,
+            "cudaMemGetInfo total - free, less torch.cuda.memory_reserved() (dedicated GPU assumed)",
+        )
+    return {
+        "cuda_context_bytes": int(used - reserved),
+        "device_used_bytes": int(used),
+        "reserved_bytes": int(reserved),
+        "method": how,
+    }
 
 
 # --- 3. memory -------------------------------------------------------------------------------------
@@ -211,7 +297,13 @@ def feature_rows() -> list[tuple[str, dict, str | None]]:
     rows = [("baseline", {k: v for k, v in BASELINE.items() if k in fields}, None)]
     for label, changes in FEATURES:
         missing = sorted(set(changes) - fields)
-        rows.append((label, {**rows[0][1], **changes}, f"the recipe has no key {', '.join(missing)} (feature not merged)" if missing else None))
+        rows.append(
+            (
+                label,
+                {**rows[0][1], **changes},
+                f"the recipe has no key {', '.join(missing)} (feature not merged)" if missing else None,
+            )
+        )
     return rows
 
 
@@ -220,9 +312,15 @@ def long_context_keys() -> dict:
     from qlora.config.recipe import load_recipe
 
     r = load_recipe(LONG_CONTEXT_RECIPE)
-    return {"lora.r": r.lora.r, "lora.dropout": r.lora.dropout, "training.optimizer": r.training.optimizer,
-            "training.loss": r.training.loss, "training.mlp_tiles": r.training.mlp_tiles,
-            "training.offload_checkpoints": r.training.offload_checkpoints, "training.batch_size": r.training.batch_size}
+    return {
+        "lora.r": r.lora.r,
+        "lora.dropout": r.lora.dropout,
+        "training.optimizer": r.training.optimizer,
+        "training.loss": r.training.loss,
+        "training.mlp_tiles": r.training.mlp_tiles,
+        "training.offload_checkpoints": r.training.offload_checkpoints,
+        "training.batch_size": r.training.batch_size,
+    }
 
 
 def points(plan: Plan, config: str, part: str) -> list[dict]:
@@ -232,8 +330,17 @@ def points(plan: Plan, config: str, part: str) -> list[dict]:
     if part == "long-context":
         if config != list(plan.configs)[-1]:
             return []
-        return [{"config": config, "method": "qlora", "seq_len": seq, "feature": "long-context recipe", "changes": long_context_keys(),
-                 "skipped": None} for seq in (DRY_LONG_SEQ_LENS if plan.dry else LONG_SEQ_LENS)]
+        return [
+            {
+                "config": config,
+                "method": "qlora",
+                "seq_len": seq,
+                "feature": "long-context recipe",
+                "changes": long_context_keys(),
+                "skipped": None,
+            }
+            for seq in (DRY_LONG_SEQ_LENS if plan.dry else LONG_SEQ_LENS)
+        ]
     out = []
     for label, changes, skipped in feature_rows():
         if (label == "baseline") != (part == "baseline"):
@@ -241,8 +348,16 @@ def points(plan: Plan, config: str, part: str) -> list[dict]:
         seqs = plan.seq_lens if label == "baseline" else plan.seq_lens[-1:]
         for method in METHODS:
             for seq in seqs:
-                out.append({"config": config, "method": method, "seq_len": seq, "feature": label, "changes": changes,
-                            "skipped": skipped})
+                out.append(
+                    {
+                        "config": config,
+                        "method": method,
+                        "seq_len": seq,
+                        "feature": label,
+                        "changes": changes,
+                        "skipped": skipped,
+                    }
+                )
     return out
 
 
@@ -255,7 +370,9 @@ def save_random_model(config: dict, folder: Path, tokenizer: bool = False) -> Pa
     if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))  # what random_weights builds from; saved again with the weights
+    (folder / "config.json").write_text(
+        json.dumps(config)
+    )  # what random_weights builds from; saved again with the weights
     random_weights(recipe_from_mapping({"model": {"name_or_path": str(folder)}}, for_training=False), None, folder)
     if tokenizer:
         for name in TOKENIZER_FILES:
@@ -277,7 +394,9 @@ def measure_point(point: dict, plan: Plan, weights: Path) -> dict:
     cuda = torch.cuda.is_available()
     config_json = str(weights / "config.json")
     keys = {"data.max_seq_len": point["seq_len"], "lora.r": plan.rank, **point["changes"]}  # a point's own r wins
-    recipe = recipe_from_mapping({"model": {"name_or_path": config_json}}, [f"{k}={v}" for k, v in keys.items()], for_training=False)
+    recipe = recipe_from_mapping(
+        {"model": {"name_or_path": config_json}}, [f"{k}={v}" for k, v in keys.items()], for_training=False
+    )
     recipe = resolve_kernels(recipe)  # 'auto' without Liger installed here: predicted as what runs
     _, _, settings = from_recipe(recipe, device="cuda" if cuda else "cpu")
     predicted = estimate(settings_inventory(config_json, settings), point["method"], settings)
@@ -285,14 +404,25 @@ def measure_point(point: dict, plan: Plan, weights: Path) -> dict:
         torch.cuda.empty_cache()
     started = time.perf_counter()
     measured = measure(recipe, point["method"], weights=weights)
-    row = {**point, "predicted_allocated_bytes": predicted.allocated, "predicted_total_bytes": predicted.total,
-           "measured_bytes": measured.peak, "error_pct": round(100 * (predicted.allocated - measured.peak) / measured.peak, 3),
-           "measured_components": measured.bytes, "phase_peaks": measured.phases, "seconds": round(time.perf_counter() - started, 1)}
+    row = {
+        **point,
+        "predicted_allocated_bytes": predicted.allocated,
+        "predicted_total_bytes": predicted.total,
+        "measured_bytes": measured.peak,
+        "error_pct": round(100 * (predicted.allocated - measured.peak) / measured.peak, 3),
+        "measured_components": measured.bytes,
+        "phase_peaks": measured.phases,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     if cuda:
         reserved = max(torch.cuda.memory_reserved(), torch.cuda.max_memory_reserved())
         paged = measured.bytes.get("optimizer", 0) if settings.optimizer.startswith("paged_") else 0
-        row.update(reserved_bytes=int(reserved), slack=round(reserved / max(measured.peak - paged, 1) - 1, 4),
-                   max_allocated_bytes=int(torch.cuda.max_memory_allocated()), nvml_used_bytes=nvml_used())
+        row.update(
+            reserved_bytes=int(reserved),
+            slack=round(reserved / max(measured.peak - paged, 1) - 1, 4),
+            max_allocated_bytes=int(torch.cuda.max_memory_allocated()),
+            nvml_used_bytes=nvml_used(),
+        )
     return row
 
 
@@ -323,8 +453,14 @@ def run_memory(plan: Plan, deadline: float) -> list[dict]:
     rows = []
     for part in ("baseline", "long-context", "features"):
         for config in plan.configs:
-            if plan.isolate:  # one process per point: allocator statistics and bitsandbytes' paged buffers are per process
-                got = [row for i in range(len(points(plan, config, part))) for row in memory_subprocess(plan, config, part, deadline, i)]
+            if (
+                plan.isolate
+            ):  # one process per point: allocator statistics and bitsandbytes' paged buffers are per process
+                got = [
+                    row
+                    for i in range(len(points(plan, config, part)))
+                    for row in memory_subprocess(plan, config, part, deadline, i)
+                ]
             else:
                 got = list(memory_worker(plan, config, part, deadline))
             print_rows(got)
@@ -335,15 +471,35 @@ def run_memory(plan: Plan, deadline: float) -> list[dict]:
 
 def memory_subprocess(plan: Plan, config: str, part: str, deadline: float, index: int) -> list[dict]:
     left = max(deadline - time.monotonic(), 0)
-    command = [sys.executable, __file__, "--worker", "memory", "--config", config, "--part", part, "--work", str(plan.work),
-               "--point", str(index), "--deadline-in", str(left)] + (["--dry-run"] if plan.dry else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "memory",
+        "--config",
+        config,
+        "--part",
+        part,
+        "--work",
+        str(plan.work),
+        "--point",
+        str(index),
+        "--deadline-in",
+        str(left),
+    ] + (["--dry-run"] if plan.dry else [])
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=left + 120)
     except subprocess.TimeoutExpired as exc:
         return [{"config": config, "feature": part, "error": f"worker timed out: {str(exc.stderr or '')[-300:]}"}]
     got = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0:
-        got.append({"config": config, "feature": part, "error": f"worker exited {done.returncode}: {done.stderr.strip()[-300:]}"})
+        got.append(
+            {
+                "config": config,
+                "feature": part,
+                "error": f"worker exited {done.returncode}: {done.stderr.strip()[-300:]}",
+            }
+        )
     return got
 
 
@@ -351,12 +507,18 @@ def print_rows(rows: list[dict]) -> None:
     for r in rows:
         if "error_pct" in r:
             mark = "ok" if abs(r["error_pct"]) <= TARGET_ERROR_PCT else "OVER 3 %"
-            print(f"  {r['config']:<9} {r['method']:<6} seq {r['seq_len']:>5} {r['feature']:<22} predicted "
-                  f"{r['predicted_allocated_bytes'] / 2**30:7.3f} GiB  measured {r['measured_bytes'] / 2**30:7.3f} GiB  "
-                  f"{r['error_pct']:+6.2f} % {mark}", flush=True)
+            print(
+                f"  {r['config']:<9} {r['method']:<6} seq {r['seq_len']:>5} {r['feature']:<22} predicted "
+                f"{r['predicted_allocated_bytes'] / 2**30:7.3f} GiB  measured {r['measured_bytes'] / 2**30:7.3f} GiB  "
+                f"{r['error_pct']:+6.2f} % {mark}",
+                flush=True,
+            )
         else:
-            print(f"  {r.get('config')} {r.get('method', '')} {r.get('seq_len', '')} {r.get('feature', '')}: "
-                  f"{r.get('skipped') or r.get('error')}", flush=True)
+            print(
+                f"  {r.get('config')} {r.get('method', '')} {r.get('seq_len', '')} {r.get('feature', '')}: "
+                f"{r.get('skipped') or r.get('error')}",
+                flush=True,
+            )
 
 
 # --- 4. training, 5. merge and generate --------------------------------------------------------------
@@ -364,11 +526,15 @@ def print_rows(rows: list[dict]) -> None:
 
 def write_dataset(path: Path, rows: int = 256) -> Path:
     """A generated instruction set in the words the demo tokenizer knows (deterministic)."""
-    words = [json.loads(line)["input"] for line in (ROOT / "recipes" / "demo-assets" / "instructions.jsonl").open()][:64]
+    words = [json.loads(line)["input"] for line in (ROOT / "recipes" / "demo-assets" / "instructions.jsonl").open()][
+        :64
+    ]
     with path.open("w") as f:
         for i in range(rows):
             word = words[i % len(words)]
-            f.write(json.dumps({"instruction": "Repeat the word twice.", "input": word, "output": f"{word} {word}"}) + "\n")
+            f.write(
+                json.dumps({"instruction": "Repeat the word twice.", "input": word, "output": f"{word} {word}"}) + "\n"
+            )
     return path
 
 
@@ -379,8 +545,15 @@ def train_recipe(plan: Plan, model: Path, data: Path, optimizer: str) -> Path:
         "model": {"name_or_path": str(model)},
         "data": {"path": str(data), "max_seq_len": plan.train["max_seq_len"], "packing": True, "eval_size": 16},
         "lora": {"r": 16, "alpha": 32},
-        "training": {"optimizer": optimizer, "max_steps": plan.train["steps"], "batch_size": plan.train["batch_size"],
-                     "grad_accum": 1, "warmup_ratio": 0.0, "save_steps": 1000, "logging_steps": 1},
+        "training": {
+            "optimizer": optimizer,
+            "max_steps": plan.train["steps"],
+            "batch_size": plan.train["batch_size"],
+            "grad_accum": 1,
+            "warmup_ratio": 0.0,
+            "save_steps": 1000,
+            "logging_steps": 1,
+        },
         "eval": {"metric": "none"},
         "output_dir": str(plan.work / "runs" / optimizer),
     }
@@ -392,8 +565,13 @@ def train_recipe(plan: Plan, model: Path, data: Path, optimizer: str) -> Path:
 def run_module(plan: Plan, module: str, argv: list[str]) -> tuple[int, str]:
     """`python -m module argv` (a fresh process on a GPU; in this process for the dry run): (exit code, output)."""
     if plan.isolate:
-        done = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+        done = subprocess.run(
+            [sys.executable, "-m", module, *argv],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
+        )
         return done.returncode, (done.stdout + done.stderr)[-2000:]
     import importlib
 
@@ -419,16 +597,34 @@ def run_training(plan: Plan, deadline: float) -> list[dict]:
             rows.append({"optimizer": optimizer, "skipped": "time budget"})
             continue
         started = time.perf_counter()
-        code, output = run_module(plan, "qlora.train", [str(train_recipe(plan, model, data, optimizer)), "--overwrite"])
+        code, output = run_module(
+            plan, "qlora.train", [str(train_recipe(plan, model, data, optimizer)), "--overwrite"]
+        )
         row = {"optimizer": optimizer, "exit_code": code, "seconds": round(time.perf_counter() - started, 1)}
         metrics = plan.work / "runs" / optimizer / "metrics.json"
         if code == 0 and metrics.exists():
             m = json.loads(metrics.read_text())
-            row.update({k: m.get(k) for k in ("tokens_per_s", "train_steps", "train_runtime_s", "compute_dtype", "peak_memory_bytes",
-                                               "peak_memory_allocated_bytes", "paged_optimizer_bytes", "peak_memory_reserved_bytes")})
+            row.update(
+                {
+                    k: m.get(k)
+                    for k in (
+                        "tokens_per_s",
+                        "train_steps",
+                        "train_runtime_s",
+                        "compute_dtype",
+                        "peak_memory_bytes",
+                        "peak_memory_allocated_bytes",
+                        "paged_optimizer_bytes",
+                        "peak_memory_reserved_bytes",
+                    )
+                }
+            )
         else:
             row["output_tail"] = output[-600:]
-        print(f"  train {optimizer:<18} exit {code}  {row.get('tokens_per_s')} tokens/s  peak {row.get('peak_memory_bytes')}", flush=True)
+        print(
+            f"  train {optimizer:<18} exit {code}  {row.get('tokens_per_s')} tokens/s  peak {row.get('peak_memory_bytes')}",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -441,13 +637,26 @@ def run_merge_and_generate(plan: Plan, training: list[dict], deadline: float) ->
         return {"skipped": "time budget"}
     run = str(plan.work / "runs" / done[-1]["optimizer"])
     result = {"run": done[-1]["optimizer"]}
-    for step, module, argv in (("merge", "qlora.merge", [run, "--to", str(plan.work / "merged"), "--overwrite"]),
-                               ("merge-bfloat16", "qlora.merge", [run, "--to", str(plan.work / "merged-bf16"), "--dtype", "bfloat16", "--overwrite"]),
-                               ("generate", "qlora.generate", [run, "--prompt", "Repeat the word twice.", "--input", "cave",
-                                                               "--max-new-tokens", "8"])):
+    for step, module, argv in (
+        ("merge", "qlora.merge", [run, "--to", str(plan.work / "merged"), "--overwrite"]),
+        (
+            "merge-bfloat16",
+            "qlora.merge",
+            [run, "--to", str(plan.work / "merged-bf16"), "--dtype", "bfloat16", "--overwrite"],
+        ),
+        (
+            "generate",
+            "qlora.generate",
+            [run, "--prompt", "Repeat the word twice.", "--input", "cave", "--max-new-tokens", "8"],
+        ),
+    ):
         started = time.perf_counter()
         code, output = run_module(plan, module, argv)
-        result[step] = {"exit_code": code, "seconds": round(time.perf_counter() - started, 1), "output_tail": output[-600:]}
+        result[step] = {
+            "exit_code": code,
+            "seconds": round(time.perf_counter() - started, 1),
+            "output_tail": output[-600:],
+        }
         print(f"  {step}: exit {code} in {result[step]['seconds']} s", flush=True)
     return result
 
@@ -457,8 +666,13 @@ def run_merge_and_generate(plan: Plan, training: list[dict], deadline: float) ->
 
 def run_speed(plan: Plan, out: Path, budget: float) -> dict:
     """benchmarks/speed.py (qlora against the plain recipe, one process per side) within its budget."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--out", str(out),
-               *(["--dry-run", *SPEED_ARGS[-2:]] if plan.dry else SPEED_ARGS)]  # the dry run: the same sides
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "speed.py"),
+        "--out",
+        str(out),
+        *(["--dry-run", *SPEED_ARGS[-2:]] if plan.dry else SPEED_ARGS),
+    ]  # the dry run: the same sides
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=budget)
     except subprocess.TimeoutExpired:
@@ -472,37 +686,83 @@ def overheads(context: dict, memory: list[dict], env: dict) -> dict | None:
     slacks = [r["slack"] for r in memory if "slack" in r]
     if "cuda_context_bytes" not in context or not slacks:
         return None
-    return {"gpu": env.get("device"), "cuda_context_bytes": context["cuda_context_bytes"],
-            "allocator_slack": round(max(0.0, max(slacks)), 4), "context_method": context.get("method"),
-            "slack_method": "max over the memory points of reserved / (allocated peak - paged states) - 1",
-            "driver": env.get("driver"), "CUDA": env.get("CUDA"), "torch": env.get("torch")}
+    return {
+        "gpu": env.get("device"),
+        "cuda_context_bytes": context["cuda_context_bytes"],
+        "allocator_slack": round(max(0.0, max(slacks)), 4),
+        "context_method": context.get("method"),
+        "slack_method": "max over the memory points of reserved / (allocated peak - paged states) - 1",
+        "driver": env.get("driver"),
+        "CUDA": env.get("CUDA"),
+        "torch": env.get("torch"),
+    }
 
 
 def markdown(report: dict) -> str:
     env, lines = report["environment"], [f"# GPU check: {report['environment'].get('device')}", ""]
-    lines += ["Made by `python benchmarks/gpu_check.py" + (" --dry-run" if report["dry_run"] else "") + "`.", "",
-              "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
-    lines += ["## Overheads", "", f"CUDA context: {report['context']}", "", f"Written for the profiler: {report['overheads']}", ""]
-    lines += ["## Predicted vs measured (`allocated_bytes` vs `max_memory_allocated` + paged states)", "",
-              "| config | method | seq | feature | predicted | measured | error | slack |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    lines += [
+        "Made by `python benchmarks/gpu_check.py" + (" --dry-run" if report["dry_run"] else "") + "`.",
+        "",
+        "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
+        "",
+    ]
+    lines += [
+        "## Overheads",
+        "",
+        f"CUDA context: {report['context']}",
+        "",
+        f"Written for the profiler: {report['overheads']}",
+        "",
+    ]
+    lines += [
+        "## Predicted vs measured (`allocated_bytes` vs `max_memory_allocated` + paged states)",
+        "",
+        "| config | method | seq | feature | predicted | measured | error | slack |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
     for r in report["memory"]:
         if "error_pct" in r:
-            lines.append(f"| {r['config']} | {r['method']} | {r['seq_len']} | {r['feature']} | {r['predicted_allocated_bytes']:,} | "
-                         f"{r['measured_bytes']:,} | {r['error_pct']:+.2f} % | {r.get('slack', '—')} |")
+            lines.append(
+                f"| {r['config']} | {r['method']} | {r['seq_len']} | {r['feature']} | {r['predicted_allocated_bytes']:,} | "
+                f"{r['measured_bytes']:,} | {r['error_pct']:+.2f} % | {r.get('slack', '—')} |"
+            )
         else:
-            lines.append(f"| {r.get('config')} | {r.get('method', '')} | {r.get('seq_len', '')} | {r.get('feature', '')} | "
-                         f"{r.get('skipped') or r.get('error')} | | | |")
-    lines += ["", "## Training (a few steps per optimizer)", "", "| optimizer | exit | tokens/s | peak (allocated + paged) | reserved |",
-              "|---|---:|---:|---:|---:|"]
+            lines.append(
+                f"| {r.get('config')} | {r.get('method', '')} | {r.get('seq_len', '')} | {r.get('feature', '')} | "
+                f"{r.get('skipped') or r.get('error')} | | | |"
+            )
+    lines += [
+        "",
+        "## Training (a few steps per optimizer)",
+        "",
+        "| optimizer | exit | tokens/s | peak (allocated + paged) | reserved |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in report["training"]:
-        lines.append(f"| {r['optimizer']} | {r.get('exit_code', r.get('skipped'))} | {r.get('tokens_per_s')} | "
-                     f"{r.get('peak_memory_bytes')} | {r.get('peak_memory_reserved_bytes')} |")
+        lines.append(
+            f"| {r['optimizer']} | {r.get('exit_code', r.get('skipped'))} | {r.get('tokens_per_s')} | "
+            f"{r.get('peak_memory_bytes')} | {r.get('peak_memory_reserved_bytes')} |"
+        )
     merge = report["merge_generate"]
-    lines += ["", "## Merge and generate", "", json.dumps({k: (v if not isinstance(v, dict) else
-                                                            {kk: vv for kk, vv in v.items() if kk != "output_tail"})
-                                                        for k, v in merge.items()}), ""]
+    lines += [
+        "",
+        "## Merge and generate",
+        "",
+        json.dumps(
+            {
+                k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items() if kk != "output_tail"})
+                for k, v in merge.items()
+            }
+        ),
+        "",
+    ]
     speed = report.get("speed") or {}
-    lines += ["## Speed (benchmarks/speed.py; its table: speed/speed.md)", "", f"qlora / plain: {speed.get('ratios', speed.get('error'))}", ""]
+    lines += [
+        "## Speed (benchmarks/speed.py; its table: speed/speed.md)",
+        "",
+        f"qlora / plain: {speed.get('ratios', speed.get('error'))}",
+        "",
+    ]
     lines += ["## GPU tests (`pytest -m gpu`)", "", f"{report.get('gpu_tests')}", ""]
     return "\n".join(lines)
 
@@ -512,8 +772,13 @@ def run_gpu_tests(cuda: bool) -> dict:
     if not cuda:
         return {"skipped": "no CUDA GPU (dry run)"}
     try:
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS], cwd=ROOT,
-                              capture_output=True, text=True, timeout=BUDGET_S["gpu tests"] + 60)
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *GPU_TESTS],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=BUDGET_S["gpu tests"] + 60,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish in {BUDGET_S['gpu tests'] + 60} s"}
     return {"exit_code": done.returncode, "tail": (done.stdout + done.stderr).strip().splitlines()[-5:]}
@@ -532,8 +797,12 @@ def check(plan: Plan, out: Path | None) -> dict:
     print(f"gpu-check on {env['device']} -> {out} (belongs in memory_reports/measured/{folder}/)", flush=True)
     context = {"skipped": "no CUDA GPU (dry run)"}
     if cuda:
-        done = subprocess.run([sys.executable, __file__, "--worker", "context"], capture_output=True, text=True,
-                              timeout=BUDGET_S["overheads"] + 60)
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", "context"],
+            capture_output=True,
+            text=True,
+            timeout=BUDGET_S["overheads"] + 60,
+        )
         found = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
         context = found[0] if found else {"error": done.stderr.strip()[-300:]}
     print(f"CUDA context: {context}", flush=True)
@@ -544,10 +813,22 @@ def check(plan: Plan, out: Path | None) -> dict:
     speed = run_speed(plan, out / "speed", BUDGET_S["speed"])
     gpu_tests = run_gpu_tests(cuda)
     measured = [r for r in memory if "error_pct" in r]
-    report = {"dry_run": plan.dry, "measured_folder": folder, "environment": env, "context": context, "memory": memory, "training": training,
-              "merge_generate": merge, "speed": speed, "gpu_tests": gpu_tests, "overheads": overheads(context, memory, env), "target_error_pct": TARGET_ERROR_PCT,
-              "points_within_target": sum(abs(r["error_pct"]) <= TARGET_ERROR_PCT for r in measured),
-              "points_measured": len(measured), "seconds": round(time.monotonic() - start, 1)}
+    report = {
+        "dry_run": plan.dry,
+        "measured_folder": folder,
+        "environment": env,
+        "context": context,
+        "memory": memory,
+        "training": training,
+        "merge_generate": merge,
+        "speed": speed,
+        "gpu_tests": gpu_tests,
+        "overheads": overheads(context, memory, env),
+        "target_error_pct": TARGET_ERROR_PCT,
+        "points_within_target": sum(abs(r["error_pct"]) <= TARGET_ERROR_PCT for r in measured),
+        "points_measured": len(measured),
+        "seconds": round(time.monotonic() - start, 1),
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "gpu_check.md").write_text(markdown(report))
@@ -555,20 +836,31 @@ def check(plan: Plan, out: Path | None) -> dict:
         from qlora.memory.overheads import OVERHEADS_FILE
 
         (out / OVERHEADS_FILE).write_text(json.dumps(report["overheads"], indent=2))
-    print(f"{report['points_within_target']}/{report['points_measured']} memory points within {TARGET_ERROR_PCT} %; "
-          f"{report['seconds']} s; wrote {out}", flush=True)
+    print(
+        f"{report['points_within_target']}/{report['points_measured']} memory points within {TARGET_ERROR_PCT} %; "
+        f"{report['seconds']} s; wrote {out}",
+        flush=True,
+    )
     return report
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="the same wiring on a CPU with tiny configs and steps (seconds)")
-    parser.add_argument("--out", type=Path, help="results folder (default memory_reports/measured/cuda-<gpu>/; dry run: a temp folder)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="the same wiring on a CPU with tiny configs and steps (seconds)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="results folder (default memory_reports/measured/cuda-<gpu>/; dry run: a temp folder)"
+    )
     parser.add_argument("--work", type=Path, help="scratch folder for random models and runs (default: a temp folder)")
-    parser.add_argument("--isolate", action="store_true", help="dry run: also use a process per config and run, as on a GPU")
+    parser.add_argument(
+        "--isolate", action="store_true", help="dry run: also use a process per config and run, as on a GPU"
+    )
     parser.add_argument("--worker", choices=("context", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
-    parser.add_argument("--part", choices=("baseline", "long-context", "features"), default="baseline", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--part", choices=("baseline", "long-context", "features"), default="baseline", help=argparse.SUPPRESS
+    )
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-in", type=float, default=0.0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

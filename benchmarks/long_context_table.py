@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import argparse
 
+from qlora.memory.estimate import settings_inventory
 from qlora.memory.planner import fit_method, predict
 from qlora.memory.settings import Settings
-from qlora.memory.estimate import settings_inventory
 
 GPUS_GB = (12, 16, 24, 48, 80)
 MODELS = ("llama-3.1-8b", "llama-3.1-70b")
 BASE = Settings(rank=32, batch_size=1, seq_len=2048, optimizer="paged_adamw_32bit", checkpointing=True)
 LONG_CONTEXT_KEYS = dict(loss="chunked", mlp_tiles="auto", offload_checkpoints=True, lora_dropout=0.0)
 COLUMNS = {  # the settings each column changes, as recipe keys would; transformers' kernels but in the last column
-    "before (standard loss)": dict(loss="standard", mlp_tiles=1, offload_checkpoints=False, lora_dropout=0.05, kernels="none"),
+    "before (standard loss)": dict(
+        loss="standard", mlp_tiles=1, offload_checkpoints=False, lora_dropout=0.05, kernels="none"
+    ),
     "chunked loss": dict(loss="chunked", mlp_tiles=1, offload_checkpoints=False, lora_dropout=0.05, kernels="none"),
     "chunked loss + long-context keys": dict(LONG_CONTEXT_KEYS, kernels="none"),
     "+ Liger kernels (unmeasured)": dict(LONG_CONTEXT_KEYS, kernels="auto"),
@@ -39,16 +41,21 @@ def longest(model: str, gpu_bytes: int, changes: dict) -> tuple[int, int]:
 
 
 def table(models=MODELS, gpus=GPUS_GB) -> str:
-    lines = ["| Model | GPU | " + " | ".join(COLUMNS) + " | host RAM (last column) |",
-             "|---|---|" + "---:|" * (len(COLUMNS) + 1)]
+    lines = [
+        "| Model | GPU | " + " | ".join(COLUMNS) + " | host RAM (last column) |",
+        "|---|---|" + "---:|" * (len(COLUMNS) + 1),
+    ]
     for model in models:
         for gb in gpus:
             cells, host = [], 0
             for changes in COLUMNS.values():
                 seq, host = longest(model, gb * 10**9, changes)
                 cells.append(f"{seq:,}" if seq else "does not fit")
-            lines.append(f"| {model} | {gb} GB | " + " | ".join(cells) + f" | {host / 2**30:.0f} GiB |" if host else
-                         f"| {model} | {gb} GB | " + " | ".join(cells) + " | — |")
+            lines.append(
+                f"| {model} | {gb} GB | " + " | ".join(cells) + f" | {host / 2**30:.0f} GiB |"
+                if host
+                else f"| {model} | {gb} GB | " + " | ".join(cells) + " | — |"
+            )
     return "\n".join(lines)
 
 

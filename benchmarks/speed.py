@@ -30,22 +30,43 @@ import tempfile
 import time
 from pathlib import Path
 
-import qlora  # noqa: F401,I001  (first: expandable segments before CUDA initialises, on both sides)
 import torch
 
+import qlora  # noqa: F401  (first: expandable segments before CUDA initialises, on both sides)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_memory  # noqa: E402  (the two sides' trainers, shared with the memory benchmark)
+import bench_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5,
-             "rope_theta": 500000.0, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072,
-             "tie_word_embeddings": False}
+CONFIG_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+}
 SIDES = ("plain", "lean", "fit-24GB", "lean-torch")
 TARGETS = {"default": 0.95, "fit-24GB": 0.70, "lean_peak": 0.55}  # qlora / plain (issue "Speed on a GPU")
 # Dense bf16 tensor-core peaks (FLOP/s, without sparsity), from the vendors' data sheets; MFU is left out elsewhere.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12,
-              "RTX 3090": 71e12, "T4": 65e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "T4": 65e12,
+}
 
 
 def parse_args(argv):
@@ -54,9 +75,15 @@ def parse_args(argv):
     parser.add_argument("--seq-lens", default="2048,16384")
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per side (the first not timed)")
     parser.add_argument("--target-gpu", default="24GB", help="the card fit-24GB plans for")
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)} (default: all)")
-    parser.add_argument("--out", type=Path, help="default memory_reports/bench/cuda-<gpu> (a --dry-run: a temporary folder)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny config, seq 32 and 64, 2 steps, on whatever device is here")
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)} (default: all)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="default memory_reports/bench/cuda-<gpu> (a --dry-run: a temporary folder)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny config, seq 32 and 64, 2 steps, on whatever device is here"
+    )
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
@@ -90,9 +117,16 @@ def profiled_step(trainer) -> list[dict]:
                 profiler.stop()
 
     trainer.add_callback(OneStep())
-    return lambda: [{"op": e.key, "self_ms": round((e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000, 3),
-                     "calls": e.count}
-                    for e in sorted(profiler.key_averages(), key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total))[:15]]
+    return lambda: [
+        {
+            "op": e.key,
+            "self_ms": round((e.self_device_time_total if cuda else e.self_cpu_time_total) / 1000, 3),
+            "calls": e.count,
+        }
+        for e in sorted(
+            profiler.key_averages(), key=lambda e: -(e.self_device_time_total if cuda else e.self_cpu_time_total)
+        )[:15]
+    ]
 
 
 def worker(args) -> dict:
@@ -115,7 +149,9 @@ def worker(args) -> dict:
         keys = {"gradient_checkpointing": "auto"} if args.worker == "fit-24GB" else {"gradient_checkpointing": True}
         if args.worker == "lean-torch":
             keys["kernels"] = "none"
-        recipe = resolve_kernels(bench_memory.qlora_recipe(args.weights, args, out, **keys))  # the default kernels: auto
+        recipe = resolve_kernels(
+            bench_memory.qlora_recipe(args.weights, args, out, **keys)
+        )  # the default kernels: auto
         if args.worker == "fit-24GB":
             recipe = resolve_checkpointing(type(recipe)(**{**recipe.__dict__, "target_gpu": args.target_gpu}))
         trainer = bench_memory.qlora_trainer(args.weights, args, data, out, recipe)
@@ -128,20 +164,35 @@ def worker(args) -> dict:
     timed = timer.times[1:] or timer.times
     step = statistics.median(timed)
     tokens = args.seq_len * args.batch_size * args.grad_accum
-    result = {"side": args.worker, "seq_len": args.seq_len, "step_time_s": round(step, 4), "step_times_s": [round(t, 4) for t in timer.times],
-              "tokens_per_s": round(tokens / step, 1), "top_ops": top_ops()}
+    result = {
+        "side": args.worker,
+        "seq_len": args.seq_len,
+        "step_time_s": round(step, 4),
+        "step_times_s": [round(t, 4) for t in timer.times],
+        "tokens_per_s": round(tokens / step, 1),
+        "top_ops": top_ops(),
+    }
     layers = config["num_hidden_layers"]
     if recipe is not None:
         predicted = estimate_recipe(recipe)
         layers = predicted.checkpointed_layers
-        result.update(gradient_checkpointing_layers=layers, recompute_saved_pct=predicted.recompute_saved_pct,
-                      predicted_allocated_bytes=predicted.allocated, predicted_total_bytes=predicted.total)
-    _, _, settings = from_recipe(recipe or bench_memory.qlora_recipe(args.weights, args, out))  # the plain side: the same model's
+        result.update(
+            gradient_checkpointing_layers=layers,
+            recompute_saved_pct=predicted.recompute_saved_pct,
+            predicted_allocated_bytes=predicted.allocated,
+            predicted_total_bytes=predicted.total,
+        )
+    _, _, settings = from_recipe(
+        recipe or bench_memory.qlora_recipe(args.weights, args, out)
+    )  # the plain side: the same model's
     inv = settings_inventory(str(args.weights / "config.json"), settings)
     flops = step_flops_per_token(inv, args.seq_len, "qlora", layers)
     result["flops_per_token"] = flops
     if torch.cuda.is_available():
-        result.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(), peak_reserved_bytes=torch.cuda.max_memory_reserved())
+        result.update(
+            peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+            peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+        )
         peak = peak_flops(torch.cuda.get_device_name())
         result["mfu"] = round(flops * result["tokens_per_s"] / peak, 4) if peak else None
     atomic_write_json(args.json, result)
@@ -156,31 +207,62 @@ def run(args) -> dict:
     cuda = torch.cuda.is_available()
     rows = []
     with tempfile.TemporaryDirectory(prefix="qlora-speed-weights-") as tmp:
-        config = bench_memory.DRY_RUN_CONFIG if args.dry_run else (json.loads(args.config.read_text()) if args.config else CONFIG_8B)
+        config = (
+            bench_memory.DRY_RUN_CONFIG
+            if args.dry_run
+            else (json.loads(args.config.read_text()) if args.config else CONFIG_8B)
+        )
         (Path(tmp) / "config").mkdir()
         (Path(tmp) / "config" / "config.json").write_text(json.dumps(config))
         source = recipe_from_mapping({"model": {"name_or_path": str(Path(tmp) / "config")}}, for_training=False)
-        folder = random_weights(source, None, Path(tmp) / "model")  # in the compute dtype, on the GPU: both sides load them
+        folder = random_weights(
+            source, None, Path(tmp) / "model"
+        )  # in the compute dtype, on the GPU: both sides load them
         for seq in (int(s) for s in args.seq_lens.split(",")):
             for side in sides(args.sides):
                 target = Path(tmp) / f"{side}-{seq}.json"
-                command = [sys.executable, __file__, "--worker", side, "--weights", str(folder), "--seq-len", str(seq),
-                           "--steps", str(args.steps), "--target-gpu", args.target_gpu, "--json", str(target)] + (["--dry-run"] if args.dry_run else [])
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    side,
+                    "--weights",
+                    str(folder),
+                    "--seq-len",
+                    str(seq),
+                    "--steps",
+                    str(args.steps),
+                    "--target-gpu",
+                    args.target_gpu,
+                    "--json",
+                    str(target),
+                ] + (["--dry-run"] if args.dry_run else [])
                 started = time.perf_counter()
                 done = subprocess.run(command, capture_output=True, text=True)
-                row = json.loads(target.read_text()) if done.returncode == 0 else {"side": side, "seq_len": seq, "error": done.stderr[-500:]}
+                row = (
+                    json.loads(target.read_text())
+                    if done.returncode == 0
+                    else {"side": side, "seq_len": seq, "error": done.stderr[-500:]}
+                )
                 row["wall_s"] = round(time.perf_counter() - started, 1)
                 rows.append(row)
                 print(f"speed: {side} at {seq}: {row.get('step_time_s', 'error')} s/step", file=sys.stderr, flush=True)
-    return {"rows": rows, "ratios": ratios(rows), "targets": TARGETS, "dry_run": args.dry_run, "environment": environment("cuda" if cuda else "cpu")}
-
+    return {
+        "rows": rows,
+        "ratios": ratios(rows),
+        "targets": TARGETS,
+        "dry_run": args.dry_run,
+        "environment": environment("cuda" if cuda else "cpu"),
+    }
 
 
 def sides(text: str) -> list[str]:
     chosen = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SIDES]
     if unknown or not chosen:
-        raise SystemExit(f"error: --sides: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(SIDES)}")
+        raise SystemExit(
+            f"error: --sides: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(SIDES)}"
+        )
     return chosen
 
 
@@ -191,7 +273,11 @@ def ratios(rows: list[dict]) -> dict:
         by = {r["side"]: r for r in rows if r["seq_len"] == seq and "step_time_s" in r}
         if "plain" not in by:
             continue
-        entry = {f"{side}_step_time": round(by[side]["step_time_s"] / by["plain"]["step_time_s"], 4) for side in SIDES[1:] if side in by}
+        entry = {
+            f"{side}_step_time": round(by[side]["step_time_s"] / by["plain"]["step_time_s"], 4)
+            for side in SIDES[1:]
+            if side in by
+        }
         if "lean" in by and by["plain"].get("peak_allocated_bytes"):
             entry["lean_peak"] = round(by["lean"]["peak_allocated_bytes"] / by["plain"]["peak_allocated_bytes"], 4)
         out[str(seq)] = entry
@@ -199,18 +285,36 @@ def ratios(rows: list[dict]) -> dict:
 
 
 def to_markdown(result: dict, command: str) -> str:
-    gb = lambda n: f"{n / 1e9:.2f}" if n else "—"  # noqa: E731
-    lines = [f"Made by `{command}`.", "", "| side | seq | s / optimizer step | tokens/s | MFU | FLOPs/token | checkpointed layers | "
-             "peak allocated GB | peak reserved GB | predicted allocated GB | predicted total GB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    gb = lambda n: f"{n / 1e9:.2f}" if n else "—"
+    lines = [
+        f"Made by `{command}`.",
+        "",
+        "| side | seq | s / optimizer step | tokens/s | MFU | FLOPs/token | checkpointed layers | "
+        "peak allocated GB | peak reserved GB | predicted allocated GB | predicted total GB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['side']} | {r['seq_len']:,} | error: {r['error'].splitlines()[-1] if r['error'] else '?'} |")
+            lines.append(
+                f"| {r['side']} | {r['seq_len']:,} | error: {r['error'].splitlines()[-1] if r['error'] else '?'} |"
+            )
             continue
-        lines.append(f"| {r['side']} | {r['seq_len']:,} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | {r.get('mfu') or '—'} | "
-                     f"{r['flops_per_token'] / 1e9:.1f} G | {r.get('gradient_checkpointing_layers', 'all')} | {gb(r.get('peak_allocated_bytes'))} | "
-                     f"{gb(r.get('peak_reserved_bytes'))} | {gb(r.get('predicted_allocated_bytes'))} | {gb(r.get('predicted_total_bytes'))} |")
-    lines += ["", "Ratios (qlora / plain): " + json.dumps(result["ratios"]) + "; targets: default ≤ 0.95, fit-24GB ≤ 0.70, lean peak ≤ 0.55.", "",
-              "Machine: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()), "", "Slowest ops of one step per side:", ""]
+        lines.append(
+            f"| {r['side']} | {r['seq_len']:,} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | {r.get('mfu') or '—'} | "
+            f"{r['flops_per_token'] / 1e9:.1f} G | {r.get('gradient_checkpointing_layers', 'all')} | {gb(r.get('peak_allocated_bytes'))} | "
+            f"{gb(r.get('peak_reserved_bytes'))} | {gb(r.get('predicted_allocated_bytes'))} | {gb(r.get('predicted_total_bytes'))} |"
+        )
+    lines += [
+        "",
+        "Ratios (qlora / plain): "
+        + json.dumps(result["ratios"])
+        + "; targets: default ≤ 0.95, fit-24GB ≤ 0.70, lean peak ≤ 0.55.",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in result["environment"].items()),
+        "",
+        "Slowest ops of one step per side:",
+        "",
+    ]
     for r in result["rows"]:
         ops = ", ".join(f"{o['op']} {o['self_ms']} ms" for o in r.get("top_ops", [])[:15])
         lines.append(f"- {r['side']} at {r['seq_len']:,}: {ops}")
@@ -228,12 +332,23 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     if not args.dry_run and not torch.cuda.is_available():
-        print("error: the speed benchmark measures a GPU; run with --dry-run to check the wiring on a CPU", file=sys.stderr)
+        print(
+            "error: the speed benchmark measures a GPU; run with --dry-run to check the wiring on a CPU",
+            file=sys.stderr,
+        )
         return 1
     result = run(args)
     if args.out is None:
-        slug = "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name().lower()) if not args.dry_run else ""
-        args.out = Path(tempfile.mkdtemp(prefix="qlora-speed-dry-run-")) if args.dry_run else ROOT / "memory_reports" / "bench" / f"cuda-{slug}"
+        slug = (
+            "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name().lower())
+            if not args.dry_run
+            else ""
+        )
+        args.out = (
+            Path(tempfile.mkdtemp(prefix="qlora-speed-dry-run-"))
+            if args.dry_run
+            else ROOT / "memory_reports" / "bench" / f"cuda-{slug}"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "speed.json", result)
     atomic_write_text(args.out / "speed.md", to_markdown(result, shlex.join(["python", "benchmarks/speed.py", *argv])))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from qlora import __version__
-from qlora.config.errors import did_you_mean, QLoraError, run_cli
+from qlora.config.errors import QLoraError, did_you_mean, run_cli
 
 # subcommand -> (module whose `main(argv)` runs it, one-line help)
 SUBCOMMANDS = {

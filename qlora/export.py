@@ -4,28 +4,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from qlora.config.errors import run_cli
 from qlora.post.export import export, read_run
 
 
 def parse_args(argv: Sequence[str] | None):
-    parser = argparse.ArgumentParser(prog="qlora export", description="Export a trained adapter as a Hub-ready folder, or push it.")
+    parser = argparse.ArgumentParser(
+        prog="qlora export", description="Export a trained adapter as a Hub-ready folder, or push it."
+    )
     parser.add_argument("run", help="a `qlora train` output folder (holds adapter/, metrics.json, recipe.yaml)")
     parser.add_argument("--to", type=Path, help="write the folder here")
     parser.add_argument("--hub", metavar="USER/REPO", help="upload the folder to this Hugging Face model repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--base-model", metavar="ID", help="the base's Hub id, when training used a local copy of it")
-    parser.add_argument("--license", dest="license_id", metavar="ID", help="license for the card (default: the base's)")
+    parser.add_argument(
+        "--license", dest="license_id", metavar="ID", help="license for the card (default: the base's)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --to folder")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    result = export(read_run(args.run), args.to, args.hub, args.private, args.base_model, args.license_id, args.overwrite)
+    result = export(
+        read_run(args.run), args.to, args.hub, args.private, args.base_model, args.license_id, args.overwrite
+    )
     if "folder" in result:
         print(f"exported {args.run} -> {result['folder']} (base_model: {result['base_model']})")
     if "hub" in result:

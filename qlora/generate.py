@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from qlora.config.errors import QLoraError, run_cli
 from qlora.post.export import read_run
@@ -13,10 +13,19 @@ from qlora.training.oom import OutOfMemoryExit
 
 
 def parse_args(argv: Sequence[str] | None):
-    parser = argparse.ArgumentParser(prog="qlora generate", description="Generate with a trained adapter on its 4-bit base.")
+    parser = argparse.ArgumentParser(
+        prog="qlora generate", description="Generate with a trained adapter on its 4-bit base."
+    )
     parser.add_argument("run", help="a `qlora train` output folder")
-    parser.add_argument("--prompt", action="append", required=True, help="an instruction, or for a classifier a text to label (repeatable)")
-    parser.add_argument("--input", dest="inputs", action="append", help="the instruction's input/context (one per --prompt)")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="an instruction, or for a classifier a text to label (repeatable)",
+    )
+    parser.add_argument(
+        "--input", dest="inputs", action="append", help="the instruction's input/context (one per --prompt)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the training template")
     parser.add_argument("--compare", action="store_true", help="also show the base model's answer (adapter off)")

@@ -4,26 +4,44 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import parse_gpu_memory
 from qlora.memory.merge import PLACEMENTS
 from qlora.post.export import read_run
-from qlora.post.merge import CHECK_INSTRUCTIONS, FLOOR_MULTIPLE, MAX_RELATIVE_DIFF, MISMATCH_EXIT_CODE, SAVE_DTYPES, auto_class, merge
+from qlora.post.merge import (
+    CHECK_INSTRUCTIONS,
+    FLOOR_MULTIPLE,
+    MAX_RELATIVE_DIFF,
+    MISMATCH_EXIT_CODE,
+    SAVE_DTYPES,
+    auto_class,
+    merge,
+)
 from qlora.training.oom import OutOfMemoryExit
 
 
 def parse_args(argv: Sequence[str] | None):
-    parser = argparse.ArgumentParser(prog="qlora merge", description="Merge a trained adapter into a plain 16-bit model.")
+    parser = argparse.ArgumentParser(
+        prog="qlora merge", description="Merge a trained adapter into a plain 16-bit model."
+    )
     parser.add_argument("run", help="a `qlora train` output folder")
     parser.add_argument("--to", type=Path, required=True, help="folder for the merged model")
-    parser.add_argument("--dtype", choices=sorted(SAVE_DTYPES), default="float16", help="storage dtype (default float16)")
-    parser.add_argument("--device", choices=PLACEMENTS, default="auto",
-                        help="where to merge: cuda (whole model on the GPU), layers (one layer at a time on the GPU, "
-                             "the merged model in CPU memory), cpu, or auto (the first of these that fits; default)")
-    parser.add_argument("--gpu-memory", metavar="SIZE", help="GPU memory the merge may use, e.g. 12GiB (default: all that is free)")
+    parser.add_argument(
+        "--dtype", choices=sorted(SAVE_DTYPES), default="float16", help="storage dtype (default float16)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=PLACEMENTS,
+        default="auto",
+        help="where to merge: cuda (whole model on the GPU), layers (one layer at a time on the GPU, "
+        "the merged model in CPU memory), cpu, or auto (the first of these that fits; default)",
+    )
+    parser.add_argument(
+        "--gpu-memory", metavar="SIZE", help="GPU memory the merge may use, e.g. 12GiB (default: all that is free)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --to folder")
     return parser.parse_args(argv)
 
@@ -45,9 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"of {len(CHECK_INSTRUCTIONS)} prompts, merged {args.dtype} model vs 4-bit base + adapter (merged on {check.placement})"
     )
     if not check.ok:
-        print(f"error: the merged model does not match the 4-bit base + adapter; nothing was written to {args.to}", file=sys.stderr)
+        print(
+            f"error: the merged model does not match the 4-bit base + adapter; nothing was written to {args.to}",
+            file=sys.stderr,
+        )
         return MISMATCH_EXIT_CODE
-    print(f"merged model -> {args.to} ({args.dtype}, safetensors); load it with {auto_class(run).__name__}.from_pretrained")
+    print(
+        f"merged model -> {args.to} ({args.dtype}, safetensors); load it with {auto_class(run).__name__}.from_pretrained"
+    )
     return 0
 
 

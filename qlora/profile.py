@@ -11,9 +11,9 @@ import json
 import shlex
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import psutil
 import torch
@@ -21,8 +21,17 @@ import torch
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import gpu_target, parse_gpu_list
 from qlora.config.precision import default_device
-from qlora.config.recipe import (ATTN_IMPLEMENTATIONS, DISTRIBUTED_OFFLOADS, DISTRIBUTED_STRATEGIES, LOSSES, OPTIMIZERS, TASKS,
-                                 Recipe, load_recipe, recipe_from_mapping)
+from qlora.config.recipe import (
+    ATTN_IMPLEMENTATIONS,
+    DISTRIBUTED_OFFLOADS,
+    DISTRIBUTED_STRATEGIES,
+    LOSSES,
+    OPTIMIZERS,
+    TASKS,
+    Recipe,
+    load_recipe,
+    recipe_from_mapping,
+)
 from qlora.memory import report
 from qlora.memory.estimate import estimate, settings_inventory
 from qlora.memory.planner import CLI_KEYS, RECIPE_KEYS, cards_needed, plan, predict
@@ -32,20 +41,47 @@ from qlora.training.auto import resolve_kernels
 from qlora.training.measure import environment, measure, random_weights
 
 HEADLINE_MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
-SETTING_FLAGS = ("seq_len", "batch_size", "rank", "optimizer", "no_checkpointing", "attn", "task", "num_labels", "methods",
-                 "loss", "eval_batch_size")
+SETTING_FLAGS = (
+    "seq_len",
+    "batch_size",
+    "rank",
+    "optimizer",
+    "no_checkpointing",
+    "attn",
+    "task",
+    "num_labels",
+    "methods",
+    "loss",
+    "eval_batch_size",
+)
 MEASURE_RAM_SHARE = 0.8  # --measure on a CPU refuses a model whose step needs more than this share of the free RAM
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="qlora profile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", action="append", default=[], metavar="NAME|PATH",
-                        help="catalog name (llama-2-7b, …), catalogued Hub id, model folder or config.json (repeatable)")
-    parser.add_argument("--recipe", action="append", default=[], metavar="RECIPE",
-                        help="profile what this recipe trains: its model, method and settings (repeatable)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key of every run, e.g. --set training.gradient_checkpointing=auto (with --gpu: "
-                             "the fewest checkpointed layers that fit it)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME|PATH",
+        help="catalog name (llama-2-7b, …), catalogued Hub id, model folder or config.json (repeatable)",
+    )
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar="RECIPE",
+        help="profile what this recipe trains: its model, method and settings (repeatable)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key of every run, e.g. --set training.gradient_checkpointing=auto (with --gpu: "
+        "the fewest checkpointed layers that fit it)",
+    )
     parser.add_argument("--methods", help="comma-separated: full, lora, lora-8bit, qlora (default full,lora,qlora)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
     parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 1)")
@@ -53,26 +89,62 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default paged_adamw_32bit")
     parser.add_argument("--no-checkpointing", action="store_true", help="profile without gradient checkpointing")
     parser.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="attention implementation (default sdpa)")
-    parser.add_argument("--task", choices=TASKS, help="causal_lm (default) or classification (a sequence classifier, head trained in full)")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        help="causal_lm (default) or classification (a sequence classifier, head trained in full)",
+    )
     parser.add_argument("--num-labels", type=int, help="classification: the head's outputs (default 2)")
     parser.add_argument("--loss", choices=LOSSES, help="causal LM loss: chunked (default, no full logits) or standard")
     parser.add_argument("--eval-batch-size", type=int, help="the eval step's batch (default: --batch-size)")
-    parser.add_argument("--gpu", action="append", metavar="GPU",
-                        help="plan for this GPU: a preset (t4, 3090, 4090, a100-80gb, h100, …) or a size with its unit "
-                             "(24GB = 24e9 bytes, 24GiB); repeatable or comma-separated. What fits, how far, what to change")
-    parser.add_argument("--gpus", metavar="N|auto", help="one GPU's share of N (default 1); auto (with --gpu): the fewest GPUs per strategy")
-    parser.add_argument("--strategy", choices=DISTRIBUTED_STRATEGIES, help="how the GPUs divide the model (default ddp, or the recipe's)")
-    parser.add_argument("--offload", choices=DISTRIBUTED_OFFLOADS, help="fsdp/zero3: sharded state in host RAM (default none, or the recipe's)")
-    parser.add_argument("--measure", action="store_true", help="also run real training steps here and report measured peaks")
-    parser.add_argument("--format", choices=("table", "markdown", "json"), default="table", help="what to print (default table)")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="also write memory.md, memory.json and a PNG per model here")
+    parser.add_argument(
+        "--gpu",
+        action="append",
+        metavar="GPU",
+        help="plan for this GPU: a preset (t4, 3090, 4090, a100-80gb, h100, …) or a size with its unit "
+        "(24GB = 24e9 bytes, 24GiB); repeatable or comma-separated. What fits, how far, what to change",
+    )
+    parser.add_argument(
+        "--gpus",
+        metavar="N|auto",
+        help="one GPU's share of N (default 1); auto (with --gpu): the fewest GPUs per strategy",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=DISTRIBUTED_STRATEGIES,
+        help="how the GPUs divide the model (default ddp, or the recipe's)",
+    )
+    parser.add_argument(
+        "--offload",
+        choices=DISTRIBUTED_OFFLOADS,
+        help="fsdp/zero3: sharded state in host RAM (default none, or the recipe's)",
+    )
+    parser.add_argument(
+        "--measure", action="store_true", help="also run real training steps here and report measured peaks"
+    )
+    parser.add_argument(
+        "--format", choices=("table", "markdown", "json"), default="table", help="what to print (default table)"
+    )
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="also write memory.md, memory.json and a PNG per model here"
+    )
     return parser.parse_args(argv)
 
 
 # Flags that set a recipe key (`qlora profile` builds a recipe from them: one schema, one set of checks).
-FLAG_KEYS = {"seq_len": "data.max_seq_len", "batch_size": "training.batch_size", "rank": "lora.r", "optimizer": "training.optimizer",
-             "attn": "model.attn_implementation", "task": "task", "loss": "training.loss", "eval_batch_size": "training.eval_batch_size",
-             "gpus": "distributed.gpus", "strategy": "distributed.strategy", "offload": "distributed.offload"}
+FLAG_KEYS = {
+    "seq_len": "data.max_seq_len",
+    "batch_size": "training.batch_size",
+    "rank": "lora.r",
+    "optimizer": "training.optimizer",
+    "attn": "model.attn_implementation",
+    "task": "task",
+    "loss": "training.loss",
+    "eval_batch_size": "training.eval_batch_size",
+    "gpus": "distributed.gpus",
+    "strategy": "distributed.strategy",
+    "offload": "distributed.offload",
+}
 SHARDING_FLAGS = ("gpus", "strategy", "offload")
 
 
@@ -122,7 +194,9 @@ def jobs(args: argparse.Namespace) -> list[Job]:
     if args.recipe and not args.model:
         given = [f"--{f.replace('_', '-')}" for f in SETTING_FLAGS if getattr(args, f) not in (None, False)]
         if given:
-            raise QLoraError(f"{', '.join(given)}: a --recipe sets its own method and settings; change them with --set KEY=VALUE")
+            raise QLoraError(
+                f"{', '.join(given)}: a --recipe sets its own method and settings; change them with --set KEY=VALUE"
+            )
     if args.num_labels is not None and args.task != "classification":
         raise QLoraError("--num-labels: sizes a classifier's head; add --task classification")
     if args.num_labels is not None and args.num_labels < 2:
@@ -135,8 +209,13 @@ def jobs(args: argparse.Namespace) -> list[Job]:
 
 def model_job(model: str, methods: tuple[str, ...], args: argparse.Namespace) -> Job:
     """A --model run: the recipe defaults (the headline settings) changed by the flags given."""
-    base = {"model": {"name_or_path": model}, **({"data": {"format": "classification"}} if args.task == "classification" else {})}
-    overrides = flag_overrides(args, [f for f in FLAG_KEYS if f not in ("gpus",) or args.gpus != "auto"]) + args.overrides
+    base = {
+        "model": {"name_or_path": model},
+        **({"data": {"format": "classification"}} if args.task == "classification" else {}),
+    }
+    overrides = (
+        flag_overrides(args, [f for f in FLAG_KEYS if f not in ("gpus",) or args.gpus != "auto"]) + args.overrides
+    )
     recipe = flag_recipe(lambda: recipe_from_mapping(base, overrides, for_training=False), args)
     _, _, settings = from_recipe(recipe, num_labels=args.num_labels or 2)
     return Job(model, model, methods, settings, recipe)
@@ -162,11 +241,17 @@ def profile(args: argparse.Namespace) -> list:
         results = [Result(estimate(inv, method, settings)) for method in job.methods]
         targets = gpus or ([gpu_target(job.target_gpu)] if job.target_gpu else [(None, True)])
         if args.measure and settings.gpus > 1:
-            raise QLoraError("--measure: measures one process on this machine; per-GPU shares (--gpus, distributed.gpus) "
-                             "are predictions only: measure with --gpus 1")
+            raise QLoraError(
+                "--measure: measures one process on this machine; per-GPU shares (--gpus, distributed.gpus) "
+                "are predictions only: measure with --gpus 1"
+            )
         for i, (target, bf16) in enumerate(targets):  # one run per GPU, sharing the predictions (and the measurement)
-            card = settings.replace(native_bf16=bf16) if device == "cuda" else settings  # its dtype: the bytes are the same
-            fit_plan = plan(inv, job.methods, card, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None
+            card = (
+                settings.replace(native_bf16=bf16) if device == "cuda" else settings
+            )  # its dtype: the bytes are the same
+            fit_plan = (
+                plan(inv, job.methods, card, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None
+            )
             if target and settings.checkpoint_layers == "auto":  # the fewest checkpointed layers that fit this GPU
                 results = [Result(predict(inv, method, card, target)) for method in job.methods]
             run = Run(job.label if job.recipe else inv.name, inv.name, card, results, fit_plan, job.recipe)
@@ -197,11 +282,15 @@ def check_measurable(run, device: str) -> None:
     ram = int(psutil.virtual_memory().available * MEASURE_RAM_SHARE)
     build = 4 * run.results[0].estimate.parameters  # the random fp32 model, made in RAM and saved before loading
     step = max(r.estimate.allocated for r in run.results)
-    needs = [("RAM", build, ram)] + ([("GPU", step, torch.cuda.mem_get_info()[0])] if device == "cuda" else [("RAM", step, ram)])
+    needs = [("RAM", build, ram)] + (
+        [("GPU", step, torch.cuda.mem_get_info()[0])] if device == "cuda" else [("RAM", step, ram)]
+    )
     for where, need, free in needs:
         if need > free:
-            raise QLoraError(f"--measure: {run.label} needs about {need / 2**30:.1f} GiB of {where} and {free / 2**30:.1f} GiB "
-                             "is free; measure a smaller config.json")
+            raise QLoraError(
+                f"--measure: {run.label} needs about {need / 2**30:.1f} GiB of {where} and {free / 2**30:.1f} GiB "
+                "is free; measure a smaller config.json"
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from qlora.config.errors import run_cli
 from qlora.config.recipe import load_recipe
@@ -17,10 +17,21 @@ def parse_args(argv: Sequence[str] | None):
         prog="qlora sweep", description="Train every point of a grid over recipe keys and tabulate the results."
     )
     parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/demo.yaml")
-    parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
-                        help="a recipe key and its values, e.g. --grid lora.alpha=8,32 (repeatable)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key for every point, e.g. --set training.max_steps=8 (repeatable)")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2,...",
+        help="a recipe key and its values, e.g. --grid lora.alpha=8,32 (repeatable)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key for every point, e.g. --set training.max_steps=8 (repeatable)",
+    )
     return parser.parse_args(argv)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from qlora.config.errors import run_cli
 from qlora.config.recipe import load_recipe
@@ -12,10 +12,18 @@ from qlora.training.run import train
 
 
 def parse_args(argv: Sequence[str] | None):
-    parser = argparse.ArgumentParser(prog="qlora train", description="Fine-tune a model with (Q)LoRA from a YAML recipe.")
+    parser = argparse.ArgumentParser(
+        prog="qlora train", description="Fine-tune a model with (Q)LoRA from a YAML recipe."
+    )
     parser.add_argument("recipe", help="recipe YAML file, e.g. recipes/demo.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set lora.r=16 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set lora.r=16 (repeatable)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in output_dir")
     return parser.parse_args(argv)

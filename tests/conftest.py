@@ -9,9 +9,13 @@ import pytest
 
 TOKENIZER_TEXT = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction:", "### Input:", "### Response:",
-    "the quick brown fox jumps over the lazy dog", "one two three four five six seven eight nine ten",
-    "hello world, this is a tiny model for tests.", "a cat and a dog and a bird sat on the mat",
+    "### Instruction:",
+    "### Input:",
+    "### Response:",
+    "the quick brown fox jumps over the lazy dog",
+    "one two three four five six seven eight nine ten",
+    "hello world, this is a tiny model for tests.",
+    "a cat and a dog and a bird sat on the mat",
 ]
 
 
@@ -24,12 +28,18 @@ def make_tokenizer(save_dir: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=384,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(TOKENIZER_TEXT * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
     fast.chat_template = (
         "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
@@ -47,10 +57,18 @@ def make_tiny_llama(save_dir: Path, **overrides) -> Path:
     torch.manual_seed(0)
     tokenizer = make_tokenizer(save_dir)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False, **overrides,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **overrides,
     )
     LlamaForCausalLM(config).save_pretrained(save_dir, safe_serialization=True)
     return save_dir
@@ -79,9 +97,16 @@ def alpaca_file(tmp_path_factory) -> Path:
 
 # Llama family with grouped-query attention and an untied head.
 TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
-    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-    "max_position_embeddings": 256, "tie_word_embeddings": False,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
 }
 # Qwen2: biases on q/k/v and tied embeddings (the head stores nothing of its own).
 TINY_QWEN2 = {**TINY_LLAMA, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "tie_word_embeddings": True}
@@ -93,14 +118,23 @@ def make_trained_run(out_dir: Path, model_dir: Path, data_file: Path) -> Path:
     from qlora.config.recipe import recipe_from_mapping
     from qlora.training.run import train
 
-    recipe = recipe_from_mapping({
-        "model": {"name_or_path": str(model_dir)},
-        "data": {"path": str(data_file), "max_seq_len": 128},
-        "lora": {"r": 4, "alpha": 8},
-        "training": {"max_steps": 3, "batch_size": 4, "grad_accum": 1, "learning_rate": 0.05, "warmup_ratio": 0.0, "save_steps": 100},
-        "eval": {"metric": "exact_match", "max_examples": 2, "max_new_tokens": 2},
-        "output_dir": str(out_dir),
-    })
+    recipe = recipe_from_mapping(
+        {
+            "model": {"name_or_path": str(model_dir)},
+            "data": {"path": str(data_file), "max_seq_len": 128},
+            "lora": {"r": 4, "alpha": 8},
+            "training": {
+                "max_steps": 3,
+                "batch_size": 4,
+                "grad_accum": 1,
+                "learning_rate": 0.05,
+                "warmup_ratio": 0.0,
+                "save_steps": 100,
+            },
+            "eval": {"metric": "exact_match", "max_examples": 2, "max_new_tokens": 2},
+            "output_dir": str(out_dir),
+        }
+    )
     train(recipe)
     return out_dir
 
@@ -141,11 +175,15 @@ def big_vocab_qwen2_config(tmp_path_factory) -> Path:
 
 # --- the profiler's input: a recipe (`qlora profile` builds one from its flags) ---
 
+
 def profile_recipe(model, *overrides: str):
     """A recipe for the profiler (no data or output folder needed) from `key=value` overrides."""
     from qlora.config.recipe import recipe_from_mapping
 
-    data = {"model": {"name_or_path": str(model)}, **({"data": {"format": "classification"}} if "task=classification" in overrides else {})}
+    data = {
+        "model": {"name_or_path": str(model)},
+        **({"data": {"format": "classification"}} if "task=classification" in overrides else {}),
+    }
     return recipe_from_mapping(data, list(overrides), for_training=False)
 
 
@@ -163,7 +201,9 @@ def predicted_and_measured(model, method: str, *overrides: str, num_labels: int 
     """(prediction, measurement) of one recipe's step, as `qlora profile --measure` makes them."""
     from qlora.training.measure import measure
 
-    return prediction(model, method, *overrides, num_labels=num_labels), measure(profile_recipe(model, *overrides), method, num_labels)
+    return prediction(model, method, *overrides, num_labels=num_labels), measure(
+        profile_recipe(model, *overrides), method, num_labels
+    )
 
 
 def load_benchmark(name: str):

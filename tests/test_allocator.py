@@ -10,12 +10,16 @@ import pytest
 
 from qlora import allocator_variable
 
-PRINT = "import qlora.train, os; print(os.environ.get('PYTORCH_ALLOC_CONF'), os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+PRINT = (
+    "import qlora.train, os; print(os.environ.get('PYTORCH_ALLOC_CONF'), os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+)
 
 
 def run(env_changes: dict[str, str]) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
-    return subprocess.run([sys.executable, "-c", PRINT], env={**env, **env_changes}, capture_output=True, text=True, check=True).stdout.split()
+    return subprocess.run(
+        [sys.executable, "-c", PRINT], env={**env, **env_changes}, capture_output=True, text=True, check=True
+    ).stdout.split()
 
 
 def test_a_train_process_turns_on_expandable_segments():

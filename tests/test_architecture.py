@@ -56,14 +56,19 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_import_goes_down_a_layer_or_stays_in_its_own():
-    upward = [f"{module} ({LAYERS[layer(module)]}) imports {target} ({LAYERS[layer(target)]})"
-              for module, targets in graph().items() for target in targets
-              if layer(target) > layer(module) and not (target == "qlora" or module.startswith(target + "."))]
+    upward = [
+        f"{module} ({LAYERS[layer(module)]}) imports {target} ({LAYERS[layer(target)]})"
+        for module, targets in graph().items()
+        for target in targets
+        if layer(target) > layer(module) and not (target == "qlora" or module.startswith(target + "."))
+    ]
     assert upward == []
 
 
 def test_no_import_cycles():
-    edges = {m: {t for t in ts if not m.startswith(t + ".")} for m, ts in graph().items()}  # a package's own __init__ is no cycle
+    edges = {
+        m: {t for t in ts if not m.startswith(t + ".")} for m, ts in graph().items()
+    }  # a package's own __init__ is no cycle
     state: dict[str, int] = {}
     cycles = []
 
@@ -71,7 +76,7 @@ def test_no_import_cycles():
         state[node] = 1
         for target in sorted(edges[node]):
             if state.get(target) == 1:
-                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+                cycles.append(" -> ".join(stack[stack.index(target) :] + [target]))
             elif target not in state:
                 visit(target, stack + [target])
         state[node] = 2

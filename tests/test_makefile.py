@@ -20,9 +20,17 @@ def planned_installs(tmp_path: Path, gpu: bool) -> str:
         fake = bin_dir / "nvidia-smi"
         fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA Fake (UUID: GPU-0)'\n")
         fake.chmod(0o755)
-    path = os.pathsep.join([str(bin_dir), *(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "nvidia-smi").exists())])
-    done = subprocess.run(["make", "-n", "install", "test", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PATH": path}, check=True)
+    path = os.pathsep.join(
+        [str(bin_dir), *(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "nvidia-smi").exists())]
+    )
+    done = subprocess.run(
+        ["make", "-n", "install", "test", f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": path},
+        check=True,
+    )
     return "\n".join(line for line in done.stdout.splitlines() if "pip install" in line)
 
 

@@ -41,7 +41,9 @@ def test_notebook_executes_top_to_bottom_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU path, even on a GPU machine
     kernel = this_python_kernel(tmp_path / "jupyter")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
 
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     metrics = json.loads((tmp_path / "work" / "demo" / "metrics.json").read_text())

@@ -31,7 +31,11 @@ def workdir(tiny_llama, alpaca_file, tmp_path_factory) -> Path:
 
 def run_train(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "qlora.train", *args], cwd=workdir, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "qlora.train", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -41,8 +45,14 @@ MUST_SHOW = [
     (["recipe.yaml", "--set", "lora.rnk=8"], "error: unknown recipe key 'lora.rnk' in --set (did you mean 'lora.r'?)"),
     (["recipe.yaml", "--set", "lora.r=abc"], "error: lora.r: expected an integer, got str 'abc'"),
     (["recipe.yaml", "--set", "lora.r=0"], "error: lora.r: must be > 0, got 0"),
-    (["recipe.yaml", "--set", "model.name_or_path=./no-such-model"], "error: model.name_or_path: folder not found: ./no-such-model"),
-    (["recipe.yaml", "--set", "training.optimizer=sgdx"], "error: training.optimizer: unknown value 'sgdx' (valid: adamw_8bit, adamw_torch, paged_adamw_32bit, paged_adamw_8bit)"),
+    (
+        ["recipe.yaml", "--set", "model.name_or_path=./no-such-model"],
+        "error: model.name_or_path: folder not found: ./no-such-model",
+    ),
+    (
+        ["recipe.yaml", "--set", "training.optimizer=sgdx"],
+        "error: training.optimizer: unknown value 'sgdx' (valid: adamw_8bit, adamw_torch, paged_adamw_32bit, paged_adamw_8bit)",
+    ),
     (["recipe.yaml", "--set", "data.path=missing.jsonl"], "error: data.path: file not found: missing.jsonl"),
 ]
 
@@ -69,24 +79,33 @@ def cli_error(workdir: Path, monkeypatch, capsys, *args: str) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lora.dropout=1", "lora.dropout: must be in [0, 1), got 1.0"),
-    ("lora.dropout=-0.1", "lora.dropout: must be in [0, 1), got -0.1"),
-    ("data.max_seq_len=0", "data.max_seq_len: must be > 0, got 0"),
-    ("lora.targets=qkv", "lora.targets: unknown value 'qkv'"),
-    ("training.lr_scheduler=cosinus", "training.lr_scheduler: unknown value 'cosinus'"),
-    ("quantization.bits=3", "quantization.bits"),
-    ("model.name_or_path=", "model.name_or_path: required"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lora.dropout=1", "lora.dropout: must be in [0, 1), got 1.0"),
+        ("lora.dropout=-0.1", "lora.dropout: must be in [0, 1), got -0.1"),
+        ("data.max_seq_len=0", "data.max_seq_len: must be > 0, got 0"),
+        ("lora.targets=qkv", "lora.targets: unknown value 'qkv'"),
+        ("training.lr_scheduler=cosinus", "training.lr_scheduler: unknown value 'cosinus'"),
+        ("quantization.bits=3", "quantization.bits"),
+        ("model.name_or_path=", "model.name_or_path: required"),
+    ],
+)
 def test_recipe_values_out_of_range(workdir, monkeypatch, capsys, override, message):
     assert cli_error(workdir, monkeypatch, capsys, "recipe.yaml", "--set", override).startswith(f"error: {message}")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.path=empty.jsonl", "holds no examples (empty)"),
-    ("data.path=columns.jsonl", "data.path: no column 'instruction' for the alpaca format's 'instruction' (columns: question, answer)"),
-    ("output_dir=/proc/qlora-out", "output_dir: cannot create /proc/qlora-out"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.path=empty.jsonl", "holds no examples (empty)"),
+        (
+            "data.path=columns.jsonl",
+            "data.path: no column 'instruction' for the alpaca format's 'instruction' (columns: question, answer)",
+        ),
+        ("output_dir=/proc/qlora-out", "output_dir: cannot create /proc/qlora-out"),
+    ],
+)
 def test_data_and_output_problems(workdir, monkeypatch, capsys, override, message):
     assert message in cli_error(workdir, monkeypatch, capsys, "recipe.yaml", "--set", override)
 
@@ -107,5 +126,15 @@ def test_bad_data_leaves_previous_results_alone_even_with_overwrite(workdir, mon
     results = workdir / "kept"
     (results / "adapter").mkdir(parents=True)
     (results / "metrics.json").write_text("{}")
-    cli_error(workdir, monkeypatch, capsys, "recipe.yaml", "--overwrite", "--set", "output_dir=kept", "--set", "data.path=empty.jsonl")
+    cli_error(
+        workdir,
+        monkeypatch,
+        capsys,
+        "recipe.yaml",
+        "--overwrite",
+        "--set",
+        "output_dir=kept",
+        "--set",
+        "data.path=empty.jsonl",
+    )
     assert (results / "metrics.json").read_text() == "{}" and (results / "adapter").is_dir()

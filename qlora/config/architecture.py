@@ -4,16 +4,46 @@ so that both resolve `lora.targets` and the output head the same way."""
 
 from __future__ import annotations
 
-from qlora.config.errors import did_you_mean, QLoraError
+from qlora.config.errors import QLoraError, did_you_mean
 
-ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value", "c_attn", "dense", "out_proj", "c_proj"}
+ATTENTION_NAMES = {
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "qkv_proj",
+    "query_key_value",
+    "c_attn",
+    "dense",
+    "out_proj",
+    "c_proj",
+}
 QV_NAMES = {"q_proj", "v_proj", "query", "value"}
-MLP_NAMES = {"gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "w1", "w2", "w3"}
+MLP_NAMES = {
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+    "fc1",
+    "fc2",
+    "c_fc",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "w1",
+    "w2",
+    "w3",
+}
 PRESETS = {"attention": ATTENTION_NAMES, "qv": QV_NAMES, "mlp": MLP_NAMES}
 CLASSIFIER_HEADS = ("score", "classifier")
 IGNORE_INDEX = -100  # labels with this value are skipped by the loss (PyTorch's cross-entropy default)
 # Config keys of heads that are more than `hidden @ W.T (+ b)`; the chunked loss would not reproduce them.
-HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale", "logit_softcapping")
+HEAD_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+    "logit_softcapping",
+)
 
 
 def chunked_loss_unsupported(model) -> str | None:
@@ -37,7 +67,9 @@ def chunked_loss_unsupported(model) -> str | None:
     return None
 
 
-def lora_target_names(linear_leaves: set[str], head_leaves: set[str], targets: str | list[str] | tuple[str, ...]) -> list[str]:
+def lora_target_names(
+    linear_leaves: set[str], head_leaves: set[str], targets: str | list[str] | tuple[str, ...]
+) -> list[str]:
     """`lora.targets` (a preset or module names) resolved against a model's linear layer leaf names; the one
     rule used by training (`qlora.model.lora`) and the profiler (`qlora.memory.inventory`)."""
     if targets == "all-linear":
@@ -47,10 +79,14 @@ def lora_target_names(linear_leaves: set[str], head_leaves: set[str], targets: s
     if isinstance(targets, str):
         chosen = sorted(linear_leaves & PRESETS[targets])
         if not chosen:
-            raise QLoraError(f"lora.targets: preset '{targets}' matches no linear layer of this model "
-                             f"(its linear layers: {', '.join(sorted(linear_leaves))}); list module names instead")
+            raise QLoraError(
+                f"lora.targets: preset '{targets}' matches no linear layer of this model "
+                f"(its linear layers: {', '.join(sorted(linear_leaves))}); list module names instead"
+            )
         return chosen
     for name in targets:
         if name not in linear_leaves:
-            raise QLoraError(f"lora.targets: this model has no linear layer named '{name}'{did_you_mean(name, linear_leaves)}")
+            raise QLoraError(
+                f"lora.targets: this model has no linear layer named '{name}'{did_you_mean(name, linear_leaves)}"
+            )
     return list(targets)

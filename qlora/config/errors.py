@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import sys
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 USAGE_EXIT_CODE = 2
 

@@ -35,20 +35,31 @@ UNTILED_STRATEGY = "zero3"
 
 def check_keys(mlp_tiles, offload, gradient_checkpointing, strategy: str | None = None) -> None:
     """Recipe validation of the long-context keys: one-line errors naming the key."""
-    if not (isinstance(gradient_checkpointing, bool) or gradient_checkpointing == "auto"
-            or (isinstance(gradient_checkpointing, int) and gradient_checkpointing >= 0)):
-        raise QLoraError(f"training.gradient_checkpointing: expected true, false, auto or a number of layers >= 0, "
-                         f"got {gradient_checkpointing!r}")
-    if not (mlp_tiles == "auto" or (isinstance(mlp_tiles, int) and not isinstance(mlp_tiles, bool) and mlp_tiles >= 1)):
+    if not (
+        isinstance(gradient_checkpointing, bool)
+        or gradient_checkpointing == "auto"
+        or (isinstance(gradient_checkpointing, int) and gradient_checkpointing >= 0)
+    ):
+        raise QLoraError(
+            f"training.gradient_checkpointing: expected true, false, auto or a number of layers >= 0, "
+            f"got {gradient_checkpointing!r}"
+        )
+    if not (
+        mlp_tiles == "auto" or (isinstance(mlp_tiles, int) and not isinstance(mlp_tiles, bool) and mlp_tiles >= 1)
+    ):
         raise QLoraError(f"training.mlp_tiles: expected auto or an integer >= 1, got {mlp_tiles!r}")
     if offload not in OFFLOAD_CHOICES or (offload in (0, 1) and not isinstance(offload, bool)):
         raise QLoraError(f"training.offload_checkpoints: expected false, true or auto, got {offload!r}")
     if strategy == UNTILED_STRATEGY and mlp_tiles not in ("auto", 1):
-        raise QLoraError(f"training.mlp_tiles: {mlp_tiles} tiles cannot run under distributed.strategy zero3 (DeepSpeed's "
-                         "partitioned linear layers refuse the per-tile gradients); set training.mlp_tiles=1 or auto")
+        raise QLoraError(
+            f"training.mlp_tiles: {mlp_tiles} tiles cannot run under distributed.strategy zero3 (DeepSpeed's "
+            "partitioned linear layers refuse the per-tile gradients); set training.mlp_tiles=1 or auto"
+        )
     if offload is True and not gradient_checkpointing:
-        raise QLoraError("training.offload_checkpoints: true needs training.gradient_checkpointing=true "
-                         "(it moves the layer inputs that checkpointing keeps)")
+        raise QLoraError(
+            "training.offload_checkpoints: true needs training.gradient_checkpointing=true "
+            "(it moves the layer inputs that checkpointing keeps)"
+        )
 
 
 def mlp_tiles_for(setting, tokens: int, hidden: int, strategy: str | None = None) -> int:
@@ -88,8 +99,12 @@ def fused_loss_terms(labelled: int, vocab: int, hidden: int, compute_bytes: int)
     mask, and one chunk's logits in the compute dtype (`logits_storage`: the kernel writes their gradient in place).
     A trained head adds its gradient (`zeros_like(weight)`), counted by the caller."""
     c, chunk = compute_bytes, fused_loss_chunk_tokens(labelled, vocab, hidden)
-    return {"labelled rows (the kernel's input)": labelled * hidden * c, "their gradient (made in forward)": labelled * hidden * c,
-            "per-token loss (fp32) and target mask": labelled * 5, f"one chunk's logits ({chunk} tokens)": chunk * vocab * c}
+    return {
+        "labelled rows (the kernel's input)": labelled * hidden * c,
+        "their gradient (made in forward)": labelled * hidden * c,
+        "per-token loss (fp32) and target mask": labelled * 5,
+        f"one chunk's logits ({chunk} tokens)": chunk * vocab * c,
+    }
 
 
 def torch_loss_chunk_bytes(labelled: int, vocab: int, hidden: int, compute_bytes: int) -> int:

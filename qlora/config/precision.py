@@ -36,7 +36,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_compute_dtype(requested: str = "auto", device: str | None = None, bf16_supported: bool | None = None) -> torch.dtype:
+def resolve_compute_dtype(
+    requested: str = "auto", device: str | None = None, bf16_supported: bool | None = None
+) -> torch.dtype:
     """The matmul dtype for `device`; `bf16_supported` lets the profiler ask about a GPU it is not on."""
     if requested != "auto":
         return DTYPES[requested]

@@ -12,13 +12,14 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
-from qlora.config.errors import did_you_mean, QLoraError
+from qlora.config.errors import QLoraError, did_you_mean
 from qlora.config.gpus import parse_gpu_memory
 from qlora.config.io import atomic_write_text
 from qlora.config.long_context import check_keys as check_long_context_keys
@@ -99,9 +100,15 @@ class TrainingSpec:
     batch_size: int = 1
     grad_accum: int = 16
     max_grad_norm: float = 0.3
-    gradient_checkpointing: bool | int | str = True  # true | false | N (the first N decoder layers) | auto (the fewest that fit)
-    mlp_tiles: int | str = "auto"  # qlora.config.long_context: sequence-tiled MLP (auto: ceil(tokens / max(hidden, 4096)) tiles)
-    offload_checkpoints: bool | str = False  # qlora.config.long_context: checkpointed layer inputs in host RAM (true | auto)
+    gradient_checkpointing: bool | int | str = (
+        True  # true | false | N (the first N decoder layers) | auto (the fewest that fit)
+    )
+    mlp_tiles: int | str = (
+        "auto"  # qlora.config.long_context: sequence-tiled MLP (auto: ceil(tokens / max(hidden, 4096)) tiles)
+    )
+    offload_checkpoints: bool | str = (
+        False  # qlora.config.long_context: checkpointed layer inputs in host RAM (true | auto)
+    )
     eval_steps: int | None = None  # None: evaluate only before and after training
     save_steps: int = 100
     save_total_limit: int | None = 3
@@ -110,7 +117,9 @@ class TrainingSpec:
     seed: int = 42
     loss: str = "chunked"  # causal LMs: 'chunked' never holds batch x seq x vocab logits (qlora.ops.loss); 'standard'
     eval_batch_size: int | None = None  # None: the training batch_size
-    kernels: str = "auto"  # auto: Liger Kernel's RMSNorm, SwiGLU and RoPE on CUDA where installed (qlora.ops.kernels); none
+    kernels: str = (
+        "auto"  # auto: Liger Kernel's RMSNorm, SwiGLU and RoPE on CUDA where installed (qlora.ops.kernels); none
+    )
     compile: bool = False  # torch.compile of each decoder layer (one compiled graph, reused by every layer)
 
 
@@ -148,7 +157,9 @@ class Recipe:
     distributed: DistributedSpec = field(default_factory=DistributedSpec)
     task: str = "causal_lm"
     output_dir: str = ""
-    target_gpu: str | int | None = None  # a preset (t4, 4090: YAML reads those as ints) or a size; see qlora.config.gpus
+    target_gpu: str | int | None = (
+        None  # a preset (t4, 4090: YAML reads those as ints) or a size; see qlora.config.gpus
+    )
     source: Path | None = field(default=None, repr=False, compare=False, metadata={"key": False})
 
     @property
@@ -329,11 +340,15 @@ def check_distributed(spec: DistributedSpec, quant_bits: int | None) -> None:
         _check_choice("distributed.strategy", spec.strategy, DISTRIBUTED_STRATEGIES)
     _check_choice("distributed.offload", spec.offload, DISTRIBUTED_OFFLOADS)
     _check(spec.gpus is None or spec.gpus >= 1, f"distributed.gpus: must be >= 1, got {spec.gpus}")
-    _check(spec.offload != "cpu" or spec.strategy in SHARDED_STRATEGIES,
-           "distributed.offload: 'cpu' moves sharded parameters and optimizer states to host RAM; "
-           "it needs distributed.strategy fsdp or zero3")
-    _check(not (spec.strategy in SHARDED_STRATEGIES and quant_bits == 8),
-           f"distributed.strategy: '{spec.strategy}' cannot shard bitsandbytes 8-bit weights; use quantization.bits 4 (QLoRA) or none")
+    _check(
+        spec.offload != "cpu" or spec.strategy in SHARDED_STRATEGIES,
+        "distributed.offload: 'cpu' moves sharded parameters and optimizer states to host RAM; "
+        "it needs distributed.strategy fsdp or zero3",
+    )
+    _check(
+        not (spec.strategy in SHARDED_STRATEGIES and quant_bits == 8),
+        f"distributed.strategy: '{spec.strategy}' cannot shard bitsandbytes 8-bit weights; use quantization.bits 4 (QLoRA) or none",
+    )
 
 
 def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
@@ -341,11 +356,20 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
     builds from `qlora profile` flags): no data or output folder is needed."""
     m, q, lo, d, t, e = recipe.model, recipe.quantization, recipe.lora, recipe.data, recipe.training, recipe.eval
     _check(bool(m.name_or_path), "model.name_or_path: required (a local model folder or a Hub name)")
-    _check(bool(d.path) or not for_training, "data.path: required (a JSON/JSONL/CSV/Parquet file, a folder, or a Hub dataset)")
-    _check(bool(recipe.output_dir) or not for_training, "output_dir: required (where the adapter and metrics are written)")
+    _check(
+        bool(d.path) or not for_training,
+        "data.path: required (a JSON/JSONL/CSV/Parquet file, a folder, or a Hub dataset)",
+    )
+    _check(
+        bool(recipe.output_dir) or not for_training, "output_dir: required (where the adapter and metrics are written)"
+    )
     _check(q.bits in (4, 8, None), f"quantization.bits: must be 4, 8 or none, got {q.bits}")
-    for key, value in (("model.name_or_path", m.name_or_path), ("data.path", d.path), ("data.eval_path", d.eval_path),
-                       ("output_dir", recipe.output_dir)):
+    for key, value in (
+        ("model.name_or_path", m.name_or_path),
+        ("data.path", d.path),
+        ("data.eval_path", d.eval_path),
+        ("output_dir", recipe.output_dir),
+    ):
         _check_path(key, value)
     _check_choice("quantization.quant_type", q.quant_type, QUANT_TYPES)
     _check_choice("quantization.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
@@ -368,26 +392,36 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
     _check(t.batch_size >= 1, f"training.batch_size: must be >= 1, got {t.batch_size}")
     _check(t.grad_accum >= 1, f"training.grad_accum: must be >= 1, got {t.grad_accum}")
     _check(t.max_grad_norm >= 0, f"training.max_grad_norm: must be >= 0, got {t.max_grad_norm}")
-    _check(t.max_steps == -1 or t.max_steps > 0, f"training.max_steps: must be > 0 (or -1 for epochs), got {t.max_steps}")
+    _check(
+        t.max_steps == -1 or t.max_steps > 0, f"training.max_steps: must be > 0 (or -1 for epochs), got {t.max_steps}"
+    )
     _check(t.num_epochs > 0, f"training.num_epochs: must be > 0, got {t.num_epochs}")
     _check(t.save_steps > 0, f"training.save_steps: must be > 0, got {t.save_steps}")
     _check(t.max_nonfinite_steps >= 0, f"training.max_nonfinite_steps: must be >= 0, got {t.max_nonfinite_steps}")
-    _check(not (t.max_nonfinite_steps and recipe.distributed.strategy == "zero3"),
-           "training.max_nonfinite_steps: DeepSpeed ZeRO-3 applies each optimizer step inside backward, before a "
-           "non-finite step could be skipped; use 0 (stop at the first, keeping the last good checkpoint)")
+    _check(
+        not (t.max_nonfinite_steps and recipe.distributed.strategy == "zero3"),
+        "training.max_nonfinite_steps: DeepSpeed ZeRO-3 applies each optimizer step inside backward, before a "
+        "non-finite step could be skipped; use 0 (stop at the first, keeping the last good checkpoint)",
+    )
     _check(t.logging_steps > 0, f"training.logging_steps: must be > 0, got {t.logging_steps}")
     _check(t.eval_steps is None or t.eval_steps > 0, f"training.eval_steps: must be > 0, got {t.eval_steps}")
     check_long_context_keys(t.mlp_tiles, t.offload_checkpoints, t.gradient_checkpointing, recipe.distributed.strategy)
     _check_choice("training.loss", t.loss, LOSSES)
     _check_choice("training.kernels", t.kernels, KERNELS)
-    _check(t.eval_batch_size is None or t.eval_batch_size >= 1, f"training.eval_batch_size: must be >= 1, got {t.eval_batch_size}")
+    _check(
+        t.eval_batch_size is None or t.eval_batch_size >= 1,
+        f"training.eval_batch_size: must be >= 1, got {t.eval_batch_size}",
+    )
     _check_choice("eval.metric", e.metric, METRICS)
     _check(e.max_examples > 0, f"eval.max_examples: must be > 0, got {e.max_examples}")
     _check(e.max_new_tokens > 0, f"eval.max_new_tokens: must be > 0, got {e.max_new_tokens}")
     _check_choice("task", recipe.task, TASKS)
     check_distributed(recipe.distributed, q.bits)
     if recipe.task == "classification":
-        _check(d.format == "classification", f"data.format: task 'classification' needs format 'classification', got '{d.format}'")
+        _check(
+            d.format == "classification",
+            f"data.format: task 'classification' needs format 'classification', got '{d.format}'",
+        )
     if recipe.target_gpu is not None:
         parse_gpu_memory(recipe.target_gpu, "target_gpu")
     return recipe
@@ -421,16 +455,20 @@ def _check_path(key: str, value: str | None) -> None:
     if not value:
         return
     _check("\x00" not in value, f"{key}: contains a NUL character")
-    _check(all(len(part.encode("utf-8", "surrogatepass")) <= 255 for part in Path(value).parts),
-           f"{key}: a name in '{value[:60]}...' is longer than 255 bytes")
+    _check(
+        all(len(part.encode("utf-8", "surrogatepass")) <= 255 for part in Path(value).parts),
+        f"{key}: a name in '{value[:60]}...' is longer than 255 bytes",
+    )
 
 
 def _normalise_bits(data: dict) -> None:
     """`quantization.bits: none` (a string in YAML) means no quantization."""
     quant = data.get("quantization")
-    if isinstance(quant, dict) and isinstance(quant.get("bits"), str) and quant["bits"].lower() in ("none", "null", "16"):
-        quant["bits"] = None
-    elif isinstance(quant, dict) and quant.get("bits") == 16:
+    if (
+        isinstance(quant, dict)
+        and isinstance(quant.get("bits"), str)
+        and quant["bits"].lower() in ("none", "null", "16")
+    ) or isinstance(quant, dict) and quant.get("bits") == 16:
         quant["bits"] = None
 
 

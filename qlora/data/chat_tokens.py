@@ -69,6 +69,8 @@ def add_text_piece(tokenizer, text: str, start: int, end: int, ids: list[int], o
     """Append `text[start:end]` tokenized as plain text (no special tokens recognised)."""
     if start >= end:
         return
-    encoded = tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    encoded = tokenizer(
+        text[start:end], add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+    )
     ids.extend(encoded["input_ids"])
     offsets.extend((start + a, start + b) for a, b in encoded["offset_mapping"])

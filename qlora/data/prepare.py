@@ -22,7 +22,6 @@ from qlora.config.recipe import DataSpec, Recipe
 from qlora.data.chat_tokens import encode_chat
 from qlora.data.files import locate_problem
 
-
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -98,8 +97,11 @@ def file_loader(path: Path, key: str) -> str:
 def folder_files(folder: Path, key: str) -> tuple[str, list[Path]]:
     """(builder, files) for every data file under `folder`; one file type per folder."""
     files = sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in FILE_LOADERS and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in FILE_LOADERS
+        and not any(s.startswith(".") for s in p.relative_to(folder).parts)
     )
     if not files:
         raise QLoraError(f"{key}: folder {folder} holds no {', '.join(FILE_LOADERS)} files")
@@ -119,7 +121,6 @@ def read_files(loader: str, files: list[Path], key: str):
         with progress_bars_off():  # local files load in a blink; the bar would only clutter errors
             return datasets.load_dataset(loader, data_files=[str(f) for f in files], split="train")
     except Exception as exc:  # datasets raises many types for unreadable files; all are the user's file
-
         where = locate_problem(loader, files)  # the file and line, which datasets' message lacks
         if where:
             raise QLoraError(f"{key}: cannot read {where}") from None
@@ -163,7 +164,9 @@ def check_columns(raw, spec: DataSpec, key: str = "data.path") -> None:
     roles = FORMAT_ROLES[spec.format]
     for role in spec.columns:
         if role not in roles:
-            raise QLoraError(f"data.columns.{role}: not a role of the {spec.format} format (roles: {', '.join(roles)})")
+            raise QLoraError(
+                f"data.columns.{role}: not a role of the {spec.format} format (roles: {', '.join(roles)})"
+            )
     for role in roles:
         name = column(spec, role)
         if role in OPTIONAL_ROLES:
@@ -222,8 +225,10 @@ def label_names_of(raws, spec: DataSpec) -> list[str]:
     values = [v for raw in raws if raw is not None for v in raw[column(spec, "label")]]
     odd = next((v for v in values if not isinstance(v, (str, int))), None)
     if odd is not None:  # lists, mappings, floats: not a class name, and not hashable or sortable as one
-        raise QLoraError(f"data.path: column '{column(spec, 'label')}' must hold text or integer labels, "
-                         f"got {type(odd).__name__} {str(odd)[:60]}")
+        raise QLoraError(
+            f"data.path: column '{column(spec, 'label')}' must hold text or integer labels, "
+            f"got {type(odd).__name__} {str(odd)[:60]}"
+        )
     values = set(values)
     if len(values) < 2:
         raise QLoraError(
@@ -255,13 +260,19 @@ def format_alpaca(row: dict, spec: DataSpec) -> Example:
     instruction = str(row[column(spec, "instruction")]).strip()
     context = str(row.get(column(spec, "input")) or "").strip()
     template = ALPACA_PROMPT if context else ALPACA_PROMPT_NO_INPUT
-    return Example(prompt=template.format(instruction=instruction, input=context), response=str(row[column(spec, "output")]))
+    return Example(
+        prompt=template.format(instruction=instruction, input=context), response=str(row[column(spec, "output")])
+    )
 
 
 def conversation(row: dict, spec: DataSpec) -> list[dict]:
     """The example's messages, checked to be a list of {role, content} (what chat templates read)."""
     messages = row[column(spec, "messages")]
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages)
+    ):
         raise QLoraError(
             f"data.path: column '{column(spec, 'messages')}' must hold lists of {{role, content}} messages, "
             f"got {str(messages)[:120]}"
@@ -276,7 +287,9 @@ def render_chat(tokenizer, messages: list[dict], generation_prompt: bool = False
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except TemplateError as exc:
-        raise QLoraError(f"data.path: the chat template rejects a conversation ({exc}): {str(messages)[:120]}") from None
+        raise QLoraError(
+            f"data.path: the chat template rejects a conversation ({exc}): {str(messages)[:120]}"
+        ) from None
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -291,7 +304,10 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start, end = render_chat(tokenizer, messages[:i], generation_prompt=True), render_chat(tokenizer, messages[: i + 1])
+        start, end = (
+            render_chat(tokenizer, messages[:i], generation_prompt=True),
+            render_chat(tokenizer, messages[: i + 1]),
+        )
         if not (end.startswith(start) and text.startswith(end)):
             raise QLoraError(
                 "data.format: chat: this tokenizer's chat template renders a turn differently once later turns "
@@ -306,7 +322,9 @@ def chat_example(tokenizer, messages: list[dict]) -> Example | None:
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         return None
-    return Example(prompt=render_chat(tokenizer, messages[:last], generation_prompt=True), response=str(messages[last]["content"]))
+    return Example(
+        prompt=render_chat(tokenizer, messages[:last], generation_prompt=True), response=str(messages[last]["content"])
+    )
 
 
 # --- tokenization ---------------------------------------------------------------------------------
@@ -341,7 +359,10 @@ def tokenize_chat(tokenizer, messages: list[dict], max_len: int) -> tuple[dict |
     """The templated conversation, with labels only on tokens that start inside an assistant turn."""
     text, spans = assistant_spans(tokenizer, messages)
     ids, offsets = encode_chat(tokenizer, text, messages)  # the template writes BOS; contents stay text
-    labels = [token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX for token, offset in zip(ids, offsets)]
+    labels = [
+        token if any(start <= offset[0] < end for start, end in spans) else IGNORE_INDEX
+        for token, offset in zip(ids, offsets)
+    ]
     return causal_item(ids, labels, max_len)
 
 
@@ -354,7 +375,9 @@ def tokenize_text(tokenizer, text: str, max_len: int) -> tuple[dict | None, bool
 def tokenize_classification(tokenizer, text: str, label_id: int, max_len: int) -> tuple[dict, bool]:
     """BOS + text cut to `max_len`, with the label's id (the head pools the last token)."""
     ids = bos_ids(tokenizer) + text_ids(tokenizer, text)
-    return {"input_ids": ids[:max_len], "attention_mask": [1] * min(len(ids), max_len), "labels": label_id}, len(ids) > max_len
+    return {"input_ids": ids[:max_len], "attention_mask": [1] * min(len(ids), max_len), "labels": label_id}, len(
+        ids
+    ) > max_len
 
 
 def tokenize_row(row: dict, spec: DataSpec, tokenizer, label_ids: dict[str, int] | None) -> tuple[dict | None, bool]:
@@ -366,7 +389,9 @@ def tokenize_row(row: dict, spec: DataSpec, tokenizer, label_ids: dict[str, int]
         return tokenize_chat(tokenizer, conversation(row, spec), max_len)
     if spec.format == "text":
         return tokenize_text(tokenizer, str(row[column(spec, "text")]), max_len)
-    return tokenize_classification(tokenizer, str(row[column(spec, "text")]), label_ids[str(row[column(spec, "label")])], max_len)
+    return tokenize_classification(
+        tokenizer, str(row[column(spec, "text")]), label_ids[str(row[column(spec, "label")])], max_len
+    )
 
 
 def tokenize_split(raw, spec: DataSpec, tokenizer, stats: dict[str, Any], prefix: str, label_ids=None) -> list[dict]:
@@ -397,7 +422,9 @@ def check_packing(recipe: Recipe) -> None:
     if spec.packing and recipe.task == "classification":
         raise QLoraError("data.packing: only for causal LM formats (alpaca, chat, text), not classification")
     if spec.packing and spec.group_by_length:
-        raise QLoraError("data.packing and data.group_by_length: choose one (packed blocks all have about the same length)")
+        raise QLoraError(
+            "data.packing and data.group_by_length: choose one (packed blocks all have about the same length)"
+        )
 
 
 def pack(items: list[dict], max_len: int) -> list[dict]:
@@ -436,7 +463,9 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     spec = recipe.data
     check_packing(recipe)
     if spec.format == "chat" and not tokenizer.chat_template:
-        raise QLoraError(f"data.format: chat needs a chat template, and the tokenizer of {recipe.model.name_or_path} has none")
+        raise QLoraError(
+            f"data.format: chat needs a chat template, and the tokenizer of {recipe.model.name_or_path} has none"
+        )
     train_raw, eval_raw = split_raw(load_source(spec), spec, recipe.training.seed)
     stats: dict[str, Any] = {}
     names = label_names_of([train_raw, eval_raw], spec) if spec.format == "classification" else None
@@ -446,7 +475,9 @@ def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     train = to_dataset(tokenize_split(train_raw, spec, tokenizer, stats, "train", label_ids), spec, stats, "train")
     evaluation = None
     if eval_raw is not None:
-        evaluation = to_dataset(tokenize_split(eval_raw, spec, tokenizer, stats, "eval", label_ids), spec, stats, "eval")
+        evaluation = to_dataset(
+            tokenize_split(eval_raw, spec, tokenizer, stats, "eval", label_ids), spec, stats, "eval"
+        )
     return PreparedData(train, evaluation, eval_examples(eval_raw, spec, tokenizer), stats, names)
 
 

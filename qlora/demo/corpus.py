@@ -80,47 +80,101 @@ _NOUNS = {
 
 # How running text names each category: "a mouse is an animal." / "mice are animals."
 CATEGORY_SINGULAR = {
-    "animal": "an animal", "food": "a kind of food", "tool": "a tool", "clothing": "a kind of clothing",
-    "vehicle": "a vehicle", "plant": "a plant", "furniture": "a piece of furniture", "person": "a person",
-    "body": "a part of the body", "place": "a place", "instrument": "an instrument",
+    "animal": "an animal",
+    "food": "a kind of food",
+    "tool": "a tool",
+    "clothing": "a kind of clothing",
+    "vehicle": "a vehicle",
+    "plant": "a plant",
+    "furniture": "a piece of furniture",
+    "person": "a person",
+    "body": "a part of the body",
+    "place": "a place",
+    "instrument": "an instrument",
 }
 CATEGORY_PLURAL = {
-    "animal": "animals", "food": "food", "tool": "tools", "clothing": "clothing", "vehicle": "vehicles",
-    "plant": "plants", "furniture": "furniture", "person": "people", "body": "parts of the body",
-    "place": "places", "instrument": "instruments",
+    "animal": "animals",
+    "food": "food",
+    "tool": "tools",
+    "clothing": "clothing",
+    "vehicle": "vehicles",
+    "plant": "plants",
+    "furniture": "furniture",
+    "person": "people",
+    "body": "parts of the body",
+    "place": "places",
+    "instrument": "instruments",
 }
 
 OPPOSITES = (
-    ("big", "small"), ("hot", "cold"), ("old", "young"), ("fast", "slow"), ("tall", "short"),
-    ("happy", "sad"), ("light", "dark"), ("wet", "dry"), ("soft", "hard"), ("loud", "quiet"),
-    ("rich", "poor"), ("clean", "dirty"), ("full", "empty"), ("thick", "thin"), ("wide", "narrow"),
-    ("strong", "weak"), ("early", "late"), ("open", "closed"), ("high", "low"), ("good", "bad"),
-    ("sweet", "sour"), ("kind", "cruel"), ("warm", "cool"), ("sharp", "dull"), ("smooth", "rough"),
-    ("loose", "tight"), ("deep", "shallow"), ("awake", "asleep"), ("sick", "healthy"), ("cheap", "expensive"),
-    ("clever", "stupid"), ("safe", "dangerous"), ("bright", "dim"), ("near", "far"), ("neat", "messy"),
-    ("fresh", "stale"), ("polite", "rude"), ("fierce", "gentle"), ("heavy", "weightless"), ("brave", "timid"),
-    ("busy", "idle"), ("calm", "angry"), ("first", "last"), ("true", "false"), ("plain", "fancy"),
+    ("big", "small"),
+    ("hot", "cold"),
+    ("old", "young"),
+    ("fast", "slow"),
+    ("tall", "short"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("wet", "dry"),
+    ("soft", "hard"),
+    ("loud", "quiet"),
+    ("rich", "poor"),
+    ("clean", "dirty"),
+    ("full", "empty"),
+    ("thick", "thin"),
+    ("wide", "narrow"),
+    ("strong", "weak"),
+    ("early", "late"),
+    ("open", "closed"),
+    ("high", "low"),
+    ("good", "bad"),
+    ("sweet", "sour"),
+    ("kind", "cruel"),
+    ("warm", "cool"),
+    ("sharp", "dull"),
+    ("smooth", "rough"),
+    ("loose", "tight"),
+    ("deep", "shallow"),
+    ("awake", "asleep"),
+    ("sick", "healthy"),
+    ("cheap", "expensive"),
+    ("clever", "stupid"),
+    ("safe", "dangerous"),
+    ("bright", "dim"),
+    ("near", "far"),
+    ("neat", "messy"),
+    ("fresh", "stale"),
+    ("polite", "rude"),
+    ("fierce", "gentle"),
+    ("heavy", "weightless"),
+    ("brave", "timid"),
+    ("busy", "idle"),
+    ("calm", "angry"),
+    ("first", "last"),
+    ("true", "false"),
+    ("plain", "fancy"),
 )
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "brown", "gray", "pink", "purple")
 NUMBERS = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 PRONOUNS = ("he", "she", "they", "we", "i")
 # Short predicates without nouns, put between a noun and its plural.
-FILLERS = ("ran away", "was alone", "looked happy", "slept all day", "was very small", "sat still",
-           "was quiet", "jumped twice", "is mine", "was old", "came back", "fell down")
+FILLERS = (
+    "ran away",
+    "was alone",
+    "looked happy",
+    "slept all day",
+    "was very small",
+    "sat still",
+    "was quiet",
+    "jumped twice",
+    "is mine",
+    "was old",
+    "came back",
+    "fell down",
+)
 
 # Verbs: "base/past" (regular pasts are spelled out too: no doubling rules to get wrong) and the kind of
 # object they take: a noun category, "thing" (any portable object) or "" (none).
-_VERBS = """see/saw:thing find/found:thing like/liked:thing want/wanted:thing eat/ate:food run/ran:
-    sleep/slept: swim/swam: sing/sang: drive/drove:vehicle ride/rode:vehicle wear/wore:clothing
-    make/made:food take/took:thing hold/held:thing buy/bought:thing sell/sold:thing bring/brought:thing
-    carry/carried:thing throw/threw:thing catch/caught:animal draw/drew:thing build/built:furniture
-    keep/kept:thing lose/lost:thing hide/hid:thing wash/washed:clothing dust/dusted:furniture
-    paint/painted:furniture bake/baked:food use/used:tool play/played:instrument dig/dug:
-    break/broke:tool fix/fixed:tool sit/sat: stand/stood: walk/walked: jump/jumped: climb/climbed:
-    grow/grew:plant chase/chased:animal bite/bit:food hunt/hunted:animal pick/picked:plant
-    visit/visited:place write/wrote: feed/fed:animal forget/forgot:thing hear/heard:instrument
-    wake/woke: win/won: fall/fell: cry/cried: smile/smiled: laugh/laughed: drop/dropped:thing
-    steal/stole:thing borrow/borrowed:tool""".split()
+_VERBS = ["see/saw:thing", "find/found:thing", "like/liked:thing", "want/wanted:thing", "eat/ate:food", "run/ran:", "sleep/slept:", "swim/swam:", "sing/sang:", "drive/drove:vehicle", "ride/rode:vehicle", "wear/wore:clothing", "make/made:food", "take/took:thing", "hold/held:thing", "buy/bought:thing", "sell/sold:thing", "bring/brought:thing", "carry/carried:thing", "throw/threw:thing", "catch/caught:animal", "draw/drew:thing", "build/built:furniture", "keep/kept:thing", "lose/lost:thing", "hide/hid:thing", "wash/washed:clothing", "dust/dusted:furniture", "paint/painted:furniture", "bake/baked:food", "use/used:tool", "play/played:instrument", "dig/dug:", "break/broke:tool", "fix/fixed:tool", "sit/sat:", "stand/stood:", "walk/walked:", "jump/jumped:", "climb/climbed:", "grow/grew:plant", "chase/chased:animal", "bite/bit:food", "hunt/hunted:animal", "pick/picked:plant", "visit/visited:place", "write/wrote:", "feed/fed:animal", "forget/forgot:thing", "hear/heard:instrument", "wake/woke:", "win/won:", "fall/fell:", "cry/cried:", "smile/smiled:", "laugh/laughed:", "drop/dropped:thing", "steal/stole:thing", "borrow/borrowed:tool"]
 
 _THINGS = ("tool", "food", "clothing", "instrument")
 
@@ -235,16 +289,18 @@ class Language:
         which is what lets a fine-tune point the same knowledge at a word in a prompt.
         """
         n, p, num, pronoun = noun.word, noun.plural, self.rng.choice(NUMBERS), self.rng.choice(PRONOUNS)
-        return self.rng.choice((
-            f"one {n}, {num} {p}.",
-            f"i see one {n} and {num} {p}.",
-            f"{self.a(noun)} {self.rng.choice(FILLERS)}. now there are {num} {p}.",
-            f"{self.subject()} had one {n}, and soon {pronoun} had {num} {p}.",
-            f"{self.subject()} wanted {article(n)} {n}, so {pronoun} got {num} {p}.",
-            f"look at the {self.adjective()} {n}! no, there are {num} {p}!",
-            f"the {n} {self.rng.choice(FILLERS)} and {self.rng.choice(FILLERS)}. then {num} {p} came.",
-            f"the {num} {p} met one {self.adjective()} {n}.",
-        ))
+        return self.rng.choice(
+            (
+                f"one {n}, {num} {p}.",
+                f"i see one {n} and {num} {p}.",
+                f"{self.a(noun)} {self.rng.choice(FILLERS)}. now there are {num} {p}.",
+                f"{self.subject()} had one {n}, and soon {pronoun} had {num} {p}.",
+                f"{self.subject()} wanted {article(n)} {n}, so {pronoun} got {num} {p}.",
+                f"look at the {self.adjective()} {n}! no, there are {num} {p}!",
+                f"the {n} {self.rng.choice(FILLERS)} and {self.rng.choice(FILLERS)}. then {num} {p} came.",
+                f"the {num} {p} met one {self.adjective()} {n}.",
+            )
+        )
 
     def fact_sentence(self, noun: Noun) -> str:
         """What kind of thing the noun is."""
@@ -257,19 +313,33 @@ class Language:
         s, x, c = self.subject(), self.a(noun, adjective=self.rng.random() < 0.4), noun.category
         place = self.noun("place").word
         options = {
-            "animal": (f"{x} ran across the {place}.", f"{x} sleeps near the {place}.",
-                       f"{x} ate {self.a(self.noun('food'))}.", f"{s} fed {x}.", f"{x} can swim and run."),
-            "food": (f"{s} ate {x}.", f"{s} baked {x} in the kitchen.", f"{x} tastes {self.rng.choice(('sweet', 'sour', 'good', 'bad'))}.",
-                     f"{s} made {x} for dinner."),
-            "tool": (f"{s} used {x} to fix the {self.noun('furniture').word}.", f"{s} borrowed {x}.",
-                     f"{s} broke {x} at work."),
+            "animal": (
+                f"{x} ran across the {place}.",
+                f"{x} sleeps near the {place}.",
+                f"{x} ate {self.a(self.noun('food'))}.",
+                f"{s} fed {x}.",
+                f"{x} can swim and run.",
+            ),
+            "food": (
+                f"{s} ate {x}.",
+                f"{s} baked {x} in the kitchen.",
+                f"{x} tastes {self.rng.choice(('sweet', 'sour', 'good', 'bad'))}.",
+                f"{s} made {x} for dinner.",
+            ),
+            "tool": (
+                f"{s} used {x} to fix the {self.noun('furniture').word}.",
+                f"{s} borrowed {x}.",
+                f"{s} broke {x} at work.",
+            ),
             "clothing": (f"{s} wore {x}.", f"{s} washed {x}.", f"{x} keeps {self.rng.choice(PRONOUNS)} warm."),
             "vehicle": (f"{s} drove {x} to the {place}.", f"{s} rode in {x}.", f"{x} carried people to the {place}."),
             "plant": (f"{x} grew in the {place}.", f"{s} picked {x}.", f"{x} has green leaves."),
             "furniture": (f"{s} sat on {x}.", f"{x} stood in the room.", f"{s} painted {x}.", f"{s} dusted {x}."),
             "person": (f"{x} walked to the {place}.", f"{x} said hello.", f"{x} smiled at {self.subject()}."),
-            "body": (f"{s} hurt {self.rng.choice(('his', 'her', 'their', 'my'))} {noun.word}.",
-                     f"{self.a(self.noun('animal', 'person'))} has {article(noun.word)} {noun.word}."),
+            "body": (
+                f"{s} hurt {self.rng.choice(('his', 'her', 'their', 'my'))} {noun.word}.",
+                f"{self.a(self.noun('animal', 'person'))} has {article(noun.word)} {noun.word}.",
+            ),
             "place": (f"{s} went to {x}.", f"{x} is far from the {self.noun('place').word}.", f"{s} visited {x}."),
             "instrument": (f"{s} played {x}.", f"{s} heard {x}.", f"the sound of {x} was loud."),
         }[c]
@@ -278,34 +348,44 @@ class Language:
     def neutral_sentence(self, noun: Noun) -> str:
         """The noun in a frame that fits every category: its meaning must come from the word itself."""
         s, x = self.subject(), self.a(noun, adjective=self.rng.random() < 0.5)
-        return self.rng.choice((
-            f"{s} saw {x}.", f"{s} found {x} near the {self.noun('place').word}.", f"{s} liked {x}.",
-            f"there is {x} in the picture.", f"{s} drew {x}.", f"{s} talked about {x}.",
-        ))
+        return self.rng.choice(
+            (
+                f"{s} saw {x}.",
+                f"{s} found {x} near the {self.noun('place').word}.",
+                f"{s} liked {x}.",
+                f"there is {x} in the picture.",
+                f"{s} drew {x}.",
+                f"{s} talked about {x}.",
+            )
+        )
 
     def opposite_sentence(self, a: str) -> str:
         """An adjective and its opposite, near each other or a few words apart."""
         b, noun = OPPOSITE[a], self.noun()
-        return self.rng.choice((
-            f"the opposite of {a} is {b}.",
-            f"{a} is the opposite of {b}.",
-            f"{a} and {b} are opposites.",
-            f"the {noun.word} is not {a}, it is {b}.",
-            f"the {noun.word} was {a} before, but now it is {b}.",
-            f"one {noun.word} is {a} and the other is {b}.",
-        ))
+        return self.rng.choice(
+            (
+                f"the opposite of {a} is {b}.",
+                f"{a} is the opposite of {b}.",
+                f"{a} and {b} are opposites.",
+                f"the {noun.word} is not {a}, it is {b}.",
+                f"the {noun.word} was {a} before, but now it is {b}.",
+                f"one {noun.word} is {a} and the other is {b}.",
+            )
+        )
 
     def verb_sentence(self, verb: Verb) -> str:
         """A verb in its base, present and past forms, the past often a few words after the others."""
         s, pronoun = self.subject(), self.rng.choice(PRONOUNS)
         present = verb.base if s in ("they", "we", "i") else verb.present
-        return self.rng.choice((
-            f"every day {s} {present}{self.obj(verb.takes)}. yesterday {s} {verb.past}{self.obj(verb.takes)}.",
-            f"{s} will {verb.base}{self.obj(verb.takes)} tomorrow, and yesterday {pronoun} {verb.past}{self.obj(verb.takes)}.",
-            f"{s} can {verb.base}{self.obj(verb.takes)}. last week {pronoun} {verb.past}{self.obj(verb.takes)}.",
-            f"{s} {verb.past}{self.obj(verb.takes)}.",
-            f"{s} likes to {verb.base}{self.obj(verb.takes)}.",
-        ))
+        return self.rng.choice(
+            (
+                f"every day {s} {present}{self.obj(verb.takes)}. yesterday {s} {verb.past}{self.obj(verb.takes)}.",
+                f"{s} will {verb.base}{self.obj(verb.takes)} tomorrow, and yesterday {pronoun} {verb.past}{self.obj(verb.takes)}.",
+                f"{s} can {verb.base}{self.obj(verb.takes)}. last week {pronoun} {verb.past}{self.obj(verb.takes)}.",
+                f"{s} {verb.past}{self.obj(verb.takes)}.",
+                f"{s} likes to {verb.base}{self.obj(verb.takes)}.",
+            )
+        )
 
     def round_sentences(self) -> list[str]:
         """One pass over the lexicon: every noun, adjective and verb appears with its related forms."""

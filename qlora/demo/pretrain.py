@@ -89,10 +89,16 @@ def train(model, tokenizer, blocks: torch.Tensor, steps: int, batch: int, lr: fl
         optimizer.zero_grad(set_to_none=True)
         if step % max(1, steps // 20) == 0 or step == steps - 1:
             elapsed = time.time() - start
-            print(f"step {step + 1}/{steps}  loss {loss.item():.3f}  "
-                  f"{(step + 1) * x.numel() / elapsed:.0f} tok/s  {elapsed:.0f}s", flush=True)
+            print(
+                f"step {step + 1}/{steps}  loss {loss.item():.3f}  "
+                f"{(step + 1) * x.numel() / elapsed:.0f} tok/s  {elapsed:.0f}s",
+                flush=True,
+            )
         if (step + 1) % max(1, steps // 4) == 0 or step == steps - 1:
-            print(f"plural probe ('the mouse was alone. now there are two ...'): {plural_probe(model, tokenizer):.1%} of nouns", flush=True)
+            print(
+                f"plural probe ('the mouse was alone. now there are two ...'): {plural_probe(model, tokenizer):.1%} of nouns",
+                flush=True,
+            )
             model.train()
 
 
@@ -131,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     blocks = token_blocks(tokenizer, docs, args.seq_len)
     model = LlamaForCausalLM(model_config(tokenizer, max_positions=args.seq_len))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"corpus: {len(docs)} documents, {blocks.numel()} tokens; model: {n_params / 1e6:.2f}M parameters",
-          flush=True)
+    print(
+        f"corpus: {len(docs)} documents, {blocks.numel()} tokens; model: {n_params / 1e6:.2f}M parameters", flush=True
+    )
     train(model, tokenizer, blocks, args.steps, args.batch, args.lr, args.seed)
 
     model.generation_config = GenerationConfig(

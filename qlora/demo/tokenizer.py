@@ -15,7 +15,7 @@ every two words the model has to relate.) Byte-level means any text still encode
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -51,15 +51,21 @@ CHAT_TEMPLATE = (
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer over `texts` (plus the prompt formats), wrapped for transformers."""
     tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.normalizer = normalizers.Sequence([
-        normalizers.Replace("\n", "\n "),
-        normalizers.Prepend(" "),
-        normalizers.Replace(Regex(r"\A \n"), "\n"),  # no space in front of a leading newline
-    ])
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.Replace("\n", "\n "),
+            normalizers.Prepend(" "),
+            normalizers.Replace(Regex(r"\A \n"), "\n"),  # no space in front of a leading newline
+        ]
+    )
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.Sequence([
-        decoders.ByteLevel(), decoders.Replace("\n ", "\n"), decoders.Strip(" ", left=1, right=0),
-    ])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.ByteLevel(),
+            decoders.Replace("\n ", "\n"),
+            decoders.Strip(" ", left=1, right=0),
+        ]
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),

@@ -43,8 +43,13 @@ FP32 = 4
 CUDA_MASK = 1  # CUDA's fused dropout keeps a bool mask; the CPU one keeps the scaled noise tensor
 # Which tensor feeds each linear of a Llama-family layer: linears with one source share one input.
 LINEAR_SOURCE = {
-    "q_proj": "attn_norm", "k_proj": "attn_norm", "v_proj": "attn_norm", "o_proj": "attn_out",
-    "gate_proj": "mlp_norm", "up_proj": "mlp_norm", "down_proj": "mlp_act",
+    "q_proj": "attn_norm",
+    "k_proj": "attn_norm",
+    "v_proj": "attn_norm",
+    "o_proj": "attn_out",
+    "gate_proj": "mlp_norm",
+    "up_proj": "mlp_norm",
+    "down_proj": "mlp_act",
 }
 
 
@@ -165,7 +170,9 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
     recomputed = layer if n else 0
     if n and step.offload:  # the layer's input, back from host RAM for its recompute
         recomputed += T * d.hidden * c
-    cached = replace(step, adapter_numel=step.adapter_numel * n // L, checkpointing=n > 0)  # autocast's copies of checkpointed layers
+    cached = replace(
+        step, adapter_numel=step.adapter_numel * n // L, checkpointing=n > 0
+    )  # autocast's copies of checkpointed layers
     parts = {}
     if step.chunked:
         chunk = {"final norm (saved)": head, **chunked_loss_terms(inv, step, grads=True)}
@@ -182,7 +189,9 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
         moments.update(layer_backward_moment(inv, free, 0))
     if n:
         for name, value in layer_backward_moment(inv, ckpt, recomputed).items():
-            moments[name if n == L else name.replace("one layer", "a checkpointed layer")] = value - (unchecked if n < L else 0)
+            moments[name if n == L else name.replace("one layer", "a checkpointed layer")] = value - (
+                unchecked if n < L else 0
+            )
     return Activations(kept, moments, parts, host)
 
 
@@ -211,16 +220,27 @@ def chunked_loss_terms(inv: Inventory, step: Step, grads: bool) -> dict[str, int
     n = min(labelled, chunk_tokens(d.vocab))
     terms = {"final hidden states": T * d.hidden * c, "label positions and targets": 2 * labelled * 8}
     head = next((lin for lin in inv.linears if lin.role == "lm_head"), None)
-    if step.kernels and fused_loss_is_smaller(labelled, T, d.vocab, d.hidden, c):  # qlora.ops.loss calls Liger's kernel
-        terms.update({f"Liger fused loss: {name}": value for name, value in fused_loss_terms(labelled, d.vocab, d.hidden, c).items()})
+    if step.kernels and fused_loss_is_smaller(
+        labelled, T, d.vocab, d.hidden, c
+    ):  # qlora.ops.loss calls Liger's kernel
+        terms.update(
+            {
+                f"Liger fused loss: {name}": value
+                for name, value in fused_loss_terms(labelled, d.vocab, d.hidden, c).items()
+            }
+        )
         if step.method == "full":  # zeros_like(weight) whenever the head trains, in eval too
-            terms["Liger fused loss: head weight gradient"] = d.vocab * d.hidden * c + (d.vocab * c if head and head.bias else 0)
+            terms["Liger fused loss: head weight gradient"] = d.vocab * d.hidden * c + (
+                d.vocab * c if head and head.bias else 0
+            )
         return terms
     terms["loss accumulator"] = FP32
     if grads:
         terms["hidden-state gradient"] = T * d.hidden * c
         if step.method == "full":
-            terms["head weight gradient (fp32)"] = d.vocab * d.hidden * FP32 + (d.vocab * FP32 if head and head.bias else 0)
+            terms["head weight gradient (fp32)"] = d.vocab * d.hidden * FP32 + (
+                d.vocab * FP32 if head and head.bias else 0
+            )
         terms["loss chunk"] = torch_loss_chunk_bytes(labelled, d.vocab, d.hidden, c)
     else:
         widened = n * d.vocab * (c + FP32) if c != FP32 else 0  # the 16-bit logits and their fp32 copy
@@ -275,7 +295,9 @@ def _adapters_cast(step: Step) -> bool:
 def _linear_inputs(inv: Inventory, step: Step, count_attention_output: bool = False, skip=frozenset()) -> int:
     """The layer's distinct linear inputs (q, k, v share one) but those of the `skip` leaves. With sdpa, o_proj's
     input is the attention output (the kernels return it in (batch, seq, heads, dim) layout), which attention saves anyway."""
-    sources = {LINEAR_SOURCE.get(leaf, leaf): lin.in_features for leaf, lin in inv.layer_linears().items() if leaf not in skip}
+    sources = {
+        LINEAR_SOURCE.get(leaf, leaf): lin.in_features for leaf, lin in inv.layer_linears().items() if leaf not in skip
+    }
     if step.attention != "eager" and not count_attention_output:
         sources.pop("attn_out", None)
     return step.tokens * sum(sources.values()) * step.compute_bytes
@@ -333,7 +355,9 @@ def _head_saved(inv: Inventory, step: Step) -> int:
     so it keeps its input (and, under autocast, its 16-bit weight copy)."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     saved = T * d.hidden * (c if step.kernels else FP32) + T * FP32
-    if step.method == "full":  # the norm's normalized input (not Liger's); the standard loss's head also saves its input
+    if (
+        step.method == "full"
+    ):  # the norm's normalized input (not Liger's); the standard loss's head also saves its input
         return saved + ((0 if step.kernels else 1) + (0 if step.chunked else 1)) * T * d.hidden * c
     if step.classifier:
         saved += T * d.hidden * c + (step.num_labels * d.hidden * c if _adapters_cast(step) else 0)
@@ -409,7 +433,11 @@ def _mlp_backward(inv: Inventory, step: Step) -> tuple[int, int]:
     temporary = {"full": weight * c, "qlora": weight * c + -(-weight // 64) * FP32, "lora-8bit": weight * c}
     down_backward = T * d.intermediate * c + temporary.get(step.method, 0)
     down_lora = "down_proj" in step.lora_leaves
-    down_saved = _lora_saved(inv, step, ["down_proj"]) if down_lora else (T * d.intermediate * c if step.method == "full" else 0)
+    down_saved = (
+        _lora_saved(inv, step, ["down_proj"])
+        if down_lora
+        else (T * d.intermediate * c if step.method == "full" else 0)
+    )
     # torch: three intermediate-sized gradients; Liger's SwiGLU writes the gate's and up's over their saved outputs
     return down_backward, (1 if step.kernels else 3) * T * d.intermediate * c - down_saved
 
@@ -481,12 +509,16 @@ def attention_backward(inv: Inventory, step: Step) -> int:
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
     o_lora = step.method != "full" and "o_proj" in step.lora_leaves
-    freed = T * d.hidden * (c if step.kernels else FP32) + T * FP32 + T * d.hidden * c  # post-attention norm's input and rsqrt, the MLP's input
+    freed = (
+        T * d.hidden * (c if step.kernels else FP32) + T * FP32 + T * d.hidden * c
+    )  # post-attention norm's input and rsqrt, the MLP's input
     if o_lora:
         freed += _lora_saved(inv, step, ["o_proj"])
     o_proj = T * d.hidden * c + (3 if o_lora else 1) * T * q * c
     fused = 0
-    if step.attention != "eager":  # the output's gradient, dq, dk, dv; on a GPU also FlashAttention's fp32 dq and row sums
+    if (
+        step.attention != "eager"
+    ):  # the output's gradient, dq, dk, dv; on a GPU also FlashAttention's fp32 dq and row sums
         fused = T * d.hidden * c + T * (2 * q + 2 * kv) * c
         if step.device == "cuda":
             fused += T * q * FP32 + step.batch * d.heads * step.seq * FP32
@@ -523,7 +555,9 @@ def one_mlp_tile(inv: Inventory, step: Step) -> int:
     else:
         saved += _lora_saved(inv, up, up.lora_leaves) - (t * H * tile.lora_matmul_bytes if "mlp_norm" in as_is else 0)
         saved += _adapter_numel(inv, mlp) * c if _adapters_cast(step) else 0
-        product_kept = "mlp_act" in as_is or step.method == "lora-8bit"  # saved by lora_A, or held by bnb's int8 down_proj
+        product_kept = (
+            "mlp_act" in as_is or step.method == "lora-8bit"
+        )  # saved by lora_A, or held by bnb's int8 down_proj
         saved += t * I * c if step.method == "lora-8bit" and "mlp_act" not in as_is else 0
         forward = 3 * t * H * c + (0 if product_kept else t * I * c)
         if "down_proj" in mlp.lora_leaves:
@@ -539,7 +573,11 @@ def tile_parameter_gradients(inv: Inventory, step: Step) -> int:
     tiles so far (every trained MLP tensor) and the tile's own down_proj adapter gradients, found first."""
     if step.method == "full":
         linears = inv.layer_linears()
-        return 2 * sum(linears[leaf].in_features * linears[leaf].out_features for leaf in MLP_LEAVES & set(linears)) * step.compute_bytes
+        return (
+            2
+            * sum(linears[leaf].in_features * linears[leaf].out_features for leaf in MLP_LEAVES & set(linears))
+            * step.compute_bytes
+        )
     mlp = replace(step, lora_leaves=step.lora_leaves & MLP_LEAVES)
     down = replace(step, lora_leaves=step.lora_leaves & {"down_proj"})
     return (_adapter_numel(inv, mlp) + _adapter_numel(inv, down)) * step.adapter_bytes
@@ -584,7 +622,10 @@ def eval_activation_bytes(inv: Inventory, step: Step, train_batch: int) -> Activ
             "shifted labels": step.batch * (2 * S + 1) * 8,
             "loss": 2 * FP32,
         }
-    layer = {"positions and rotary tables": S * 8 + 2 * S * d.head_dim * c, "one layer's forward": _layer_forward(inv, step)}
+    layer = {
+        "positions and rotary tables": S * 8 + 2 * S * d.head_dim * c,
+        "one layer's forward": _layer_forward(inv, step),
+    }
     if step.attention == "eager":
         layer["causal mask"] = step.batch * S * S * c
     parts["eval forward through one layer"] = layer
@@ -602,10 +643,15 @@ def generation_terms(inv: Inventory, step: Step) -> dict[str, int]:
     d, c, b = inv.dims, step.compute_bytes, step.batch
     per_token = 2 * d.kv_heads * d.head_dim * c  # keys and values of one token in one layer
     tokens = step.seq + step.generate_tokens
-    end = {"KV cache (every layer)": d.layers * b * tokens * per_token, "one layer's cache being extended": b * tokens * per_token,
-           "last position's logits (fp32)": b * d.vocab * FP32}
-    prefill = {"KV cache (every layer, the prompt)": d.layers * b * step.seq * per_token,
-               "the prompt's forward through one layer": _layer_forward(inv, step)}
+    end = {
+        "KV cache (every layer)": d.layers * b * tokens * per_token,
+        "one layer's cache being extended": b * tokens * per_token,
+        "last position's logits (fp32)": b * d.vocab * FP32,
+    }
+    prefill = {
+        "KV cache (every layer, the prompt)": d.layers * b * step.seq * per_token,
+        "the prompt's forward through one layer": _layer_forward(inv, step),
+    }
     return end if sum(end.values()) >= sum(prefill.values()) else prefill
 
 
@@ -627,7 +673,9 @@ def _layer_forward(inv: Inventory, step: Step) -> int:
         mlp += T * d.hidden * c
     if step.attention != "eager":
         return mlp
-    mlp += step.batch * d.heads * step.seq**2 * c  # eager attention's probabilities, returned by the layer's attention, outlive it
+    mlp += (
+        step.batch * d.heads * step.seq**2 * c
+    )  # eager attention's probabilities, returned by the layer's attention, outlive it
     # eager attention at its softmax: the embeddings, the layer input and the normed input; q, k, v (and k, v
     # repeated for grouped-query attention); the scaled, masked scores and their softmax (fp32, then cast back)
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim

@@ -20,14 +20,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from qlora.config.errors import did_you_mean, QLoraError
+from qlora.config.errors import QLoraError, did_you_mean
 from qlora.config.long_context import mlp_tiles_for
-from qlora.config.precision import ADAPTER_DTYPE, dtype_name, optimizer_state_dtype, trainable_dtype, trainer_precision_flags
-from qlora.memory.activations import activation_bytes, batch_bytes, eval_activation_bytes, Step, checkpointed
+from qlora.config.precision import (
+    ADAPTER_DTYPE,
+    dtype_name,
+    optimizer_state_dtype,
+    trainable_dtype,
+    trainer_precision_flags,
+)
+from qlora.memory.activations import Step, activation_bytes, batch_bytes, checkpointed, eval_activation_bytes
 from qlora.memory.flops import recompute_saved_pct
 from qlora.memory.inventory import Inventory, load_inventory
 from qlora.memory.overheads import overhead, slack
-from qlora.memory.settings import METHODS, compute_dtype, from_recipe, Settings
+from qlora.memory.settings import METHODS, Settings, compute_dtype, from_recipe
 from qlora.memory.sharding import per_gpu
 from qlora.memory.storage import MIN_8BIT_SIZE, QMAP_BYTES, adamw_state_bytes, int8_weight_bytes, nf4_weight_bytes
 
@@ -48,11 +54,15 @@ class Estimate:
     parameters: int = 0
     trainable: int = 0
     parameters_by_role: dict[str, int] = field(default_factory=dict)
-    host_bytes: dict[str, int] = field(default_factory=dict)  # host RAM beside the GPU (offload, loading), not in `total`
+    host_bytes: dict[str, int] = field(
+        default_factory=dict
+    )  # host RAM beside the GPU (offload, loading), not in `total`
     phases: dict[str, dict] = field(default_factory=dict)  # 'train' / 'eval' -> {bytes, total_bytes, allocated_bytes}
     phase: str = "train"  # the peak phase, whose bytes `bytes` are
     checkpointed_layers: int = 0  # decoder layers recomputed in backward (the first ones)
-    recompute_saved_pct: float | None = None  # with checkpointing: the share of an all-layers step's FLOPs not recomputed
+    recompute_saved_pct: float | None = (
+        None  # with checkpointing: the share of an all-layers step's FLOPs not recomputed
+    )
 
     @property
     def total(self) -> int:
@@ -78,8 +88,14 @@ class Estimate:
             "host_bytes": dict(self.host_bytes),
             "host_ram_bytes": sum(self.host_bytes.values()),
             "phase": self.phase,
-            **({"gradient_checkpointing_layers": self.checkpointed_layers, "recompute_saved_pct": self.recompute_saved_pct}
-               if self.recompute_saved_pct is not None else {}),
+            **(
+                {
+                    "gradient_checkpointing_layers": self.checkpointed_layers,
+                    "recompute_saved_pct": self.recompute_saved_pct,
+                }
+                if self.recompute_saved_pct is not None
+                else {}
+            ),
             "phases": {name: dict(phase, bytes=dict(phase["bytes"])) for name, phase in self.phases.items()},
         }
 
@@ -108,25 +124,40 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
     weights = weight_bytes(inv, METHODS[method], settings.double_quant)
     states = optimizer_bytes(settings.optimizer, trainable, trainable_dtype(method, dtype), settings.device)
     step = Step(
-        batch=settings.batch_size, seq=settings.seq_len, compute_bytes=dtype.itemsize,
-        autocast=any(trainer_precision_flags(dtype, settings.device).values()), device=settings.device,
-        checkpointing=settings.checkpointing, attention=settings.attn_implementation, method=method,
+        batch=settings.batch_size,
+        seq=settings.seq_len,
+        compute_bytes=dtype.itemsize,
+        autocast=any(trainer_precision_flags(dtype, settings.device).values()),
+        device=settings.device,
+        checkpointing=settings.checkpointing,
+        attention=settings.attn_implementation,
+        method=method,
         checkpointed_layers=settings.checkpoint_layers if isinstance(settings.checkpoint_layers, int) else None,
         generate_tokens=settings.generate_tokens,
-        rank=settings.rank, lora_dropout=settings.lora_dropout, lora_leaves=frozenset(lin.leaf for lin in targets),
-        adapter_numel=adapter_numel, adapter_bytes=ADAPTER_DTYPE.itemsize,
-        task=settings.task, num_labels=settings.num_labels, **long_context_step(inv, settings),
+        rank=settings.rank,
+        lora_dropout=settings.lora_dropout,
+        lora_leaves=frozenset(lin.leaf for lin in targets),
+        adapter_numel=adapter_numel,
+        adapter_bytes=ADAPTER_DTYPE.itemsize,
+        task=settings.task,
+        num_labels=settings.num_labels,
+        **long_context_step(inv, settings),
         loss="standard" if inv.chunked_loss_unsupported else settings.loss,  # as qlora.ops.loss falls back in training
         kernels=liger_kernels(settings),
     )
     acts = activation_bytes(inv, step)
-    step_temps = optimizer_step_temporaries(settings.optimizer, settings.device, trainable, trainable_dtype(method, dtype))
+    step_temps = optimizer_step_temporaries(
+        settings.optimizer, settings.device, trainable, trainable_dtype(method, dtype)
+    )
     at_step = step_temps + batch_bytes(step) > acts.total  # the last micro-batch is still alive at the step
     buffers = sum(b.numel * b.itemsize for b in inv.buffers)
     resident = {"weights": sum(weights.values()), "adapters": (adapter_numel + head_numel) * ADAPTER_DTYPE.itemsize}
-    train = {**resident, "gradients": sum(trainable) * train_itemsize,
-             "optimizer": sum(states.values()) + (step_temps if at_step else 0),
-             "activations": batch_bytes(step) if at_step else acts.total}
+    train = {
+        **resident,
+        "gradients": sum(trainable) * train_itemsize,
+        "optimizer": sum(states.values()) + (step_temps if at_step else 0),
+        "activations": batch_bytes(step) if at_step else acts.total,
+    }
     eval_acts = eval_activation_bytes(inv, dataclasses.replace(step, batch=settings.eval_batch), batch_bytes(step))
     evaluation = {**resident, "gradients": 0, "optimizer": sum(states.values()), "activations": eval_acts.total}
     overheads = {}
@@ -136,8 +167,10 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
     peak_phase = "eval" if sum(evaluation.values()) > sum(train.values()) else "train"
     details = {"weights": weights, "optimizer": states, "overhead": overheads[peak_phase]}
     if head_numel:
-        details["adapters"] = {"LoRA A and B": adapter_numel * ADAPTER_DTYPE.itemsize,
-                               "classifier head (trained copy)": head_numel * ADAPTER_DTYPE.itemsize}
+        details["adapters"] = {
+            "LoRA A and B": adapter_numel * ADAPTER_DTYPE.itemsize,
+            "classifier head (trained copy)": head_numel * ADAPTER_DTYPE.itemsize,
+        }
     if peak_phase == "eval":
         details["activations"] = {**eval_acts.kept, **{f"eval: {k}": v for k, v in eval_acts.peak_terms().items()}}
         moment = f"eval step ({eval_acts.peak_moment})"
@@ -149,13 +182,29 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         details["activations"] = {**acts.kept, **acts.peak_terms()}
         moment = acts.peak_moment
     whole = Estimate(
-        model=inv.name, method=method, settings=settings, bytes=train if peak_phase == "train" else evaluation,
-        details=details, peak_moment=moment, parameters=inv.parameter_count(), trainable=sum(trainable),
-        parameters_by_role=inv.counts_by_role(), phase=peak_phase, host_bytes=acts.host, checkpointed_layers=checkpointed(inv, step),
-        recompute_saved_pct=recompute_saved_pct(inv, settings.seq_len, method, checkpointed(inv, step)) if settings.checkpointing else None,
-        phases={name: {"bytes": phase, "total_bytes": sum(phase.values()),
-                       "allocated_bytes": sum(phase.values()) - slack(overheads[name])}
-                for name, phase in (("train", train), ("eval", evaluation))},
+        model=inv.name,
+        method=method,
+        settings=settings,
+        bytes=train if peak_phase == "train" else evaluation,
+        details=details,
+        peak_moment=moment,
+        parameters=inv.parameter_count(),
+        trainable=sum(trainable),
+        parameters_by_role=inv.counts_by_role(),
+        phase=peak_phase,
+        host_bytes=acts.host,
+        checkpointed_layers=checkpointed(inv, step),
+        recompute_saved_pct=recompute_saved_pct(inv, settings.seq_len, method, checkpointed(inv, step))
+        if settings.checkpointing
+        else None,
+        phases={
+            name: {
+                "bytes": phase,
+                "total_bytes": sum(phase.values()),
+                "allocated_bytes": sum(phase.values()) - slack(overheads[name]),
+            }
+            for name, phase in (("train", train), ("eval", evaluation))
+        },
     )
     return per_gpu(whole, inv, settings)
 
@@ -178,7 +227,10 @@ def long_context_step(inv: Inventory, settings: Settings) -> dict:
     `auto` is resolved against a GPU size by the planner (here, without one: no offload)."""
     tokens = settings.batch_size * settings.seq_len
     offload = settings.offload_checkpoints is True and settings.checkpointing and settings.device == "cuda"
-    return {"mlp_tiles": mlp_tiles_for(settings.mlp_tiles, tokens, inv.dims.hidden, settings.strategy), "offload": offload}
+    return {
+        "mlp_tiles": mlp_tiles_for(settings.mlp_tiles, tokens, inv.dims.hidden, settings.strategy),
+        "offload": offload,
+    }
 
 
 def _linear_tensors(linears) -> list[int]:
@@ -218,7 +270,11 @@ def weight_bytes(inv: Inventory, bits: int | None, double_quant: bool = True) ->
         if bits is None or not lin.quantized:
             parts["linear layers (16-bit)"] += numel * lin.itemsize
             continue
-        layout = nf4_weight_bytes(numel, double_quant) if bits == 4 else int8_weight_bytes(lin.in_features, lin.out_features)
+        layout = (
+            nf4_weight_bytes(numel, double_quant)
+            if bits == 4
+            else int8_weight_bytes(lin.in_features, lin.out_features)
+        )
         for name, size in layout.items():
             parts[name] = parts.get(name, 0) + size
     return {k: v for k, v in parts.items() if v}
@@ -259,5 +315,3 @@ def optimizer_step_temporaries(optimizer: str, device: str, trainable: list[int]
     if itemsize == 1:
         return max((5 if n >= MIN_8BIT_SIZE else 3) * n * fp32 for n in trainable)
     return 3 * max(trainable) * fp32
-
-

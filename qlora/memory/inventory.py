@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from qlora.config.architecture import ATTENTION_NAMES, CLASSIFIER_HEADS, MLP_NAMES, chunked_loss_unsupported, lora_target_names
+from qlora.config.architecture import (
+    ATTENTION_NAMES,
+    CLASSIFIER_HEADS,
+    MLP_NAMES,
+    chunked_loss_unsupported,
+    lora_target_names,
+)
 from qlora.config.errors import QLoraError
 from qlora.memory.catalog import resolve
 
@@ -72,7 +78,9 @@ class Inventory:
     buffers: tuple[Tensor, ...]
     layer_prefix: str  # e.g. 'model.layers.0.': the linears of one decoder layer start with it
     task: str = "causal_lm"
-    chunked_loss_unsupported: str | None = None  # why qlora.ops.loss falls back to the standard loss here (soft-capping, …)
+    chunked_loss_unsupported: str | None = (
+        None  # why qlora.ops.loss falls back to the standard loss here (soft-capping, …)
+    )
 
     def parameter_count(self) -> int:
         return sum(t.numel for t in self.params) + sum(
@@ -103,7 +111,9 @@ class Inventory:
         return tuple(lin for lin in self.linears if lin.role == "classifier")
 
 
-def load_inventory(source: str, dtype_name: str = "bfloat16", task: str = "causal_lm", num_labels: int = 2) -> Inventory:
+def load_inventory(
+    source: str, dtype_name: str = "bfloat16", task: str = "causal_lm", num_labels: int = 2
+) -> Inventory:
     """The inventory of a catalog name, Hub id, model folder or config.json, as loaded in `dtype_name`
     for `task` (a causal LM, or a sequence classifier with `num_labels` outputs)."""
     model_source = resolve(source)
@@ -158,18 +168,40 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
     for mod_name, module in model.named_modules():
         if type(module) is torch.nn.Linear and not (tied and module is head):  # a tied head stores nothing of its own
             leaf = mod_name.rsplit(".", 1)[-1]
-            role = ("lm_head" if module is head else "classifier" if task == "classification" and mod_name in CLASSIFIER_HEADS
-                    else "attention" if leaf in ATTENTION_NAMES else "mlp" if leaf in MLP_NAMES else "other")
-            linears.append(Linear(
-                mod_name, module.in_features, module.out_features, module.bias is not None,
-                module.weight.element_size(), role, should_convert_module(mod_name, skip),
-            ))
+            role = (
+                "lm_head"
+                if module is head
+                else "classifier"
+                if task == "classification" and mod_name in CLASSIFIER_HEADS
+                else "attention"
+                if leaf in ATTENTION_NAMES
+                else "mlp"
+                if leaf in MLP_NAMES
+                else "other"
+            )
+            linears.append(
+                Linear(
+                    mod_name,
+                    module.in_features,
+                    module.out_features,
+                    module.bias is not None,
+                    module.weight.element_size(),
+                    role,
+                    should_convert_module(mod_name, skip),
+                )
+            )
             claimed.update(id(p) for p in module.parameters())
     for param_name, param in model.named_parameters():  # deduplicated: a tied weight is listed once
         if id(param) in claimed:
             continue
         owner = model.get_submodule(param_name.rsplit(".", 1)[0]) if "." in param_name else model
-        role = "embedding" if isinstance(owner, torch.nn.Embedding) else "norm" if "norm" in type(owner).__name__.lower() else "other"
+        role = (
+            "embedding"
+            if isinstance(owner, torch.nn.Embedding)
+            else "norm"
+            if "norm" in type(owner).__name__.lower()
+            else "other"
+        )
         params.append(Tensor(param_name, param.numel(), param.element_size(), role))
     buffers = tuple(Tensor(n, b.numel(), b.element_size(), "buffer") for n, b in model.named_buffers())
     return Inventory(
@@ -194,11 +226,15 @@ def _dims(config) -> Dims:
     """The decoder's sizes; a one-line error for what the activation model does not describe."""
     missing = [key for key in DIM_KEYS if getattr(config, key, None) is None]
     if missing:
-        raise QLoraError(f"{config.model_type}: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, "
-                         f"Gemma, Phi-3, …): its config has no {', '.join(missing)}")
+        raise QLoraError(
+            f"{config.model_type}: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, "
+            f"Gemma, Phi-3, …): its config has no {', '.join(missing)}"
+        )
     if any(getattr(config, key, None) for key in EXPERT_KEYS):
-        raise QLoraError(f"{config.model_type}: mixture-of-experts models are not modeled by the profiler "
-                         "(routing changes both the activations and what bitsandbytes quantizes)")
+        raise QLoraError(
+            f"{config.model_type}: mixture-of-experts models are not modeled by the profiler "
+            "(routing changes both the activations and what bitsandbytes quantizes)"
+        )
     heads = config.num_attention_heads
     return Dims(
         hidden=config.hidden_size,

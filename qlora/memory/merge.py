@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from qlora.config.errors import QLoraError
 from qlora.memory.estimate import weight_bytes
-from qlora.memory.overheads import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
 from qlora.memory.inventory import Inventory, load_inventory
+from qlora.memory.overheads import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
 
 PLACEMENTS = ("auto", "cuda", "layers", "cpu")
 CHECK_POSITIONS = 256  # the merge check's prompts (a few dozen tokens each): their fp32 logits, with room
@@ -86,5 +86,7 @@ def describe(memory: MergeMemory, placement: str, budget: int | None) -> str:
     """One line for the user: what each placement needs, what is free, which one runs."""
     gib = 2**30
     free = f"{budget / gib:.2f} GiB free on the GPU" if budget is not None else "no GPU"
-    return (f"merge memory: {memory.full / gib:.2f} GiB on the GPU for the whole model, {memory.layers / gib:.2f} GiB "
-            f"layer by layer (plus the CUDA context); {free}: merging on {placement}")
+    return (
+        f"merge memory: {memory.full / gib:.2f} GiB on the GPU for the whole model, {memory.layers / gib:.2f} GiB "
+        f"layer by layer (plus the CUDA context); {free}: merging on {placement}"
+    )

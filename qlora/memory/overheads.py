@@ -75,5 +75,10 @@ def overhead(device: str, tensors: int, buffers: int) -> dict[str, int]:
     """Memory besides the training state: the model's buffers, and on CUDA what is not a tensor."""
     parts = {MODEL_BUFFERS: buffers} if buffers else {}
     if device == "cuda":
-        parts.update({"CUDA context": CUDA_CONTEXT_BYTES, f"allocator slack ({ALLOCATOR_SLACK * 100:g}%)": int((tensors + buffers) * ALLOCATOR_SLACK)})
+        parts.update(
+            {
+                "CUDA context": CUDA_CONTEXT_BYTES,
+                f"allocator slack ({ALLOCATOR_SLACK * 100:g}%)": int((tensors + buffers) * ALLOCATOR_SLACK),
+            }
+        )
     return parts

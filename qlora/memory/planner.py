@@ -8,8 +8,8 @@ by bisection over the model of memory (a few dozen arithmetic estimates, no allo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from qlora.config.long_context import mlp_tiles_for
 from qlora.memory.estimate import GIB, Estimate, estimate, settings_inventory
@@ -20,21 +20,42 @@ MAX_BATCH = 1024  # the batch-size search stops here: beyond it "fits" says enou
 METHOD_ORDER = tuple(METHODS)  # full, lora, lora-8bit, qlora: from most memory to least
 
 # How each change the planner may advise is spelled where the user makes it: flags or recipe keys.
-CLI_KEYS = {"seq_len": "--seq-len {}", "batch_size": "--batch-size {}", "rank": "--rank {}", "optimizer": "--optimizer {}",
-            "checkpointing": "gradient checkpointing (drop --no-checkpointing)", "loss": "--loss {}", "eval_batch_size": "--eval-batch-size {}",
-            "gpus": "--gpus {}", "strategy": "--strategy {}", "offload": "--offload {}",
-            **{m: f"--methods {m}" for m in METHODS},
-            # no flags for these: a recipe's keys (qlora.config.long_context), said as such
-            "offload_checkpoints": "training.offload_checkpoints=true (recipe key)", "dropout": "lora.dropout=0 (recipe key)",
-            "tiles": "training.mlp_tiles={} (recipe key)"}
-RECIPE_KEYS = {"seq_len": "data.max_seq_len={}", "batch_size": "training.batch_size={}", "rank": "lora.r={}",
-               "optimizer": "training.optimizer={}", "checkpointing": "training.gradient_checkpointing=true",
-               "loss": "training.loss={}", "eval_batch_size": "training.eval_batch_size={}",
-               "full": "full fine-tuning", "lora": "quantization.bits=none (16-bit LoRA)",
-               "lora-8bit": "quantization.bits=8", "qlora": "quantization.bits=4 (QLoRA)",
-               "offload_checkpoints": "training.offload_checkpoints=true", "dropout": "lora.dropout=0", "tiles": "training.mlp_tiles={}",
-               "gpus": "{0} processes (torchrun --nproc_per_node {0})", "strategy": "distributed.strategy={}",
-               "offload": "distributed.offload={}"}
+CLI_KEYS = {
+    "seq_len": "--seq-len {}",
+    "batch_size": "--batch-size {}",
+    "rank": "--rank {}",
+    "optimizer": "--optimizer {}",
+    "checkpointing": "gradient checkpointing (drop --no-checkpointing)",
+    "loss": "--loss {}",
+    "eval_batch_size": "--eval-batch-size {}",
+    "gpus": "--gpus {}",
+    "strategy": "--strategy {}",
+    "offload": "--offload {}",
+    **{m: f"--methods {m}" for m in METHODS},
+    # no flags for these: a recipe's keys (qlora.config.long_context), said as such
+    "offload_checkpoints": "training.offload_checkpoints=true (recipe key)",
+    "dropout": "lora.dropout=0 (recipe key)",
+    "tiles": "training.mlp_tiles={} (recipe key)",
+}
+RECIPE_KEYS = {
+    "seq_len": "data.max_seq_len={}",
+    "batch_size": "training.batch_size={}",
+    "rank": "lora.r={}",
+    "optimizer": "training.optimizer={}",
+    "checkpointing": "training.gradient_checkpointing=true",
+    "loss": "training.loss={}",
+    "eval_batch_size": "training.eval_batch_size={}",
+    "full": "full fine-tuning",
+    "lora": "quantization.bits=none (16-bit LoRA)",
+    "lora-8bit": "quantization.bits=8",
+    "qlora": "quantization.bits=4 (QLoRA)",
+    "offload_checkpoints": "training.offload_checkpoints=true",
+    "dropout": "lora.dropout=0",
+    "tiles": "training.mlp_tiles={}",
+    "gpus": "{0} processes (torchrun --nproc_per_node {0})",
+    "strategy": "distributed.strategy={}",
+    "offload": "distributed.offload={}",
+}
 
 
 @dataclass(frozen=True)
@@ -56,8 +77,12 @@ class MethodFit:
         return self.estimate.total <= self.gpu_bytes
 
     def to_dict(self) -> dict:
-        return {"gpu_bytes": self.gpu_bytes, "fits": self.fits, "max_seq_len": self.max_seq_len,
-                "max_batch_size": self.max_batch_size}
+        return {
+            "gpu_bytes": self.gpu_bytes,
+            "fits": self.fits,
+            "max_seq_len": self.max_seq_len,
+            "max_batch_size": self.max_batch_size,
+        }
 
 
 @dataclass(frozen=True)
@@ -90,8 +115,10 @@ class FitPlan:
         batch = f"{fit.max_batch_size:,}" + (" or more" if fit.max_batch_size >= MAX_BATCH else "")
         host = sum(fit.estimate.host_bytes.values())
         host_ram = f" (and {gib(host)} of host RAM for the offloaded layer inputs)" if host else ""
-        return (f"{head}{host_ram}: fits; longest sequence {seq} at batch {s.batch_size}, "
-                f"largest batch {batch} at sequence {s.seq_len:,}")
+        return (
+            f"{head}{host_ram}: fits; longest sequence {seq} at batch {s.batch_size}, "
+            f"largest batch {batch} at sequence {s.seq_len:,}"
+        )
 
 
 def gib(n: int) -> str:
@@ -125,7 +152,7 @@ def predict(inv: Inventory, method: str, settings: Settings, gpu_bytes: int) -> 
 
 def fit_method(inv: Inventory, method: str, settings: Settings, gpu_bytes: int) -> MethodFit:
     """`method` at `settings` against `gpu_bytes`, with the largest sequence length and batch size that fit."""
-    within = lambda **change: predict(inv, method, settings.replace(**change), gpu_bytes).total <= gpu_bytes  # noqa: E731
+    within = lambda **change: predict(inv, method, settings.replace(**change), gpu_bytes).total <= gpu_bytes
     limit = inv.dims.max_positions
     return MethodFit(
         estimate=predict(inv, method, settings, gpu_bytes),
@@ -141,7 +168,7 @@ def fewest_checkpointed_layers(inv: Inventory, method: str, settings: Settings, 
     that does not fit. Every layer not checkpointed is a layer's forward not recomputed: the speed a card's
     spare memory buys."""
     layers = inv.dims.layers
-    fits = lambda n: predict(inv, method, settings.replace(checkpoint_layers=n), gpu_bytes).total <= gpu_bytes  # noqa: E731
+    fits = lambda n: predict(inv, method, settings.replace(checkpoint_layers=n), gpu_bytes).total <= gpu_bytes
     if not fits(layers):
         return layers
     low, high = -1, layers  # the peak falls as layers are checkpointed: not fits(low), fits(high)
@@ -162,15 +189,19 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
     if fit.max_seq_len:
         out.append(f"fits with {k['seq_len'].format(fit.max_seq_len)} (at batch {s.batch_size})")
     if fit.max_batch_size:
-        out.append(f"fits with {k['batch_size'].format(fit.max_batch_size)} (at sequence {s.seq_len}; "
-                   "raise gradient accumulation to keep the effective batch)")
+        out.append(
+            f"fits with {k['batch_size'].format(fit.max_batch_size)} (at sequence {s.seq_len}; "
+            "raise gradient accumulation to keep the effective batch)"
+        )
     elif s.batch_size > 1:  # one sequence per step, accumulated, keeps far more of the length
-        within = lambda n: estimate(inv, method, s.replace(batch_size=1, seq_len=n)).total <= gpu  # noqa: E731
+        within = lambda n: estimate(inv, method, s.replace(batch_size=1, seq_len=n)).total <= gpu
         longest = largest(within, fit.seq_len_limit)
         if longest > fit.max_seq_len:
-            out.append(f"fits with {k['batch_size'].format(1)} and {k['seq_len'].format(longest)} "
-                       "(raise gradient accumulation to keep the effective batch)")
-    predicted = lambda m, **change: estimate(inv, m, s.replace(**change)).total  # noqa: E731
+            out.append(
+                f"fits with {k['batch_size'].format(1)} and {k['seq_len'].format(longest)} "
+                "(raise gradient accumulation to keep the effective batch)"
+            )
+    predicted = lambda m, **change: estimate(inv, m, s.replace(**change)).total
     changes = []  # (how the user spells it, predicted peak after it)
     if fit.estimate.phase == "eval" and s.eval_batch > 1:  # the eval step is the peak: a smaller eval batch
         evals = largest(lambda n: predicted(method, eval_batch_size=n) <= gpu, s.eval_batch - 1)
@@ -187,7 +218,7 @@ def remedies(inv: Inventory, fit: MethodFit, keys: dict[str, str], tried: set[st
         rank = largest(lambda r: predicted(method, rank=r) <= gpu, s.rank - 1)
         if rank:
             changes.append((k["rank"].format(rank), predicted(method, rank=rank)))
-    for other in METHOD_ORDER[METHOD_ORDER.index(method) + 1:]:
+    for other in METHOD_ORDER[METHOD_ORDER.index(method) + 1 :]:
         if other not in tried:
             changes.append((k[other], predicted(other)))
     out += [f"fits with {change}: {gib(peak)}" for change, peak in changes if peak <= gpu]
@@ -217,7 +248,9 @@ def long_context_keys(inv: Inventory, method: str, s: Settings, k: dict[str, str
     return changes, spelled
 
 
-def long_context_changes(inv: Inventory, method: str, s: Settings, gpu: int, k: dict[str, str]) -> tuple[str, int] | None:
+def long_context_changes(
+    inv: Inventory, method: str, s: Settings, gpu: int, k: dict[str, str]
+) -> tuple[str, int] | None:
     """The long-context keys not yet in use, spelled together, and the predicted peak with all of them."""
     changes, spelled = long_context_keys(inv, method, s, k)
     return (", ".join(spelled), predict(inv, method, s.replace(**changes), gpu).total) if changes else None
@@ -231,13 +264,17 @@ def reach(inv: Inventory, fit: MethodFit, keys: dict[str, str]) -> list[str]:
         changes["mlp_tiles"] = "auto"  # as many tiles as each length needs
     if not changes:
         return []
-    longest = largest(lambda n: predict(inv, method, s.replace(seq_len=n, **changes), gpu).total <= gpu, fit.seq_len_limit)
+    longest = largest(
+        lambda n: predict(inv, method, s.replace(seq_len=n, **changes), gpu).total <= gpu, fit.seq_len_limit
+    )
     if longest <= fit.max_seq_len:
         return []
     _, spelled = long_context_keys(inv, method, s.replace(seq_len=longest), keys)
     host = sum(predict(inv, method, s.replace(seq_len=longest, **changes), gpu).host_bytes.values())
-    return [f"longest sequence {longest:,} at batch {s.batch_size} with {', '.join(spelled)}"
-            + (f" (host RAM for the offloaded layer inputs: {gib(host)})" if host else "")]
+    return [
+        f"longest sequence {longest:,} at batch {s.batch_size} with {', '.join(spelled)}"
+        + (f" (host RAM for the offloaded layer inputs: {gib(host)})" if host else "")
+    ]
 
 
 def combined(inv: Inventory, method: str, s: Settings, gpu: int, k: dict[str, str]) -> str:
@@ -258,8 +295,10 @@ def combined(inv: Inventory, method: str, s: Settings, gpu: int, k: dict[str, st
         changes = spelled + [k["rank"].format(1), k["batch_size"].format(1), k["seq_len"].format(seq)]
         return f"fits with {', '.join(changes)}: {gib(peak)}"
     floor = estimate(inv, "qlora", tiny.replace(seq_len=1)).total
-    return (f"nothing fits {gib(gpu)}: even QLoRA at batch 1, one token, rank 1 and 8-bit AdamW needs {gib(floor)}; "
-            "use a GPU with more memory or a smaller model")
+    return (
+        f"nothing fits {gib(gpu)}: even QLoRA at batch 1, one token, rank 1 and 8-bit AdamW needs {gib(floor)}; "
+        "use a GPU with more memory or a smaller model"
+    )
 
 
 # --- how many GPUs (--gpus auto) and what makes a sharded step fit ------------------------------------
@@ -289,8 +328,13 @@ class CardPlan:
     def to_dict(self) -> dict:
         if not self.gpus:
             return {"strategy": self.strategy, "offload": self.offload, "gpus": None}
-        return {"strategy": self.strategy, "offload": self.offload, "gpus": self.gpus, "per_gpu_bytes": self.estimate.total,
-                "host_ram_bytes": sum(self.estimate.host_bytes.values())}
+        return {
+            "strategy": self.strategy,
+            "offload": self.offload,
+            "gpus": self.gpus,
+            "per_gpu_bytes": self.estimate.total,
+            "host_ram_bytes": sum(self.estimate.host_bytes.values()),
+        }
 
 
 def cards_needed(inv, method: str, settings, gpu_bytes: int) -> list[CardPlan]:
@@ -314,37 +358,54 @@ def sharding_remedies(inv, method: str, settings, gpu_bytes: int, keys: dict[str
     """What makes a step on several GPUs fit: CPU offload, the other sharding strategy (or one instead of
     DDP), more GPUs."""
     out = []
-    predicted = lambda **change: estimate(inv, method, settings.replace(**change))  # noqa: E731
+    predicted = lambda **change: estimate(inv, method, settings.replace(**change))
     options = []
     if settings.strategy == "ddp" and method != "lora-8bit":
         options += [{"strategy": "fsdp"}, {"strategy": "zero3"}, {"strategy": "fsdp", "offload": "cpu"}]
     elif settings.strategy != "ddp":
         other = "fsdp" if settings.strategy == "zero3" else "zero3"
-        options += [{"offload": "cpu"}, {"strategy": other}, {"strategy": other, "offload": "cpu"}] if settings.offload == "none" else [{"strategy": other}]
+        options += (
+            [{"offload": "cpu"}, {"strategy": other}, {"strategy": other, "offload": "cpu"}]
+            if settings.offload == "none"
+            else [{"strategy": other}]
+        )
     for change in options:
         est = predicted(**change)
         if est.total <= gpu_bytes:
             host = sum(est.host_bytes.values())
             spelled = ", ".join(keys[k].format(v) for k, v in change.items())
-            out.append(f"fits with {spelled}: {est.total / 2**30:.2f} GiB per GPU" + (f", host RAM {host / 2**30:.1f} GiB" if host else ""))
+            out.append(
+                f"fits with {spelled}: {est.total / 2**30:.2f} GiB per GPU"
+                + (f", host RAM {host / 2**30:.1f} GiB" if host else "")
+            )
     if settings.strategy != "ddp":
         more = next((n for n in range(settings.gpus + 1, MAX_GPUS + 1) if predicted(gpus=n).total <= gpu_bytes), None)
         if more:
             est, host = predicted(gpus=more), sum(predicted(gpus=more).host_bytes.values())
-            out.append(f"fits with {keys['gpus'].format(more)}: {est.total / 2**30:.2f} GiB per GPU" + (f", host RAM {host / 2**30:.1f} GiB" if host else ""))
+            out.append(
+                f"fits with {keys['gpus'].format(more)}: {est.total / 2**30:.2f} GiB per GPU"
+                + (f", host RAM {host / 2**30:.1f} GiB" if host else "")
+            )
     return out
 
 
-def plan(model: str | Inventory, methods, settings: Settings, gpu_bytes: int, keys: dict[str, str] = CLI_KEYS) -> FitPlan:
+def plan(
+    model: str | Inventory, methods, settings: Settings, gpu_bytes: int, keys: dict[str, str] = CLI_KEYS
+) -> FitPlan:
     """Fit every method of `methods` on `model` into `gpu_bytes`."""
     inv = settings_inventory(model, settings)
     fits = tuple(fit_method(inv, m, settings, gpu_bytes) for m in methods)
     tried = set(methods)
-    return FitPlan(inv.name, gpu_bytes, settings, fits, {f.method: remedies(inv, f, keys, tried) + reach(inv, f, keys) for f in fits})
+    return FitPlan(
+        inv.name,
+        gpu_bytes,
+        settings,
+        fits,
+        {f.method: remedies(inv, f, keys, tried) + reach(inv, f, keys) for f in fits},
+    )
 
 
 def plan_fit(recipe, gpu_bytes: int) -> FitPlan:
     """The fit plan of what `recipe` trains, on a GPU of `gpu_bytes`, advice in recipe keys."""
     model, method, settings = from_recipe(recipe)
     return plan(model, (method,), settings, gpu_bytes, RECIPE_KEYS)
-

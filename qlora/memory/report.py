@@ -16,13 +16,18 @@ from pathlib import Path
 
 from qlora.config.io import atomic_write_json, atomic_write_text
 from qlora.config.precision import dtype_name
-from qlora.memory.estimate import COMPONENTS, compute_dtype, Estimate, liger_kernels
+from qlora.memory.estimate import COMPONENTS, Estimate, compute_dtype, liger_kernels
 from qlora.memory.planner import FitPlan, MethodFit
 from qlora.memory.settings import Settings
 
-
-COLORS = {"weights": "#4c72b0", "adapters": "#dd8452", "gradients": "#c44e52", "optimizer": "#8172b3",
-          "activations": "#55a868", "overhead": "#937860"}
+COLORS = {
+    "weights": "#4c72b0",
+    "adapters": "#dd8452",
+    "gradients": "#c44e52",
+    "optimizer": "#8172b3",
+    "activations": "#55a868",
+    "overhead": "#937860",
+}
 
 
 @dataclass
@@ -36,8 +41,12 @@ class Measurement:
     phases: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"device": self.device, "peak_bytes": self.peak, "bytes": dict(self.bytes), "phase_peaks": dict(self.phases)}
-
+        return {
+            "device": self.device,
+            "peak_bytes": self.peak,
+            "bytes": dict(self.bytes),
+            "phase_peaks": dict(self.phases),
+        }
 
 
 @dataclass
@@ -76,16 +85,25 @@ def describe(settings: Settings) -> str:
     """The settings in one line, as tables and captions show them."""
     targets = settings.targets if isinstance(settings.targets, str) else ",".join(settings.targets)
     task = f"classifier ({settings.num_labels} labels) · " if settings.task == "classification" else ""
-    return (f"{task}seq {settings.seq_len:,} · batch {settings.batch_size} · r {settings.rank} ({targets}) · "
-            f"{settings.optimizer} · {'checkpointing' if settings.checkpointing else 'no checkpointing'} · "
-            f"{settings.attn_implementation} · {dtype_name(compute_dtype(settings))} on {settings.device}"
-            f"{'' if settings.task == 'classification' else f' · {settings.loss} loss'}"
-            f"{f' · eval batch {settings.eval_batch}' if settings.eval_batch != settings.batch_size else ''}"
-            + (" · Liger kernels" if liger_kernels(settings) else "")
-            + (f" · MLP tiles {settings.mlp_tiles}" if settings.mlp_tiles != "auto" else "")
-            + (f" · offloaded checkpoints ({str(settings.offload_checkpoints).lower()})" if settings.offload_checkpoints else "")
-            + (f" · per GPU of {settings.gpus}, {settings.strategy}{' + CPU offload' if settings.offload == 'cpu' else ''}"
-               if settings.gpus > 1 else ""))
+    return (
+        f"{task}seq {settings.seq_len:,} · batch {settings.batch_size} · r {settings.rank} ({targets}) · "
+        f"{settings.optimizer} · {'checkpointing' if settings.checkpointing else 'no checkpointing'} · "
+        f"{settings.attn_implementation} · {dtype_name(compute_dtype(settings))} on {settings.device}"
+        f"{'' if settings.task == 'classification' else f' · {settings.loss} loss'}"
+        f"{f' · eval batch {settings.eval_batch}' if settings.eval_batch != settings.batch_size else ''}"
+        + (" · Liger kernels" if liger_kernels(settings) else "")
+        + (f" · MLP tiles {settings.mlp_tiles}" if settings.mlp_tiles != "auto" else "")
+        + (
+            f" · offloaded checkpoints ({str(settings.offload_checkpoints).lower()})"
+            if settings.offload_checkpoints
+            else ""
+        )
+        + (
+            f" · per GPU of {settings.gpus}, {settings.strategy}{' + CPU offload' if settings.offload == 'cpu' else ''}"
+            if settings.gpus > 1
+            else ""
+        )
+    )
 
 
 def unit(runs: list[Run]) -> tuple[str, int]:
@@ -102,7 +120,11 @@ def header(runs: list[Run]) -> list[str]:
     plan = next((run.plan for run in runs if run.plan), None)
     if plan:  # a table shows one group: one GPU, one batch size and sequence length
         s = plan.settings
-        cols += [f"Fits {plan.gpu_bytes / 2**30:g} GiB", f"Max seq (batch {s.batch_size})", f"Max batch (seq {s.seq_len:,})"]
+        cols += [
+            f"Fits {plan.gpu_bytes / 2**30:g} GiB",
+            f"Max seq (batch {s.batch_size})",
+            f"Max batch (seq {s.seq_len:,})",
+        ]
     return cols
 
 
@@ -114,7 +136,11 @@ def rows(runs: list[Run]) -> list[list[str]]:
     for run in runs:
         for result in run.results:
             e = result.estimate
-            row = [run.label, e.method] + [f"{e.bytes[c] / scale:.2f}" for c in COMPONENTS] + [f"{e.total / scale:.2f}", phase_cell(e, scale)]
+            row = (
+                [run.label, e.method]
+                + [f"{e.bytes[c] / scale:.2f}" for c in COMPONENTS]
+                + [f"{e.total / scale:.2f}", phase_cell(e, scale)]
+            )
             if measuring:
                 m = result.measured
                 row += [f"{m.peak / scale:.2f}", f"{result.error:+.2%}"] if m else ["", ""]
@@ -127,18 +153,28 @@ def rows(runs: list[Run]) -> list[list[str]]:
 
 def phase_cell(e: Estimate, scale: int) -> str:
     """Both phases' totals, the peak one (what Total shows) marked."""
-    cells = [f"{e.phases[name]['total_bytes'] / scale:.2f}" + ("*" if name == e.phase else "") for name in ("train", "eval") if name in e.phases]
+    cells = [
+        f"{e.phases[name]['total_bytes'] / scale:.2f}" + ("*" if name == e.phase else "")
+        for name in ("train", "eval")
+        if name in e.phases
+    ]
     return " / ".join(cells)
 
 
 def _fit_cells(fit: MethodFit) -> list[str]:
-    return ["yes" if fit.fits else "no", f"{fit.max_seq_len:,}" if fit.max_seq_len else "—",
-            f"{fit.max_batch_size:,}" if fit.max_batch_size else "—"]
+    return [
+        "yes" if fit.fits else "no",
+        f"{fit.max_seq_len:,}" if fit.max_seq_len else "—",
+        f"{fit.max_batch_size:,}" if fit.max_batch_size else "—",
+    ]
 
 
 def groups(runs: list[Run]) -> list[list[Run]]:
     """Consecutive runs that share settings and GPU: one table each."""
-    return [list(group) for _, group in itertools.groupby(runs, lambda run: (run.settings, run.plan.gpu_bytes if run.plan else None))]
+    return [
+        list(group)
+        for _, group in itertools.groupby(runs, lambda run: (run.settings, run.plan.gpu_bytes if run.plan else None))
+    ]
 
 
 def print_table(runs: list[Run], console=None) -> None:
@@ -151,8 +187,12 @@ def print_table(runs: list[Run], console=None) -> None:
         name, _ = unit(group)
         table = Table(title=f"Predicted peak training memory ({name})", caption=describe(group[0].settings))
         for i, col in enumerate(header(group)):
-            table.add_column(col, justify="left" if i < 2 else "right", no_wrap=i == 0,
-                             style="bold" if col.startswith("Total") else None)
+            table.add_column(
+                col,
+                justify="left" if i < 2 else "right",
+                no_wrap=i == 0,
+                style="bold" if col.startswith("Total") else None,
+            )
         for row in rows(group):
             table.add_row(*row)
         console.print(table)
@@ -179,15 +219,24 @@ def to_markdown(runs: list[Run], command: str | None = None) -> str:
     for group in groups(runs):
         name, _ = unit(group)
         cols = header(group)
-        lines += [f"**{describe(group[0].settings)}** — predicted peak memory per training step ({name})", "",
-                  "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|"]
+        lines += [
+            f"**{describe(group[0].settings)}** — predicted peak memory per training step ({name})",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in rows(group)]
-        lines += ["", "Total is the run's peak: the larger of the training step and the eval step (marked *); the eval step "
-                  "is a no-grad forward at the eval batch size with the optimizer states alive and no gradients."]
+        lines += [
+            "",
+            "Total is the run's peak: the larger of the training step and the eval step (marked *); the eval step "
+            "is a no-grad forward at the eval batch size with the optimizer states alive and no gradients.",
+        ]
         lines += measured_rows(group)
         fit_lines = advice(group)
         if fit_lines:
-            lines += ["", "Fit plan:", ""] + [f"- {line}" if not line.startswith("  ") else f"  {line.strip()}" for line in fit_lines]
+            lines += ["", "Fit plan:", ""] + [
+                f"- {line}" if not line.startswith("  ") else f"  {line.strip()}" for line in fit_lines
+            ]
         lines.append("")
     environment = next((run.environment for run in runs if run.environment), None)
     if environment:
@@ -200,12 +249,20 @@ def measured_rows(runs: list[Run]) -> list[str]:
     measured = [(run, r) for run in runs for r in run.results if r.measured]
     if not measured:
         return []
-    lines = ["", "Measured at the peak vs predicted, bytes (measured / predicted):", "",
-             "| Model | Method | " + " | ".join(c.capitalize() for c in COMPONENTS) + " | Peak |",
-             "|---|---|" + "---:|" * (len(COMPONENTS) + 1)]
+    lines = [
+        "",
+        "Measured at the peak vs predicted, bytes (measured / predicted):",
+        "",
+        "| Model | Method | " + " | ".join(c.capitalize() for c in COMPONENTS) + " | Peak |",
+        "|---|---|" + "---:|" * (len(COMPONENTS) + 1),
+    ]
     for run, r in measured:
         cells = [f"{r.measured.bytes.get(c, 0):,} / {r.estimate.bytes[c]:,}" for c in COMPONENTS]
-        lines.append(f"| {run.label} | {r.estimate.method} | " + " | ".join(cells) + f" | {r.measured.peak:,} / {r.estimate.allocated:,} |")
+        lines.append(
+            f"| {run.label} | {r.estimate.method} | "
+            + " | ".join(cells)
+            + f" | {r.measured.peak:,} / {r.estimate.allocated:,} |"
+        )
     return lines
 
 
@@ -223,8 +280,12 @@ def to_json(runs: list[Run]) -> dict:
             if fit:
                 entry["fit"] = fit.to_dict()
             results.append(entry)
-        item = {"model": run.model, "settings": run.settings.to_dict(), "compute_dtype": dtype_name(compute_dtype(run.settings)),
-                "results": results}
+        item = {
+            "model": run.model,
+            "settings": run.settings.to_dict(),
+            "compute_dtype": dtype_name(compute_dtype(run.settings)),
+            "results": results,
+        }
         if run.recipe:
             item["recipe"] = run.recipe
         if run.plan:
@@ -257,9 +318,17 @@ def plot(run: Run, path: Path) -> Path:
     if measured:
         ax.scatter(*zip(*measured), marker="_", s=900, color="black", zorder=3, label="measured")
     if run.plan:
-        ax.axhline(run.plan.gpu_bytes / scale, color="black", linestyle="--", linewidth=1, label=f"GPU ({run.plan.gpu_bytes / scale:g} {name})")
+        ax.axhline(
+            run.plan.gpu_bytes / scale,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label=f"GPU ({run.plan.gpu_bytes / scale:g} {name})",
+        )
     ax.set_ylabel(name)
-    ax.set_xlabel(textwrap.fill(describe(run.settings), int(width * 11)), fontsize=7, color="dimgray")  # within the figure
+    ax.set_xlabel(
+        textwrap.fill(describe(run.settings), int(width * 11)), fontsize=7, color="dimgray"
+    )  # within the figure
     ax.set_title(textwrap.fill(f"{run.label}: peak training memory", int(width * 8)), fontsize=11)
     handles, labels = ax.get_legend_handles_labels()  # outside the bars, top to bottom as they stack
     ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))

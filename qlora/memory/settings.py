@@ -36,7 +36,9 @@ class Settings:
     lora_dropout: float = 0.05
     optimizer: str = "paged_adamw_32bit"
     checkpointing: bool = True
-    checkpoint_layers: int | str | None = None  # with checkpointing: the first N decoder layers, 'auto' (the planner's), None (all)
+    checkpoint_layers: int | str | None = (
+        None  # with checkpointing: the first N decoder layers, 'auto' (the planner's), None (all)
+    )
     attn_implementation: str = "sdpa"
     compute_dtype: str = "auto"
     double_quant: bool = True
@@ -48,17 +50,23 @@ class Settings:
     gpus: int = 1  # > 1: the numbers are one GPU's share under `strategy` (qlora.memory.sharding)
     strategy: str = "ddp"  # ddp | fsdp | zero3, as the recipe's distributed.strategy
     offload: str = "none"  # none | cpu, as distributed.offload
-    loss: str = "chunked"  # causal LM: 'chunked' (qlora.ops.loss, no full logits) or 'standard'; a classifier ignores it
+    loss: str = (
+        "chunked"  # causal LM: 'chunked' (qlora.ops.loss, no full logits) or 'standard'; a classifier ignores it
+    )
     eval_batch_size: int | None = None  # the eval step's batch (None: batch_size)
-    generate_tokens: int = 0  # eval.metric exact_match: greedy generation of this many tokens at the eval batch (KV cache)
+    generate_tokens: int = (
+        0  # eval.metric exact_match: greedy generation of this many tokens at the eval batch (KV cache)
+    )
     kernels: str = "auto"  # training.kernels: 'auto' = Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss on CUDA (a GPU install brings it); 'none'
-    native_bf16: bool = True  # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): same bytes
+    native_bf16: bool = (
+        True  # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): same bytes
+    )
 
     @property
     def eval_batch(self) -> int:
         return self.eval_batch_size or self.batch_size
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +105,9 @@ def from_recipe(recipe, num_labels: int | None = None, device: str = "cuda") -> 
         lora_dropout=recipe.lora.dropout,
         optimizer=recipe.training.optimizer,
         checkpointing=recipe.training.gradient_checkpointing not in (False, 0),
-        checkpoint_layers=None if isinstance(recipe.training.gradient_checkpointing, bool) else recipe.training.gradient_checkpointing,
+        checkpoint_layers=None
+        if isinstance(recipe.training.gradient_checkpointing, bool)
+        else recipe.training.gradient_checkpointing,
         attn_implementation=recipe.model.attn_implementation,
         compute_dtype=recipe.quantization.compute_dtype,
         double_quant=recipe.quantization.double_quant,
@@ -112,7 +122,9 @@ def from_recipe(recipe, num_labels: int | None = None, device: str = "cuda") -> 
         loss=recipe.training.loss,
         kernels=recipe.training.kernels,
         eval_batch_size=recipe.training.eval_batch_size,
-        generate_tokens=recipe.eval.max_new_tokens if recipe.eval.metric == "exact_match" and recipe.task == "causal_lm" else 0,
+        generate_tokens=recipe.eval.max_new_tokens
+        if recipe.eval.metric == "exact_match" and recipe.task == "causal_lm"
+        else 0,
     )
     return recipe.model.name_or_path, recipe.method, settings
 

@@ -60,15 +60,31 @@ class Layout:
 def layout(inv, method: str, settings, weights: dict[str, int]) -> Layout:
     bits = METHODS[method]
     linears = inv.layer_linears().values()
-    stored = sum(ceil(lin.in_features * lin.out_features / 2) if bits == 4 and lin.quantized
-                 else lin.in_features * lin.out_features * lin.itemsize for lin in linears)
+    stored = sum(
+        ceil(lin.in_features * lin.out_features / 2)
+        if bits == 4 and lin.quantized
+        else lin.in_features * lin.out_features * lin.itemsize
+        for lin in linears
+    )
     stored += sum(lin.out_features * lin.itemsize for lin in linears if lin.bias)
     stored += sum(t.numel * t.itemsize for t in inv.params if t.name.startswith(inv.layer_prefix))
-    targets = [] if method == "full" else [lin for lin in inv.lora_targets(settings.targets) if lin.name.startswith(inv.layer_prefix)]
+    targets = (
+        []
+        if method == "full"
+        else [lin for lin in inv.lora_targets(settings.targets) if lin.name.startswith(inv.layer_prefix)]
+    )
     adapters = sum(settings.rank * (lin.in_features + lin.out_features) for lin in targets) * ADAPTER_DTYPE.itemsize
-    grads = stored if method == "full" else adapters * trainable_dtype(method, compute_dtype(settings)).itemsize // ADAPTER_DTYPE.itemsize
+    grads = (
+        stored
+        if method == "full"
+        else adapters * trainable_dtype(method, compute_dtype(settings)).itemsize // ADAPTER_DTYPE.itemsize
+    )
     embeddings = sum(t.numel * t.itemsize for t in inv.params if t.role == "embedding")
-    head = sum(lin.in_features * lin.out_features * lin.itemsize for lin in inv.linears if lin.role in ("lm_head", "classifier"))
+    head = sum(
+        lin.in_features * lin.out_features * lin.itemsize
+        for lin in inv.linears
+        if lin.role in ("lm_head", "classifier")
+    )
     return Layout(inv.dims.layers, stored, adapters, grads, embeddings, head)
 
 
@@ -96,14 +112,21 @@ def _sharded(est, inv, settings):
     sharded = sum(weights.values()) - replicated
     lay = layout(inv, est.method, settings, weights)
     layer = lay.layer_weights + lay.layer_adapters
-    root = max(sharded - lay.layers * lay.layer_weights, 0)  # embeddings, final norm, head (and what is outside the layers)
+    root = max(
+        sharded - lay.layers * lay.layer_weights, 0
+    )  # embeddings, final norm, head (and what is outside the layers)
     if engine == "fsdp":
-        gather = {"root unit, gathered (embeddings, final norm, head)": root, "2 decoder layers, gathered (computed + prefetched)": 2 * layer}
+        gather = {
+            "root unit, gathered (embeddings, final norm, head)": root,
+            "2 decoder layers, gathered (computed + prefetched)": 2 * layer,
+        }
     else:
-        gather = {"largest module, gathered (embeddings, head or a layer)": max(lay.embeddings, lay.head, layer),
-                  "next decoder layer, prefetched": layer}
+        gather = {
+            "largest module, gathered (embeddings, head or a layer)": max(lay.embeddings, lay.head, layer),
+            "next decoder layer, prefetched": layer,
+        }
     on_gpu = 0 if offload == "cpu" else 1
-    shard = lambda total: ceil(total / n) * on_gpu  # noqa: E731
+    shard = lambda total: ceil(total / n) * on_gpu
     parts = {
         "weights": shard(sharded) + replicated + sum(gather.values()),
         "adapters": shard(est.bytes["adapters"]),
@@ -111,23 +134,40 @@ def _sharded(est, inv, settings):
         "optimizer": shard(est.bytes["optimizer"]),
         "activations": est.bytes["activations"],
     }
-    details = {**est.details,
-               "weights": {f"sharded parameters (1/{n})" if on_gpu else "sharded parameters (in host RAM)": shard(sharded),
-                           "4-bit quantization state (every GPU)": replicated, **gather},
-               "gradients": {f"sharded gradients (1/{n})": shard(est.bytes["gradients"]), "one layer's gradient before reduce-scatter": lay.layer_grads},
-               "optimizer": {f"sharded optimizer states (1/{n})": shard(est.bytes["optimizer"])}}
+    details = {
+        **est.details,
+        "weights": {
+            f"sharded parameters (1/{n})" if on_gpu else "sharded parameters (in host RAM)": shard(sharded),
+            "4-bit quantization state (every GPU)": replicated,
+            **gather,
+        },
+        "gradients": {
+            f"sharded gradients (1/{n})": shard(est.bytes["gradients"]),
+            "one layer's gradient before reduce-scatter": lay.layer_grads,
+        },
+        "optimizer": {f"sharded optimizer states (1/{n})": shard(est.bytes["optimizer"])},
+    }
     moment = f"{est.peak_moment} ({engine}, {n} GPUs{', CPU offload' if offload == 'cpu' else ''})"
     host = {}
     if offload == "cpu":  # all N shards, one host (a multi-node run divides this by the nodes)
-        host = {"offloaded parameters": sharded, "offloaded LoRA weights": est.bytes["adapters"],
-                "offloaded gradients": est.bytes["gradients"], "offloaded optimizer states": est.bytes["optimizer"]}
+        host = {
+            "offloaded parameters": sharded,
+            "offloaded LoRA weights": est.bytes["adapters"],
+            "offloaded gradients": est.bytes["gradients"],
+            "offloaded optimizer states": est.bytes["optimizer"],
+        }
     if engine == "fsdp":
         loading = n * sum(weights.values())  # every process quantizes the whole model in host RAM
         if loading > sum(host.values()):
             host = {f"loading: the 4-bit model in each of {n} processes": loading}
     elif sum(weights.values()) > sum(parts.values()):  # ZeRO-3: the whole 4-bit model on each GPU before partitioning
         parts = {**{k: 0 for k in parts}, "weights": sum(weights.values())}
-        details = {**est.details, "weights": {"loading: the whole 4-bit model on each GPU, before DeepSpeed partitions it": sum(weights.values())}}
+        details = {
+            **est.details,
+            "weights": {
+                "loading: the whole 4-bit model on each GPU, before DeepSpeed partitions it": sum(weights.values())
+            },
+        }
         moment = f"loading (zero3, {n} GPUs: transformers loads a quantized model whole onto each GPU)"
     return _finish(est, parts, details, moment, host)
 
@@ -138,4 +178,6 @@ def _finish(est, parts, details, moment, host):
     parts = {**parts, "overhead": sum(extra.values())}
     details = {**details, "overhead": extra}
     # host RAM of offloaded checkpoints (qlora.config.long_context) stays beside what sharding adds
-    return dataclasses.replace(est, bytes=parts, details=details, peak_moment=moment, host_bytes={**est.host_bytes, **host})
+    return dataclasses.replace(
+        est, bytes=parts, details=details, peak_moment=moment, host_bytes={**est.host_bytes, **host}
+    )

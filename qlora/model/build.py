@@ -36,7 +36,9 @@ class LoadedModel:
     loss: str = "standard"
 
 
-def enable_gradient_checkpointing(model, reentrant: bool = False, offload: bool = False, layers: int | None = None) -> None:
+def enable_gradient_checkpointing(
+    model, reentrant: bool = False, offload: bool = False, layers: int | None = None
+) -> None:
     """Recompute each layer in backward instead of keeping its activations (transformers' checkpointing);
     `layers`: only the first so many decoder layers (the rest keep theirs, and are not recomputed).
 
@@ -51,7 +53,9 @@ def enable_gradient_checkpointing(model, reentrant: bool = False, offload: bool 
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if offload:
-        chosen = next(m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False))
+        chosen = next(
+            m._gradient_checkpointing_func for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+        )
         model._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=offloaded(chosen))
     if layers is not None:  # transformers' own flag per layer (its every_n_layers sets the same one)
         for index, layer in enumerate(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
@@ -67,7 +71,10 @@ def install_loss(model, recipe: Recipe) -> str:
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     reason = chunked_loss_unsupported(causal_lm)
     if reason:
-        print(f"training.loss: chunked cannot reproduce this model's logits ({reason}); using the standard loss", file=sys.stderr)
+        print(
+            f"training.loss: chunked cannot reproduce this model's logits ({reason}); using the standard loss",
+            file=sys.stderr,
+        )
         return "standard"
     install_chunked_loss(model, fused=recipe.training.kernels == "auto")
     return "chunked"
@@ -78,12 +85,16 @@ def prepare_for_training(base, recipe: Recipe, lora: bool = True, offload: bool 
     t = recipe.training
     layers = checkpointed_layers(t.gradient_checkpointing, base.config.get_text_config().num_hidden_layers)
     if layers:
-        enable_gradient_checkpointing(base, reentrant=recipe.distributed.strategy in ("fsdp", "zero3"), offload=offload, layers=layers)
+        enable_gradient_checkpointing(
+            base, reentrant=recipe.distributed.strategy in ("fsdp", "zero3"), offload=offload, layers=layers
+        )
     model = attach_lora(base, recipe.lora, recipe.task) if lora else base
     loss = install_loss(model, recipe)
     if t.mlp_tiles != 1:
         hidden = base.config.get_text_config().hidden_size
-        tile_mlps(base, functools.partial(mlp_tiles_for, t.mlp_tiles, hidden=hidden, strategy=recipe.distributed.strategy))
+        tile_mlps(
+            base, functools.partial(mlp_tiles_for, t.mlp_tiles, hidden=hidden, strategy=recipe.distributed.strategy)
+        )
     if t.compile:  # each layer's call compiled; the layers share one graph (their weights are its inputs)
         for layer in (m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)):
             layer.compile()
@@ -97,8 +108,13 @@ def use_decoder_kernels(recipe: Recipe) -> bool:
     return apply_decoder_kernels(load_model_config(recipe.model).model_type)
 
 
-def build_model(recipe: Recipe, label_names: list[str] | None = None, device: str | None = None, tokenizer=None,
-                offload: bool = False) -> LoadedModel:
+def build_model(
+    recipe: Recipe,
+    label_names: list[str] | None = None,
+    device: str | None = None,
+    tokenizer=None,
+    offload: bool = False,
+) -> LoadedModel:
     """Tokenizer + quantized base + LoRA (+ checkpointing, loss, tiles), all as the recipe says; `offload`:
     training's decision for `training.offload_checkpoints`."""
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype, device)

@@ -52,17 +52,25 @@ def check_hub_model(name: str, revision: str | None) -> None:
     if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return
     if constants.HF_HUB_OFFLINE:
-        raise QLoraError(f"model.name_or_path: '{name}' is not a local folder nor in the Hub cache, and HF_HUB_OFFLINE is set")
+        raise QLoraError(
+            f"model.name_or_path: '{name}' is not a local folder nor in the Hub cache, and HF_HUB_OFFLINE is set"
+        )
     try:
         HfApi().model_info(name, revision=revision, timeout=10)
     except GatedRepoError:
-        raise QLoraError(f"model.name_or_path: '{name}' is gated on the Hub: accept its license there and log in (`hf auth login`)") from None
+        raise QLoraError(
+            f"model.name_or_path: '{name}' is gated on the Hub: accept its license there and log in (`hf auth login`)"
+        ) from None
     except RevisionNotFoundError:
         raise QLoraError(f"model.revision: '{revision}' not found for '{name}' on the Hub") from None
     except RepositoryNotFoundError:
-        raise QLoraError(f"model.name_or_path: '{name}' is not a local folder nor a model on the Hub (misspelt, or private without a login?)") from None
+        raise QLoraError(
+            f"model.name_or_path: '{name}' is not a local folder nor a model on the Hub (misspelt, or private without a login?)"
+        ) from None
     except Exception as exc:  # network errors come in many types (httpx, OSError); all mean "cannot reach it"
-        raise QLoraError(f"model.name_or_path: '{name}' is not a local folder and the Hub cannot be reached ({type(exc).__name__}); use a local folder or go online") from None
+        raise QLoraError(
+            f"model.name_or_path: '{name}' is not a local folder and the Hub cannot be reached ({type(exc).__name__}); use a local folder or go online"
+        ) from None
 
 
 def quantization_config(spec: QuantizationSpec, compute_dtype: torch.dtype, sharded: bool = False):
@@ -91,9 +99,11 @@ def _from_pretrained(loader, spec: ModelSpec, **kwargs):
         return loader.from_pretrained(
             spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **kwargs
         )
-    except (OSError, EnvironmentError) as exc:
+    except OSError as exc:
         if is_local_path(spec.name_or_path):
-            raise QLoraError(f"model.name_or_path: cannot load {spec.name_or_path}: {str(exc).splitlines()[0]}") from None
+            raise QLoraError(
+                f"model.name_or_path: cannot load {spec.name_or_path}: {str(exc).splitlines()[0]}"
+            ) from None
         raise QLoraError(
             f"model.name_or_path: '{spec.name_or_path}' is not a local folder and could not be fetched from the "
             "Hugging Face Hub (offline, gated or misspelt?)"
@@ -117,8 +127,14 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_base_model(recipe: Recipe, compute_dtype: torch.dtype, label_names: list[str] | None = None,
-                    announce: bool = False, pad_token_id: int | None = None, device: str | None = None):
+def load_base_model(
+    recipe: Recipe,
+    compute_dtype: torch.dtype,
+    label_names: list[str] | None = None,
+    announce: bool = False,
+    pad_token_id: int | None = None,
+    device: str | None = None,
+):
     """The frozen base: causal LM, or sequence classifier with `len(label_names)` classes (`announce`:
     say which head weights start untrained, as training does; `pad_token_id`: the tokenizer's, for a
     checkpoint whose config has none, since the classifier pools the last non-pad token; `device`:
@@ -188,11 +204,17 @@ def load_classifier(spec: ModelSpec, announce: bool = False, **kwargs):
     missing = sorted(info["missing_keys"])
     head = [key for key in missing if key.split(".", 1)[0] in CLASSIFIER_HEADS]
     if head and announce:
-        print(f"model: new classifier head {', '.join(head)} ({model.config.num_labels} labels), trained in full", file=sys.stderr)
+        print(
+            f"model: new classifier head {', '.join(head)} ({model.config.num_labels} labels), trained in full",
+            file=sys.stderr,
+        )
     if len(head) < len(missing):
         others = [key for key in missing if key not in head]
-        print(f"warning: {spec.name_or_path} lacks {len(others)} base weight{'s' if len(others) > 1 else ''}, randomly initialised: "
-              f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}", file=sys.stderr)
+        print(
+            f"warning: {spec.name_or_path} lacks {len(others)} base weight{'s' if len(others) > 1 else ''}, randomly initialised: "
+            f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}",
+            file=sys.stderr,
+        )
     return model
 
 
@@ -210,5 +232,3 @@ def keep_training_layout(model) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-
-

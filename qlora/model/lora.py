@@ -24,7 +24,9 @@ def output_head_names(model) -> set[str]:
     """Leaf names of the output head(s): the LM head or a classifier, which LoRA must not wrap."""
     heads = {name for name in CLASSIFIER_HEADS if hasattr(model, name)}
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    heads.update(name.rsplit(".", 1)[-1] for name, module in model.named_modules() if output is not None and module is output)
+    heads.update(
+        name.rsplit(".", 1)[-1] for name, module in model.named_modules() if output is not None and module is output
+    )
     return heads
 
 

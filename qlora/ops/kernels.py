@@ -21,15 +21,26 @@ def apply_decoder_kernels(model_type: str) -> bool:
     """Swap in Liger's RMSNorm, SwiGLU and RoPE for `model_type` (once per process); False when Liger is not
     installed or has no kernels for that family."""
     try:
-        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN  # CUDA-only, optional dependency
+        from liger_kernel.transformers.monkey_patch import (
+            MODEL_TYPE_TO_APPLY_LIGER_FN,
+        )  # CUDA-only, optional dependency
     except ImportError:
-        print("training.kernels: auto: Liger Kernel is not installed, so the decoder runs transformers' own RMSNorm, "
-              "SwiGLU and RoPE; pip install 'qlora[kernels]'", file=sys.stderr)
+        print(
+            "training.kernels: auto: Liger Kernel is not installed, so the decoder runs transformers' own RMSNorm, "
+            "SwiGLU and RoPE; pip install 'qlora[kernels]'",
+            file=sys.stderr,
+        )
         return False
     apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply is None:
         print(f"training.kernels: auto: Liger Kernel has no fused kernels for '{model_type}' models", file=sys.stderr)
         return False
-    wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
+    wanted = {
+        "rope": True,
+        "rms_norm": True,
+        "swiglu": True,
+        "cross_entropy": False,
+        "fused_linear_cross_entropy": False,
+    }
     apply(**{key: value for key, value in wanted.items() if key in inspect.signature(apply).parameters})
     return True

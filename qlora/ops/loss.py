@@ -54,8 +54,18 @@ def _chunk(h, weight, bias, targets, want_grads: bool):
     return loss, logits
 
 
-def chunked_cross_entropy_forward(hidden, weight, bias, positions, targets, denominator, chunk: int,
-                                  grad_hidden: bool = False, grad_weight: bool = False, grad_bias: bool = False):
+def chunked_cross_entropy_forward(
+    hidden,
+    weight,
+    bias,
+    positions,
+    targets,
+    denominator,
+    chunk: int,
+    grad_hidden: bool = False,
+    grad_weight: bool = False,
+    grad_bias: bool = False,
+):
     """Loss (sum / denominator) and the requested gradients, one chunk of logits at a time.
 
     The gradients are left unscaled (not divided by `denominator`): backward scales them by
@@ -68,9 +78,9 @@ def chunked_cross_entropy_forward(hidden, weight, bias, positions, targets, deno
     want = grad_hidden or grad_weight or grad_bias
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, positions.numel(), chunk):
-        rows = positions[start:start + chunk]
+        rows = positions[start : start + chunk]
         h = flat.index_select(0, rows)
-        loss, probs = _chunk(h, weight, bias, targets[start:start + chunk], want)
+        loss, probs = _chunk(h, weight, bias, targets[start : start + chunk], want)
         total += loss
         del loss
         if g_hidden is not None:
@@ -80,9 +90,11 @@ def chunked_cross_entropy_forward(hidden, weight, bias, positions, targets, deno
         if g_bias is not None:
             g_bias += probs.sum(0)
         del h, probs
-    grads = (g_hidden.view(hidden.shape) if g_hidden is not None else None,
-             g_weight.to(weight.dtype) if g_weight is not None else None,
-             g_bias.to(bias.dtype) if g_bias is not None else None)
+    grads = (
+        g_hidden.view(hidden.shape) if g_hidden is not None else None,
+        g_weight.to(weight.dtype) if g_weight is not None else None,
+        g_bias.to(bias.dtype) if g_bias is not None else None,
+    )
     return total / denominator, grads
 
 
@@ -94,34 +106,63 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         need = ctx.needs_input_grad
         ctx.denominator = denominator
         loss, ctx.grads = chunked_cross_entropy_forward(
-            hidden, weight, bias, positions, targets, denominator, chunk,
-            grad_hidden=need[0], grad_weight=need[1], grad_bias=bias is not None and need[2])
+            hidden,
+            weight,
+            bias,
+            positions,
+            targets,
+            denominator,
+            chunk,
+            grad_hidden=need[0],
+            grad_weight=need[1],
+            grad_bias=bias is not None and need[2],
+        )
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.grads is None:
-            raise RuntimeError("the chunked loss frees its gradients after one backward (retain_graph is not supported)")
+            raise RuntimeError(
+                "the chunked loss frees its gradients after one backward (retain_graph is not supported)"
+            )
         grads, ctx.grads = ctx.grads, None
         factor = grad_output / ctx.denominator
         scaled = [g.mul_(factor.to(g.dtype)) if g is not None else None for g in grads]  # in place: no new tensor
         return (*scaled, None, None, None, None)
 
 
-def chunked_causal_lm_loss(hidden, weight, bias, labels, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
-                           shift_labels=None, chunk: int | None = None, fused: bool = True):
+def chunked_causal_lm_loss(
+    hidden,
+    weight,
+    bias,
+    labels,
+    num_items_in_batch=None,
+    ignore_index: int = IGNORE_INDEX,
+    shift_labels=None,
+    chunk: int | None = None,
+    fused: bool = True,
+):
     """transformers' ForCausalLMLoss(hidden @ W.T + b, labels), without the full logits (`fused`: Liger's kernel
     on CUDA where it is installed and holds less)."""
-    positions, targets = shifted_targets(labels.to(hidden.device), ignore_index,
-                                         shift_labels.to(hidden.device) if shift_labels is not None else None)
+    positions, targets = shifted_targets(
+        labels.to(hidden.device), ignore_index, shift_labels.to(hidden.device) if shift_labels is not None else None
+    )
     denominator = num_items_in_batch if num_items_in_batch is not None else positions.numel()
     if torch.is_tensor(denominator):
         denominator = denominator.to(hidden.device)
-    if fused and hidden.is_cuda and _liger() is not None and fused_loss_is_smaller(
-            positions.numel(), hidden[..., 0].numel(), weight.shape[0], weight.shape[1], hidden.element_size()):
+    if (
+        fused
+        and hidden.is_cuda
+        and _liger() is not None
+        and fused_loss_is_smaller(
+            positions.numel(), hidden[..., 0].numel(), weight.shape[0], weight.shape[1], hidden.element_size()
+        )
+    ):
         return _liger_loss(hidden, weight, bias, positions, targets, denominator)
     chunk = chunk or chunk_tokens(weight.shape[0])
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, positions, targets, denominator, chunk)
     return chunked_cross_entropy_forward(hidden, weight, bias, positions, targets, denominator, chunk)[0]
 
@@ -199,4 +240,6 @@ class _ChunkedCall:
         causal_lm = module.get_base_model() if hasattr(module, "get_base_model") else module
         head = causal_lm.get_output_embeddings()
         loss = chunked_causal_lm_loss(hidden, head.weight, head.bias, labels, **loss_kwargs, fused=self.fused)
-        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=output.hidden_states, attentions=output.attentions)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=None, hidden_states=output.hidden_states, attentions=output.attentions
+        )

@@ -78,7 +78,9 @@ class TiledMLPFunction(torch.autograd.Function):
         for index, (start, end) in enumerate(_bounds(flat.shape[0], ctx.tiles)):
             # a fresh leaf per tile, dropped with its gradient before the next tile
             tile = flat[start:end].detach().requires_grad_(grad_input is not None)
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [], enabled=bool(ctx.rng_states)):
+            with torch.random.fork_rng(
+                devices=[x.device] if x.device.type == "cuda" else [], enabled=bool(ctx.rng_states)
+            ):
                 if ctx.rng_states:
                     _set_rng_state(ctx.rng_states[index], x.device)
                 with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
@@ -128,8 +130,13 @@ class TiledMLP(torch.nn.Module):
 
 def decoder_layers_with_mlp(model) -> list[torch.nn.Module]:
     """Every decoder layer with a dense MLP (`layer.mlp`, the Llama-family name); mixture-of-experts blocks are left alone."""
-    return [module for module in model.modules() if isinstance(getattr(module, "mlp", None), torch.nn.Module)
-            and hasattr(module, "self_attn") and not hasattr(module.mlp, "experts")]
+    return [
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "mlp", None), torch.nn.Module)
+        and hasattr(module, "self_attn")
+        and not hasattr(module.mlp, "experts")
+    ]
 
 
 def decoder_mlps(model) -> list[torch.nn.Module]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from qlora.config.errors import QLoraError
 from qlora.config.io import atomic_write_text, publish_dir, staging_dir_for
-from qlora.config.recipe import load_recipe, Recipe
+from qlora.config.recipe import Recipe, load_recipe
 from qlora.post.model_card import base_license, base_model_id, card_base_model, render_card
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")  # loading these runs arbitrary code
@@ -42,7 +42,9 @@ class TrainedRun:
             return None
         labels = self.metrics.get("data", {}).get("labels")
         if not labels:
-            raise QLoraError(f"{self.out_dir / 'metrics.json'}: a classification run without its label names (data.labels)")
+            raise QLoraError(
+                f"{self.out_dir / 'metrics.json'}: a classification run without its label names (data.labels)"
+            )
         return labels
 
 
@@ -50,14 +52,15 @@ def read_run(out_dir: str | Path) -> TrainedRun:
     """Open a run folder, naming the missing piece when training did not finish there."""
     import json
 
-
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise QLoraError(f"run folder not found: {out_dir} (the output_dir of a `qlora train` run)")
     for name in ("recipe.yaml", "adapter/adapter_config.json", "metrics.json"):
         if not (out_dir / name).exists():
             raise QLoraError(f"{out_dir} has no {name}: not a finished `qlora train` run (did training complete?)")
-    return TrainedRun(out_dir, load_recipe(out_dir / "recipe.yaml"), json.loads((out_dir / "metrics.json").read_text()))
+    return TrainedRun(
+        out_dir, load_recipe(out_dir / "recipe.yaml"), json.loads((out_dir / "metrics.json").read_text())
+    )
 
 
 def check_destination(to: Path, run: TrainedRun, overwrite: bool) -> None:
@@ -105,20 +108,31 @@ def push(folder: Path, repo_id: str, private: bool) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise QLoraError(f"--hub: '{repo_id}' is not a valid repo id (expected USER/REPO, e.g. alice/llama-qlora)") from None
+        raise QLoraError(
+            f"--hub: '{repo_id}' is not a valid repo id (expected USER/REPO, e.g. alice/llama-qlora)"
+        ) from None
     if huggingface_hub.get_token() is None:
         raise QLoraError("--hub: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
     api = huggingface_hub.HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload QLoRA adapter (qlora export)")
+        commit = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message="Upload QLoRA adapter (qlora export)"
+        )
     except HfHubHTTPError as exc:
         raise QLoraError(f"--hub: upload to {repo_id} failed: {str(exc).splitlines()[0]}") from None
     return commit.commit_url
 
 
-def export(run: TrainedRun, to: Path | None, hub: str | None = None, private: bool = False,
-           base_model: str | None = None, license_id: str | None = None, overwrite: bool = False) -> dict[str, str]:
+def export(
+    run: TrainedRun,
+    to: Path | None,
+    hub: str | None = None,
+    private: bool = False,
+    base_model: str | None = None,
+    license_id: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, str]:
     """Write the folder to `to` and/or push it to `hub`; returns where it went."""
     if to is None and hub is None:
         raise QLoraError("nothing to do: give --to DIR, --hub USER/REPO, or both")

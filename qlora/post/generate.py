@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-
 from qlora.config.errors import QLoraError
 from qlora.config.precision import resolve_compute_dtype
 from qlora.config.recipe import DataSpec
@@ -23,7 +22,9 @@ from qlora.training.metrics import generate_answers
 
 def load_run_base(run: TrainedRun, compute_dtype, tokenizer, device: str | None = None):
     """The base as training loaded it: the same quantization, and for a classifier its labels and pad id."""
-    return load_base_model(run.recipe, compute_dtype, run.label_names, pad_token_id=tokenizer.pad_token_id, device=device)
+    return load_base_model(
+        run.recipe, compute_dtype, run.label_names, pad_token_id=tokenizer.pad_token_id, device=device
+    )
 
 
 def load_adapted_model(run: TrainedRun, device: str | None = None, compute_dtype: torch.dtype | None = None):
@@ -31,7 +32,6 @@ def load_adapted_model(run: TrainedRun, device: str | None = None, compute_dtype
     recipe's, resolved for `device`, unless given."""
     from peft import PeftModel
     from transformers import AutoTokenizer
-
 
     tokenizer = AutoTokenizer.from_pretrained(str(run.adapter_dir))
     compute_dtype = compute_dtype or resolve_compute_dtype(run.recipe.quantization.compute_dtype, device)
@@ -50,7 +50,9 @@ def format_prompt(run: TrainedRun, tokenizer, instruction: str, context: str = "
     fmt = run.recipe.data.format
     if fmt == "chat" and not raw:
         content = f"{instruction.strip()}\n\n{context.strip()}".strip()
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
     if fmt == "alpaca" and not raw:
         text = format_alpaca({"instruction": instruction, "input": context, "output": ""}, DataSpec()).prompt
     else:
@@ -58,8 +60,14 @@ def format_prompt(run: TrainedRun, tokenizer, instruction: str, context: str = "
     return (tokenizer.bos_token or "") + text
 
 
-def generate(run: TrainedRun, prompts: list[str], inputs: list[str] | None = None, max_new_tokens: int = 128,
-             raw: bool = False, compare: bool = False) -> list[dict[str, str]]:
+def generate(
+    run: TrainedRun,
+    prompts: list[str],
+    inputs: list[str] | None = None,
+    max_new_tokens: int = 128,
+    raw: bool = False,
+    compare: bool = False,
+) -> list[dict[str, str]]:
     """Greedy answers per prompt: {'prompt', 'adapter'} and, with `compare`, the base's {'base'}."""
     inputs = inputs or [""] * len(prompts)
     if len(inputs) != len(prompts):

@@ -26,9 +26,9 @@ from qlora.config.errors import QLoraError
 from qlora.config.io import publish_dir, staging_dir_for
 from qlora.config.precision import resolve_compute_dtype
 from qlora.memory.inventory import load_inventory
-from qlora.memory.merge import PLACEMENTS, choose_placement, describe, free_gpu_bytes, merge_memory_bytes, MergeMemory
+from qlora.memory.merge import PLACEMENTS, MergeMemory, choose_placement, describe, free_gpu_bytes, merge_memory_bytes
 from qlora.model.lora import quiet_peft_deprecations
-from qlora.post.export import check_destination, TrainedRun
+from qlora.post.export import TrainedRun, check_destination
 from qlora.post.generate import format_prompt, load_adapted_model, load_run_base
 
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -94,7 +94,9 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(torch.stack([(x - y).abs().max() for x, y in zip(a, b)]).max())
 
 
-def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor], base: list[torch.Tensor], floor: float = 0.0) -> MergeCheck:
+def compare(
+    reference: list[torch.Tensor], candidate: list[torch.Tensor], base: list[torch.Tensor], floor: float = 0.0
+) -> MergeCheck:
     """`candidate` vs `reference` (4-bit base + adapter), against `reference` vs `base` (4-bit base alone) and
     the rounding `floor`."""
     return MergeCheck(
@@ -165,7 +167,6 @@ def merged_model(run: TrainedRun, compute_dtype: torch.dtype, save_dtype: str, t
     cast to `save_dtype`."""
     from peft import PeftModel
 
-
     base = dequantized_base(run, compute_dtype, tokenizer, placement)
     with quiet_peft_deprecations():
         model = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
@@ -175,8 +176,15 @@ def merged_model(run: TrainedRun, compute_dtype: torch.dtype, save_dtype: str, t
     return model
 
 
-def rounding_floor(run: TrainedRun, compute_dtype: torch.dtype, save_dtype: str, tokenizer, placement: str,
-                   inputs: list[torch.Tensor], base_only: list[torch.Tensor]) -> float:
+def rounding_floor(
+    run: TrainedRun,
+    compute_dtype: torch.dtype,
+    save_dtype: str,
+    tokenizer,
+    placement: str,
+    inputs: list[torch.Tensor],
+    base_only: list[torch.Tensor],
+) -> float:
     """max |logits of the dequantized base stored in `save_dtype` - logits of the 4-bit base|: what rounding to
     --dtype (and the other kernels) does without any adapter, run the way the saved model is checked."""
     base = dequantized_base(run, compute_dtype, tokenizer, placement).to(SAVE_DTYPES[save_dtype])
@@ -207,7 +215,9 @@ def reload_saved(run: TrainedRun, folder: Path, save_dtype: str, placement: str 
     accelerate keeps what does not fit `budget` on the CPU and runs it on the GPU a layer at a time."""
     loader = auto_class(run)
     if placement == "cuda" and torch.cuda.is_available():
-        return loader.from_pretrained(folder, dtype=SAVE_DTYPES[save_dtype], device_map={"": torch.cuda.current_device()})
+        return loader.from_pretrained(
+            folder, dtype=SAVE_DTYPES[save_dtype], device_map={"": torch.cuda.current_device()}
+        )
     if placement == "layers" and torch.cuda.is_available():
         max_memory = {torch.cuda.current_device(): int(budget or 0), "cpu": psutil.virtual_memory().available}
         return loader.from_pretrained(folder, dtype=SAVE_DTYPES[save_dtype], device_map="auto", max_memory=max_memory)
@@ -222,7 +232,9 @@ def choose_merge_placement(run: TrainedRun, compute_dtype: torch.dtype, device: 
     budget = min(free, gpu_memory) if (free is not None and gpu_memory) else free
     q, dtype = run.recipe.quantization, str(compute_dtype).removeprefix("torch.")
     try:
-        inventory = load_inventory(run.recipe.model.name_or_path, dtype, run.recipe.task, len(run.label_names or []) or 2)
+        inventory = load_inventory(
+            run.recipe.model.name_or_path, dtype, run.recipe.task, len(run.label_names or []) or 2
+        )
         memory = merge_memory_bytes(inventory, dtype, q.bits, q.double_quant)
     except Exception as exc:  # no config to size it from: auto keeps the old behaviour (the GPU when there is one)
         placement = choose_placement(device, MergeMemory(0, 0, 0), budget)
@@ -231,8 +243,14 @@ def choose_merge_placement(run: TrainedRun, compute_dtype: torch.dtype, device: 
     return placement, budget, describe(memory, placement, budget)
 
 
-def merge(run: TrainedRun, to: Path, save_dtype: str = "float16", overwrite: bool = False, device: str = "auto",
-          gpu_memory: int | None = None) -> MergeCheck:
+def merge(
+    run: TrainedRun,
+    to: Path,
+    save_dtype: str = "float16",
+    overwrite: bool = False,
+    device: str = "auto",
+    gpu_memory: int | None = None,
+) -> MergeCheck:
     """Merge, save to a staging folder, check logits, and publish to `to` only when the check passes.
 
     `device`: auto | cuda | layers | cpu (see qlora.memory.merge); `gpu_memory`: a GPU budget in bytes
@@ -243,7 +261,9 @@ def merge(run: TrainedRun, to: Path, save_dtype: str = "float16", overwrite: boo
     print(why, file=sys.stderr)
     if placement == "cpu":  # `auto` is fp32 on a CPU whatever GPU the host has (bf16 matmuls there are slow and lossy)
         compute_dtype = resolve_compute_dtype(run.recipe.quantization.compute_dtype, "cpu")
-    inputs, reference, base_only, tokenizer = reference_logits(run, check_inputs, "cpu" if placement == "cpu" else None, compute_dtype)
+    inputs, reference, base_only, tokenizer = reference_logits(
+        run, check_inputs, "cpu" if placement == "cpu" else None, compute_dtype
+    )
     floor = rounding_floor(run, compute_dtype, save_dtype, tokenizer, placement, inputs, base_only)
     staging = staging_dir_for(to)
     try:

@@ -56,7 +56,10 @@ def card_base_model(spec: ModelSpec, hub_id: str | None, for_hub: bool) -> str:
             f"--base-model: the base is the local folder {spec.name_or_path}; pass the Hub id it is a copy of "
             "(e.g. --base-model meta-llama/Llama-3.1-8B) so the card's base_model is valid on the Hub"
         )
-    print(f"warning: the base is a local folder; the card names it '{name}' (pass --base-model ORG/NAME)", file=sys.stderr)
+    print(
+        f"warning: the base is a local folder; the card names it '{name}' (pass --base-model ORG/NAME)",
+        file=sys.stderr,
+    )
     return name
 
 
@@ -91,7 +94,6 @@ def predicted_estimate(recipe: Recipe):
         return None
 
 
-
 # --- the card ---------------------------------------------------------------------------------------
 
 
@@ -119,12 +121,18 @@ def results_section(metrics: dict[str, Any]) -> list[str]:
     lines = ["## Results", ""]
     if keys:
         lines += ["| metric (held-out split) | before | after |", "|---|---:|---:|"]
-        lines += [f"| {k.removeprefix('eval_')} | {metrics[k + '_before']:.4f} | {metrics[k + '_after']:.4f} |" for k in keys]
+        lines += [
+            f"| {k.removeprefix('eval_')} | {metrics[k + '_before']:.4f} | {metrics[k + '_after']:.4f} |" for k in keys
+        ]
     else:
         lines.append("No held-out split was evaluated.")
     m = metrics
-    lines += ["", f"{m['train_steps']} steps in {m['train_runtime_s']} s on {m['device']} (compute dtype {m['compute_dtype']}), "
-              f"{m['tokens_per_s']} tokens/s, final train loss {m['train_loss']:.4f}.", ""]
+    lines += [
+        "",
+        f"{m['train_steps']} steps in {m['train_runtime_s']} s on {m['device']} (compute dtype {m['compute_dtype']}), "
+        f"{m['tokens_per_s']} tokens/s, final train loss {m['train_loss']:.4f}.",
+        "",
+    ]
     return lines
 
 
@@ -132,7 +140,8 @@ def data_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
     d, stats = recipe.data, metrics["data"]
     source = Path(d.path).name if is_local_path(d.path) else d.path
     return [
-        "## Data", "",
+        "## Data",
+        "",
         f"- source: `{source}` (format `{d.format}`, max_seq_len {d.max_seq_len}, packing {'on' if d.packing else 'off'})",
         f"- examples: {stats['train_examples']} train, {stats.get('eval_examples', 0)} eval",
         f"- truncated to max_seq_len: {stats.get('train_truncated', 0)} train, {stats.get('eval_truncated', 0)} eval; "
@@ -144,11 +153,19 @@ def data_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
 def lora_section(recipe: Recipe, adapter_config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     lo, q = recipe.lora, recipe.quantization
     trainable, total = metrics["trainable_params"], metrics["total_params"]
-    quant = {4: f"4-bit {q.quant_type.upper()}, double quant {'on' if q.double_quant else 'off'}", 8: "8-bit", None: "none (16-bit)"}
+    quant = {
+        4: f"4-bit {q.quant_type.upper()}, double quant {'on' if q.double_quant else 'off'}",
+        8: "8-bit",
+        None: "none (16-bit)",
+    }
     return [
-        "## LoRA", "",
-        "| setting | value |", "|---|---|",
-        f"| r | {lo.r} |", f"| alpha | {lo.alpha} |", f"| dropout | {lo.dropout} |",
+        "## LoRA",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| r | {lo.r} |",
+        f"| alpha | {lo.alpha} |",
+        f"| dropout | {lo.dropout} |",
         f"| targets (recipe) | {lo.targets} |",
         f"| target modules | {', '.join(sorted(adapter_config.get('target_modules') or []))} |",
         f"| trainable params | {trainable:,} of {total:,} ({100 * trainable / total:.3f} %) |",
@@ -165,16 +182,21 @@ def memory_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
     tensors = None if found is None else int(found.allocated)
     gpu = f", sized for a {recipe.target_gpu} GPU" if recipe.target_gpu else ""
     lines = [
-        "## Memory", "",
-        "| figure | peak |", "|---|---:|",
+        "## Memory",
+        "",
+        "| figure | peak |",
+        "|---|---:|",
         "| predicted tensors: weights, adapters, gradients, optimizer states (paged included), activations, buffers "
         f"(`qlora profile --recipe`, `allocated_bytes`) | {format_bytes(tensors)} |",
         f"| predicted GPU total: tensors + CUDA context + allocator slack (`total_bytes`{gpu}) | "
         f"{format_bytes(None if found is None else int(found.total))} |",
     ]
     if metrics["device"] != "cuda":
-        lines += [f"| measured: peak resident memory of the CPU process (Python, libraries, CPU tensors; not comparable "
-                  f"with the GPU prediction) | {format_bytes(metrics['peak_memory_bytes'])} |", ""]
+        lines += [
+            f"| measured: peak resident memory of the CPU process (Python, libraries, CPU tensors; not comparable "
+            f"with the GPU prediction) | {format_bytes(metrics['peak_memory_bytes'])} |",
+            "",
+        ]
         return lines
     measured = metrics["peak_memory_bytes"]
     lines += [
@@ -200,8 +222,14 @@ def error_note(predicted: int | None, measured: int | None) -> str:
 
 def alpaca_section() -> list[str]:
     template = ALPACA_PROMPT_NO_INPUT.format(instruction="{instruction}")
-    return ["Prompts use the Alpaca template the adapter was trained with (the answer follows `### Response:`):", "",
-            "```text", template.rstrip(), "```", ""]
+    return [
+        "Prompts use the Alpaca template the adapter was trained with (the answer follows `### Response:`):",
+        "",
+        "```text",
+        template.rstrip(),
+        "```",
+        "",
+    ]
 
 
 def render_card(run, base_model: str, license_id: str | None, repo_id: str | None = None) -> str:
@@ -212,24 +240,43 @@ def render_card(run, base_model: str, license_id: str | None, repo_id: str | Non
     adapter_config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
     causal = recipe.task == "causal_lm"
     data = ModelCardData(
-        base_model=base_model, library_name="peft", license=license_id,
+        base_model=base_model,
+        library_name="peft",
+        license=license_id,
         pipeline_tag="text-generation" if causal else "text-classification",
         tags=["peft", "lora", *METHOD_TAGS[recipe.method]],
     )
     q = recipe.quantization
-    method = METHOD_TEXT[recipe.method].format(quant=q.quant_type.upper(), double=" with double quantization" if q.double_quant else "")
+    method = METHOD_TEXT[recipe.method].format(
+        quant=q.quant_type.upper(), double=" with double quantization" if q.double_quant else ""
+    )
     where = repo_id or "path/to/this/folder"
     auto = "AutoPeftModelForCausalLM" if causal else "AutoPeftModelForSequenceClassification"
     body = [
-        f"# {repo_id.split('/')[-1] if repo_id else base_model + ' adapter'}", "",
-        f"A LoRA adapter for `{base_model}`, trained with qlora ({method}).", "",
-        "## Use it", "", "```python",
-        f"from peft import {auto}", "from transformers import AutoTokenizer", "",
-        f'model = {auto}.from_pretrained("{where}")', f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
-        "```", "",
+        f"# {repo_id.split('/')[-1] if repo_id else base_model + ' adapter'}",
+        "",
+        f"A LoRA adapter for `{base_model}`, trained with qlora ({method}).",
+        "",
+        "## Use it",
+        "",
+        "```python",
+        f"from peft import {auto}",
+        "from transformers import AutoTokenizer",
+        "",
+        f'model = {auto}.from_pretrained("{where}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+        "```",
+        "",
         *(alpaca_section() if recipe.data.format == "alpaca" else []),
-        *results_section(metrics), *data_section(recipe, metrics), *lora_section(recipe, adapter_config, metrics),
+        *results_section(metrics),
+        *data_section(recipe, metrics),
+        *lora_section(recipe, adapter_config, metrics),
         *memory_section(recipe, metrics),
-        "## Training recipe", "", "```yaml", yaml.safe_dump(shareable_recipe(recipe), sort_keys=False).rstrip(), "```", "",
+        "## Training recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(shareable_recipe(recipe), sort_keys=False).rstrip(),
+        "```",
+        "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)))

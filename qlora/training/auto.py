@@ -18,7 +18,11 @@ from qlora.ops.loss import fused_kernel_installed
 
 def gpu_bytes() -> int | None:
     """Memory of this process's GPU (what a plan must fit), None without one."""
-    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if torch.cuda.is_available() else None
+    return (
+        torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if torch.cuda.is_available()
+        else None
+    )
 
 
 def wants_offload(recipe) -> bool:
@@ -29,7 +33,10 @@ def wants_offload(recipe) -> bool:
         return False
     if not torch.cuda.is_available():
         if choice is True:
-            print("training.offload_checkpoints: no GPU, so nothing to offload (activations are in host RAM already)", file=sys.stderr)
+            print(
+                "training.offload_checkpoints: no GPU, so nothing to offload (activations are in host RAM already)",
+                file=sys.stderr,
+            )
         return False
     return choice is True or not fits_without_offload(recipe, gpu_bytes())
 
@@ -38,9 +45,11 @@ def fits_without_offload(recipe, gpu: int) -> bool:
     training = dataclasses.replace(recipe.training, offload_checkpoints=False)
     predicted = estimate_recipe(dataclasses.replace(recipe, training=training))
     fits = predicted.total <= gpu
-    print(f"training.offload_checkpoints: auto: predicted {predicted.total / 2**30:.2f} GiB without offload on a "
-          f"{gpu / 2**30:.2f} GiB GPU, so {'no offload' if fits else 'the checkpointed layer inputs go to host RAM'}",
-          file=sys.stderr)
+    print(
+        f"training.offload_checkpoints: auto: predicted {predicted.total / 2**30:.2f} GiB without offload on a "
+        f"{gpu / 2**30:.2f} GiB GPU, so {'no offload' if fits else 'the checkpointed layer inputs go to host RAM'}",
+        file=sys.stderr,
+    )
     return fits
 
 
@@ -49,9 +58,12 @@ def resolve_kernels(recipe):
     it), so that the profiler's answers for this run (checkpointing, offload, OOM advice) model what runs."""
     if recipe.training.kernels != "auto" or not torch.cuda.is_available() or fused_kernel_installed():
         return recipe
-    print("training.kernels: auto: Liger Kernel is not installed, so transformers' RMSNorm, SwiGLU and RoPE and the torch "
-          "chunked loss run (slower: 1.45 s instead of 1.14 s per 8B step of 2 x 2,048 tokens on an H200, and more "
-          "activation memory); pip install 'qlora[kernels]'", file=sys.stderr)
+    print(
+        "training.kernels: auto: Liger Kernel is not installed, so transformers' RMSNorm, SwiGLU and RoPE and the torch "
+        "chunked loss run (slower: 1.45 s instead of 1.14 s per 8B step of 2 x 2,048 tokens on an H200, and more "
+        "activation memory); pip install 'qlora[kernels]'",
+        file=sys.stderr,
+    )
     return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, kernels="none"))
 
 
@@ -67,7 +79,14 @@ def resolve_checkpointing(recipe):
     layers = inv.dims.layers if gpu is None else fewest_checkpointed_layers(inv, method, settings, gpu)
     chosen = dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, gradient_checkpointing=layers))
     saved = recompute_saved_pct(inv, settings.seq_len, method, layers)
-    where = "no GPU size known (target_gpu or a GPU), so every layer" if gpu is None else f"the fewest that fit {gpu / 2**30:.2f} GiB"
-    print(f"training.gradient_checkpointing: auto: {layers} of {inv.dims.layers} decoder layers checkpointed ({where}); "
-          f"recompute saved: {saved:.1f} % of the step's FLOPs", file=sys.stderr)
+    where = (
+        "no GPU size known (target_gpu or a GPU), so every layer"
+        if gpu is None
+        else f"the fewest that fit {gpu / 2**30:.2f} GiB"
+    )
+    print(
+        f"training.gradient_checkpointing: auto: {layers} of {inv.dims.layers} decoder layers checkpointed ({where}); "
+        f"recompute saved: {saved:.1f} % of the step's FLOPs",
+        file=sys.stderr,
+    )
     return chosen

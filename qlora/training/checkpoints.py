@@ -43,8 +43,11 @@ def _checkpoint_folders(output_dir: Path, marked: bool) -> list[tuple[int, Path]
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
-    return sorted((step_of(child), child) for child in root.iterdir()
-                  if CHECKPOINT_RE.match(child.name) and (child / COMPLETE_MARKER).exists() == marked)
+    return sorted(
+        (step_of(child), child)
+        for child in root.iterdir()
+        if CHECKPOINT_RE.match(child.name) and (child / COMPLETE_MARKER).exists() == marked
+    )
 
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
@@ -116,15 +119,19 @@ def latest_intact_checkpoint(output_dir: Path) -> Path | None:
         problem = damage(checkpoint)
         if problem is None:
             for bad, why in damaged:
-                print(f"warning: --resume: {bad.name} is damaged ({why}); removed it, resuming from {checkpoint.name}",
-                      file=sys.stderr)
+                print(
+                    f"warning: --resume: {bad.name} is damaged ({why}); removed it, resuming from {checkpoint.name}",
+                    file=sys.stderr,
+                )
                 shutil.rmtree(bad, ignore_errors=True)
             return checkpoint
         damaged.append((checkpoint, problem))
     if damaged:
         details = "; ".join(f"{c.name}: {why}" for c, why in damaged)
-        raise QLoraError(f"--resume: no intact checkpoint under {checkpoints_dir(output_dir)} ({details}); "
-                         "pass --overwrite to start again")
+        raise QLoraError(
+            f"--resume: no intact checkpoint under {checkpoints_dir(output_dir)} ({details}); "
+            "pass --overwrite to start again"
+        )
     return None
 
 
@@ -184,8 +191,11 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> Path 
             raise QLoraError(f"--resume: no complete checkpoint under {checkpoints_dir(output_dir)}")
         # Killed before its first checkpoint was complete: nothing is lost by starting again, and
         # refusing would only make the user find out which folder to delete.
-        print(f"warning: --resume: no complete checkpoint under {checkpoints_dir(output_dir)} yet; "
-              "starting again from step 0", file=sys.stderr)
+        print(
+            f"warning: --resume: no complete checkpoint under {checkpoints_dir(output_dir)} yet; "
+            "starting again from step 0",
+            file=sys.stderr,
+        )
         shutil.rmtree(checkpoints_dir(output_dir), ignore_errors=True)
         return None
     if has_results(output_dir):

@@ -22,8 +22,9 @@ import importlib.util
 import os
 import pickle
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -67,8 +68,10 @@ def launch_env(environ: dict[str, str] | None = None) -> Launch:
     try:
         return Launch(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), True)
     except ValueError:
-        raise QLoraError(f"the launcher's environment is not numeric: RANK={env.get('RANK')!r} "
-                         f"LOCAL_RANK={env.get('LOCAL_RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r}") from None
+        raise QLoraError(
+            f"the launcher's environment is not numeric: RANK={env.get('RANK')!r} "
+            f"LOCAL_RANK={env.get('LOCAL_RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r}"
+        ) from None
 
 
 def joined() -> PartialState | None:
@@ -120,24 +123,35 @@ def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bo
     cuda = torch.cuda.is_available() if cuda is None else cuda
     strategy = spec.strategy or ("ddp" if launch.distributed else None)
     if strategy == "fsdp" and not cuda:
-        raise QLoraError("distributed.strategy: 'fsdp' needs CUDA GPUs (on a CPU, accelerate silently falls back to DDP or "
-                         "fails at sync_module_states); use 'zero3' or 'ddp' here")
+        raise QLoraError(
+            "distributed.strategy: 'fsdp' needs CUDA GPUs (on a CPU, accelerate silently falls back to DDP or "
+            "fails at sync_module_states); use 'zero3' or 'ddp' here"
+        )
     if strategy in SHARDED_STRATEGIES and not launch.launched:
-        raise QLoraError(f"distributed.strategy: '{strategy}' divides the model across processes; start it with a launcher: "
-                         "torchrun --nproc_per_node N -m qlora.train RECIPE (or accelerate launch -m qlora.train RECIPE)")
-    check_distributed(dataclasses.replace(spec, strategy=strategy), quant_bits)  # the recipe's rules, for the launched strategy
+        raise QLoraError(
+            f"distributed.strategy: '{strategy}' divides the model across processes; start it with a launcher: "
+            "torchrun --nproc_per_node N -m qlora.train RECIPE (or accelerate launch -m qlora.train RECIPE)"
+        )
+    check_distributed(
+        dataclasses.replace(spec, strategy=strategy), quant_bits
+    )  # the recipe's rules, for the launched strategy
     if strategy == "zero3":
         _require_deepspeed()
     if spec.gpus and launch.launched and launch.world_size != spec.gpus and launch.is_main:
-        print(f"warning: distributed.gpus: the recipe is sized for {spec.gpus} GPUs and {launch.world_size} processes "
-              "were launched; the memory per GPU differs from its plan", file=sys.stderr)
+        print(
+            f"warning: distributed.gpus: the recipe is sized for {spec.gpus} GPUs and {launch.world_size} processes "
+            "were launched; the memory per GPU differs from its plan",
+            file=sys.stderr,
+        )
     kwargs = trainer_kwargs(strategy, spec.offload, launch, cuda)
     return Plan(launch, strategy, spec.offload, cuda, kwargs)
 
 
 def _require_deepspeed() -> None:
     if importlib.util.find_spec("deepspeed") is None:
-        raise QLoraError("distributed.strategy: 'zero3' needs DeepSpeed, which is not installed: pip install 'qlora[deepspeed]'")
+        raise QLoraError(
+            "distributed.strategy: 'zero3' needs DeepSpeed, which is not installed: pip install 'qlora[deepspeed]'"
+        )
 
 
 def trainer_kwargs(strategy: str | None, offload: str, launch: Launch, cuda: bool) -> dict[str, Any]:
@@ -152,7 +166,9 @@ def trainer_kwargs(strategy: str | None, offload: str, launch: Launch, cuda: boo
     elif strategy == "zero3":
         kwargs["deepspeed"] = zero3_config(offload, cuda)
     elif strategy == "fsdp":
-        kwargs.update(fsdp="full_shard auto_wrap" + (" offload" if offload == "cpu" else ""), fsdp_config=fsdp_config())
+        kwargs.update(
+            fsdp="full_shard auto_wrap" + (" offload" if offload == "cpu" else ""), fsdp_config=fsdp_config()
+        )
     return kwargs
 
 
@@ -334,6 +350,8 @@ def summary_line(metrics: dict[str, Any]) -> str:
     line = f"global batch {metrics['global_batch_size']} (per-device batch × grad_accum × {metrics['world_size']} process(es))"
     if metrics["world_size"] > 1:
         peaks = ", ".join(f"{p / 2**30:.2f}" for p in metrics["peak_memory_bytes_per_process"])
-        line += (f" | {metrics['strategy']} | peak memory per process {peaks} GiB, "
-                 f"total {metrics['peak_memory_bytes_total'] / 2**30:.2f} GiB")
+        line += (
+            f" | {metrics['strategy']} | peak memory per process {peaks} GiB, "
+            f"total {metrics['peak_memory_bytes_total'] / 2**30:.2f} GiB"
+        )
     return line

@@ -53,7 +53,7 @@ def remove_debris(output_dir: Path) -> list[Path]:
     """Half-written files a failed write leaves: staging folders/files and unmarked new checkpoints."""
     removed = remove_unfinished(output_dir)
     for folder in (Path(output_dir), checkpoints_dir(output_dir)):
-        for child in (folder.glob(".*.tmp") if folder.is_dir() else []):
+        for child in folder.glob(".*.tmp") if folder.is_dir() else []:
             shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
             removed.append(child)
     return removed
@@ -70,8 +70,10 @@ def disk_full_exit(exc: BaseException, output_dir: Path) -> SystemExit:
     checkpoint = latest_complete_checkpoint(output_dir)
     adapter = (Path(output_dir) / "adapter").is_dir()
     if checkpoint is not None:
-        kept = f"the last complete checkpoint ({checkpoint.name}){' and the finished adapter' if adapter else ''} kept; " \
-               "free space, then continue with --resume"
+        kept = (
+            f"the last complete checkpoint ({checkpoint.name}){' and the finished adapter' if adapter else ''} kept; "
+            "free space, then continue with --resume"
+        )
     else:
         kept = f"{'the finished adapter kept; ' if adapter else 'no checkpoint was written yet; '}free space, then run again"
     print(f"error: disk full while writing{where}; partial files removed, {kept}", file=sys.stderr)
@@ -139,8 +141,10 @@ def exit_if_stopped(trainer, output_dir: Path) -> None:
         finish()
         last = latest_complete_checkpoint(output_dir)
         kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint was written before it"
-        print(f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}",
-              file=sys.stderr)
+        print(
+            f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}",
+            file=sys.stderr,
+        )
         raise SystemExit(NONFINITE_EXIT_CODE)
     if sigterm is not None and sigterm.stopped_at is not None:
         finish()

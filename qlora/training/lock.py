@@ -76,8 +76,10 @@ class RunLock:
         except (OSError, ValueError, KeyError, TypeError):
             pid, host = None, None
         if pid is not None and host == socket.gethostname() and not pid_alive(pid):
-            print(f"warning: output_dir: taking over the stale lock of process {pid} (no longer running): {self.path}",
-                  file=sys.stderr)
+            print(
+                f"warning: output_dir: taking over the stale lock of process {pid} (no longer running): {self.path}",
+                file=sys.stderr,
+            )
             self.path.unlink(missing_ok=True)
             return
         who = f"process {pid} on {host}" if pid is not None else "an unreadable lock file"
@@ -96,7 +98,7 @@ class RunLock:
                 except OSError:
                     pass
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -67,7 +67,11 @@ class PeakTracker(TorchDispatchMode):
         key = id(storage)
         if key in self._live or storage.nbytes() == 0:
             return
-        self._live[key] = (next(self._serials), storage.nbytes(), weakref.ref(storage, lambda _, k=key: self._release(k)))
+        self._live[key] = (
+            next(self._serials),
+            storage.nbytes(),
+            weakref.ref(storage, lambda _, k=key: self._release(k)),
+        )
         self.current += storage.nbytes()
         if self.current > self.peak:
             self.peak = self.current
@@ -103,18 +107,24 @@ def measure(recipe: Recipe, method: str, num_labels: int | None = None, weights:
     `num_labels`: a classifier's head size (else counted from the recipe's data). `weights`: a folder of
     `random_weights` to load, so a caller measuring one config several times builds them once. Nothing the
     measurement built outlives it: on a GPU, allocated memory is back where it started (checked)."""
-    from transformers.utils import logging as hf_logging  # here: importing transformers costs seconds on every CLI start
+    from transformers.utils import (
+        logging as hf_logging,
+    )  # here: importing transformers costs seconds on every CLI start
 
     device = default_device()
     _, _, settings = from_recipe(recipe, num_labels, device)  # the batch shapes, as the profiler sees them
     hf_logging.disable_progress_bar()  # saving and loading the random model is not news to the user
     with tempfile.TemporaryDirectory(prefix="qlora-measure-") as folder:
         if weights is None:
-            weights = random_weights(recipe, settings.num_labels if settings.task == "classification" else None, Path(folder))
+            weights = random_weights(
+                recipe, settings.num_labels if settings.task == "classification" else None, Path(folder)
+            )
         start = torch.cuda.memory_allocated() if device == "cuda" else 0
         measured = _measure(recipe, method, settings, weights, device)
         if device == "cuda" and torch.cuda.memory_allocated() != start:
-            raise RuntimeError(f"measure: {torch.cuda.memory_allocated() - start} bytes of GPU memory outlived the measurement")
+            raise RuntimeError(
+                f"measure: {torch.cuda.memory_allocated() - start} bytes of GPU memory outlived the measurement"
+            )
     return measured
 
 
@@ -125,7 +135,7 @@ def _measure(recipe: Recipe, method: str, settings: Settings, weights: Path, dev
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         built = build(recipe, method, settings, weights)
         batch = _batch(built.model, settings, device)
-        eval_batch = lambda: _batch(built.model, settings.replace(batch_size=settings.eval_batch), device)  # noqa: E731
+        eval_batch = lambda: _batch(built.model, settings.replace(batch_size=settings.eval_batch), device)
         cycle(built, batch)  # warm-up: creates the optimizer states
         built.optimizer.zero_grad(set_to_none=True)
         measure_on = _measure_cuda if device == "cuda" else _measure_cpu
@@ -147,7 +157,9 @@ def random_weights(recipe: Recipe, num_labels: int | None, folder: Path) -> Path
         config.pad_token_id = 0 if config.pad_token_id is None else config.pad_token_id  # pools the last non-pad token
     dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
     with torch.device(default_device()):
-        model = (AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM).from_config(config, dtype=dtype)
+        model = (AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM).from_config(
+            config, dtype=dtype
+        )
     model.save_pretrained(folder)
     return folder
 
@@ -205,16 +217,24 @@ def build(recipe: Recipe, method: str, settings: Settings, weights: Path) -> Bui
 
     torch.manual_seed(0)
     labels = [str(i) for i in range(settings.num_labels)] if settings.task == "classification" else None
-    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, name_or_path=str(weights)),
-                                 quantization=dataclasses.replace(recipe.quantization, bits=METHODS[method]))
+    recipe = dataclasses.replace(
+        recipe,
+        model=dataclasses.replace(recipe.model, name_or_path=str(weights)),
+        quantization=dataclasses.replace(recipe.quantization, bits=METHODS[method]),
+    )
     use_decoder_kernels(recipe)  # training.kernels, as build_model does
     compute = resolve_compute_dtype(recipe.quantization.compute_dtype, settings.device)
-    net, _ = prepare_for_training(load_base_model(recipe, compute, labels), recipe, lora=method != "full",
-                                  offload=settings.offload_checkpoints is True and settings.device == "cuda")
+    net, _ = prepare_for_training(
+        load_base_model(recipe, compute, labels),
+        recipe,
+        lora=method != "full",
+        offload=settings.offload_checkpoints is True and settings.device == "cuda",
+    )
     net.config.use_cache = False
     net.train()
-    args = TrainingArguments(output_dir=str(weights / "out"), optim=settings.optimizer, report_to="none",
-                             use_cpu=settings.device == "cpu")
+    args = TrainingArguments(
+        output_dir=str(weights / "out"), optim=settings.optimizer, report_to="none", use_cpu=settings.device == "cpu"
+    )
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     optimizer = optimizer_cls([p for p in net.parameters() if p.requires_grad], **kwargs)
     autocast = compute if any(trainer_precision_flags(compute, settings.device).values()) else None

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import torch
 
-from qlora.data.prepare import Example
 from qlora.config.errors import QLoraError
+from qlora.data.prepare import Example
 from qlora.data.stop_tokens import stop_token_ids
 
 # The eval.metric values each task accepts. Classification reports accuracy and weighted F1 whatever the
@@ -26,8 +26,12 @@ def paged_optimizer_bytes(optimizer) -> int:
     (`is_paged` tensors), outside PyTorch's allocator, so `max_memory_allocated` never sees them."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
     state = getattr(optimizer, "state", None) or {}
-    return sum(value.nbytes for per_param in state.values() for value in per_param.values()
-               if isinstance(value, torch.Tensor) and getattr(value, "is_paged", False))
+    return sum(
+        value.nbytes
+        for per_param in state.values()
+        for value in per_param.values()
+        if isinstance(value, torch.Tensor) and getattr(value, "is_paged", False)
+    )
 
 
 def memory_figures(optimizer=None) -> dict[str, int]:
@@ -41,8 +45,12 @@ def memory_figures(optimizer=None) -> dict[str, int]:
     if not torch.cuda.is_available():
         return {"peak_memory_bytes": _peak_rss()}
     allocated, paged = int(torch.cuda.max_memory_allocated()), paged_optimizer_bytes(optimizer)
-    return {"peak_memory_bytes": allocated + paged, "peak_memory_allocated_bytes": allocated,
-            "paged_optimizer_bytes": paged, "peak_memory_reserved_bytes": int(torch.cuda.max_memory_reserved())}
+    return {
+        "peak_memory_bytes": allocated + paged,
+        "peak_memory_allocated_bytes": allocated,
+        "paged_optimizer_bytes": paged,
+        "peak_memory_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+    }
 
 
 def _peak_rss() -> int:
@@ -73,8 +81,11 @@ def generate_answers(
             batch = tokenizer([bos + p for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
             batch = batch.to(model.device)
             out = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids,
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop_ids,
             )
             new_tokens = out[:, batch["input_ids"].shape[1] :]
             answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
@@ -84,7 +95,9 @@ def generate_answers(
     return answers
 
 
-def exact_match(model, tokenizer, examples: list[Example], max_new_tokens: int, add_bos: bool = True, batch_size: int = 16) -> float:
+def exact_match(
+    model, tokenizer, examples: list[Example], max_new_tokens: int, add_bos: bool = True, batch_size: int = 16
+) -> float:
     """Share of examples whose greedy answer equals the reference (normalised)."""
     if not examples:
         return 0.0
@@ -129,7 +142,9 @@ def check_metric(recipe) -> None:
     """eval.metric must be one the recipe's task can measure."""
     valid = TASK_METRICS[recipe.task]
     if recipe.eval.metric not in valid:
-        raise QLoraError(f"eval.metric: '{recipe.eval.metric}' does not apply to task '{recipe.task}' (use {', '.join(valid)})")
+        raise QLoraError(
+            f"eval.metric: '{recipe.eval.metric}' does not apply to task '{recipe.task}' (use {', '.join(valid)})"
+        )
 
 
 def task_metrics(recipe, trainer, loaded, data) -> dict[str, float]:
@@ -142,7 +157,13 @@ def task_metrics(recipe, trainer, loaded, data) -> dict[str, float]:
         examples = data.eval_examples[: recipe.eval.max_examples]
         add_bos = recipe.data.format != "chat"  # a chat template writes its own BOS into the prompt
         return {
-            "eval_exact_match": exact_match(loaded.model, loaded.tokenizer, examples, recipe.eval.max_new_tokens, add_bos,
-                                            recipe.training.eval_batch_size or recipe.training.batch_size)  # the eval phase's batch
+            "eval_exact_match": exact_match(
+                loaded.model,
+                loaded.tokenizer,
+                examples,
+                recipe.eval.max_new_tokens,
+                add_bos,
+                recipe.training.eval_batch_size or recipe.training.batch_size,
+            )  # the eval phase's batch
         }
     return {}

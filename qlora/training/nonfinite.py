@@ -40,8 +40,10 @@ import torch
 from qlora.training.distributed import any_process
 
 NONFINITE_EXIT_CODE = 5
-ADVICE = ("try quantization.compute_dtype=bfloat16 where the GPU supports it (fp16 overflows), a lower "
-          "training.learning_rate, or a smaller training.max_grad_norm")
+ADVICE = (
+    "try quantization.compute_dtype=bfloat16 where the GPU supports it (fp16 overflows), a lower "
+    "training.learning_rate, or a smaller training.max_grad_norm"
+)
 
 
 def gradients_finite(model) -> bool:
@@ -112,13 +114,16 @@ def stop_on_nonfinite_callback(max_skipped: int = 0):
         def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
             if not any_process(step_is_bad(self.watch, model, optimizer)):  # every process, every step
                 return control
-            for p in (model.parameters() if model is not None else []):  # no update from this step
+            for p in model.parameters() if model is not None else []:  # no update from this step
                 p.grad = None  # (AdamW, paged or not, skips parameters without a gradient)
             step = state.global_step + 1
             if self.skipped < max_skipped:
                 self.skipped += 1
-                print(f"warning: non-finite loss or gradients at step {step}: step skipped "
-                      f"({self.skipped} of training.max_nonfinite_steps={max_skipped})", file=sys.stderr)
+                print(
+                    f"warning: non-finite loss or gradients at step {step}: step skipped "
+                    f"({self.skipped} of training.max_nonfinite_steps={max_skipped})",
+                    file=sys.stderr,
+                )
                 return control
             self.stopped_at = step
             control.should_training_stop = True

@@ -8,7 +8,7 @@ which `qlora sweep` reads as "this point did not fit".
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from qlora.config.gpus import parse_gpu_memory
 from qlora.memory.planner import plan_fit
@@ -42,8 +42,13 @@ class OutOfMemoryExit:
     the caller finishes what it can (e.g. writes metrics) and then calls `exit_if_out_of_memory()`.
     """
 
-    def __init__(self, phase: str, advice: Iterable[str] | Callable[[], Iterable[str]] = (), kept: str = "",
-                 deferred: bool = False):
+    def __init__(
+        self,
+        phase: str,
+        advice: Iterable[str] | Callable[[], Iterable[str]] = (),
+        kept: str = "",
+        deferred: bool = False,
+    ):
         self.phase, self.advice, self.kept, self.deferred = phase, advice, kept, deferred
         self.happened = False
 

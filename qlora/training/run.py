@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from qlora.config.io import atomic_write_json, publish_dir, staged_dir, staging_dir_for
 from qlora.config.precision import trainer_precision_flags
@@ -18,8 +19,8 @@ from qlora.data.prepare import data_collator, describe, prepare_data
 from qlora.model.build import build_model
 from qlora.model.load import check_model_source, load_tokenizer
 from qlora.model.lora import parameter_counts
-from qlora.training.auto import resolve_checkpointing, resolve_kernels, wants_offload
 from qlora.training import distributed
+from qlora.training.auto import resolve_checkpointing, resolve_kernels, wants_offload
 from qlora.training.checkpoints import mark_complete, prepare_output_dir
 from qlora.training.distributed import barrier, finish, is_main_process, on_main, summary_line
 from qlora.training.guards import exit_if_stopped, guarded_run, run_callbacks
@@ -35,14 +36,15 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
     import torch
     from transformers import TrainingArguments
 
-
     t = recipe.training
     return TrainingArguments(
         output_dir=str(checkpoint_root),
         optim=t.optimizer,
         learning_rate=t.learning_rate,
         # 'constant' would ignore warmup; transformers names the warmed-up variant separately.
-        lr_scheduler_type="constant_with_warmup" if (t.lr_scheduler == "constant" and t.warmup_ratio) else t.lr_scheduler,
+        lr_scheduler_type="constant_with_warmup"
+        if (t.lr_scheduler == "constant" and t.warmup_ratio)
+        else t.lr_scheduler,
         warmup_steps=t.warmup_ratio if t.warmup_ratio < 1 else 0.999,  # a float < 1 is a ratio of total steps
         weight_decay=t.weight_decay,
         num_train_epochs=t.num_epochs,
@@ -77,7 +79,6 @@ def checkpoint_marker_callback():
     """A Trainer callback that marks each checkpoint complete once Trainer has finished writing it."""
     from transformers import TrainerCallback
 
-
     class MarkCheckpointComplete(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             barrier()  # every process has written its part (ZeRO-3: one shard each)
@@ -95,7 +96,6 @@ def evaluate_before_training_callback(evaluate: Callable[[], dict[str, float]]):
     import torch
     from transformers import TrainerCallback
 
-
     class EvaluateBeforeTraining(TrainerCallback):
         metrics: dict[str, float] = {}
         finished_at = 0.0
@@ -109,10 +109,11 @@ def evaluate_before_training_callback(evaluate: Callable[[], dict[str, float]]):
     return EvaluateBeforeTraining()
 
 
-def build_trainer(recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None, first: list | None = None):
+def build_trainer(
+    recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None, first: list | None = None
+):
     """The Trainer of a run; `first`: callbacks that run before qlora's checkpoint and stop callbacks."""
     from transformers import Trainer
-
 
     return Trainer(
         model=loaded.model,
@@ -192,7 +193,6 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     import torch
     from transformers import set_seed
 
-
     # Everything a user can get wrong is checked before output_dir is touched (--overwrite would
     # delete the previous results) and before minutes go into loading the model.
     output_dir = Path(recipe.output_dir)
@@ -209,10 +209,14 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
         recipe.save(output_dir / "recipe.yaml")
     set_seed(recipe.training.seed)
     distributed.prepare_loading(plan)
-    recipe = resolve_checkpointing(resolve_kernels(recipe))  # the profiler answers the `auto` keys before anything loads
+    recipe = resolve_checkpointing(
+        resolve_kernels(recipe)
+    )  # the profiler answers the `auto` keys before anything loads
     offload = wants_offload(recipe)
     with OutOfMemoryExit("model loading", lambda: fit_advice(recipe), kept="no training step ran"):
-        loaded = build_model(recipe, data.label_names, tokenizer=tokenizer, offload=offload)  # a classifier head needs the labels
+        loaded = build_model(
+            recipe, data.label_names, tokenizer=tokenizer, offload=offload
+        )  # a classifier head needs the labels
     resuming = resume_from is not None
 
     def evaluate_before():  # `trainer` is bound by then: the Trainer calls this back from train()
@@ -229,8 +233,13 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     # before the last evaluation: an OOM there must not lose it
     adapter_dir = save_adapter(loaded, output_dir, trainer if plan.shards_weights else None)
     after: dict[str, float] = {}
-    with out_of_memory("the evaluation after training", recipe, f"the adapter is saved in {adapter_dir}, "
-                       "metrics.json has no after-metrics", EVAL_ADVICE, deferred=True) as after_oom:
+    with out_of_memory(
+        "the evaluation after training",
+        recipe,
+        f"the adapter is saved in {adapter_dir}, metrics.json has no after-metrics",
+        EVAL_ADVICE,
+        deferred=True,
+    ) as after_oom:
         after = evaluate_metrics(trainer, loaded, data, recipe)
     trainable, total = parameter_counts(loaded.model)
     metrics: dict[str, Any] = {f"{k}_before": v for k, v in before.metrics.items()}
@@ -251,8 +260,11 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     )
     if after_oom.happened:
         metrics["eval_after_skipped"] = "out of GPU memory in the evaluation after training"
-    metrics.update(distributed.process_metrics(plan, memory["peak_memory_bytes"], recipe.training.batch_size,
-                                               recipe.training.grad_accum, trainer.model))
+    metrics.update(
+        distributed.process_metrics(
+            plan, memory["peak_memory_bytes"], recipe.training.batch_size, recipe.training.grad_accum, trainer.model
+        )
+    )
     if plan.launch.is_main:
         atomic_write_json(output_dir / "metrics.json", metrics)
         print_summary(metrics, output_dir)

@@ -18,20 +18,21 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
-from qlora.training.checkpoints import latest_complete_checkpoint
 from qlora.config.errors import USAGE_EXIT_CODE, QLoraError
 from qlora.config.io import atomic_write_text
+from qlora.config.recipe import Recipe, all_keys, load_recipe, split_assignment
+from qlora.training.checkpoints import latest_complete_checkpoint
+from qlora.training.guards import DISK_FULL_EXIT_CODE
 from qlora.training.nonfinite import NONFINITE_EXIT_CODE
 from qlora.training.oom import OOM_EXIT_CODE
 from qlora.training.preemption import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
-from qlora.config.recipe import Recipe, all_keys, load_recipe, split_assignment
-from qlora.training.guards import DISK_FULL_EXIT_CODE
 
 RESULTS_NAME = "sweep_results"
 RESULT_COLUMNS = ("trainable_params", "eval_loss_before", "eval_loss_after")
@@ -99,7 +100,9 @@ def point_name(values: dict[str, Any]) -> str:
     return "__".join(parts)
 
 
-def build_points(recipe_path: str, overrides: Sequence[str], grid: dict[str, list[Any]], base_dir: Path) -> list[Point]:
+def build_points(
+    recipe_path: str, overrides: Sequence[str], grid: dict[str, list[Any]], base_dir: Path
+) -> list[Point]:
     """Every point of the cartesian product as a validated recipe under `base_dir` (nothing trains yet)."""
     for item in overrides:
         key = item.partition("=")[0].strip()

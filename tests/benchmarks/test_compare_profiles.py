@@ -8,12 +8,29 @@ from conftest import load_benchmark
 
 
 def entry(weights: int) -> dict:
-    return {"bytes": {"weights": weights, "optimizer": 200}, "total_bytes": weights + 200, "allocated_bytes": weights + 150}
+    return {
+        "bytes": {"weights": weights, "optimizer": 200},
+        "total_bytes": weights + 200,
+        "allocated_bytes": weights + 150,
+    }
 
 
-OUTPUT = {"runs": [{"model": "tiny", "advice": ["from qlora.profile.planner"], "results": [
-    {"method": "lora", "peak_moment": "backward", **entry(100), "phases": {"train": entry(100), "eval": entry(90)}},
-]}]}
+OUTPUT = {
+    "runs": [
+        {
+            "model": "tiny",
+            "advice": ["from qlora.profile.planner"],
+            "results": [
+                {
+                    "method": "lora",
+                    "peak_moment": "backward",
+                    **entry(100),
+                    "phases": {"train": entry(100), "eval": entry(90)},
+                },
+            ],
+        }
+    ]
+}
 
 
 def test_identical_outputs_have_no_differences():
@@ -37,13 +54,18 @@ def test_text_fields_are_not_byte_differences():
     current["runs"][0]["results"][0]["peak_moment"] = "loss chunk"
     assert compare.compare_outputs(OUTPUT, current) == []
     assert compare.other_differences(OUTPUT, current) == [
-        "runs[0].advice[0]", "runs[0].model", "runs[0].results[0].peak_moment"]
+        "runs[0].advice[0]",
+        "runs[0].model",
+        "runs[0].results[0].peak_moment",
+    ]
 
 
 def test_phases_are_compared_only_when_both_sides_have_them():
     compare = load_benchmark("compare_profiles")
     current = copy.deepcopy(OUTPUT)
     current["runs"][0]["results"][0]["phases"]["eval"]["total_bytes"] = 1
-    assert [key for key, _, _ in compare.compare_outputs(OUTPUT, current)] == ["runs[0].results[0]/lora.phases.eval.total_bytes"]
+    assert [key for key, _, _ in compare.compare_outputs(OUTPUT, current)] == [
+        "runs[0].results[0]/lora.phases.eval.total_bytes"
+    ]
     del current["runs"][0]["results"][0]["phases"]
     assert compare.compare_outputs(OUTPUT, current) == []

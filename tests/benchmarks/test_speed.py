@@ -16,12 +16,19 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_dry_run_times_every_side_in_its_own_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--dry-run", "--out", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "speed.json").read_text())
     rows = {(r["side"], r["seq_len"]): r for r in result["rows"]}
-    assert sorted(rows) == sorted((side, seq) for side in ("plain", "lean", "fit-24GB", "lean-torch") for seq in (32, 64))
+    assert sorted(rows) == sorted(
+        (side, seq) for side in ("plain", "lean", "fit-24GB", "lean-torch") for seq in (32, 64)
+    )
     for (side, _), row in rows.items():
         assert row["step_time_s"] > 0 and row["tokens_per_s"] > 0 and len(row["step_times_s"]) >= 3 and row["top_ops"]
         assert row["flops_per_token"] > 0

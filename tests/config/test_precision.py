@@ -15,7 +15,9 @@ def fake_gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
         # torch >= 2.3 counts emulated bf16 by default: True on a T4, which is the bug this guards against
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or major >= 8)
+        monkeypatch.setattr(
+            torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or major >= 8
+        )
         monkeypatch.setattr(torch.version, "hip", None)
 
     return install
@@ -66,8 +68,14 @@ def test_the_trainer_loads_a_t4_run_in_fp16(fake_gpu, monkeypatch):
     monkeypatch.setattr(model, "load_base_model", fake_load_base_model)
     from qlora.config.recipe import recipe_from_mapping
 
-    recipe = recipe_from_mapping({"model": {"name_or_path": "x"}, "data": {"path": "d.jsonl"}, "output_dir": "o",
-                                  "training": {"kernels": "none"}})  # no config of 'x' to read for the fused kernels
+    recipe = recipe_from_mapping(
+        {
+            "model": {"name_or_path": "x"},
+            "data": {"path": "d.jsonl"},
+            "output_dir": "o",
+            "training": {"kernels": "none"},
+        }
+    )  # no config of 'x' to read for the fused kernels
     assert recipe.quantization.compute_dtype == "auto"
     with pytest.raises(RuntimeError, match="stop here"):
         model.build_model(recipe, tokenizer=type("Tokenizer", (), {"pad_token_id": 0})())

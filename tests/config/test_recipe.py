@@ -65,7 +65,10 @@ def test_method_follows_bits():
         ("training.optimizer=sgdx", "training.optimizer: unknown value 'sgdx'"),
         ("lora.targets=atention", "lora.targets: unknown value 'atention' (did you mean 'attention'?)"),
         ("quantization.bits=3", "quantization.bits: must be 4, 8 or none, got 3"),
-        ("training.gradient_checkpointing=maybe", "training.gradient_checkpointing: expected true, false, auto or a number of layers >= 0"),
+        (
+            "training.gradient_checkpointing=maybe",
+            "training.gradient_checkpointing: expected true, false, auto or a number of layers >= 0",
+        ),
         ("target_gpu=lots", "target_gpu: unknown GPU 'lots' (did you mean 'l40s'?); expected a preset (t4, "),
         ("target_gpu=4080", "target_gpu: unknown GPU '4080' (did you mean '4090'?); expected a preset"),
         ("target_gpu=24G", "target_gpu: '24G' is ambiguous; write 24GB (10^n bytes, as sold) or 24GiB (2^n bytes)"),
@@ -80,7 +83,9 @@ def test_bad_values_name_the_key(override, message):
 
 def test_unknown_yaml_key_suggests_closest(tmp_path):
     path = write(tmp_path, {**MINIMAL, "training": {"max_step": 5}})
-    with pytest.raises(QLoraError, match=r"unknown recipe key 'training.max_step' \(did you mean 'training.max_steps'\?\)"):
+    with pytest.raises(
+        QLoraError, match=r"unknown recipe key 'training.max_step' \(did you mean 'training.max_steps'\?\)"
+    ):
         load_recipe(path)
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora.memory.estimate import estimate_recipe
 from qlora.config.recipe import load_recipe, parse_gpu_memory
+from qlora.memory.estimate import estimate_recipe
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 ALL_RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -39,5 +39,7 @@ def test_consumer_recipe_names_its_gpu_launch_command_and_peak(path):
     assert f"qlora train recipes/{path.name}" in text
     assert recipe.target_gpu in text
     stated = float(text.split("# Predicted peak:")[1].split("GiB")[0])
-    assert stated == pytest.approx(estimate_recipe(recipe).total / 2**30, abs=0.006)  # the header is the profiler's figure
+    assert stated == pytest.approx(
+        estimate_recipe(recipe).total / 2**30, abs=0.006
+    )  # the header is the profiler's figure
     assert recipe.output_dir == f"runs/{path.stem}"

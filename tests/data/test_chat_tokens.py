@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlora.data.prepare import IGNORE_INDEX, format_alpaca, text_ids, tokenize_chat, tokenize_example
 from qlora.config.recipe import DataSpec
+from qlora.data.prepare import IGNORE_INDEX, format_alpaca, text_ids, tokenize_chat, tokenize_example
 
 QWEN_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -23,7 +23,11 @@ LLAMA3_TEMPLATE = (
 )
 STYLES = {
     "qwen": (QWEN_TEMPLATE, ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
-    "llama3": (LLAMA3_TEMPLATE, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+    "llama3": (
+        LLAMA3_TEMPLATE,
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|eot_id|>",
+    ),
 }
 
 
@@ -44,8 +48,8 @@ def ids_of(tokenizer, token: str) -> int:
 
 def expected_ids(style, tokenizer, messages):
     """The conversation spelled out by hand: control ids for the template's tokens, text ids for the rest."""
-    t = lambda s: text_ids(tokenizer, s)  # noqa: E731
-    c = lambda s: [ids_of(tokenizer, s)]  # noqa: E731
+    t = lambda s: text_ids(tokenizer, s)
+    c = lambda s: [ids_of(tokenizer, s)]
     ids = []
     if style == "qwen":
         for m in messages:
@@ -53,7 +57,13 @@ def expected_ids(style, tokenizer, messages):
     else:
         ids += c("<|begin_of_text|>")
         for m in messages:
-            ids += c("<|start_header_id|>") + t(m["role"]) + c("<|end_header_id|>") + t("\n\n" + m["content"].strip()) + c("<|eot_id|>")
+            ids += (
+                c("<|start_header_id|>")
+                + t(m["role"])
+                + c("<|end_header_id|>")
+                + t("\n\n" + m["content"].strip())
+                + c("<|eot_id|>")
+            )
     return ids
 
 
@@ -69,7 +79,9 @@ def test_control_token_text_in_messages_is_text(styled):
     assert tokenizer.decode(item["input_ids"]) == tokenizer.apply_chat_template(messages, tokenize=False)
     learned = [t for t in item["labels"] if t != IGNORE_INDEX]
     tail = text_ids(tokenizer, "\n") if style == "qwen" else []
-    assert learned == text_ids(tokenizer, answer) + [ids_of(tokenizer, end)] + tail  # the mask covers the answer's text
+    assert (
+        learned == text_ids(tokenizer, answer) + [ids_of(tokenizer, end)] + tail
+    )  # the mask covers the answer's text
 
 
 def test_plain_conversations_keep_the_ids_they_had(styled):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.data.prepare import IGNORE_INDEX, data_collator, describe, load_raw, pack, prepare_data
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import recipe_from_mapping
+from qlora.data.prepare import IGNORE_INDEX, data_collator, describe, load_raw, pack, prepare_data
 
 CHAT = [
     {"role": "system", "content": "be brief"},
@@ -34,7 +34,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def recipe(path, **data):
-    return recipe_from_mapping({"model": {"name_or_path": "unused"}, "data": {"path": str(path), **data}, "output_dir": "unused"})
+    return recipe_from_mapping(
+        {"model": {"name_or_path": "unused"}, "data": {"path": str(path), **data}, "output_dir": "unused"}
+    )
 
 
 def label_text(tokenizer, item) -> str:
@@ -52,8 +54,12 @@ def test_every_local_file_type_loads_the_same_rows(tmp_path, suffix):
 
     path = tmp_path / f"data{suffix}"
     frame = pd.DataFrame(ROWS)
-    {".json": lambda: frame.to_json(path, orient="records"), ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
-     ".csv": lambda: frame.to_csv(path, index=False), ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    {
+        ".json": lambda: frame.to_json(path, orient="records"),
+        ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        ".csv": lambda: frame.to_csv(path, index=False),
+        ".parquet": lambda: frame.to_parquet(path),
+    }[suffix]()
     raw = load_raw(str(path))
     assert raw["output"] == ["one", "two", "three"]
 
@@ -89,7 +95,9 @@ def test_a_hub_name_passes_straight_to_datasets_with_the_split(monkeypatch):
     import datasets
 
     calls = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: calls.append((name, split)) or datasets.Dataset.from_list(ROWS))
+    monkeypatch.setattr(
+        datasets, "load_dataset", lambda name, split: calls.append((name, split)) or datasets.Dataset.from_list(ROWS)
+    )
     assert len(load_raw("org/alpaca", split="train[:10]")) == 3
     assert calls == [("org/alpaca", "train[:10]")]
 
@@ -109,15 +117,23 @@ def test_an_unreachable_hub_name_is_one_clear_error(monkeypatch):
 
 def test_missing_column_names_it_and_the_columns_key(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "output": "y"}] * 4)
-    with pytest.raises(QLoraError, match=r"no column 'instruction' .*\(columns: prompt, output\); map yours with data.columns.instruction"):
+    with pytest.raises(
+        QLoraError,
+        match=r"no column 'instruction' .*\(columns: prompt, output\); map yours with data.columns.instruction",
+    ):
         prepare_data(recipe(path), tokenizer)
     data = prepare_data(recipe(path, columns={"instruction": "prompt"}, eval_size=0), tokenizer)
     assert data.stats["train_examples"] == 4
 
 
 def test_unknown_role_and_empty_values_are_errors(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "x", "output": "y"}, {"instruction": "x", "output": None}])
-    with pytest.raises(QLoraError, match=r"data.columns.respons: not a role of the alpaca format \(roles: instruction, input, output\)"):
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"instruction": "x", "output": "y"}, {"instruction": "x", "output": None}]
+    )
+    with pytest.raises(
+        QLoraError,
+        match=r"data.columns.respons: not a role of the alpaca format \(roles: instruction, input, output\)",
+    ):
         prepare_data(recipe(path, columns={"respons": "output"}), tokenizer)
     with pytest.raises(QLoraError, match=r"1 of 2 examples have no value in column 'output'"):
         prepare_data(recipe(path), tokenizer)
@@ -131,13 +147,23 @@ def test_alpaca_labels_are_the_response_and_eos_only(alpaca_file, tokenizer):
     item = data.train[0]
     assert item["input_ids"][0] == tokenizer.bos_token_id
     assert "### Response:" not in label_text(tokenizer, item) and label_text(tokenizer, item).endswith("</s>")
-    assert data.stats == {"train_examples": 36, "train_truncated": 0, "train_dropped": 0,
-                          "eval_examples": 4, "eval_truncated": 0, "eval_dropped": 0}
+    assert data.stats == {
+        "train_examples": 36,
+        "train_truncated": 0,
+        "train_dropped": 0,
+        "eval_examples": 4,
+        "eval_truncated": 0,
+        "eval_dropped": 0,
+    }
     assert data.eval_examples[0].prompt.endswith("### Response:\n")
 
 
 def test_too_long_examples_are_counted_truncated_or_dropped(tmp_path, tokenizer):
-    rows = [{"instruction": "one", "output": "two " * 50}, {"instruction": "one " * 80, "output": "two"}, {"instruction": "a", "output": "b"}]
+    rows = [
+        {"instruction": "one", "output": "two " * 50},
+        {"instruction": "one " * 80, "output": "two"},
+        {"instruction": "a", "output": "b"},
+    ]
     data = prepare_data(recipe(write_jsonl(tmp_path / "d.jsonl", rows), max_seq_len=60, eval_size=0), tokenizer)
     assert (data.stats["train_examples"], data.stats["train_truncated"], data.stats["train_dropped"]) == (2, 1, 1)
     assert max(len(ids) for ids in data.train["input_ids"]) == 60
@@ -210,8 +236,14 @@ def test_packed_examples_do_not_see_each_other(alpaca_file, tokenizer, tiny_llam
 
 def test_packing_refuses_classification_and_length_grouping(tmp_path, alpaca_file, tokenizer):
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
-    classify = recipe_from_mapping({"model": {"name_or_path": "unused"}, "task": "classification", "output_dir": "unused",
-                                    "data": {"path": str(path), "format": "classification", "packing": True}})
+    classify = recipe_from_mapping(
+        {
+            "model": {"name_or_path": "unused"},
+            "task": "classification",
+            "output_dir": "unused",
+            "data": {"path": str(path), "format": "classification", "packing": True},
+        }
+    )
     with pytest.raises(QLoraError, match="data.packing: only for causal LM formats"):
         prepare_data(classify, tokenizer)
     with pytest.raises(QLoraError, match="data.packing and data.group_by_length: choose one"):
@@ -230,10 +262,21 @@ def test_group_by_length_batches_similar_lengths(tmp_path, tiny_llama, tokenizer
     rows = [{"instruction": "one " * n, "output": "two"} for n in sizes]
     r = recipe(write_jsonl(tmp_path / "d.jsonl", rows), group_by_length=True, eval_size=0)
     data = prepare_data(r, tokenizer)
-    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, train_sampling_strategy="group_by_length",
-                             report_to="none", remove_unused_columns=False, use_cpu=True)
-    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), args=args, train_dataset=data.train,
-                      data_collator=data_collator(tokenizer, r.data), processing_class=tokenizer)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "o"),
+        per_device_train_batch_size=4,
+        train_sampling_strategy="group_by_length",
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=True,
+    )
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama),
+        args=args,
+        train_dataset=data.train,
+        data_collator=data_collator(tokenizer, r.data),
+        processing_class=tokenizer,
+    )
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler)
     assert sampler.lengths == [len(ids) for ids in data.train["input_ids"]]
@@ -249,12 +292,22 @@ def test_training_runs_on_packed_and_chat_data(tmp_path, tiny_llama, alpaca_file
 
     packed = fmt == "packed alpaca"
     path = alpaca_file if packed else write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 8)
-    r = recipe_from_mapping({
-        "model": {"name_or_path": str(tiny_llama)}, "lora": {"r": 4, "alpha": 8}, "output_dir": str(tmp_path / "out"),
-        "data": {"path": str(path), "format": "alpaca" if packed else "chat", "packing": packed, "max_seq_len": 256, "eval_size": 2},
-        "training": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "save_steps": 100, "logging_steps": 1},
-        "eval": {"metric": "exact_match", "max_examples": 2, "max_new_tokens": 2},
-    })
+    r = recipe_from_mapping(
+        {
+            "model": {"name_or_path": str(tiny_llama)},
+            "lora": {"r": 4, "alpha": 8},
+            "output_dir": str(tmp_path / "out"),
+            "data": {
+                "path": str(path),
+                "format": "alpaca" if packed else "chat",
+                "packing": packed,
+                "max_seq_len": 256,
+                "eval_size": 2,
+            },
+            "training": {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "save_steps": 100, "logging_steps": 1},
+            "eval": {"metric": "exact_match", "max_examples": 2, "max_new_tokens": 2},
+        }
+    )
     metrics = train(r)
     assert metrics["train_steps"] == 2 and metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert "eval_exact_match_after" in metrics

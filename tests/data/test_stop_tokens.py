@@ -6,12 +6,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from chat_templates import LLAMA_3_1, QWEN_2_5
+
 from qlora.data.stop_tokens import stop_token_ids, template_end_of_turn
 
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                  "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
+LLAMA_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+    "<|finetune_right_pad_id|>",
+]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEXT = ["what is the capital of france", "paris is the capital", "one two three four five", "hello world"]
 
@@ -24,8 +32,12 @@ def tokenizer_with(specials: list[str], template: str | None, **tokens):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(TEXT * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
     fast.chat_template = template
@@ -35,8 +47,13 @@ def tokenizer_with(specials: list[str], template: str | None, **tokens):
 @pytest.fixture(scope="module")
 def llama():
     """Llama-3.1 as a base model's tokenizer has it: EOS is <|end_of_text|>, the template ends turns with <|eot_id|>."""
-    return tokenizer_with(LLAMA_SPECIALS, LLAMA_3_1, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                          pad_token="<|finetune_right_pad_id|>")
+    return tokenizer_with(
+        LLAMA_SPECIALS,
+        LLAMA_3_1,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|finetune_right_pad_id|>",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +64,10 @@ def qwen():
 
 def test_llama_3_1_stops_at_eot_id_as_well_as_eos(llama):
     assert template_end_of_turn(llama) == "<|eot_id|>"
-    assert stop_token_ids(llama) == [llama.convert_tokens_to_ids("<|end_of_text|>"), llama.convert_tokens_to_ids("<|eot_id|>")]
+    assert stop_token_ids(llama) == [
+        llama.convert_tokens_to_ids("<|end_of_text|>"),
+        llama.convert_tokens_to_ids("<|eot_id|>"),
+    ]
 
 
 def test_qwen_2_5_stops_at_im_end_and_generation_config_ids_once_each(qwen):
@@ -75,8 +95,15 @@ def bigram_model(vocab_size: int, follows: dict[int, int]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden = -(-vocab_size // 8) * 8  # four heads of an even size
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(torch.eye(vocab_size, hidden))
@@ -91,8 +118,9 @@ def bigram_model(vocab_size: int, follows: dict[int, int]):
 def test_chat_generation_with_the_llama_3_1_template_stops_at_eot_id(llama):
     from qlora.training.metrics import generate_answers
 
-    prompt = llama.apply_chat_template([{"role": "user", "content": "what is the capital of france"}], tokenize=False,
-                                       add_generation_prompt=True)
+    prompt = llama.apply_chat_template(
+        [{"role": "user", "content": "what is the capital of france"}], tokenize=False, add_generation_prompt=True
+    )
     last = llama(prompt, add_special_tokens=False)["input_ids"][-1]
     eot = llama.convert_tokens_to_ids("<|eot_id|>")
     answer = llama("paris is", add_special_tokens=False)["input_ids"]

@@ -24,7 +24,13 @@ def test_lexicon_has_no_word_with_two_meanings():
 
 
 def test_spelling_rules():
-    assert [corpus.regular_plural(w) for w in ("fox", "brush", "berry", "key", "cat")] == ["foxes", "brushes", "berries", "keys", "cats"]
+    assert [corpus.regular_plural(w) for w in ("fox", "brush", "berry", "key", "cat")] == [
+        "foxes",
+        "brushes",
+        "berries",
+        "keys",
+        "cats",
+    ]
     assert corpus.third_person("carry") == "carries" and corpus.article("owl") == "an" and corpus.article("fox") == "a"
 
 

@@ -30,15 +30,20 @@ def test_each_word_is_in_at_most_one_instruction_row():
     words = Counter(word for row in rows for word in words_of(row))
     assert max(words.values()) == 1
     assert Counter(row["instruction"] for row in rows) == {
-        datasets.TASKS["plural"]: len(corpus.NOUNS), datasets.TASKS["opposite"]: len(corpus.OPPOSITES),
+        datasets.TASKS["plural"]: len(corpus.NOUNS),
+        datasets.TASKS["opposite"]: len(corpus.OPPOSITES),
         datasets.TASKS["past"]: len(corpus.VERBS),
     }
 
 
 def test_classification_rows_are_balanced_distinct_and_held_out_by_noun():
     train, evaluation = datasets.classify_rows()
-    assert Counter(row["label"] for row in train) == {label: datasets.CLASSIFY_ROWS_PER_CLASS for label in datasets.CLASSES}
-    assert Counter(row["label"] for row in evaluation) == {label: datasets.CLASSIFY_EVAL_ROWS_PER_CLASS for label in datasets.CLASSES}
+    assert Counter(row["label"] for row in train) == {
+        label: datasets.CLASSIFY_ROWS_PER_CLASS for label in datasets.CLASSES
+    }
+    assert Counter(row["label"] for row in evaluation) == {
+        label: datasets.CLASSIFY_EVAL_ROWS_PER_CLASS for label in datasets.CLASSES
+    }
     assert len({row["text"] for row in train + evaluation}) == len(train) + len(evaluation)
     train_words = {word for row in train for word in row["text"].rstrip(".").split()}
     assert "hedgehog" in train_words and "cat" not in train_words  # cat is its class's first noun: held out
@@ -52,8 +57,8 @@ def test_committed_datasets_are_what_the_generator_writes(tmp_path):
 
 
 def test_the_demo_recipe_holds_out_words_it_never_trains_on():
-    from qlora.data.prepare import load_source, split_raw
     from qlora.config.recipe import load_recipe
+    from qlora.data.prepare import load_source, split_raw
 
     recipe = load_recipe(RECIPES / "demo.yaml")
     train, evaluation = split_raw(load_source(recipe.data), recipe.data, recipe.training.seed)

@@ -22,7 +22,11 @@ def test_committed_base_is_a_small_llama_matching_its_tokenizer(base):
     model, tok = base
     config = model.config
     assert config.model_type == "llama" and config.vocab_size == len(tok)
-    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
     assert 4e6 < sum(p.numel() for p in model.parameters()) < 6e6
     assert (BASE / "model.safetensors").stat().st_size < 12 * 2**20  # float16: small enough to commit
 
@@ -32,10 +36,10 @@ def test_committed_base_knows_the_plurals(base):
 
 
 def test_committed_base_cannot_answer_the_instruction_format(base):
+    from qlora.config.recipe import DataSpec
     from qlora.data.prepare import format_alpaca
     from qlora.demo.datasets import instruction_rows
     from qlora.training.metrics import generate_answers, normalise_answer
-    from qlora.config.recipe import DataSpec
 
     rows = instruction_rows()[:24]
     prompts = [format_alpaca(row, DataSpec()).prompt for row in rows]

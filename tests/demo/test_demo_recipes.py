@@ -26,7 +26,11 @@ def test_demo_recipe_uses_the_committed_assets_without_truncation(name):
     for path in filter(None, (recipe.data.path, recipe.data.eval_path)):
         assert Path(path).parent == ASSETS
         raw = load_source(replace(recipe.data, path=path))
-        labels = {label: i for i, label in enumerate(sorted(set(raw["label"])))} if recipe.task == "classification" else None
+        labels = (
+            {label: i for i, label in enumerate(sorted(set(raw["label"])))}
+            if recipe.task == "classification"
+            else None
+        )
         cut = [tokenize_row(row, recipe.data, tok, labels)[1] for row in raw]
         assert not any(cut), f"{path}: {sum(cut)} rows longer than data.max_seq_len"
 

@@ -46,11 +46,15 @@ def test_a_word_has_the_same_tokens_in_a_prompt_and_in_a_sentence(committed):
 def test_decoding_is_lossless_and_special_tokens_are_distinct(committed):
     text = "### User:\n  indented\n\nlast line "
     assert committed.decode(committed(text, add_special_tokens=False)["input_ids"]) == text
-    assert committed.decode(committed("<s>one mouse", add_special_tokens=False)["input_ids"]) == "<s> one mouse"  # as Llama decodes
+    assert (
+        committed.decode(committed("<s>one mouse", add_special_tokens=False)["input_ids"]) == "<s> one mouse"
+    )  # as Llama decodes
     assert committed("a")["input_ids"][0] == committed.bos_token_id
     assert len({committed.bos_token_id, committed.eos_token_id, committed.pad_token_id, committed.unk_token_id}) == 4
 
 
 def test_chat_template_renders_role_blocks_and_ends_assistant_turns(committed):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    assert committed.apply_chat_template(messages, tokenize=False) == "<s>### User:\nhi\n\n### Assistant:\nhello</s>\n\n"
+    assert (
+        committed.apply_chat_template(messages, tokenize=False) == "<s>### User:\nhi\n\n### Assistant:\nhello</s>\n\n"
+    )

@@ -7,31 +7,45 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import predicted_and_measured, prediction
+
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.recipe import recipe_from_mapping
 from qlora.memory.estimate import estimate, settings_inventory
 from qlora.memory.planner import fewest_checkpointed_layers
 from qlora.memory.settings import Settings
 
-CONFIG = Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "llama-h256-v128k" / "config.json"  # hidden 256, 4 layers, 128k vocabulary
+CONFIG = (
+    Path(__file__).resolve().parents[2] / "benchmarks" / "configs" / "llama-h256-v128k" / "config.json"
+)  # hidden 256, 4 layers, 128k vocabulary
 
 
 @pytest.mark.parametrize("layers", [0, 2, 4])
 def test_any_number_of_checkpointed_layers_is_predicted_within_1_percent_of_measured(layers):
-    predicted, measured = predicted_and_measured(CONFIG, "qlora", "data.max_seq_len=256", "training.batch_size=1", "lora.r=16",
-                                                 f"training.gradient_checkpointing={layers}")
+    predicted, measured = predicted_and_measured(
+        CONFIG,
+        "qlora",
+        "data.max_seq_len=256",
+        "training.batch_size=1",
+        "lora.r=16",
+        f"training.gradient_checkpointing={layers}",
+    )
     assert abs(predicted.allocated - measured.peak) <= 0.01 * measured.peak
     assert predicted.checkpointed_layers == layers
 
 
 def test_fewer_checkpointed_layers_hold_more_and_recompute_less():
-    peaks = [prediction("llama-3.1-8b", "qlora", "data.max_seq_len=2048", "lora.r=16", f"training.gradient_checkpointing={n}")
-             for n in (1, 16, 32)]
+    peaks = [
+        prediction(
+            "llama-3.1-8b", "qlora", "data.max_seq_len=2048", "lora.r=16", f"training.gradient_checkpointing={n}"
+        )
+        for n in (1, 16, 32)
+    ]
     assert peaks[0].total > peaks[1].total > peaks[2].total
     assert peaks[0].recompute_saved_pct > peaks[1].recompute_saved_pct > peaks[2].recompute_saved_pct == 0
-    assert peaks[2].bytes == prediction("llama-3.1-8b", "qlora", "data.max_seq_len=2048", "lora.r=16").bytes  # N = all = true
+    assert (
+        peaks[2].bytes == prediction("llama-3.1-8b", "qlora", "data.max_seq_len=2048", "lora.r=16").bytes
+    )  # N = all = true
 
 
 def test_auto_takes_the_fewest_layers_that_fit_the_gpu():
@@ -47,14 +61,23 @@ def test_auto_takes_the_fewest_layers_that_fit_the_gpu():
 def test_training_resolves_auto_against_the_recipes_target_gpu(capsys):
     from qlora.training.auto import resolve_checkpointing
 
-    base = {"model": {"name_or_path": "llama-3.1-8b"}, "data": {"path": "d.jsonl", "max_seq_len": 2048}, "output_dir": "o",
-            "lora": {"r": 16}, "training": {"gradient_checkpointing": "auto"}}
+    base = {
+        "model": {"name_or_path": "llama-3.1-8b"},
+        "data": {"path": "d.jsonl", "max_seq_len": 2048},
+        "output_dir": "o",
+        "lora": {"r": 16},
+        "training": {"gradient_checkpointing": "auto"},
+    }
     chosen = resolve_checkpointing(recipe_from_mapping(base, ["target_gpu=24GB", "training.kernels=none"]))
     assert 0 < chosen.training.gradient_checkpointing < 32
     line = capsys.readouterr().err.strip()
-    assert line.startswith(f"training.gradient_checkpointing: auto: {chosen.training.gradient_checkpointing} of 32 decoder layers")
+    assert line.startswith(
+        f"training.gradient_checkpointing: auto: {chosen.training.gradient_checkpointing} of 32 decoder layers"
+    )
     assert "recompute saved" in line
-    liger = resolve_checkpointing(recipe_from_mapping(base, ["target_gpu=24GB"]))  # Liger's kernels (the GPU default) save less
+    liger = resolve_checkpointing(
+        recipe_from_mapping(base, ["target_gpu=24GB"])
+    )  # Liger's kernels (the GPU default) save less
     assert liger.training.gradient_checkpointing < chosen.training.gradient_checkpointing
     unknown = resolve_checkpointing(recipe_from_mapping(base))  # no target_gpu, no GPU here: every layer
     assert unknown.training.gradient_checkpointing == 32
@@ -63,8 +86,22 @@ def test_training_resolves_auto_against_the_recipes_target_gpu(capsys):
 def test_the_cli_plans_the_fewest_layers_for_a_24gb_card(capsys):
     from qlora.profile import main
 
-    argv = ["--model", "llama-3.1-8b", "--methods", "qlora", "--rank", "16", "--seq-len", "2048",
-            "--set", "training.gradient_checkpointing=auto", "--gpu", "24GB", "--format", "json"]
+    argv = [
+        "--model",
+        "llama-3.1-8b",
+        "--methods",
+        "qlora",
+        "--rank",
+        "16",
+        "--seq-len",
+        "2048",
+        "--set",
+        "training.gradient_checkpointing=auto",
+        "--gpu",
+        "24GB",
+        "--format",
+        "json",
+    ]
     assert run_cli(main, argv) == 0
     result = json.loads(capsys.readouterr().out)["runs"][0]["results"][0]
     assert result["gradient_checkpointing_layers"] < 32 and result["total_bytes"] <= 24 * 10**9
@@ -74,7 +111,9 @@ def test_the_cli_plans_the_fewest_layers_for_a_24gb_card(capsys):
 @pytest.mark.parametrize("value", ["-1", "some", "1.5"])
 def test_bad_values_name_the_key(value):
     with pytest.raises(QLoraError, match="^training.gradient_checkpointing: "):
-        recipe_from_mapping({"model": {"name_or_path": "m"}}, [f"training.gradient_checkpointing={value}"], for_training=False)
+        recipe_from_mapping(
+            {"model": {"name_or_path": "m"}}, [f"training.gradient_checkpointing={value}"], for_training=False
+        )
 
 
 def test_exact_match_generation_is_part_of_the_eval_phase_with_its_kv_cache():
@@ -82,7 +121,11 @@ def test_exact_match_generation_is_part_of_the_eval_phase_with_its_kv_cache():
     keys = ("data.max_seq_len=2048", "lora.r=16", "training.eval_batch_size=16")
     plain = prediction("llama-3.1-8b", "qlora", *keys)
     generating = prediction("llama-3.1-8b", "qlora", *keys, "eval.metric=exact_match", "eval.max_new_tokens=256")
-    kv_cache = 32 * 16 * 2048 * 2 * 8 * 128 * 4  # layers x batch x prompt x (keys, values) x kv heads x head dim x fp32 (CPU)
+    kv_cache = (
+        32 * 16 * 2048 * 2 * 8 * 128 * 4
+    )  # layers x batch x prompt x (keys, values) x kv heads x head dim x fp32 (CPU)
     assert generating.phases["eval"]["allocated_bytes"] > plain.phases["eval"]["allocated_bytes"] + 0.99 * kv_cache
     assert generating.phase == "eval" and "generation" in generating.peak_moment
-    assert generating.details["activations"]["eval: KV cache (every layer, the prompt)"] == kv_cache  # the prompt's forward is the peak
+    assert (
+        generating.details["activations"]["eval: KV cache (every layer, the prompt)"] == kv_cache
+    )  # the prompt's forward is the peak

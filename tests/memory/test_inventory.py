@@ -20,13 +20,15 @@ def load_real(config_path, folder, bits, double_quant=True):
     """Random weights from the config, loaded in bf16 as the trainer loads them (4-, 8- or 16-bit)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora.model.load import load_base_model
-    from qlora.memory.inventory import load_config
     from qlora.config.recipe import ModelSpec, QuantizationSpec, Recipe
+    from qlora.memory.inventory import load_config
+    from qlora.model.load import load_base_model
 
     AutoModelForCausalLM.from_config(load_config(config_path)).save_pretrained(folder)
-    recipe = Recipe(model=ModelSpec(name_or_path=str(folder)),
-                    quantization=QuantizationSpec(bits=bits, double_quant=double_quant, compute_dtype="bfloat16"))
+    recipe = Recipe(
+        model=ModelSpec(name_or_path=str(folder)),
+        quantization=QuantizationSpec(bits=bits, double_quant=double_quant, compute_dtype="bfloat16"),
+    )
     return load_base_model(recipe, torch.bfloat16)
 
 
@@ -34,11 +36,17 @@ def stored_bytes(model, kinds=("frozen", "trainable")) -> int:
     """Bytes of every distinct storage the loaded model holds (tied weights once)."""
     from qlora.training.measure import model_tensors
 
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t, kind in model_tensors(model) if kind in kinds}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t, kind in model_tensors(model)
+        if kind in kinds
+    }
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("bits,double_quant", [(4, True), (4, False), (8, True), (None, True)], ids=["nf4-dq", "nf4", "int8", "bf16"])
+@pytest.mark.parametrize(
+    "bits,double_quant", [(4, True), (4, False), (8, True), (None, True)], ids=["nf4-dq", "nf4", "int8", "bf16"]
+)
 @pytest.mark.parametrize("config", ["llama_config", "qwen2_config"])
 def test_weight_bytes_equal_the_storage_of_a_really_loaded_model(config, bits, double_quant, request, tmp_path):
     config_path = request.getfixturevalue(config)
@@ -56,7 +64,14 @@ def test_inventory_counts_tied_embeddings_once_and_finds_biases(llama_config, qw
     assert llama.parameter_count() - qwen.parameter_count() == 512 * 64 - qwen.counts_by_role()["bias"]
     assert qwen.counts_by_role()["bias"] == 2 * (64 + 32 + 32)  # q, k, v biases in 2 layers (GQA: k, v are 32 wide)
     assert {lin.leaf for lin in llama.lora_targets("all-linear")} == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_a_classifier_has_a_16bit_score_head_and_no_lm_head(llama_config, qwen2_config, tmp_path):
@@ -64,12 +79,15 @@ def test_a_classifier_has_a_16bit_score_head_and_no_lm_head(llama_config, qwen2_
     and the weights are the bytes a real 4-bit load of the classifier stores."""
     from transformers import AutoModelForSequenceClassification
 
-    from qlora.model.load import load_base_model
-    from qlora.memory.inventory import load_config
     from qlora.config.recipe import ModelSpec, QuantizationSpec, Recipe
+    from qlora.memory.inventory import load_config
+    from qlora.model.load import load_base_model
 
     for config_path in (llama_config, qwen2_config):
-        causal, classifier = load_inventory(str(config_path)), load_inventory(str(config_path), "bfloat16", "classification", 5)
+        causal, classifier = (
+            load_inventory(str(config_path)),
+            load_inventory(str(config_path), "bfloat16", "classification", 5),
+        )
         head = classifier.classifier_head()
         assert [(lin.name, lin.out_features, lin.quantized, lin.itemsize) for lin in head] == [("score", 5, False, 2)]
         assert classifier.counts_by_role()["lm_head"] == 0 and classifier.task == "classification"
@@ -78,8 +96,11 @@ def test_a_classifier_has_a_16bit_score_head_and_no_lm_head(llama_config, qwen2_
     config = load_config(llama_config)
     config.num_labels = 5
     AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
-    recipe = Recipe(task="classification", model=ModelSpec(name_or_path=str(tmp_path)),
-                    quantization=QuantizationSpec(bits=4, compute_dtype="bfloat16"))
+    recipe = Recipe(
+        task="classification",
+        model=ModelSpec(name_or_path=str(tmp_path)),
+        quantization=QuantizationSpec(bits=4, compute_dtype="bfloat16"),
+    )
     real = load_base_model(recipe, torch.bfloat16, [str(i) for i in range(5)])
     llama = load_inventory(str(llama_config), "bfloat16", "classification", 5)
     assert sum(weight_bytes(llama, 4).values()) == stored_bytes(real)
@@ -90,9 +111,12 @@ def test_a_classifier_has_a_16bit_score_head_and_no_lm_head(llama_config, qwen2_
 def test_nf4_layout_matches_bitsandbytes_quantize_4bit(numel, double_quant):
     import bitsandbytes.functional as F
 
-    packed, state = F.quantize_4bit(torch.randn(numel, dtype=torch.bfloat16), blocksize=64,
-                                    compress_statistics=double_quant, quant_type="nf4")
-    tensors = [packed, state.absmax, state.code] + ([state.offset, state.state2.absmax, state.state2.code] if double_quant else [])
+    packed, state = F.quantize_4bit(
+        torch.randn(numel, dtype=torch.bfloat16), blocksize=64, compress_statistics=double_quant, quant_type="nf4"
+    )
+    tensors = [packed, state.absmax, state.code] + (
+        [state.offset, state.state2.absmax, state.state2.code] if double_quant else []
+    )
     assert sum(nf4_weight_bytes(numel, double_quant).values()) == sum(t.untyped_storage().nbytes() for t in tensors)
 
 
@@ -126,13 +150,29 @@ def test_catalog_models_order_full_lora_qlora_and_add_up(name):
     assert lora.bytes["adapters"] == qlora.bytes["adapters"] > 0 == full.bytes["adapters"]
 
 
-@pytest.mark.parametrize("config,message", [
-    ({"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512},
-     "gpt2: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, Gemma, Phi-3, …): its config has no intermediate_size"),
-    ({"model_type": "mixtral", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-      "num_key_value_heads": 2, "vocab_size": 512, "num_local_experts": 4},
-     "mixtral: mixture-of-experts models are not modeled by the profiler"),
-], ids=["gpt2", "mixtral"])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (
+            {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512},
+            "gpt2: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, Gemma, Phi-3, …): its config has no intermediate_size",
+        ),
+        (
+            {
+                "model_type": "mixtral",
+                "num_hidden_layers": 2,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "vocab_size": 512,
+                "num_local_experts": 4,
+            },
+            "mixtral: mixture-of-experts models are not modeled by the profiler",
+        ),
+    ],
+    ids=["gpt2", "mixtral"],
+)
 def test_architectures_outside_the_model_of_memory_are_one_line_errors(config, message, tmp_path):
     from qlora.config.errors import QLoraError
 
@@ -141,11 +181,18 @@ def test_architectures_outside_the_model_of_memory_are_one_line_errors(config, m
         load_inventory(str(tmp_path / "config.json"))
 
 
-
 def test_a_soft_capped_head_is_profiled_with_the_standard_loss_the_trainer_falls_back_to(tmp_path):
     """qlora.ops.loss cannot reproduce a soft-capped head and trains it with the standard loss: so does the profiler."""
-    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
-             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8192}
+    llama = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 8192,
+    }
     (tmp_path / "capped").mkdir()
     (tmp_path / "plain").mkdir()
     capped, plain = tmp_path / "capped" / "config.json", tmp_path / "plain" / "config.json"
@@ -156,4 +203,7 @@ def test_a_soft_capped_head_is_profiled_with_the_standard_loss_the_trainer_falls
     chunked, standard = (estimate(str(capped), "qlora", Settings(loss=loss)) for loss in ("chunked", "standard"))
     assert chunked.total == standard.total and chunked.peak_moment == "start of backward (loss gradient)"
     assert load_inventory(str(plain)).chunked_loss_unsupported is None
-    assert estimate(str(plain), "qlora", Settings()).total < estimate(str(plain), "qlora", Settings(loss="standard")).total
+    assert (
+        estimate(str(plain), "qlora", Settings()).total
+        < estimate(str(plain), "qlora", Settings(loss="standard")).total
+    )

@@ -17,9 +17,22 @@ BF16, FP32 = 2, 4
 
 
 def step(inv, seq: int, **changes) -> Step:
-    base = Step(batch=1, seq=seq, compute_bytes=BF16, autocast=True, device="cuda", checkpointing=True, attention="sdpa",
-                method="qlora", rank=16, lora_dropout=0.0, lora_leaves=frozenset(inv.layer_linears()), adapter_numel=0,
-                adapter_bytes=FP32, loss="chunked")
+    base = Step(
+        batch=1,
+        seq=seq,
+        compute_bytes=BF16,
+        autocast=True,
+        device="cuda",
+        checkpointing=True,
+        attention="sdpa",
+        method="qlora",
+        rank=16,
+        lora_dropout=0.0,
+        lora_leaves=frozenset(inv.layer_linears()),
+        adapter_numel=0,
+        adapter_bytes=FP32,
+        loss="chunked",
+    )
     return replace(base, **changes)
 
 
@@ -34,7 +47,9 @@ def test_a_layer_saves_the_norm_inputs_as_they_are_and_two_mlp_intermediates(inv
     assert torch_saved["norms"] == 2 * T * d.hidden * FP32 + 2 * T * FP32  # two fp32 copies (bf16 inputs), two rsqrt
     assert liger_saved["norms"] == T * d.hidden * BF16 + 2 * T * FP32  # the residual sum as it is, two rstd
     assert (torch_saved["mlp"], liger_saved["mlp"]) == (3 * T * d.intermediate * BF16, 2 * T * d.intermediate * BF16)
-    assert torch_saved["attention"] == liger_saved["attention"]  # RoPE rotates q and k in place: attention saves the same
+    assert (
+        torch_saved["attention"] == liger_saved["attention"]
+    )  # RoPE rotates q and k in place: attention saves the same
 
 
 def test_unchecked_layers_save_exactly_what_the_kernels_drop(inv):
@@ -49,12 +64,23 @@ def test_unchecked_layers_save_exactly_what_the_kernels_drop(inv):
 
 
 def test_the_fused_loss_holds_its_own_terms_where_it_runs_and_the_torch_path_beyond(inv):
-    short, long = chunked_loss_terms(inv, step(inv, 2048, kernels=True), grads=True), chunked_loss_terms(inv, step(inv, 80000, kernels=True), grads=True)
-    liger = {f"Liger fused loss: {k}": v for k, v in fused_loss_terms(2047, inv.dims.vocab, inv.dims.hidden, BF16).items()}
+    short, long = (
+        chunked_loss_terms(inv, step(inv, 2048, kernels=True), grads=True),
+        chunked_loss_terms(inv, step(inv, 80000, kernels=True), grads=True),
+    )
+    liger = {
+        f"Liger fused loss: {k}": v for k, v in fused_loss_terms(2047, inv.dims.vocab, inv.dims.hidden, BF16).items()
+    }
     assert liger.items() <= short.items() and "Liger fused loss: one chunk's logits (64 tokens)" in short
-    assert "loss chunk" not in short and "hidden-state gradient" not in short  # its input gradient covers the labelled rows
-    assert "loss chunk" in long and not any(k.startswith("Liger") for k in long)  # 80,000 tokens: its chunk would pass a GiB
-    assert chunked_loss_terms(inv, step(inv, 2048), grads=True) == chunked_loss_terms(inv, step(inv, 2048, kernels=False), grads=True)
+    assert (
+        "loss chunk" not in short and "hidden-state gradient" not in short
+    )  # its input gradient covers the labelled rows
+    assert "loss chunk" in long and not any(
+        k.startswith("Liger") for k in long
+    )  # 80,000 tokens: its chunk would pass a GiB
+    assert chunked_loss_terms(inv, step(inv, 2048), grads=True) == chunked_loss_terms(
+        inv, step(inv, 2048, kernels=False), grads=True
+    )
 
 
 def test_liger_is_predicted_on_a_gpu_only_and_holds_less_there():
@@ -141,7 +167,10 @@ class LigerLikeSwiGLUMLP(torch.nn.Module):
     def __init__(self, config):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj, self.up_proj = torch.nn.Linear(hidden, inner, bias=False), torch.nn.Linear(hidden, inner, bias=False)
+        self.gate_proj, self.up_proj = (
+            torch.nn.Linear(hidden, inner, bias=False),
+            torch.nn.Linear(hidden, inner, bias=False),
+        )
         self.down_proj = torch.nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x):
@@ -162,8 +191,11 @@ def liger_like(monkeypatch):
     monkeypatch.setattr(qlora.memory.activations, "fused_loss_is_smaller", lambda *a: False)  # the CPU's loss: torch's
 
 
-@pytest.mark.parametrize("changes", [(), ("training.gradient_checkpointing=false",), ("training.mlp_tiles=2",)],
-                         ids=["checkpointed", "unchecked", "tiled-mlp"])
+@pytest.mark.parametrize(
+    "changes",
+    [(), ("training.gradient_checkpointing=false",), ("training.mlp_tiles=2",)],
+    ids=["checkpointed", "unchecked", "tiled-mlp"],
+)
 def test_the_kernels_memory_contracts_compose_as_measured(liger_like, llama_config, changes):
     from conftest import predicted_and_measured
 

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def write(root: Path, gpu: str, context: int, slack: float) -> None:
     (root / f"cuda-{gpu}").mkdir(parents=True)
-    (root / f"cuda-{gpu}" / "overheads.json").write_text(json.dumps({"cuda_context_bytes": context, "allocator_slack": slack}))
+    (root / f"cuda-{gpu}" / "overheads.json").write_text(
+        json.dumps({"cuda_context_bytes": context, "allocator_slack": slack})
+    )
 
 
 def test_defaults_without_measurements_and_the_largest_measured_values_with_them(tmp_path):
@@ -24,15 +26,25 @@ def test_defaults_without_measurements_and_the_largest_measured_values_with_them
     (tmp_path / "cuda-broken" / "overheads.json").write_text("{not json")
     (tmp_path / "cpu-small-llama").mkdir()  # CPU measurements never count
     assert len(measured_overheads(tmp_path)) == 2
-    assert named_assumptions(512 * 2**20, 0.05, tmp_path) == (600 * 2**20, 0.031)  # a plan must hold on every measured GPU
+    assert named_assumptions(512 * 2**20, 0.05, tmp_path) == (
+        600 * 2**20,
+        0.031,
+    )  # a plan must hold on every measured GPU
 
 
 def test_the_profiler_uses_them(tmp_path):
     write(tmp_path, "nvidia-h200", 700 * 2**20, 0.03)
-    code = ("import json; from qlora.memory.estimate import estimate; from qlora.memory.settings import Settings; "
-            "print(json.dumps(estimate('smollm2-135m', 'qlora', Settings()).details['overhead']))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "QLORA_MEASURED_DIR": str(tmp_path)})
+    code = (
+        "import json; from qlora.memory.estimate import estimate; from qlora.memory.settings import Settings; "
+        "print(json.dumps(estimate('smollm2-135m', 'qlora', Settings()).details['overhead']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "QLORA_MEASURED_DIR": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr
     overhead = json.loads(done.stdout)
     assert overhead["CUDA context"] == 700 * 2**20 and "allocator slack (3%)" in overhead

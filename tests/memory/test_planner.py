@@ -6,12 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from qlora.memory.estimate import estimate_recipe
-from qlora.memory.planner import plan_fit
-from qlora.memory.estimate import estimate
-from qlora.memory.planner import largest, plan
-from qlora.memory.settings import Settings
 from qlora.config.recipe import load_recipe, parse_gpu_memory
+from qlora.memory.estimate import estimate, estimate_recipe
+from qlora.memory.planner import largest, plan, plan_fit
+from qlora.memory.settings import Settings
 
 GIB = 2**30
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
@@ -36,7 +34,7 @@ def test_seven_b_on_24gb_limits_are_the_edge_of_fitting():
     assert not full.fits and lora.fits and qlora.fits
     assert qlora.max_seq_len == 4096  # the model's context: the search's upper end
     for fit in (lora, qlora):
-        at = lambda **c: estimate("llama-2-7b", fit.method, Settings(**c)).total  # noqa: E731
+        at = lambda **c: estimate("llama-2-7b", fit.method, Settings(**c)).total
         assert at(batch_size=fit.max_batch_size) <= 24 * GIB < at(batch_size=fit.max_batch_size + 1)
     assert lora.max_batch_size < qlora.max_batch_size
     assert estimate("llama-2-7b", "lora", Settings(seq_len=lora.max_seq_len)).total <= 24 * GIB
@@ -65,7 +63,9 @@ def test_a_lower_rank_when_no_sequence_or_batch_is_enough():
 def test_advice_when_nothing_fits_names_the_smallest_possible_peak():
     advice = plan("llama-2-70b", ("qlora",), Settings(), 24 * GIB).advice()
     assert len(advice) == 2 and "does not fit" in advice[0]
-    assert advice[1].startswith("  - nothing fits 24.00 GiB: even QLoRA at batch 1, one token, rank 1 and 8-bit AdamW needs 36.")
+    assert advice[1].startswith(
+        "  - nothing fits 24.00 GiB: even QLoRA at batch 1, one token, rank 1 and 8-bit AdamW needs 36."
+    )
 
 
 def test_plan_fit_speaks_in_recipe_keys():
@@ -112,8 +112,10 @@ def test_llama_3_1_8b_r16_at_2048_tokens_holds_no_vocabulary_sized_logits():
 
 
 def test_the_planner_names_the_chunked_loss_when_it_is_what_fits():
-    recipe = load_recipe(RECIPES[0].parent / "llama-3.1-8b-alpaca-t4.yaml",
-                         ["data.max_seq_len=4096", "training.batch_size=1", "training.loss=standard"])
+    recipe = load_recipe(
+        RECIPES[0].parent / "llama-3.1-8b-alpaca-t4.yaml",
+        ["data.max_seq_len=4096", "training.batch_size=1", "training.loss=standard"],
+    )
     advice = plan_fit(recipe, 10 * GIB).advice()  # 14.02 GiB with the standard loss, 9.55 chunked
     assert "does not fit" in advice[0]
     assert any(line.startswith("  - fits with training.loss=chunked: ") for line in advice)
@@ -122,8 +124,10 @@ def test_the_planner_names_the_chunked_loss_when_it_is_what_fits():
 def test_an_eval_batch_too_large_is_advised_down():
     """The eval step is a phase of the run: a large eval batch with the standard loss's eval logits
     can be what does not fit, and the advice names training.eval_batch_size."""
-    recipe = load_recipe(RECIPES[0].parent / "llama-3.1-8b-alpaca-t4.yaml",
-                         ["data.max_seq_len=2048", "training.batch_size=1", "training.loss=standard", "training.eval_batch_size=8"])
+    recipe = load_recipe(
+        RECIPES[0].parent / "llama-3.1-8b-alpaca-t4.yaml",
+        ["data.max_seq_len=2048", "training.batch_size=1", "training.loss=standard", "training.eval_batch_size=8"],
+    )
     estimate_ = estimate_recipe(recipe)
     assert estimate_.phase == "eval" and estimate_.peak_moment == "eval step (eval logits and loss)"
     assert estimate_.phases["eval"]["total_bytes"] == estimate_.total > estimate_.phases["train"]["total_bytes"]
@@ -131,7 +135,9 @@ def test_an_eval_batch_too_large_is_advised_down():
     line = next(line for line in advice if "training.eval_batch_size=" in line)
     size = int(line.split("training.eval_batch_size=")[1].split(":")[0])
     assert 1 <= size < 8
-    fits = lambda n: estimate_recipe(load_recipe(recipe.source, [*OVERRIDES_8B, f"training.eval_batch_size={n}"])).total <= 16 * GIB  # noqa: E731
+    fits = lambda n: (
+        estimate_recipe(load_recipe(recipe.source, [*OVERRIDES_8B, f"training.eval_batch_size={n}"])).total <= 16 * GIB
+    )
     assert fits(size) and not fits(size + 1)
 
 

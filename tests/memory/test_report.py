@@ -8,10 +8,10 @@ import pytest
 
 from qlora.memory import report
 from qlora.memory.estimate import COMPONENTS, estimate
-from qlora.training.measure import Measurement
 from qlora.memory.planner import plan
 from qlora.memory.report import Result, Run
 from qlora.memory.settings import Settings
+from qlora.training.measure import Measurement
 
 SETTINGS = Settings(seq_len=64, batch_size=2, rank=8)
 
@@ -31,7 +31,13 @@ def test_rows_have_one_line_per_model_and_method(runs):
     rows = report.rows(runs)
     assert [r[:2] for r in rows] == [["tiny", "full"], ["tiny", "lora"], ["tiny", "qlora"]]
     header = report.header(runs)
-    assert header[:10] == ["Model", "Method", *[c.capitalize() for c in COMPONENTS], "Total (MiB)", "Train step / eval step"]
+    assert header[:10] == [
+        "Model",
+        "Method",
+        *[c.capitalize() for c in COMPONENTS],
+        "Total (MiB)",
+        "Train step / eval step",
+    ]
     assert header[10:] == ["Measured (MiB)", "Error", "Fits 1 GiB", "Max seq (batch 2)", "Max batch (seq 64)"]
     qlora = runs[0].results[2].estimate
     assert rows[2][8] == f"{qlora.total / 2**20:.2f}" and rows[2][11] == "-0.99%" and rows[2][12] == "yes"
@@ -83,4 +89,6 @@ def test_write_puts_markdown_json_and_a_png_per_model_in_the_folder(runs, tmp_pa
     png = (tmp_path / "out" / "memory-tiny.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert json.loads((tmp_path / "out" / "memory.json").read_text()) == report.to_json(runs)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)  # no temporary files left
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in written
+    )  # no temporary files left

@@ -14,8 +14,14 @@ from qlora.ops.tiled_mlp import TiledMLP, decoder_mlps
 
 
 def test_del_frees_a_built_model_without_the_garbage_collector(tiny_llama, alpaca_file):
-    recipe = recipe_from_mapping({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": str(alpaca_file)},
-                                  "output_dir": "unused", "training": {"loss": "chunked", "mlp_tiles": 2}})
+    recipe = recipe_from_mapping(
+        {
+            "model": {"name_or_path": str(tiny_llama)},
+            "data": {"path": str(alpaca_file)},
+            "output_dir": "unused",
+            "training": {"loss": "chunked", "mlp_tiles": 2},
+        }
+    )
     loaded = build_model(recipe)
     assert loaded.loss == "chunked" and all(isinstance(m, TiledMLP) for m in decoder_mlps(loaded.model))
     ids = torch.tensor([[1, 5, 9, 4, 7, 3]])
@@ -35,8 +41,15 @@ def test_checkpointing_the_first_layers_only_gives_the_gradients_of_checkpointin
 
     grads = {}
     for setting, expected in ((True, [True, True]), (1, [True, False]), (False, [False, False])):
-        recipe = recipe_from_mapping({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": str(alpaca_file)},
-                                      "output_dir": "unused", "lora": {"dropout": 0.0}, "training": {"gradient_checkpointing": setting}})
+        recipe = recipe_from_mapping(
+            {
+                "model": {"name_or_path": str(tiny_llama)},
+                "data": {"path": str(alpaca_file)},
+                "output_dir": "unused",
+                "lora": {"dropout": 0.0},
+                "training": {"gradient_checkpointing": setting},
+            }
+        )
         torch.manual_seed(0)
         model = build_model(recipe).model.train()
         flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -49,20 +62,34 @@ def test_checkpointing_the_first_layers_only_gives_the_gradients_of_checkpointin
         torch.testing.assert_close(grads["False"][name], grad, rtol=0, atol=1e-6, msg=name)
 
 
-def test_decoder_kernels_are_liger_families_swapped_before_building_on_cuda_only(monkeypatch, tiny_llama, alpaca_file, capsys):
+def test_decoder_kernels_are_liger_families_swapped_before_building_on_cuda_only(
+    monkeypatch, tiny_llama, alpaca_file, capsys
+):
     import sys
     import types
 
     import qlora.model.build
     import qlora.ops.kernels
 
-    recipe = recipe_from_mapping({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": str(alpaca_file)}, "output_dir": "unused"})
+    recipe = recipe_from_mapping(
+        {"model": {"name_or_path": str(tiny_llama)}, "data": {"path": str(alpaca_file)}, "output_dir": "unused"}
+    )
     assert qlora.model.build.use_decoder_kernels(recipe) is False  # no GPU here: nothing to swap
     calls = []
 
-    def apply_liger_kernel_to_llama(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, swiglu=True, model=None):
-        calls.append(dict(rope=rope, cross_entropy=cross_entropy, fused_linear_cross_entropy=fused_linear_cross_entropy,
-                          rms_norm=rms_norm, swiglu=swiglu, model=model))
+    def apply_liger_kernel_to_llama(
+        rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, swiglu=True, model=None
+    ):
+        calls.append(
+            dict(
+                rope=rope,
+                cross_entropy=cross_entropy,
+                fused_linear_cross_entropy=fused_linear_cross_entropy,
+                rms_norm=rms_norm,
+                swiglu=swiglu,
+                model=model,
+            )
+        )
 
     fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
     fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": apply_liger_kernel_to_llama}
@@ -73,13 +100,21 @@ def test_decoder_kernels_are_liger_families_swapped_before_building_on_cuda_only
     qlora.ops.kernels.apply_decoder_kernels.cache_clear()
     try:
         assert qlora.model.build.use_decoder_kernels(recipe) and qlora.model.build.use_decoder_kernels(recipe)
-        none = recipe_from_mapping({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": str(alpaca_file)},
-                                    "output_dir": "unused", "training": {"kernels": "none"}})
+        none = recipe_from_mapping(
+            {
+                "model": {"name_or_path": str(tiny_llama)},
+                "data": {"path": str(alpaca_file)},
+                "output_dir": "unused",
+                "training": {"kernels": "none"},
+            }
+        )
         assert qlora.model.build.use_decoder_kernels(none) is False
     finally:
         qlora.ops.kernels.apply_decoder_kernels.cache_clear()
     # once per process, before any model exists, the loss left to qlora's chunked loss
-    assert calls == [dict(rope=True, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=True, model=None)]
+    assert calls == [
+        dict(rope=True, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=True, swiglu=True, model=None)
+    ]
 
 
 def test_compiled_decoder_layers_give_the_eager_gradients(tiny_llama, alpaca_file):
@@ -90,14 +125,23 @@ def test_compiled_decoder_layers_give_the_eager_gradients(tiny_llama, alpaca_fil
         pytest.skip("torch.compile needs a C compiler on a CPU")
     grads = []
     for compiled in (False, True):
-        recipe = recipe_from_mapping({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": str(alpaca_file)},
-                                      "output_dir": "unused", "lora": {"dropout": 0.0}, "training": {"compile": compiled}})
+        recipe = recipe_from_mapping(
+            {
+                "model": {"name_or_path": str(tiny_llama)},
+                "data": {"path": str(alpaca_file)},
+                "output_dir": "unused",
+                "lora": {"dropout": 0.0},
+                "training": {"compile": compiled},
+            }
+        )
         torch.manual_seed(0)
         model = build_model(recipe).model.train()
         from transformers.modeling_layers import GradientCheckpointingLayer
 
         layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        assert len(layers) == 2 and all((getattr(m, "_compiled_call_impl", None) is not None) == compiled for m in layers)
+        assert len(layers) == 2 and all(
+            (getattr(m, "_compiled_call_impl", None) is not None) == compiled for m in layers
+        )
         ids = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2]])
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})

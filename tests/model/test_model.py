@@ -12,7 +12,12 @@ LLAMA_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def recipe_for(model_dir, *overrides, tmp="unused"):
-    data = {"model": {"name_or_path": str(model_dir)}, "data": {"path": "d.jsonl"}, "output_dir": tmp, "lora": {"r": 4, "alpha": 8}}
+    data = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"path": "d.jsonl"},
+        "output_dir": tmp,
+        "lora": {"r": 4, "alpha": 8},
+    }
     return recipe_from_mapping(data, list(overrides))
 
 
@@ -157,7 +162,11 @@ def test_saved_adapter_reloads_onto_a_fresh_4bit_base_with_identical_logits(tiny
 
 @pytest.mark.parametrize(
     ("targets", "expected"),
-    [("attention", ["k_proj", "o_proj", "q_proj", "v_proj"]), ("qv", ["q_proj", "v_proj"]), ("mlp", ["down_proj", "gate_proj", "up_proj"])],
+    [
+        ("attention", ["k_proj", "o_proj", "q_proj", "v_proj"]),
+        ("qv", ["q_proj", "v_proj"]),
+        ("mlp", ["down_proj", "gate_proj", "up_proj"]),
+    ],
 )
 def test_target_presets_resolve_to_module_names(tiny_llama, targets, expected):
     from qlora.model.load import load_base_model
@@ -183,44 +192,51 @@ def test_eight_bit_and_sixteen_bit_bases(tiny_llama):
 
     eight = load_base_model(recipe_for(tiny_llama, "quantization.bits=8"), torch.float32)
     assert isinstance(eight.model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)
-    sixteen = load_base_model(recipe_for(tiny_llama, "quantization.bits=none", "quantization.compute_dtype=bfloat16"), torch.bfloat16)
+    sixteen = load_base_model(
+        recipe_for(tiny_llama, "quantization.bits=none", "quantization.compute_dtype=bfloat16"), torch.bfloat16
+    )
     assert type(sixteen.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert sixteen.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(
     ("name", "message"),
-    [("/nonexistent/model", "model.name_or_path: folder not found: /nonexistent/model"),
-     ("./also/missing", "model.name_or_path: folder not found")],
+    [
+        ("/nonexistent/model", "model.name_or_path: folder not found: /nonexistent/model"),
+        ("./also/missing", "model.name_or_path: folder not found"),
+    ],
 )
 def test_missing_model_folder(name, message):
-    from qlora.model.load import check_model_source
     from qlora.config.recipe import ModelSpec
+    from qlora.model.load import check_model_source
 
     with pytest.raises(QLoraError, match=message):
         check_model_source(ModelSpec(name_or_path=name))
 
 
 def test_folder_without_config(tmp_path):
-    from qlora.model.load import check_model_source
     from qlora.config.recipe import ModelSpec
+    from qlora.model.load import check_model_source
 
     with pytest.raises(QLoraError, match="has no config.json"):
         check_model_source(ModelSpec(name_or_path=str(tmp_path)))
 
 
 def test_unreachable_hub_name_is_a_clear_error():
-    from qlora.model.load import load_tokenizer
     from qlora.config.recipe import ModelSpec
+    from qlora.model.load import load_tokenizer
 
     with pytest.raises(QLoraError, match="'nobody/no-such-model' is not a local folder and the Hub cannot be reached"):
         load_tokenizer(ModelSpec(name_or_path="nobody/no-such-model"))  # this machine has no Hub access
 
 
-@pytest.mark.parametrize(("error", "message"), [
-    ("RepositoryNotFoundError", "is not a local folder nor a model on the Hub"),
-    ("GatedRepoError", "is gated on the Hub: accept its license there and log in"),
-])
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        ("RepositoryNotFoundError", "is not a local folder nor a model on the Hub"),
+        ("GatedRepoError", "is gated on the Hub: accept its license there and log in"),
+    ],
+)
 def test_hub_answers_become_clear_errors(monkeypatch, error, message):
     import huggingface_hub
     from huggingface_hub import errors

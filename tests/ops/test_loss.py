@@ -8,19 +8,27 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from qlora.config.long_context import chunk_tokens
-from qlora.config.recipe import recipe_from_mapping
+from qlora.config.recipe import LoraSpec, recipe_from_mapping
 from qlora.model.build import install_loss
-from qlora.ops.loss import chunked_causal_lm_loss
 from qlora.model.lora import attach_lora
-from qlora.config.recipe import LoraSpec
+from qlora.ops.loss import chunked_causal_lm_loss
 
 VOCAB = 97
 
 
 def tiny(tied: bool = False, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, **overrides)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        **overrides,
+    )
     return LlamaForCausalLM(config).float()
 
 
@@ -32,7 +40,10 @@ def pair(tied: bool = False, lora: bool = True):
         if lora:
             torch.manual_seed(1)
             model = attach_lora(model, LoraSpec(r=4, alpha=8, dropout=0.0, targets="all-linear"))
-            for name, param in model.named_parameters():  # peft starts lora_B at zero: give the adapters a real gradient path
+            for (
+                name,
+                param,
+            ) in model.named_parameters():  # peft starts lora_B at zero: give the adapters a real gradient path
                 if "lora_B" in name:
                     torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
         assert install_loss(model, loss_recipe(loss)) == loss
@@ -55,7 +66,10 @@ def batches():
     mask[1, 7:] = 0
     mask[2, 10:] = 0
     padded_labels = padded_ids.masked_fill(mask == 0, -100)
-    return [{"input_ids": ids, "labels": masked}, {"input_ids": padded_ids, "attention_mask": mask, "labels": padded_labels}]
+    return [
+        {"input_ids": ids, "labels": masked},
+        {"input_ids": padded_ids, "attention_mask": mask, "labels": padded_labels},
+    ]
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -125,9 +139,13 @@ def test_many_chunks_and_a_bias_match_the_full_logits():
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :3] = -100
     ref = ForCausalLMLoss(hidden @ weight.T + bias, labels, 50, num_items_in_batch=torch.tensor(11))
-    out = chunked_causal_lm_loss(hidden, weight, bias, labels, num_items_in_batch=torch.tensor(11), chunk=4)  # 4 chunks
+    out = chunked_causal_lm_loss(
+        hidden, weight, bias, labels, num_items_in_batch=torch.tensor(11), chunk=4
+    )  # 4 chunks
     assert out.item() == pytest.approx(ref.item(), rel=1e-6)
-    for a, b in zip(torch.autograd.grad(3 * ref, (hidden, weight, bias)), torch.autograd.grad(3 * out, (hidden, weight, bias))):
+    for a, b in zip(
+        torch.autograd.grad(3 * ref, (hidden, weight, bias)), torch.autograd.grad(3 * out, (hidden, weight, bias))
+    ):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
@@ -140,8 +158,10 @@ def test_eval_uses_the_same_loss_without_logits_and_generation_keeps_them():
     assert out.logits is None and out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
     assert plain.logits.shape == (3, 12, VOCAB)  # no labels: the original forward (generation)
     prompt = batch["input_ids"][:1, :4]
-    torch.testing.assert_close(chunked.generate(prompt, max_new_tokens=3, do_sample=False),
-                               standard.generate(prompt, max_new_tokens=3, do_sample=False))
+    torch.testing.assert_close(
+        chunked.generate(prompt, max_new_tokens=3, do_sample=False),
+        standard.generate(prompt, max_new_tokens=3, do_sample=False),
+    )
 
 
 def test_a_deep_copy_keeps_its_own_forward():
@@ -153,7 +173,9 @@ def test_a_deep_copy_keeps_its_own_forward():
         for p in clone.parameters():
             p.add_(0.5)
         ids = torch.tensor([[3, 4, 5, 6]])
-        assert not torch.allclose(clone(input_ids=ids).logits, chunked(input_ids=ids).logits)  # not the original's weights
+        assert not torch.allclose(
+            clone(input_ids=ids).logits, chunked(input_ids=ids).logits
+        )  # not the original's weights
         assert clone(input_ids=ids, labels=ids).loss.item() != chunked(input_ids=ids, labels=ids).loss.item()
 
 
@@ -162,8 +184,10 @@ def test_a_soft_capped_head_falls_back_to_the_standard_loss_with_one_line(capsys
     forward = model.forward
     assert install_loss(model, loss_recipe("chunked")) == "standard"
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["training.loss: chunked cannot reproduce this model's logits (its config sets final_logit_softcapping=30.0); "
-                   "using the standard loss"]
+    assert err == [
+        "training.loss: chunked cannot reproduce this model's logits (its config sets final_logit_softcapping=30.0); "
+        "using the standard loss"
+    ]
     assert model.forward == forward
 
 
@@ -175,11 +199,17 @@ def test_chunk_size_is_a_byte_budget():
 
 @pytest.mark.parametrize("loss", ["chunked", "standard"])
 def test_build_model_installs_the_recipe_loss(tiny_llama, alpaca_file, loss):
-    from qlora.model.build import build_model
     from qlora.config.recipe import recipe_from_mapping
+    from qlora.model.build import build_model
 
-    recipe = recipe_from_mapping({"model": {"name_or_path": str(tiny_llama)}, "data": {"path": str(alpaca_file)},
-                                  "training": {"loss": loss}, "output_dir": "unused"})
+    recipe = recipe_from_mapping(
+        {
+            "model": {"name_or_path": str(tiny_llama)},
+            "data": {"path": str(alpaca_file)},
+            "training": {"loss": loss},
+            "output_dir": "unused",
+        }
+    )
     loaded = build_model(recipe)
     assert loaded.loss == loss
     out = loaded.model(input_ids=torch.tensor([[1, 5, 9, 4]]), labels=torch.tensor([[1, 5, 9, 4]]))
@@ -191,7 +221,11 @@ def test_recipe_keys_are_checked_and_reach_the_trainer(tmp_path, alpaca_file):
     from qlora.config.recipe import recipe_from_mapping
     from qlora.training.run import training_arguments
 
-    base = {"model": {"name_or_path": str(tmp_path)}, "data": {"path": str(alpaca_file)}, "output_dir": str(tmp_path / "out")}
+    base = {
+        "model": {"name_or_path": str(tmp_path)},
+        "data": {"path": str(alpaca_file)},
+        "output_dir": str(tmp_path / "out"),
+    }
     with pytest.raises(QLoraError, match="training.loss: unknown value 'chunky'"):
         recipe_from_mapping(base, ["training.loss=chunky"])
     with pytest.raises(QLoraError, match="training.eval_batch_size: must be >= 1"):
@@ -199,10 +233,14 @@ def test_recipe_keys_are_checked_and_reach_the_trainer(tmp_path, alpaca_file):
     recipe = recipe_from_mapping(base, ["training.batch_size=2"])
     args = training_arguments(recipe, torch.float32, tmp_path / "ckpt", has_eval=True)
     assert args.per_device_eval_batch_size == 2 and args.prediction_loss_only  # the training batch, not max(batch, 8)
-    recipe = recipe_from_mapping(base, ["training.batch_size=2", "training.eval_batch_size=6", "task=classification",
-                                        "data.format=classification"])
+    recipe = recipe_from_mapping(
+        base,
+        ["training.batch_size=2", "training.eval_batch_size=6", "task=classification", "data.format=classification"],
+    )
     args = training_arguments(recipe, torch.float32, tmp_path / "ckpt", has_eval=True)
-    assert args.per_device_eval_batch_size == 6 and not args.prediction_loss_only  # a classifier's metrics need its logits
+    assert (
+        args.per_device_eval_batch_size == 6 and not args.prediction_loss_only
+    )  # a classifier's metrics need its logits
 
 
 @pytest.mark.slow
@@ -216,13 +254,23 @@ def test_qlora_train_gives_the_same_adapter_and_eval_loss_with_either_loss(tiny_
 
     runs = {}
     for loss in ("standard", "chunked"):
-        recipe = recipe_from_mapping({
-            "model": {"name_or_path": str(tiny_llama)}, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "data": {"path": str(alpaca_file), "max_seq_len": 200, "eval_size": 8},
-            "training": {"max_steps": 2, "batch_size": 2, "grad_accum": 2, "learning_rate": 1e-3, "save_steps": 100,
-                         "loss": loss, "eval_batch_size": 3},
-            "output_dir": str(tmp_path / loss),
-        })
+        recipe = recipe_from_mapping(
+            {
+                "model": {"name_or_path": str(tiny_llama)},
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                "data": {"path": str(alpaca_file), "max_seq_len": 200, "eval_size": 8},
+                "training": {
+                    "max_steps": 2,
+                    "batch_size": 2,
+                    "grad_accum": 2,
+                    "learning_rate": 1e-3,
+                    "save_steps": 100,
+                    "loss": loss,
+                    "eval_batch_size": 3,
+                },
+                "output_dir": str(tmp_path / loss),
+            }
+        )
         metrics = train(recipe)
         runs[loss] = metrics, load_file(tmp_path / loss / "adapter" / "adapter_model.safetensors")
     (m_std, a_std), (m_chk, a_chk) = runs["standard"], runs["chunked"]

@@ -24,8 +24,15 @@ def lora_llama(dropout: float = 0.0, checkpointing: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=160, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(config)
     if checkpointing:
         kwargs = {"use_reentrant": False}
@@ -83,7 +90,9 @@ def test_tiled_mlp_replays_dropout_masks_in_backward(checkpointing):
     tiled = copy.deepcopy(reference)
     for mlp in decoder_mlps(reference):
         forward = mlp.forward
-        mlp.forward = lambda x, f=forward: torch.cat([f(t) for t in x.reshape(-1, HIDDEN).chunk(3)]).view(*x.shape[:-1], -1)
+        mlp.forward = lambda x, f=forward: torch.cat([f(t) for t in x.reshape(-1, HIDDEN).chunk(3)]).view(
+            *x.shape[:-1], -1
+        )
     tile_mlps(tiled, lambda tokens: 3)
     ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(0))
     assert_same_gradients(gradients(reference, ids), gradients(tiled, ids))
@@ -111,8 +120,14 @@ def test_auto_tiles_only_long_sequences():
 
 
 def recipe_for(folder, **training):
-    return recipe_from_mapping({**MINIMAL, "model": {"name_or_path": str(folder)},
-                                "lora": {"r": 4, "dropout": 0.0}, "training": {"optimizer": "adamw_torch", **training}})
+    return recipe_from_mapping(
+        {
+            **MINIMAL,
+            "model": {"name_or_path": str(folder)},
+            "lora": {"r": 4, "dropout": 0.0},
+            "training": {"optimizer": "adamw_torch", **training},
+        }
+    )
 
 
 def test_offloaded_checkpoints_give_identical_adapters(tiny_llama, monkeypatch):
@@ -163,13 +178,19 @@ def test_offload_hooks_replace_the_checkpoint_function():
     assert all(layer._gradient_checkpointing_func.__name__ == "checkpoint_on_host" for layer in layers)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("training.mlp_tiles=0", "training.mlp_tiles: expected auto or an integer >= 1, got 0"),
-    ("training.mlp_tiles=many", "training.mlp_tiles: expected auto or an integer >= 1, got 'many'"),
-    ("training.mlp_tiles=true", "training.mlp_tiles: expected"),
-    ("training.offload_checkpoints=sometimes", "training.offload_checkpoints: expected false, true or auto, got 'sometimes'"),
-    ("training.offload_checkpoints=1", "training.offload_checkpoints: expected"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("training.mlp_tiles=0", "training.mlp_tiles: expected auto or an integer >= 1, got 0"),
+        ("training.mlp_tiles=many", "training.mlp_tiles: expected auto or an integer >= 1, got 'many'"),
+        ("training.mlp_tiles=true", "training.mlp_tiles: expected"),
+        (
+            "training.offload_checkpoints=sometimes",
+            "training.offload_checkpoints: expected false, true or auto, got 'sometimes'",
+        ),
+        ("training.offload_checkpoints=1", "training.offload_checkpoints: expected"),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(QLoraError) as info:
         recipe_from_mapping(MINIMAL, [override])
@@ -177,11 +198,16 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_offload_without_checkpointing_is_refused():
-    with pytest.raises(QLoraError, match="^training.offload_checkpoints: true needs training.gradient_checkpointing=true"):
+    with pytest.raises(
+        QLoraError, match="^training.offload_checkpoints: true needs training.gradient_checkpointing=true"
+    ):
         recipe_from_mapping(MINIMAL, ["training.offload_checkpoints=true", "training.gradient_checkpointing=false"])
 
 
 def test_defaults_and_accepted_values():
-    assert (recipe_from_mapping(MINIMAL).training.mlp_tiles, recipe_from_mapping(MINIMAL).training.offload_checkpoints) == ("auto", False)
+    assert (
+        recipe_from_mapping(MINIMAL).training.mlp_tiles,
+        recipe_from_mapping(MINIMAL).training.offload_checkpoints,
+    ) == ("auto", False)
     recipe = recipe_from_mapping(MINIMAL, ["training.mlp_tiles=8", "training.offload_checkpoints=auto"])
     assert (recipe.training.mlp_tiles, recipe.training.offload_checkpoints) == (8, "auto")

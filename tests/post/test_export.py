@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,9 @@ def test_folder_holds_safetensors_adapter_tokenizer_and_card_only(exported, run)
     names = {p.name for p in exported.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
-    assert (exported / "adapter_model.safetensors").read_bytes() == (run.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (exported / "adapter_model.safetensors").read_bytes() == (
+        run.adapter_dir / "adapter_model.safetensors"
+    ).read_bytes()
 
 
 def test_card_front_matter_names_base_library_and_tags(exported, tiny_llama):
@@ -95,7 +96,9 @@ def test_predicted_peak_comes_from_the_profiler(run, monkeypatch):
     text = render_card(run, "org/base", None)
     assert "(`qlora profile --recipe`, `allocated_bytes`) | 100.00 MiB (104,857,600 bytes) |" in text
     assert "allocator slack (`total_bytes`) | 123.00 MiB (128,974,848 bytes) |" in text
-    assert "| measured: peak resident memory of the CPU process (Python, libraries, CPU tensors; not comparable" in text
+    assert (
+        "| measured: peak resident memory of the CPU process (Python, libraries, CPU tensors; not comparable" in text
+    )
     assert seen == [(run.recipe.model.name_or_path, "qlora")]
     found = fake_profiler(monkeypatch)
     found.total = QLoraError("unknown model")  # a model the profiler cannot place
@@ -109,8 +112,14 @@ def test_a_gpu_run_compares_predicted_tensors_with_allocated_plus_paged(run, mon
     from qlora.post.model_card import memory_section
 
     fake_profiler(monkeypatch, total=11 * 2**30, allocated=10 * 2**30)
-    metrics = dict(run.metrics, device="cuda", peak_memory_bytes=int(9.8 * 2**30), peak_memory_allocated_bytes=int(8.8 * 2**30),
-                   paged_optimizer_bytes=2**30, peak_memory_reserved_bytes=int(9.5 * 2**30))
+    metrics = dict(
+        run.metrics,
+        device="cuda",
+        peak_memory_bytes=int(9.8 * 2**30),
+        peak_memory_allocated_bytes=int(8.8 * 2**30),
+        paged_optimizer_bytes=2**30,
+        peak_memory_reserved_bytes=int(9.5 * 2**30),
+    )
     recipe = dataclasses.replace(run.recipe, target_gpu="t4")
     text = "\n".join(memory_section(recipe, metrics))
     assert "| measured: tensors in PyTorch's allocator (`torch.cuda.max_memory_allocated`) | 8.80 GiB" in text
@@ -132,8 +141,8 @@ def test_base_model_id_and_license_go_to_card_and_adapter_config(run, tmp_path):
 
 
 def test_license_is_read_from_a_local_base_card(tmp_path):
-    from qlora.post.model_card import base_license
     from qlora.config.recipe import ModelSpec
+    from qlora.post.model_card import base_license
 
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
     assert base_license(ModelSpec(name_or_path=str(tmp_path)), None) == "mit"
@@ -162,7 +171,16 @@ def test_hub_push_uploads_the_folder_and_never_leaks_the_token(run, tmp_path, mo
     monkeypatch.setenv("HF_TOKEN", "secret-xyz")
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     FakeHfApi.calls = []
-    argv = [str(run.out_dir), "--to", str(tmp_path / "x"), "--hub", "alice/tiny-qlora", "--private", "--base-model", "org/tiny-llama"]
+    argv = [
+        str(run.out_dir),
+        "--to",
+        str(tmp_path / "x"),
+        "--hub",
+        "alice/tiny-qlora",
+        "--private",
+        "--base-model",
+        "org/tiny-llama",
+    ]
     assert run_cli(main, argv) == 0
     (_, repo, kwargs), (_, uploaded_repo, files) = FakeHfApi.calls
     assert repo == uploaded_repo == "alice/tiny-qlora" and kwargs["private"] is True
@@ -176,14 +194,17 @@ def test_hub_push_uploads_the_folder_and_never_leaks_the_token(run, tmp_path, mo
     assert not leaks and "secret-xyz" not in out.out + out.err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--hub", "alice/x"], "--base-model: the base is the local folder"),
-    (["--hub", "not a repo", "--base-model", "org/m"], "--hub: 'not a repo' is not a valid repo id"),
-    (["--to", "{run}"], "would replace the run folder"),
-    (["--private", "--to", "{tmp}/y"], "--private applies to --hub only"),
-    ([], "nothing to do"),
-    (["--to", "{tmp}/y", "--base-model", "bad id!"], "--base-model: 'bad id!' is not a Hub model id"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--hub", "alice/x"], "--base-model: the base is the local folder"),
+        (["--hub", "not a repo", "--base-model", "org/m"], "--hub: 'not a repo' is not a valid repo id"),
+        (["--to", "{run}"], "would replace the run folder"),
+        (["--private", "--to", "{tmp}/y"], "--private applies to --hub only"),
+        ([], "nothing to do"),
+        (["--to", "{tmp}/y", "--base-model", "bad id!"], "--base-model: 'bad id!' is not a Hub model id"),
+    ],
+)
 def test_user_mistakes_are_one_line_errors(run, tmp_path, capsys, argv, message, monkeypatch):
     from qlora.export import main
 

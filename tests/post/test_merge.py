@@ -48,7 +48,7 @@ def test_merged_model_matches_the_4bit_base_plus_adapter(merged, reference):
 
     _, check = merged
     _, with_adapter, base_only = reference
-    assert check.ok and check.finite and check.relative < MAX_RELATIVE_DIFF and 0 < check.floor
+    assert check.ok and check.finite and check.relative < MAX_RELATIVE_DIFF and check.floor > 0
     assert check.adapter_change == max_diff(with_adapter, base_only) > 0.1  # the adapter moves logits a lot
     assert check.positions > 100 and check.placement == "cpu"  # auto without a GPU
 
@@ -70,7 +70,9 @@ def test_merging_onto_the_original_weights_is_rejected(run, merged, reference, t
 
 
 @pytest.mark.parametrize("compute", ["bfloat16", "float16"])
-def test_with_a_16bit_compute_dtype_right_merges_pass_and_the_original_base_is_refused(run, tmp_path, tiny_llama, compute):
+def test_with_a_16bit_compute_dtype_right_merges_pass_and_the_original_base_is_refused(
+    run, tmp_path, tiny_llama, compute
+):
     """What a GPU does (16-bit kernels on both sides of the check), on the CPU: every right merge passes, in either
     --dtype, and the merge onto the original weights stays far outside both the limit and the rounding floor."""
     import dataclasses
@@ -79,7 +81,16 @@ def test_with_a_16bit_compute_dtype_right_merges_pass_and_the_original_base_is_r
     from transformers import AutoModelForCausalLM
 
     from qlora.post.generate import load_adapted_model
-    from qlora.post.merge import FLOOR_MULTIPLE, MAX_RELATIVE_DIFF, SAVE_DTYPES, check_inputs, compare, logits_for, merge, rounding_floor
+    from qlora.post.merge import (
+        FLOOR_MULTIPLE,
+        MAX_RELATIVE_DIFF,
+        SAVE_DTYPES,
+        check_inputs,
+        compare,
+        logits_for,
+        merge,
+        rounding_floor,
+    )
 
     quantization = dataclasses.replace(run.recipe.quantization, compute_dtype=compute)
     run16 = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, quantization=quantization))
@@ -92,11 +103,21 @@ def test_with_a_16bit_compute_dtype_right_merges_pass_and_the_original_base_is_r
     with_adapter = logits_for(model, inputs)
     for save, right in checks.items():
         original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-        wrong = PeftModel.from_pretrained(original, str(run.adapter_dir)).merge_and_unload().to(SAVE_DTYPES[save]).float().eval()
+        wrong = (
+            PeftModel.from_pretrained(original, str(run.adapter_dir))
+            .merge_and_unload()
+            .to(SAVE_DTYPES[save])
+            .float()
+            .eval()
+        )
         floor = rounding_floor(run16, SAVE_DTYPES[compute], save, tokenizer, "cpu", inputs, base_only)
         check = compare(with_adapter, logits_for(wrong, inputs), base_only, floor)
         assert not check.ok, (compute, save, check)
-        assert check.relative > 2 * MAX_RELATIVE_DIFF and check.max_abs_diff > 2 * FLOOR_MULTIPLE * floor, (compute, save, check)
+        assert check.relative > 2 * MAX_RELATIVE_DIFF and check.max_abs_diff > 2 * FLOOR_MULTIPLE * floor, (
+            compute,
+            save,
+            check,
+        )
         assert check.max_abs_diff > 5 * right.max_abs_diff, (compute, save, check, right)
 
 
@@ -137,7 +158,9 @@ def test_saved_folder_is_a_plain_16bit_transformers_model(merged, reference):
     linears = [m for m in model.modules() if "Linear" in type(m).__name__]
     assert linears and all(type(m) is torch.nn.Linear for m in linears)
     inputs, with_adapter, base_only = reference
-    assert compare(with_adapter, logits_for(model.float(), inputs), base_only).max_abs_diff == pytest.approx(check.max_abs_diff, abs=1e-6)
+    assert compare(with_adapter, logits_for(model.float(), inputs), base_only).max_abs_diff == pytest.approx(
+        check.max_abs_diff, abs=1e-6
+    )
 
 
 def test_existing_folder_needs_overwrite(run, merged):
@@ -153,7 +176,10 @@ def test_a_failed_check_exits_nonzero_and_writes_nothing(run, tmp_path, monkeypa
 
     monkeypatch.setattr(qlora.post.merge, "MAX_RELATIVE_DIFF", 0.0)
     monkeypatch.setattr(qlora.post.merge, "FLOOR_MULTIPLE", 0.0)
-    assert run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m")]) == qlora.post.merge.MISMATCH_EXIT_CODE
+    assert (
+        run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m")])
+        == qlora.post.merge.MISMATCH_EXIT_CODE
+    )
     assert "does not match the 4-bit base + adapter; nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
 
@@ -165,16 +191,24 @@ def test_a_classification_run_without_its_label_names_is_refused(run, tmp_path):
     from qlora.post.merge import merge
 
     recipe = dataclasses.replace(run.recipe, task="classification")
-    with pytest.raises(QLoraError, match=r"metrics.json: a classification run without its label names \(data.labels\)"):
+    with pytest.raises(
+        QLoraError, match=r"metrics.json: a classification run without its label names \(data.labels\)"
+    ):
         merge(dataclasses.replace(run, recipe=recipe), tmp_path / "m")
 
 
 @pytest.mark.slow
 def test_cli_merge_prints_the_check_and_saves_a_loadable_model(run, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "qlora.merge", str(run.out_dir), "--to", str(tmp_path / "M"), "--dtype", "bfloat16"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "qlora.merge", str(run.out_dir), "--to", str(tmp_path / "M"), "--dtype", "bfloat16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
-    match = re.search(r"max \|logit diff\| (\S+) against the adapter's change (\S+): (\S+) % \(limit 1 %\)", result.stdout)
+    match = re.search(
+        r"max \|logit diff\| (\S+) against the adapter's change (\S+): (\S+) % \(limit 1 %\)", result.stdout
+    )
     assert match and float(match.group(3)) < 1.0, result.stdout
     assert "merge memory: " in result.stderr and "merging on cpu" in result.stderr
     config = json.loads((Path(tmp_path / "M") / "config.json").read_text())
@@ -214,8 +248,8 @@ def test_merge_within_a_small_gpu_budget_goes_layer_by_layer_and_matches(run, me
     from safetensors.torch import load_file
 
     import qlora.post.merge
-    from qlora.post.merge import merge
     from qlora.memory.merge import merge_memory_bytes
+    from qlora.post.merge import merge
 
     memory = merge_memory_bytes(run.recipe.model.name_or_path, "float32")
     budget = (memory.layers + memory.full) // 2

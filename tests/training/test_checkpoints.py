@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlora.training.checkpoints import damage, latest_complete_checkpoint, mark_complete, prepare_output_dir, rotate
 from qlora.config.errors import QLoraError
+from qlora.training.checkpoints import damage, latest_complete_checkpoint, mark_complete, prepare_output_dir, rotate
 
 
 def half_written_run(folder, steps=(2,)):
@@ -76,11 +76,14 @@ def test_marker_records_size_and_sha256_of_every_file(tmp_path):
     assert damage(checkpoint) is None
 
 
-@pytest.mark.parametrize("how, reason", [
-    ("truncate", "adapter_model.safetensors: 10 bytes, 701 recorded (truncated or replaced)"),
-    ("flip", "adapter_model.safetensors: checksum differs from the one recorded (corrupted)"),
-    ("delete", "sub/optimizer.pt: missing"),
-])
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("truncate", "adapter_model.safetensors: 10 bytes, 701 recorded (truncated or replaced)"),
+        ("flip", "adapter_model.safetensors: checksum differs from the one recorded (corrupted)"),
+        ("delete", "sub/optimizer.pt: missing"),
+    ],
+)
 def test_damage_names_the_file(tmp_path, how, reason):
     checkpoint = written_checkpoint(tmp_path, 2)
     weights = checkpoint / "adapter_model.safetensors"
@@ -109,8 +112,10 @@ def test_resume_falls_back_past_a_damaged_checkpoint_with_one_warning(tmp_path, 
     (newest / "adapter_model.safetensors").write_bytes(b"")
     assert prepare_output_dir(tmp_path, overwrite=False, resume=True) == tmp_path / "checkpoints" / "checkpoint-2"
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["warning: --resume: checkpoint-4 is damaged (adapter_model.safetensors: 0 bytes, 701 recorded "
-                   "(truncated or replaced)); removed it, resuming from checkpoint-2"]
+    assert err == [
+        "warning: --resume: checkpoint-4 is damaged (adapter_model.safetensors: 0 bytes, 701 recorded "
+        "(truncated or replaced)); removed it, resuming from checkpoint-2"
+    ]
     assert not newest.exists()  # the resume writes step 4 again into a clean folder
 
 
@@ -118,8 +123,11 @@ def test_resume_with_every_checkpoint_damaged_is_one_error(tmp_path):
     half_written_run(tmp_path, steps=())
     for step in (2, 4):
         (written_checkpoint(tmp_path, step) / "sub" / "optimizer.pt").write_bytes(b"x")
-    with pytest.raises(QLoraError, match=r"^--resume: no intact checkpoint under .*checkpoints \(checkpoint-4: "
-                                         r"sub/optimizer.pt: 1 bytes, 250 recorded .*; checkpoint-2: .*\); pass --overwrite"):
+    with pytest.raises(
+        QLoraError,
+        match=r"^--resume: no intact checkpoint under .*checkpoints \(checkpoint-4: "
+        r"sub/optimizer.pt: 1 bytes, 250 recorded .*; checkpoint-2: .*\); pass --overwrite",
+    ):
         prepare_output_dir(tmp_path, overwrite=False, resume=True)
     assert (tmp_path / "checkpoints" / "checkpoint-2").exists()  # nothing is deleted when nothing is usable
 

@@ -13,11 +13,15 @@ import pytest
 import torch
 import yaml
 
-from qlora.data.prepare import data_collator, prepare_data
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import recipe_from_mapping
+from qlora.data.prepare import data_collator, prepare_data
 
-WORDS = {"animal": ["cat", "dog", "bird", "fox"], "number": ["one", "two", "three", "four"], "thing": ["mat", "world", "tiny", "model"]}
+WORDS = {
+    "animal": ["cat", "dog", "bird", "fox"],
+    "number": ["one", "two", "three", "four"],
+    "thing": ["mat", "world", "tiny", "model"],
+}
 
 
 def classify_rows(count: int, seed: int = 0) -> list[dict]:
@@ -50,8 +54,16 @@ def mapping(model_dir, data_path, out="unused", **data) -> dict:
         "task": "classification",
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"path": str(data_path), "format": "classification", "eval_size": 24, "max_seq_len": 32, **data},
-        "training": {"max_steps": 8, "batch_size": 8, "grad_accum": 1, "learning_rate": 1e-2, "warmup_ratio": 0,
-                     "gradient_checkpointing": False, "save_steps": 100, "logging_steps": 4},
+        "training": {
+            "max_steps": 8,
+            "batch_size": 8,
+            "grad_accum": 1,
+            "learning_rate": 1e-2,
+            "warmup_ratio": 0,
+            "gradient_checkpointing": False,
+            "save_steps": 100,
+            "logging_steps": 4,
+        },
         "eval": {"metric": "map@3"},
         "output_dir": str(out),
     }
@@ -72,7 +84,12 @@ def label_names(r, tokenizer) -> list[str]:
 def test_label_names_are_sorted_strings_and_include_eval_only_labels(tmp_path, classify_file, tokenizer):
     assert label_names(recipe(classify_file), tokenizer) == ["animal", "number", "thing"]
     extra = write_jsonl(tmp_path / "eval.jsonl", [{"text": "a cat", "label": "zebra"}])
-    assert label_names(recipe(classify_file, eval_path=str(extra)), tokenizer) == ["animal", "number", "thing", "zebra"]
+    assert label_names(recipe(classify_file, eval_path=str(extra)), tokenizer) == [
+        "animal",
+        "number",
+        "thing",
+        "zebra",
+    ]
 
 
 def test_integer_labels_sort_numerically(tmp_path, tokenizer):
@@ -84,17 +101,26 @@ def test_hub_class_label_ids_become_their_names(tmp_path, tokenizer):
     """Parquet keeps the `datasets` features, as the Hub does: ClassLabel ids map through their names."""
     import datasets
 
-    features = datasets.Features({"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])})
-    datasets.Dataset.from_dict({"sentence": ["bad", "good", "fine"], "label": [0, 1, 1]}, features=features).to_parquet(tmp_path / "sst.parquet")
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+    )
+    datasets.Dataset.from_dict(
+        {"sentence": ["bad", "good", "fine"], "label": [0, 1, 1]}, features=features
+    ).to_parquet(tmp_path / "sst.parquet")
     r = recipe(tmp_path / "sst.parquet", columns={"text": "sentence"}, eval_size=0)
     assert label_names(r, tokenizer) == ["negative", "positive"]
 
 
 def test_one_label_only_or_a_missing_label_column_is_an_error(tmp_path, tokenizer):
     with pytest.raises(QLoraError, match=r"needs at least two labels in column 'label', found \['x'\]"):
-        label_names(recipe(write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": "x"}] * 3), eval_size=0), tokenizer)
+        label_names(
+            recipe(write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": "x"}] * 3), eval_size=0), tokenizer
+        )
     with pytest.raises(QLoraError, match=r"no column 'category' for the classification format's 'label'"):
-        label_names(recipe(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": "x"}]), columns={"label": "category"}), tokenizer)
+        label_names(
+            recipe(write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "y": "x"}]), columns={"label": "category"}),
+            tokenizer,
+        )
 
 
 def test_the_profiler_counts_local_labels_and_leaves_hub_data_alone(tmp_path, classify_file):
@@ -140,7 +166,9 @@ def test_the_new_score_head_trains_in_full_next_to_4bit_lora(tiny_llama, classif
     assert type(head) is torch.nn.Linear and head.weight.shape == (3, 64)
     assert head.weight.requires_grad and head.weight.dtype == torch.float32
     trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in trainable if "lora_" in n} | {"base_model.model.score.modules_to_save.default.weight"}
+    assert trainable == {n for n in trainable if "lora_" in n} | {
+        "base_model.model.score.modules_to_save.default.weight"
+    }
     assert isinstance(inner.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
 
 
@@ -220,8 +248,12 @@ def test_merge_saves_a_plain_classifier_that_matches_the_adapter(trained, tmp_pa
     check = merge(read_run(trained[0]), tmp_path / "merged")
     assert check.ok and check.positions == 4  # one pooled prediction per check prompt
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
-    pad_id = AutoTokenizer.from_pretrained(tmp_path / "merged").pad_token_id  # the classifier pools the last non-pad token
-    assert merged.config.id2label == {0: "animal", 1: "number", 2: "thing"} and merged.config.pad_token_id == pad_id == 3
+    pad_id = AutoTokenizer.from_pretrained(
+        tmp_path / "merged"
+    ).pad_token_id  # the classifier pools the last non-pad token
+    assert (
+        merged.config.id2label == {0: "animal", 1: "number", 2: "thing"} and merged.config.pad_token_id == pad_id == 3
+    )
     assert merged.score.weight.dtype == torch.float16 and not any("lora" in n for n, _ in merged.named_parameters())
 
 
@@ -246,7 +278,9 @@ DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo-classify.yaml"
 def test_demo_classify_raises_accuracy_by_more_than_10_points(tmp_path):
     """The issue's acceptance run: the shipped demo on CPU, as a user launches it (about a minute)."""
     out = tmp_path / "demo-classify"
-    run = subprocess.run([sys.executable, "-m", "qlora.train", str(DEMO), "--set", f"output_dir={out}"], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "qlora.train", str(DEMO), "--set", f"output_dir={out}"], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_accuracy_after"] - metrics["eval_accuracy_before"] > 0.10

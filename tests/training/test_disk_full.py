@@ -6,13 +6,12 @@ from __future__ import annotations
 import errno
 
 import pytest
+from test_nonfinite import short_recipe
 
-from qlora.training.checkpoints import damage
 from qlora.config.io import staged_dir
+from qlora.training.checkpoints import damage
 from qlora.training.guards import DISK_FULL_EXIT_CODE, is_disk_full
 from qlora.training.lock import LOCK_NAME
-
-from test_nonfinite import short_recipe
 
 
 def full_disk_on_save(monkeypatch, call):
@@ -37,9 +36,14 @@ def leftovers(out):
     return sorted(p.name for p in [*out.glob(".*tmp"), *(out / "checkpoints").glob(".*tmp")])
 
 
-@pytest.mark.parametrize("call, kept", [(2, ["checkpoint-2"]), (4, ["checkpoint-2", "checkpoint-4", "checkpoint-6"])],
-                         ids=["checkpoint", "adapter"])
-def test_disk_full_is_one_line_and_keeps_what_was_complete(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys, call, kept):
+@pytest.mark.parametrize(
+    "call, kept",
+    [(2, ["checkpoint-2"]), (4, ["checkpoint-2", "checkpoint-4", "checkpoint-6"])],
+    ids=["checkpoint", "adapter"],
+)
+def test_disk_full_is_one_line_and_keeps_what_was_complete(
+    tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys, call, kept
+):
     from qlora.training.run import train
 
     out = tmp_path / "full"
@@ -51,20 +55,21 @@ def test_disk_full_is_one_line_and_keeps_what_was_complete(tiny_llama, alpaca_fi
     assert all(damage(out / "checkpoints" / name) is None for name in kept)
     assert leftovers(out) == [] and not (out / "adapter").exists() and not (out / LOCK_NAME).exists()
     err = capsys.readouterr().err
-    errors = [l[l.index("error:"):] for l in err.splitlines() if "error:" in l]  # the progress bar may share the line
+    errors = [l[l.index("error:") :] for l in err.splitlines() if "error:" in l]  # the progress bar may share the line
     assert len(errors) == 1 and errors[0].startswith("error: disk full while writing (")
-    assert errors[0].endswith(f"; partial files removed, the last complete checkpoint ({kept[-1]}) kept; "
-                              "free space, then continue with --resume")
+    assert errors[0].endswith(
+        f"; partial files removed, the last complete checkpoint ({kept[-1]}) kept; "
+        "free space, then continue with --resume"
+    )
 
 
 def test_a_failed_staged_write_keeps_the_finished_folder_and_leaves_no_debris(tmp_path):
     final = tmp_path / "adapter"
     final.mkdir()
     (final / "adapter_model.safetensors").write_bytes(b"finished")
-    with pytest.raises(OSError):
-        with staged_dir(final) as staging:
-            (staging / "adapter_model.safetensors").write_bytes(b"par")
-            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError), staged_dir(final) as staging:
+        (staging / "adapter_model.safetensors").write_bytes(b"par")
+        raise OSError(errno.ENOSPC, "No space left on device")
     assert (final / "adapter_model.safetensors").read_bytes() == b"finished"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
@@ -77,19 +82,23 @@ def test_disk_full_is_recognised_from_every_writer():
         try:
             raise OSError(errno.ENOSPC, "full")
         except OSError as inner:
-            raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file") from inner
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc] PytorchStreamWriter failed writing file"
+            ) from inner
     except RuntimeError as outer:
         assert is_disk_full(outer)
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
 
 
-def test_disk_full_after_the_adapter_keeps_the_finished_adapter(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
+def test_disk_full_after_the_adapter_keeps_the_finished_adapter(
+    tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys
+):
     """metrics.json cannot be written: the adapter already published stays, the temporary file goes."""
     import os
 
-    import qlora.config.io
     from safetensors.torch import load_file
 
+    import qlora.config.io
     from qlora.training.run import train
 
     real_fsync = os.fsync
@@ -108,4 +117,7 @@ def test_disk_full_after_the_adapter_keeps_the_finished_adapter(tiny_llama, alpa
     last = load_file(out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors")
     assert final.keys() == last.keys() and all((final[k] == last[k]).all() for k in final)
     assert not (out / "metrics.json").exists() and leftovers(out) == []
-    assert "the last complete checkpoint (checkpoint-6) and the finished adapter kept; free space" in capsys.readouterr().err
+    assert (
+        "the last complete checkpoint (checkpoint-6) and the finished adapter kept; free space"
+        in capsys.readouterr().err
+    )

@@ -20,16 +20,23 @@ import pytest
 import torch
 
 from qlora.config.errors import QLoraError, run_cli
+from qlora.train import main as train_main
 from qlora.training import distributed
 from qlora.training.guards import DISK_FULL_EXIT_CODE, guarded_run
 from qlora.training.lock import LOCK_NAME
 from qlora.training.nonfinite import NONFINITE_EXIT_CODE, stop_on_nonfinite_callback
-from qlora.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "recipes" / "demo.yaml"
-SHORT = ["training.max_steps=8", "training.save_steps=4", "training.logging_steps=4", "training.batch_size=4",
-         "lora.dropout=0", "eval.metric=none", "data.eval_size=8"]
+SHORT = [
+    "training.max_steps=8",
+    "training.save_steps=4",
+    "training.logging_steps=4",
+    "training.batch_size=4",
+    "lora.dropout=0",
+    "eval.metric=none",
+    "data.eval_size=8",
+]
 TIMEOUT_S = 120  # each run takes 10-20 s on two cores; a process left waiting in a collective would wait 30 min
 
 
@@ -117,7 +124,7 @@ def test_on_main_raises_what_the_main_process_raised_on_every_process(monkeypatc
 def test_a_result_that_cannot_be_sent_is_a_failure_everywhere(monkeypatch):
     two_processes(monkeypatch, main=True)
     with pytest.raises(Exception, match="pickle"):
-        distributed.on_main(lambda: (lambda: None))
+        distributed.on_main(lambda: lambda: None)
 
 
 def test_one_process_seeing_a_nonfinite_step_stops_every_process(monkeypatch):
@@ -129,8 +136,13 @@ def test_one_process_seeing_a_nonfinite_step_stops_every_process(monkeypatch):
     model, callback = torch.nn.Linear(2, 1), stop_on_nonfinite_callback(0)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
-    control = callback.on_pre_optimizer_step(TrainingArguments(output_dir="unused", report_to="none"), TrainerState(),
-                                             TrainerControl(), model=model, optimizer=None)
+    control = callback.on_pre_optimizer_step(
+        TrainingArguments(output_dir="unused", report_to="none"),
+        TrainerState(),
+        TrainerControl(),
+        model=model,
+        optimizer=None,
+    )
     assert control.should_training_stop and callback.stopped_at == 1
     assert all(p.grad is None for p in model.parameters())  # no update on this process either
 
@@ -145,9 +157,8 @@ def test_one_process_decides_alone():
 
 
 def test_a_file_system_error_is_one_line(tmp_path):
-    with pytest.raises(QLoraError, match=r"^/out/adapter: Permission denied$"):
-        with guarded_run(tmp_path / "run"):
-            raise PermissionError(errno.EACCES, "Permission denied", "/out/adapter")
+    with pytest.raises(QLoraError, match=r"^/out/adapter: Permission denied$"), guarded_run(tmp_path / "run"):
+        raise PermissionError(errno.EACCES, "Permission denied", "/out/adapter")
 
 
 def test_a_full_disk_before_anything_was_written_is_one_line_and_exit_6(tmp_path, capsys):
@@ -155,8 +166,9 @@ def test_a_full_disk_before_anything_was_written_is_one_line_and_exit_6(tmp_path
         with guarded_run(tmp_path / "run"):  # the lock is never taken: as on a process that is not the main one
             raise OSError(errno.ENOSPC, "No space left on device", "/out/checkpoints/checkpoint-4")
     assert info.value.code == DISK_FULL_EXIT_CODE
-    assert capsys.readouterr().err == ("error: disk full while writing (/out/checkpoints/checkpoint-4); "
-                                       "free space, then run again\n")
+    assert capsys.readouterr().err == (
+        "error: disk full while writing (/out/checkpoints/checkpoint-4); free space, then run again\n"
+    )
 
 
 # --- slow: two processes over gloo ----------------------------------------------------------------
@@ -178,10 +190,30 @@ def launch(tmp_path: Path, out: Path, fault: str, *extra: str) -> tuple[dict[int
     logs, exits = tmp_path / "logs", tmp_path / "exits"
     exits.mkdir()
     sets = [arg for s in (*SHORT, f"output_dir={out}") for arg in ("--set", s)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-               "--log-dir", str(logs), "--redirects", "3", __file__, str(DEMO), *sets, *extra]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                               env=_env(QLORA_TEST_FAULT=fault, QLORA_TEST_EXITS=str(exits)))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--log-dir",
+        str(logs),
+        "--redirects",
+        "3",
+        __file__,
+        str(DEMO),
+        *sets,
+        *extra,
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=_env(QLORA_TEST_FAULT=fault, QLORA_TEST_EXITS=str(exits)),
+    )
     try:
         process.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -207,9 +239,13 @@ def test_a_nan_on_one_process_stops_both_at_that_step_with_exit_5(tmp_path):
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists() and not (out / LOCK_NAME).exists()
     for rank in (0, 1):
         lines = error_lines(errs[rank])
-        assert len(lines) == 1 and "Traceback" not in errs[rank] and "terminate called" not in errs[rank], errs[rank][-3000:]
-        assert lines[0].startswith("error: non-finite loss (NaN/inf) at step 6: training stopped, "
-                                   "the last good checkpoint (checkpoint-4) is kept")
+        assert len(lines) == 1 and "Traceback" not in errs[rank] and "terminate called" not in errs[rank], errs[rank][
+            -3000:
+        ]
+        assert lines[0].startswith(
+            "error: non-finite loss (NaN/inf) at step 6: training stopped, "
+            "the last good checkpoint (checkpoint-4) is kept"
+        )
 
 
 @pytest.mark.slow

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.training.distributed import Launch, launch_env, resolve, trainer_kwargs
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import DistributedSpec
+from qlora.training.distributed import Launch, launch_env, resolve, trainer_kwargs
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "recipes" / "demo.yaml"
@@ -63,16 +63,21 @@ def test_fsdp_on_gpus_is_the_documented_fsdp_qlora_setup():
     kwargs = resolve(DistributedSpec("fsdp", "cpu"), 4, TWO, cuda=True).trainer_kwargs
     assert kwargs["fsdp"] == "full_shard auto_wrap offload"
     config = kwargs["fsdp_config"]
-    assert config["version"] == 1 and config["use_orig_params"] is False and config["cpu_ram_efficient_loading"] is True
+    assert (
+        config["version"] == 1 and config["use_orig_params"] is False and config["cpu_ram_efficient_loading"] is True
+    )
     assert config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
 
 
-@pytest.mark.parametrize("spec, bits, launch, cuda, key", [
-    (DistributedSpec("fsdp"), 4, TWO, False, "distributed.strategy: 'fsdp' needs CUDA"),
-    (DistributedSpec("zero3"), 4, Launch(), False, "distributed.strategy: 'zero3' divides the model"),
-    (DistributedSpec("ddp", "cpu"), 4, TWO, False, "distributed.offload"),
-    (DistributedSpec("fsdp"), 8, TWO, True, "cannot shard bitsandbytes 8-bit"),
-])
+@pytest.mark.parametrize(
+    "spec, bits, launch, cuda, key",
+    [
+        (DistributedSpec("fsdp"), 4, TWO, False, "distributed.strategy: 'fsdp' needs CUDA"),
+        (DistributedSpec("zero3"), 4, Launch(), False, "distributed.strategy: 'zero3' divides the model"),
+        (DistributedSpec("ddp", "cpu"), 4, TWO, False, "distributed.offload"),
+        (DistributedSpec("fsdp"), 8, TWO, True, "cannot shard bitsandbytes 8-bit"),
+    ],
+)
 def test_what_cannot_work_is_refused_naming_the_key(spec, bits, launch, cuda, key):
     with pytest.raises(QLoraError, match=key):
         resolve(spec, bits, launch, cuda=cuda)
@@ -81,7 +86,9 @@ def test_what_cannot_work_is_refused_naming_the_key(spec, bits, launch, cuda, ke
 def test_recipe_section_is_validated():
     from qlora.config.recipe import load_recipe
 
-    assert load_recipe(DEMO, ["distributed.strategy=zero3", "distributed.offload=cpu"]).distributed == DistributedSpec("zero3", "cpu")
+    assert load_recipe(DEMO, ["distributed.strategy=zero3", "distributed.offload=cpu"]).distributed == DistributedSpec(
+        "zero3", "cpu"
+    )
     with pytest.raises(QLoraError, match="distributed.strategy: unknown value 'fdsp'"):
         load_recipe(DEMO, ["distributed.strategy=fdsp"])
     with pytest.raises(QLoraError, match="distributed.offload"):
@@ -89,27 +96,51 @@ def test_recipe_section_is_validated():
 
 
 def test_sharded_strategies_store_4bit_codes_in_the_compute_dtype():
-    from qlora.model.load import quantization_config
     from qlora.config.recipe import QuantizationSpec
+    from qlora.model.load import quantization_config
 
-    assert quantization_config(QuantizationSpec(), torch.bfloat16, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert (
+        quantization_config(QuantizationSpec(), torch.bfloat16, sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    )
     assert quantization_config(QuantizationSpec(), torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
 
 
 def test_fsdp_on_a_cpu_is_one_line_and_exit_2(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "qlora.train", str(DEMO), "--set", "distributed.strategy=fsdp",
-                           "--set", f"output_dir={out}"], capture_output=True, text=True, env=_env(), timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qlora.train",
+            str(DEMO),
+            "--set",
+            "distributed.strategy=fsdp",
+            "--set",
+            f"output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: distributed.strategy: 'fsdp'")
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(
+        "error: distributed.strategy: 'fsdp'"
+    )
     assert not out.exists()
 
 
 # --- slow: two processes over gloo ----------------------------------------------------------------
 
 # The demo recipe, shortened: no dropout (its masks differ per process), no generation metric.
-SHORT = ["training.max_steps=12", "training.save_steps=4", "training.logging_steps=4", "lora.dropout=0",
-         "eval.metric=none", "data.eval_size=8"]
+SHORT = [
+    "training.max_steps=12",
+    "training.save_steps=4",
+    "training.logging_steps=4",
+    "lora.dropout=0",
+    "eval.metric=none",
+    "data.eval_size=8",
+]
 B = 4  # per-device batch of the 2-process runs
 
 
@@ -128,7 +159,15 @@ def free_port() -> int:
 
 
 def _command(out: Path, *sets: str, procs: int = 2, resume: bool = False) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(free_port())]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(procs),
+        "--master_port",
+        str(free_port()),
+    ]
     sets_ = [arg for s in (*SHORT, *sets, f"output_dir={out}") for arg in ("--set", s)]
     return [*launcher, "-m", "qlora.train", str(DEMO), *sets_, *(["--resume"] if resume else [])]
 
@@ -142,7 +181,13 @@ def launch(out: Path, *sets: str, resume: bool = False) -> subprocess.CompletedP
 def one_process(out: Path, batch: int) -> Path:
     """A plain 1-process run (a subprocess with one thread, like each launched process: seconds, not minutes)."""
     sets = [arg for s in (*SHORT, f"training.batch_size={batch}", f"output_dir={out}") for arg in ("--set", s)]
-    proc = subprocess.run([sys.executable, "-m", "qlora.train", str(DEMO), *sets], capture_output=True, text=True, env=_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora.train", str(DEMO), *sets],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -181,16 +226,24 @@ def test_ddp_equals_one_process_with_the_same_global_batch(ddp_run, single_run, 
     assert max_difference(out, wrong) >= 1e-3
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["strategy"] == "ddp" and metrics["global_batch_size"] == 2 * B
-    assert len(metrics["peak_memory_bytes_per_process"]) == 2 and metrics["peak_memory_bytes_total"] == sum(metrics["peak_memory_bytes_per_process"])
+    assert len(metrics["peak_memory_bytes_per_process"]) == 2 and metrics["peak_memory_bytes_total"] == sum(
+        metrics["peak_memory_bytes_per_process"]
+    )
     single = json.loads((single_run / "metrics.json").read_text())
-    assert metrics["parameter_bytes_per_process"] == single["parameter_bytes_per_process"] * 2  # DDP: a whole replica each
+    assert (
+        metrics["parameter_bytes_per_process"] == single["parameter_bytes_per_process"] * 2
+    )  # DDP: a whole replica each
 
 
 @pytest.mark.slow
 def test_only_the_main_process_writes_one_output_folder(ddp_run):
     out, proc = ddp_run
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.json", "recipe.yaml"]
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-4", "checkpoint-8"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-12",
+        "checkpoint-4",
+        "checkpoint-8",
+    ]
     assert all((p / "COMPLETE").exists() for p in (out / "checkpoints").glob("checkpoint-*"))
     assert not list(out.rglob("*.tmp"))
     assert proc.stdout.count("trainable params") == 1  # one summary, not one per process
@@ -226,7 +279,9 @@ def _worker(torchrun_pid: int, rank: int) -> int:
 @pytest.mark.slow
 def test_sigkill_of_one_process_then_resume_under_the_launcher_ends_on_the_same_adapter(ddp_run, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_command(out, f"training.batch_size={B}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    proc = subprocess.Popen(
+        _command(out, f"training.batch_size={B}"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env()
+    )
     marker = out / "checkpoints" / "checkpoint-4" / "COMPLETE"
     deadline = time.monotonic() + 240
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -242,10 +297,17 @@ def test_sigkill_of_one_process_then_resume_under_the_launcher_ends_on_the_same_
 def test_summary_states_the_global_batch_and_each_process_peak():
     from qlora.training.distributed import summary_line
 
-    metrics = {"global_batch_size": 32, "world_size": 2, "strategy": "zero3",
-               "peak_memory_bytes_per_process": [2**30, 3 * 2**29], "peak_memory_bytes_total": 5 * 2**29}
-    assert summary_line(metrics) == ("global batch 32 (per-device batch × grad_accum × 2 process(es)) | zero3 | "
-                                     "peak memory per process 1.00, 1.50 GiB, total 2.50 GiB")
+    metrics = {
+        "global_batch_size": 32,
+        "world_size": 2,
+        "strategy": "zero3",
+        "peak_memory_bytes_per_process": [2**30, 3 * 2**29],
+        "peak_memory_bytes_total": 5 * 2**29,
+    }
+    assert summary_line(metrics) == (
+        "global batch 32 (per-device batch × grad_accum × 2 process(es)) | zero3 | "
+        "peak memory per process 1.00, 1.50 GiB, total 2.50 GiB"
+    )
 
 
 @pytest.mark.gpu
@@ -254,8 +316,13 @@ def test_summary_states_the_global_batch_and_each_process_peak():
 def test_gpu_smoke_world_size_one(strategy, tmp_path):
     """On one GPU under the launcher (world size 1): each path loads, trains, and writes a peft adapter."""
     out = tmp_path / strategy
-    proc = subprocess.run(_command(out, "training.batch_size=4", "training.max_steps=2", f"distributed.strategy={strategy}", procs=1),
-                          capture_output=True, text=True, env=_env(), timeout=600)
+    proc = subprocess.run(
+        _command(out, "training.batch_size=4", "training.max_steps=2", f"distributed.strategy={strategy}", procs=1),
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["strategy"] == strategy
     assert (out / "adapter" / "adapter_config.json").exists() and adapter(out)

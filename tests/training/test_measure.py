@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import predicted_and_measured, prediction
+
 from qlora.config.errors import run_cli
 from qlora.training.measure import PeakTracker
 
@@ -32,7 +32,19 @@ def test_tracker_follows_storages_to_their_release():
 @pytest.mark.slow
 def test_cli_measure_every_method_within_5_percent_of_its_measured_peak(llama_config, capsys):
     """The must-show: `--measure` on a small Llama config.json; in fact the model is exact to a few bytes."""
-    argv = ["--model", str(llama_config), "--seq-len", "32", "--batch-size", "2", "--rank", "4", "--measure", "--format", "json"]
+    argv = [
+        "--model",
+        str(llama_config),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--measure",
+        "--format",
+        "json",
+    ]
     assert run_cli(__import__("qlora.profile", fromlist=["main"]).main, argv) == 0
     results = json.loads(capsys.readouterr().out)["runs"][0]["results"]
     assert [r["method"] for r in results] == ["full", "lora", "qlora"]
@@ -44,25 +56,39 @@ def test_cli_measure_every_method_within_5_percent_of_its_measured_peak(llama_co
             assert r["measured"]["bytes"][component] == r["bytes"][component]
 
 
-@pytest.mark.parametrize("config,method,changes", [
-    ("qwen2_config", "qlora", ()),  # biases, tied embeddings
-    ("llama_config", "lora", ("training.gradient_checkpointing=false", "model.attn_implementation=eager")),  # everything saved, S x S scores
-], ids=["qwen2-qlora", "llama-lora-eager-no-checkpointing"])
+@pytest.mark.parametrize(
+    "config,method,changes",
+    [
+        ("qwen2_config", "qlora", ()),  # biases, tied embeddings
+        (
+            "llama_config",
+            "lora",
+            ("training.gradient_checkpointing=false", "model.attn_implementation=eager"),
+        ),  # everything saved, S x S scores
+    ],
+    ids=["qwen2-qlora", "llama-lora-eager-no-checkpointing"],
+)
 def test_activation_model_matches_a_measured_step(config, method, changes, request):
     predicted, measured = predicted_and_measured(request.getfixturevalue(config), method, *SMALL, *changes)
     assert predicted.bytes["activations"] == pytest.approx(measured.bytes["activations"], rel=0.01)
     assert predicted.allocated == pytest.approx(measured.peak, rel=0.01)
 
 
-@pytest.mark.parametrize("method,changes,labels", [
-    ("qlora", (), 3),
-    ("full", (), 3),
-    ("lora", ("lora.dropout=0",), 7),
-], ids=["qlora", "full", "lora-no-dropout-7-labels"])
+@pytest.mark.parametrize(
+    "method,changes,labels",
+    [
+        ("qlora", (), 3),
+        ("full", (), 3),
+        ("lora", ("lora.dropout=0",), 7),
+    ],
+    ids=["qlora", "full", "lora-no-dropout-7-labels"],
+)
 def test_a_classifier_step_is_predicted_to_a_few_bytes(llama_config, method, changes, labels):
     """The trained head (a fp32 copy, its gradient and Adam states) and the small pooled logits instead
     of vocabulary-sized ones: the classifier's own step, not its causal LM's."""
-    predicted, measured = predicted_and_measured(llama_config, method, *SMALL, "task=classification", *changes, num_labels=labels)
+    predicted, measured = predicted_and_measured(
+        llama_config, method, *SMALL, "task=classification", *changes, num_labels=labels
+    )
     for component in ("weights", "adapters", "gradients", "optimizer"):
         assert measured.bytes[component] == predicted.bytes[component]
     assert abs(predicted.allocated - measured.peak) < 64
@@ -78,17 +104,58 @@ def test_optimizer_states_of_small_tensors_are_exact(llama_config, optimizer):
     assert "8-bit code tables" not in predicted.details["optimizer"]
 
 
-@pytest.mark.parametrize("config,method,changes,phase,moment", [
-    ("big_vocab_llama_config", "qlora", (), "train", "loss chunk (chunked loss)"),
-    ("big_vocab_llama_config", "qlora", ("training.eval_batch_size=4",), "eval", "eval step (eval loss chunk (chunked loss))"),
-    ("big_vocab_llama_config", "lora", ("training.loss=standard", "training.eval_batch_size=4"), "eval", "eval step (eval logits and loss)"),
-    ("llama_config", "qlora", ("training.eval_batch_size=8",), "eval", "eval step (eval forward through one layer)"),
-    ("llama_config", "qlora", ("training.eval_batch_size=8", "data.max_seq_len=128", "model.attn_implementation=eager"), "eval",
-     "eval step (eval forward through one layer)"),  # at eager attention's scores
-    ("big_vocab_qwen2_config", "full", ("training.optimizer=adamw_torch", "data.max_seq_len=64"), "train", "loss chunk (chunked loss)"),
-], ids=["qlora-chunk", "qlora-eval-chunk", "lora-eval-standard", "qlora-eval-layer", "qlora-eval-eager-scores",
-        "full-tied-trained-head"])
-def test_the_chunked_loss_and_the_eval_step_are_predicted_to_a_few_bytes(config, method, changes, phase, moment, request):
+@pytest.mark.parametrize(
+    "config,method,changes,phase,moment",
+    [
+        ("big_vocab_llama_config", "qlora", (), "train", "loss chunk (chunked loss)"),
+        (
+            "big_vocab_llama_config",
+            "qlora",
+            ("training.eval_batch_size=4",),
+            "eval",
+            "eval step (eval loss chunk (chunked loss))",
+        ),
+        (
+            "big_vocab_llama_config",
+            "lora",
+            ("training.loss=standard", "training.eval_batch_size=4"),
+            "eval",
+            "eval step (eval logits and loss)",
+        ),
+        (
+            "llama_config",
+            "qlora",
+            ("training.eval_batch_size=8",),
+            "eval",
+            "eval step (eval forward through one layer)",
+        ),
+        (
+            "llama_config",
+            "qlora",
+            ("training.eval_batch_size=8", "data.max_seq_len=128", "model.attn_implementation=eager"),
+            "eval",
+            "eval step (eval forward through one layer)",
+        ),  # at eager attention's scores
+        (
+            "big_vocab_qwen2_config",
+            "full",
+            ("training.optimizer=adamw_torch", "data.max_seq_len=64"),
+            "train",
+            "loss chunk (chunked loss)",
+        ),
+    ],
+    ids=[
+        "qlora-chunk",
+        "qlora-eval-chunk",
+        "lora-eval-standard",
+        "qlora-eval-layer",
+        "qlora-eval-eager-scores",
+        "full-tied-trained-head",
+    ],
+)
+def test_the_chunked_loss_and_the_eval_step_are_predicted_to_a_few_bytes(
+    config, method, changes, phase, moment, request
+):
     """Each candidate peak of a run, made the peak in turn and measured: the loss chunk in training (and
     with a trained, tied head its fp32 gradient), the eval step's loss (chunked and standard) and its layer forward."""
     predicted, measured = predicted_and_measured(request.getfixturevalue(config), method, *SMALL, *changes)
@@ -96,15 +163,21 @@ def test_the_chunked_loss_and_the_eval_step_are_predicted_to_a_few_bytes(config,
     assert abs(predicted.allocated - measured.peak) < 64
     assert abs(predicted.phases["eval"]["allocated_bytes"] - measured.phases["eval"]) < 64
     train_peak = max(v for k, v in measured.phases.items() if k != "eval")
-    assert abs(predicted.phases["train"]["allocated_bytes"] - train_peak) < (64 if phase == "train" else 0.02 * train_peak)
+    assert abs(predicted.phases["train"]["allocated_bytes"] - train_peak) < (
+        64 if phase == "train" else 0.02 * train_peak
+    )
     if phase == "eval":
-        assert measured.bytes["gradients"] == predicted.bytes["gradients"] == 0  # the trainer frees them before evaluating
+        assert (
+            measured.bytes["gradients"] == predicted.bytes["gradients"] == 0
+        )  # the trainer frees them before evaluating
 
 
 def test_the_chunked_loss_holds_a_fraction_of_the_standard_peak(big_vocab_llama_config):
     """At 8k vocabulary and 2 x 64 tokens (memory_reports/measured/cpu-long-context: 0.16 at 128k x 2,048)."""
-    (_, chunked), (predicted, standard) = (predicted_and_measured(big_vocab_llama_config, "qlora", *SMALL, "data.max_seq_len=64",
-                                                                  f"training.loss={loss}") for loss in ("chunked", "standard"))
+    (_, chunked), (predicted, standard) = (
+        predicted_and_measured(big_vocab_llama_config, "qlora", *SMALL, "data.max_seq_len=64", f"training.loss={loss}")
+        for loss in ("chunked", "standard")
+    )
     assert chunked.peak < 0.55 * standard.peak  # one chunk of fp32 logits instead of three vocabulary-sized tensors
     assert abs(predicted.allocated - standard.peak) < 64
 
@@ -115,12 +188,15 @@ def test_a_measured_model_is_garbage_when_measure_returns(llama_config, monkeypa
     import gc
     import weakref
 
-    import qlora.training.measure
     from conftest import profile_recipe
+
+    import qlora.training.measure
 
     built = []
     real_build = qlora.training.measure.build
-    monkeypatch.setattr(qlora.training.measure, "build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    monkeypatch.setattr(
+        qlora.training.measure, "build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1]
+    )
     recipe = profile_recipe(llama_config, *SMALL)
     qlora.training.measure.measure(recipe, "qlora")
     model, optimizer = weakref.ref(built[0].model), weakref.ref(built[0].optimizer)
@@ -134,6 +210,7 @@ def test_a_measured_model_is_garbage_when_measure_returns(llama_config, monkeypa
 
 def test_methods_measured_in_one_process_give_the_bytes_of_each_alone(llama_config):
     from conftest import profile_recipe
+
     from qlora.training.measure import measure
 
     recipe = profile_recipe(llama_config, *SMALL)
@@ -173,6 +250,7 @@ def test_paged_states_are_dropped_everywhere_and_freed_with_the_cuda_runtime():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_paged_optimizer_measured_twice_leaves_the_device_as_it_found_it(llama_config):
     from conftest import profile_recipe
+
     from qlora.training.measure import measure
 
     recipe = profile_recipe(llama_config, *SMALL, "training.optimizer=paged_adamw_32bit")

@@ -9,9 +9,17 @@ import pytest
 import torch
 
 from qlora.config.errors import QLoraError
-from qlora.training.metrics import (accuracy, check_metric, classification_metrics, map_at_3, memory_figures, paged_optimizer_bytes,
-                           task_metrics, weighted_f1)
 from qlora.config.recipe import recipe_from_mapping
+from qlora.training.metrics import (
+    accuracy,
+    check_metric,
+    classification_metrics,
+    map_at_3,
+    memory_figures,
+    paged_optimizer_bytes,
+    task_metrics,
+    weighted_f1,
+)
 
 LABELS = np.array([0, 0, 1, 1, 2])
 PREDICTIONS = np.array([0, 1, 1, 1, 0])
@@ -19,8 +27,15 @@ PREDICTIONS = np.array([0, 1, 1, 1, 0])
 
 def recipe(task="causal_lm", metric="none", fmt="alpaca"):
     fmt = "classification" if task == "classification" else fmt
-    return recipe_from_mapping({"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl", "format": fmt},
-                                "task": task, "eval": {"metric": metric}, "output_dir": "o"})
+    return recipe_from_mapping(
+        {
+            "model": {"name_or_path": "m"},
+            "data": {"path": "d.jsonl", "format": fmt},
+            "task": task,
+            "eval": {"metric": metric},
+            "output_dir": "o",
+        }
+    )
 
 
 def test_accuracy():
@@ -50,7 +65,9 @@ def test_classification_metrics_add_map_at_3_only_when_ranked():
     assert ranked["eval_accuracy"] == pytest.approx(0.6) and "eval_map_at_3" in ranked
 
 
-@pytest.mark.parametrize("task, metric", [("causal_lm", "accuracy"), ("causal_lm", "map@3"), ("classification", "exact_match")])
+@pytest.mark.parametrize(
+    "task, metric", [("causal_lm", "accuracy"), ("causal_lm", "map@3"), ("classification", "exact_match")]
+)
 def test_a_metric_the_task_cannot_measure_is_an_error(task, metric):
     with pytest.raises(QLoraError, match=f"eval.metric: '{metric}' does not apply to task '{task}'"):
         check_metric(recipe(task, metric))
@@ -61,20 +78,28 @@ def test_chat_prompts_are_generated_without_an_extra_bos(monkeypatch):
     import qlora.training.metrics
 
     seen = []
-    monkeypatch.setattr(qlora.training.metrics, "exact_match", lambda *args: seen.append(args[4:]) or 0.5)  # (add_bos, batch)
+    monkeypatch.setattr(
+        qlora.training.metrics, "exact_match", lambda *args: seen.append(args[4:]) or 0.5
+    )  # (add_bos, batch)
     data = type("Data", (), {"eval_examples": []})()
     loaded = type("Loaded", (), {"model": None, "tokenizer": None})()
     for fmt in ("chat", "alpaca"):
         assert task_metrics(recipe(metric="exact_match", fmt=fmt), None, loaded, data) == {"eval_exact_match": 0.5}
     assert [add_bos for add_bos, _ in seen] == [False, True]
-    assert {batch for _, batch in seen} == {recipe(metric="exact_match").training.batch_size}  # no eval_batch_size: the training batch
+    assert {batch for _, batch in seen} == {
+        recipe(metric="exact_match").training.batch_size
+    }  # no eval_batch_size: the training batch
 
 
 def test_exact_match_generates_at_the_eval_batch_size(monkeypatch):
     import qlora.training.metrics
 
     seen = []
-    monkeypatch.setattr(qlora.training.metrics, "generate_answers", lambda model, tok, prompts, new, batch, bos: seen.append(batch) or [""] * len(prompts))
+    monkeypatch.setattr(
+        qlora.training.metrics,
+        "generate_answers",
+        lambda model, tok, prompts, new, batch, bos: seen.append(batch) or [""] * len(prompts),
+    )
     examples = [qlora.training.metrics.Example(prompt="p", response="r")] * 3
     qlora.training.metrics.exact_match(None, None, examples, 4, True, 6)
     assert seen == [6]
@@ -99,8 +124,12 @@ def test_cuda_figures_add_paged_states_to_allocated_and_keep_each_labelled(monke
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 5 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 6 * 2**30)
     figures = memory_figures(fake_optimizer())
-    assert figures == {"peak_memory_bytes": 5 * 2**30 + 8000, "peak_memory_allocated_bytes": 5 * 2**30,
-                       "paged_optimizer_bytes": 8000, "peak_memory_reserved_bytes": 6 * 2**30}
+    assert figures == {
+        "peak_memory_bytes": 5 * 2**30 + 8000,
+        "peak_memory_allocated_bytes": 5 * 2**30,
+        "paged_optimizer_bytes": 8000,
+        "peak_memory_reserved_bytes": 6 * 2**30,
+    }
 
 
 def test_cpu_figure_is_the_resident_set_only(monkeypatch):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora.training.checkpoints import damage
-from qlora.training.nonfinite import NONFINITE_EXIT_CODE
 from qlora.config.recipe import recipe_from_mapping
+from qlora.training.checkpoints import damage
 from qlora.training.lock import LOCK_NAME
+from qlora.training.nonfinite import NONFINITE_EXIT_CODE
 
 
 def short_recipe(model_dir, data_file, out, *overrides):
@@ -17,8 +17,14 @@ def short_recipe(model_dir, data_file, out, *overrides):
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"path": str(data_file), "max_seq_len": 200, "eval_size": 4},
-        "training": {"max_steps": 6, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3, "save_steps": 2,
-                     "logging_steps": 1},
+        "training": {
+            "max_steps": 6,
+            "batch_size": 4,
+            "grad_accum": 1,
+            "learning_rate": 1e-3,
+            "save_steps": 2,
+            "logging_steps": 1,
+        },
         "output_dir": str(out),
     }
     return recipe_from_mapping(data, list(overrides))
@@ -56,8 +62,10 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_advises(tiny_llama, alpac
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists() and not (out / LOCK_NAME).exists()
     err = capsys.readouterr().err
     line = next(l for l in err.splitlines() if l.startswith("error:"))
-    assert line.startswith("error: non-finite loss (NaN/inf) at step 4: training stopped, the last good checkpoint "
-                           "(checkpoint-2) is kept; try quantization.compute_dtype=bfloat16")
+    assert line.startswith(
+        "error: non-finite loss (NaN/inf) at step 4: training stopped, the last good checkpoint "
+        "(checkpoint-2) is kept; try quantization.compute_dtype=bfloat16"
+    )
     assert "training.learning_rate" in line and "training.max_grad_norm" in line
 
 
@@ -70,7 +78,10 @@ def test_skipped_nonfinite_steps_leave_weights_finite(tiny_llama, alpaca_file, t
     assert metrics["train_steps"] == 6
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert "warning: non-finite loss or gradients at step 3: step skipped (1 of training.max_nonfinite_steps=1)" in capsys.readouterr().err
+    assert (
+        "warning: non-finite loss or gradients at step 3: step skipped (1 of training.max_nonfinite_steps=1)"
+        in capsys.readouterr().err
+    )
 
 
 def test_max_nonfinite_steps_must_not_be_negative():
@@ -78,7 +89,6 @@ def test_max_nonfinite_steps_must_not_be_negative():
 
     with pytest.raises(QLoraError, match="training.max_nonfinite_steps: must be >= 0, got -1"):
         short_recipe("m", "d", "o", "training.max_nonfinite_steps=-1")
-
 
 
 class TinyLM(torch.nn.Module):
@@ -106,18 +116,22 @@ def run_step(model, callback, loss_scale, grad_value, optimizer=None):
     model(torch.ones(1, 2), scale=loss_scale)
     for p in model.parameters():
         p.grad = torch.full_like(p, grad_value)
-    callback.on_pre_optimizer_step(TrainingArguments(output_dir="unused", report_to="none"), state, control,
-                                   model=model, optimizer=optimizer)
+    callback.on_pre_optimizer_step(
+        TrainingArguments(output_dir="unused", report_to="none"), state, control, model=model, optimizer=optimizer
+    )
     return control.should_training_stop
 
 
-@pytest.mark.parametrize("loss_scale, grad_value, optimizer, stops", [
-    (float("nan"), 1.0, None, True),  # a NaN loss
-    (float("nan"), 1.0, Scaled(), True),  # a NaN loss, also under fp16 grad scaling
-    (1.0, float("inf"), None, True),  # bf16/fp32: an inf gradient would poison the weights
-    (1.0, float("inf"), Scaled(), False),  # fp16: an overflowing gradient is the scaler's routine, not a stop
-    (1.0, 1.0, None, False),
-])
+@pytest.mark.parametrize(
+    "loss_scale, grad_value, optimizer, stops",
+    [
+        (float("nan"), 1.0, None, True),  # a NaN loss
+        (float("nan"), 1.0, Scaled(), True),  # a NaN loss, also under fp16 grad scaling
+        (1.0, float("inf"), None, True),  # bf16/fp32: an inf gradient would poison the weights
+        (1.0, float("inf"), Scaled(), False),  # fp16: an overflowing gradient is the scaler's routine, not a stop
+        (1.0, 1.0, None, False),
+    ],
+)
 def test_what_counts_as_a_nonfinite_step(loss_scale, grad_value, optimizer, stops):
     from qlora.training.nonfinite import stop_on_nonfinite_callback
 
@@ -134,6 +148,10 @@ def test_skipping_non_finite_steps_is_refused_under_zero3():
     """DeepSpeed steps inside backward (accelerate's engine wrapper): no skip is possible, only the stop."""
     from qlora.config.errors import QLoraError
 
-    with pytest.raises(QLoraError, match="^training.max_nonfinite_steps: DeepSpeed ZeRO-3 applies each optimizer step"):
+    with pytest.raises(
+        QLoraError, match="^training.max_nonfinite_steps: DeepSpeed ZeRO-3 applies each optimizer step"
+    ):
         short_recipe("m", "d", "o", "training.max_nonfinite_steps=2", "distributed.strategy=zero3")
-    assert short_recipe("m", "d", "o", "distributed.strategy=zero3").training.max_nonfinite_steps == 0  # the stop stays
+    assert (
+        short_recipe("m", "d", "o", "distributed.strategy=zero3").training.max_nonfinite_steps == 0
+    )  # the stop stays

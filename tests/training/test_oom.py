@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from test_train import tiny_recipe
 
 from qlora.training.oom import OOM_EXIT_CODE, OutOfMemoryExit
-from test_train import tiny_recipe
 
 
 def out_of_memory(*args, **kwargs):
@@ -45,7 +45,9 @@ def test_oom_while_loading_the_model_exits_3_with_advice(tiny_llama, alpaca_file
     assert "error: out of GPU memory during model loading; no training step ran" in err and "qlora profile" in err
 
 
-def test_oom_in_the_evaluation_before_training_exits_3_with_advice(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
+def test_oom_in_the_evaluation_before_training_exits_3_with_advice(
+    tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys
+):
     import transformers
 
     from qlora.training.run import train
@@ -63,7 +65,9 @@ def test_oom_in_the_evaluation_before_training_exits_3_with_advice(tiny_llama, a
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
 
 
-def test_oom_in_the_evaluation_after_training_exits_3_with_the_adapter_saved(tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys):
+def test_oom_in_the_evaluation_after_training_exits_3_with_the_adapter_saved(
+    tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys
+):
     import transformers
 
     from qlora.training.run import train
@@ -86,7 +90,10 @@ def test_oom_in_the_evaluation_after_training_exits_3_with_the_adapter_saved(tin
     assert not any(key.endswith("_after") for key in metrics)
     assert metrics["eval_after_skipped"] == "out of GPU memory in the evaluation after training"
     err = capsys.readouterr().err
-    assert f"error: out of GPU memory during the evaluation after training; the adapter is saved in {out / 'adapter'}" in err
+    assert (
+        f"error: out of GPU memory during the evaluation after training; the adapter is saved in {out / 'adapter'}"
+        in err
+    )
 
 
 def test_oom_in_merge_exits_3_and_writes_nothing(trained_run, tmp_path, monkeypatch, capsys):
@@ -110,4 +117,6 @@ def test_oom_in_generate_exits_3_with_advice(trained_run, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         main([str(trained_run), "--prompt", "Say the next number."])
     assert info.value.code == OOM_EXIT_CODE
-    assert "error: out of GPU memory during generation\ngive fewer or shorter --prompt values" in capsys.readouterr().err
+    assert (
+        "error: out of GPU memory during generation\ngive fewer or shorter --prompt values" in capsys.readouterr().err
+    )

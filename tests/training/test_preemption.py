@@ -13,18 +13,23 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-
-from qlora.training.checkpoints import damage
-from qlora.config.errors import USAGE_EXIT_CODE
-from qlora.training.preemption import PREEMPTED_EXIT_CODE
-from qlora.training.lock import LOCK_NAME
-
 from test_nonfinite import short_recipe
+
+from qlora.config.errors import USAGE_EXIT_CODE
+from qlora.training.checkpoints import damage
+from qlora.training.lock import LOCK_NAME
+from qlora.training.preemption import PREEMPTED_EXIT_CODE
 
 DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
 MAX_STEPS = 12
-SHORT = [f"training.max_steps={MAX_STEPS}", "training.batch_size=4", "training.save_steps=4", "training.logging_steps=4",
-         "data.eval_size=8", "eval.metric=none"]
+SHORT = [
+    f"training.max_steps={MAX_STEPS}",
+    "training.batch_size=4",
+    "training.save_steps=4",
+    "training.logging_steps=4",
+    "data.eval_size=8",
+    "eval.metric=none",
+]
 
 
 def command(out: Path, *extra: str) -> list[str]:

@@ -103,8 +103,11 @@ def names_and_flags(calls: list[tuple]) -> list[tuple]:
 
 def test_grid_values_are_typed_like_set():
     grid = parse_grid(["lora.alpha=8,32", "lora.targets=qv,[q_proj,v_proj]", "training.learning_rate=1e-4,2e-4"])
-    assert grid == {"lora.alpha": [8, 32], "lora.targets": ["qv", ["q_proj", "v_proj"]],
-                    "training.learning_rate": ["1e-4", "2e-4"]}  # YAML 1.1 strings; the recipe reads them as floats
+    assert grid == {
+        "lora.alpha": [8, 32],
+        "lora.targets": ["qv", ["q_proj", "v_proj"]],
+        "training.learning_rate": ["1e-4", "2e-4"],
+    }  # YAML 1.1 strings; the recipe reads them as floats
 
 
 @pytest.mark.parametrize(
@@ -162,7 +165,8 @@ def test_failed_points_are_recorded_and_the_sweep_goes_on(tmp_path, fake_train, 
     assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16,32,64,128"]) == 1
     rows = read_rows(tmp_path / "sweep")
     assert [(r["lora.alpha"], r["status"]) for r in rows] == [
-        ("64", "ok"), ("8", "ok"),  # lower eval loss first
+        ("64", "ok"),
+        ("8", "ok"),  # lower eval loss first
         ("16", "failed: lora.targets: this model has no linear layer named 'x'"),
         ("32", "failed: out of GPU memory"),
         ("128", "failed: exit code 1"),
@@ -181,7 +185,10 @@ def test_a_point_whose_last_evaluation_ran_out_of_memory_keeps_its_row_on_a_reru
     assert (row["status"], row["eval_loss_before"], row["eval_loss_after"]) == ("failed: out of GPU memory", "3.0", "")
     assert run_cli(qlora.sweep.main, argv) == 1  # the rerun skips the finished point and says why it failed
     row = {r["lora.alpha"]: r for r in read_rows(tmp_path / "sweep")}["16"]
-    assert (row["status"], row["eval_loss_before"]) == ("failed: out of GPU memory in the evaluation after training", "3.0")
+    assert (row["status"], row["eval_loss_before"]) == (
+        "failed: out of GPU memory in the evaluation after training",
+        "3.0",
+    )
     assert len(fake_train.calls()) == 2
 
 
@@ -199,10 +206,15 @@ def test_a_diverging_point_fails_alone_but_sigterm_stops_the_sweep(tmp_path, fak
     fake_train.set_outcomes({16: f"exit {NONFINITE_EXIT_CODE}"})
     assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"]) == 1
     assert [(r["lora.alpha"], r["status"]) for r in read_rows(tmp_path / "sweep")] == [
-        ("8", "ok"), ("16", "failed: non-finite loss")]
+        ("8", "ok"),
+        ("16", "failed: non-finite loss"),
+    ]
     fake_train.set_outcomes({8: f"exit {PREEMPTED_EXIT_CODE}"})
     with pytest.raises(SystemExit) as info:
-        run_cli(qlora.sweep.main, [str(write_recipe(tmp_path, output_dir=str(tmp_path / "b"))), "--grid", "lora.alpha=8,16"])
+        run_cli(
+            qlora.sweep.main,
+            [str(write_recipe(tmp_path, output_dir=str(tmp_path / "b"))), "--grid", "lora.alpha=8,16"],
+        )
     assert info.value.code == PREEMPTED_EXIT_CODE
 
 
@@ -211,9 +223,17 @@ def test_task_metric_ranks_first_and_gets_columns(tmp_path, fake_train):
     recipe = write_recipe(tmp_path, eval={"metric": "exact_match"})
     assert run_cli(qlora.sweep.main, [str(recipe), "--grid", "lora.alpha=64,8"]) == 0
     rows = read_rows(tmp_path / "sweep")
-    assert list(rows[0]) == ["lora.alpha", "trainable_params", "eval_loss_before", "eval_loss_after",
-                             "eval_exact_match_before", "eval_exact_match_after", "peak_memory_bytes",
-                             "train_runtime_s", "status"]
+    assert list(rows[0]) == [
+        "lora.alpha",
+        "trainable_params",
+        "eval_loss_before",
+        "eval_loss_after",
+        "eval_exact_match_before",
+        "eval_exact_match_after",
+        "peak_memory_bytes",
+        "train_runtime_s",
+        "status",
+    ]
     assert [r["lora.alpha"] for r in rows] == ["8", "64"]  # higher exact match first, despite a higher loss
     markdown = (tmp_path / "sweep" / "sweep_results.md").read_text().splitlines()
     assert markdown[0].startswith("| lora.alpha | trainable_params |") and "peak_memory_GiB" in markdown[0]
@@ -249,7 +269,12 @@ def test_interrupted_sweep_resumes_without_retraining(tmp_path, fake_train):
     fake_train.set_outcomes({})
     assert run_cli(qlora.sweep.main, argv) == 0
     assert (base / "lora.alpha=8" / "metrics.json").stat().st_mtime_ns == mtime
-    assert [call[0] for call in fake_train.calls()] == ["lora.alpha=8", "lora.alpha=16", "lora.alpha=16", "lora.alpha=32"]
+    assert [call[0] for call in fake_train.calls()] == [
+        "lora.alpha=8",
+        "lora.alpha=16",
+        "lora.alpha=16",
+        "lora.alpha=32",
+    ]
     assert [r["status"] for r in read_rows(base)] == ["ok", "ok", "ok"]
 
 
@@ -258,8 +283,11 @@ def test_interrupted_sweep_resumes_without_retraining(tmp_path, fake_train):
 
 def tiny_recipe(tmp_path: Path, tiny_llama: Path, alpaca_file: Path) -> Path:
     return write_recipe(
-        tmp_path, model=str(tiny_llama), data=str(alpaca_file),
-        lora={"r": 8}, training={"max_steps": 2, "batch_size": 4, "grad_accum": 1, "save_steps": 100},
+        tmp_path,
+        model=str(tiny_llama),
+        data=str(alpaca_file),
+        lora={"r": 8},
+        training={"max_steps": 2, "batch_size": 4, "grad_accum": 1, "save_steps": 100},
     )
 
 
@@ -268,16 +296,36 @@ def test_cli_sweep_writes_one_row_per_point(tmp_path, tiny_llama, alpaca_file):
     recipe = tiny_recipe(tmp_path, tiny_llama, alpaca_file)
     out = tmp_path / "D"
     result = subprocess.run(
-        [sys.executable, "-m", "qlora.sweep", str(recipe), "--grid", "lora.alpha=8,64", "--grid",
-         "lora.targets=qv,all-linear", "--set", "training.max_steps=8", "--set", f"output_dir={out}"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "qlora.sweep",
+            str(recipe),
+            "--grid",
+            "lora.alpha=8,64",
+            "--grid",
+            "lora.targets=qv,all-linear",
+            "--set",
+            "training.max_steps=8",
+            "--set",
+            f"output_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_rows(out)
     assert len(rows) == 4 and {(r["lora.alpha"], r["lora.targets"]) for r in rows} == {
-        ("8", "qv"), ("8", "all-linear"), ("64", "qv"), ("64", "all-linear")}
-    assert all(json.loads((out / f"lora.alpha={a}__lora.targets={t}" / "metrics.json").read_text())["train_steps"] == 8
-               for a, t in [("8", "qv"), ("64", "all-linear")])
+        ("8", "qv"),
+        ("8", "all-linear"),
+        ("64", "qv"),
+        ("64", "all-linear"),
+    }
+    assert all(
+        json.loads((out / f"lora.alpha={a}__lora.targets={t}" / "metrics.json").read_text())["train_steps"] == 8
+        for a, t in [("8", "qv"), ("64", "all-linear")]
+    )
     assert "qlora sweep" in result.stdout and (out / "sweep_results.md").exists()
     losses = [float(r["eval_loss_after"]) for r in rows]
     assert losses == sorted(losses)

@@ -4,7 +4,6 @@ the adapter one process trains with the same global batch (issue: DDP's 'mark a 
 from __future__ import annotations
 
 import pytest
-
 from test_distributed import B, launch, max_difference, single_run  # noqa: F401 (single_run: a fixture)
 
 

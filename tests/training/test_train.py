@@ -18,7 +18,14 @@ def tiny_recipe(model_dir, data_file, out, *overrides):
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
         "data": {"path": str(data_file), "max_seq_len": 200, "eval_size": 8},
-        "training": {"max_steps": 6, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3, "save_steps": 2, "logging_steps": 2},
+        "training": {
+            "max_steps": 6,
+            "batch_size": 4,
+            "grad_accum": 1,
+            "learning_rate": 1e-3,
+            "save_steps": 2,
+            "logging_steps": 2,
+        },
         "eval": {"metric": "exact_match", "max_examples": 4, "max_new_tokens": 3},
         "output_dir": str(out),
     }
@@ -37,19 +44,40 @@ def finished_run(tiny_llama, alpaca_file, tmp_path_factory):
 def test_run_writes_adapter_metrics_recipe_and_checkpoints(finished_run):
     out, metrics = finished_run
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     assert (out / "recipe.yaml").exists()
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
     assert all((p / "COMPLETE").exists() for p in (out / "checkpoints").glob("checkpoint-*"))
     assert not list(out.glob(".*tmp"))  # no staging folders left behind
 
 
 def test_metrics_hold_what_guide_lists(finished_run):
     _, metrics = finished_run
-    for key in ("eval_loss_before", "eval_loss_after", "eval_exact_match_before", "eval_exact_match_after",
-                "trainable_params", "total_params", "peak_memory_bytes", "train_runtime_s", "tokens_per_s"):
+    for key in (
+        "eval_loss_before",
+        "eval_loss_after",
+        "eval_exact_match_before",
+        "eval_exact_match_after",
+        "trainable_params",
+        "total_params",
+        "peak_memory_bytes",
+        "train_runtime_s",
+        "tokens_per_s",
+    ):
         assert key in metrics, key
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
@@ -166,7 +194,9 @@ def test_sigkill_once_a_checkpoint_appears_then_resume_matches(tiny_llama, alpac
     command = [sys.executable, "-m", "qlora.train", str(recipe_file)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not (out / "checkpoints" / "checkpoint-4").exists() and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not (out / "checkpoints" / "checkpoint-4").exists() and process.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
