@@ -40,6 +40,16 @@ SHARDED_STRATEGIES = ("fsdp", "zero3")  # the strategies that split the weights 
 DISTRIBUTED_OFFLOADS = ("none", "cpu")
 
 
+def key(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None, **kwargs: Any) -> Any:
+    """One recipe key: its default, one line of help and, where it has them, its allowed values.
+
+    The one source for validation, the README's reference table and the JSON Schema (as peft's `LoraConfig`
+    keeps each field's help in its metadata). A mutable default goes in `default_factory=`.
+    """
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None}
+    return field(default=default, metadata=metadata, **kwargs)
+
+
 @dataclass
 class ModelSpec:
     """The base model: a local folder or a Hub name."""
