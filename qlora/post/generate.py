@@ -16,6 +16,7 @@ from qlora.config.recipe import DataSpec
 from qlora.data.prepare import format_alpaca
 from qlora.model.load import load_base_model
 from qlora.model.lora import quiet_peft_deprecations
+from qlora.model.release import release
 from qlora.post.export import TrainedRun
 from qlora.training.metrics import generate_answers
 
@@ -80,11 +81,14 @@ def generate(
             return classify(model, tokenizer, texts, run.label_names)
         return generate_answers(model, tokenizer, texts, max_new_tokens, add_bos=False)  # BOS is in the text
 
-    results = [{"prompt": p, "adapter": a} for p, a in zip(prompts, answers())]
-    if compare:
-        with model.disable_adapter():
-            for result, base_answer in zip(results, answers()):
-                result["base"] = base_answer
+    try:
+        results = [{"prompt": p, "adapter": a} for p, a in zip(prompts, answers())]
+        if compare:
+            with model.disable_adapter():
+                for result, base_answer in zip(results, answers()):
+                    result["base"] = base_answer
+    finally:
+        release(model)  # a notebook generating again loads a second 4-bit model: this one is freed first
     return results
 
 

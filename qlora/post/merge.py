@@ -13,7 +13,6 @@ a time, or the CPU) follows from what it needs (qlora.memory.merge) and what the
 
 from __future__ import annotations
 
-import gc
 import shutil
 import sys
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from qlora.config.precision import resolve_compute_dtype
 from qlora.memory.inventory import load_inventory
 from qlora.memory.merge import PLACEMENTS, MergeMemory, choose_placement, describe, free_gpu_bytes, merge_memory_bytes
 from qlora.model.lora import quiet_peft_deprecations
+from qlora.model.release import free_memory, release
 from qlora.post.export import TrainedRun, check_destination
 from qlora.post.generate import format_prompt, load_adapted_model, load_run_base
 
@@ -116,6 +116,7 @@ def reference_logits(run: TrainedRun, inputs_for, device: str | None, compute_dt
     with_adapter = logits_for(adapted, inputs)
     with adapted.disable_adapter():
         base_only = logits_for(adapted, inputs)
+    release(adapted)
     del adapted
     free_memory()
     return inputs, with_adapter, base_only, tokenizer
@@ -140,6 +141,7 @@ def dequantize_layer_by_layer(model, dtype: torch.dtype, to: str = "cpu"):
         if module.bias is not None:
             dense.bias = torch.nn.Parameter(module.bias.detach().to(to, dtype), requires_grad=False)
         model.set_submodule(name, dense)
+        release(module)  # the replaced 4-bit layer is freed here, not at the next collection
         del module, weight
         free_memory()
     if getattr(model, "hf_quantizer", None) is not None:
@@ -194,13 +196,6 @@ def rounding_floor(
     del base
     free_memory()
     return floor
-
-
-def free_memory() -> None:
-    """Return a deleted model's memory before loading the next, so the peak is one model, not two."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def auto_class(run: TrainedRun):

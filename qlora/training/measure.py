@@ -39,6 +39,7 @@ from qlora.memory.report import Measurement
 from qlora.memory.settings import METHODS, Settings, from_recipe
 from qlora.model.build import prepare_for_training, use_decoder_kernels
 from qlora.model.load import load_base_model
+from qlora.model.release import release
 from qlora.training.metrics import paged_optimizer_bytes
 
 MICRO_BATCHES = 2  # gradient accumulation, so gradients exist while activations peak (as in the recipes)
@@ -134,14 +135,17 @@ def _measure(recipe: Recipe, method: str, settings: Settings, weights: Path, dev
         # on CPU bitsandbytes falls back to unpaged states of the same size, and says so each time
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         built = build(recipe, method, settings, weights)
-        batch = _batch(built.model, settings, device)
-        eval_batch = lambda: _batch(built.model, settings.replace(batch_size=settings.eval_batch), device)
-        cycle(built, batch)  # warm-up: creates the optimizer states
-        built.optimizer.zero_grad(set_to_none=True)
-        measure_on = _measure_cuda if device == "cuda" else _measure_cpu
-        measured = measure_on(built, batch, eval_batch, method)
-        if device == "cuda":
-            release_paged_states(built.optimizer)
+        try:
+            batch = _batch(built.model, settings, device)
+            eval_batch = lambda: _batch(built.model, settings.replace(batch_size=settings.eval_batch), device)
+            cycle(built, batch)  # warm-up: creates the optimizer states
+            built.optimizer.zero_grad(set_to_none=True)
+            measure_on = _measure_cuda if device == "cuda" else _measure_cpu
+            measured = measure_on(built, batch, eval_batch, method)
+            if device == "cuda":
+                release_paged_states(built.optimizer)
+        finally:
+            release(built.model)  # its 4-bit layers go with this frame, not at the next garbage collection
         return measured
 
 

@@ -19,6 +19,7 @@ from qlora.data.prepare import data_collator, describe, prepare_data
 from qlora.model.build import build_model
 from qlora.model.load import check_model_source, load_tokenizer
 from qlora.model.lora import parameter_counts
+from qlora.model.release import free_memory
 from qlora.training import distributed
 from qlora.training.auto import resolve_checkpointing, resolve_kernels, wants_offload
 from qlora.training.checkpoints import mark_complete, prepare_output_dir
@@ -184,6 +185,7 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
     """
     with guarded_run(Path(recipe.output_dir)) as lock:
         metrics = run_recipe(recipe, resume, overwrite, lock)
+    free_memory()  # the Trainer and its callbacks hold the model in cycles: a second run in this process starts empty
     finish()  # every process leaves the group together
     return metrics
 

@@ -188,6 +188,7 @@ def test_a_measured_model_is_garbage_when_measure_returns(llama_config, monkeypa
     import gc
     import weakref
 
+    import bitsandbytes as bnb
     from conftest import profile_recipe
 
     import qlora.training.measure
@@ -198,12 +199,17 @@ def test_a_measured_model_is_garbage_when_measure_returns(llama_config, monkeypa
         qlora.training.measure, "build", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1]
     )
     recipe = profile_recipe(llama_config, *SMALL)
-    qlora.training.measure.measure(recipe, "qlora")
-    model, optimizer = weakref.ref(built[0].model), weakref.ref(built[0].optimizer)
-    gc.disable()
+    gc.disable()  # from before the build: nothing may rely on a collection to be freed
     try:
+        qlora.training.measure.measure(recipe, "qlora")
+        model, optimizer = weakref.ref(built[0].model), weakref.ref(built[0].optimizer)
+        # what holds the memory: each 4-bit layer and its weight's storage (bitsandbytes' layer <-> weight cycle)
+        layers = [weakref.ref(m) for m in built[0].model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        storages = [weakref.ref(m.weight) for m in built[0].model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(layers) == 14  # 2 layers x 7 linears
         built.clear()
         assert model() is None and optimizer() is None
+        assert [r for r in layers + storages if r() is not None] == []
     finally:
         gc.enable()
 
