@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import qlora.config.disk
 from qlora.config.errors import QLoraError, run_cli
 from qlora.train import main as train_main
 from qlora.training import distributed
@@ -161,13 +162,15 @@ def test_a_file_system_error_is_one_line(tmp_path):
         raise PermissionError(errno.EACCES, "Permission denied", "/out/adapter")
 
 
-def test_a_full_disk_before_anything_was_written_is_one_line_and_exit_6(tmp_path, capsys):
+def test_a_full_disk_before_anything_was_written_is_one_line_and_exit_6(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(qlora.config.disk, "free_bytes", lambda path: 4096)
     with pytest.raises(SystemExit) as info:
         with guarded_run(tmp_path / "run"):  # the lock is never taken: as on a process that is not the main one
             raise OSError(errno.ENOSPC, "No space left on device", "/out/checkpoints/checkpoint-4")
     assert info.value.code == DISK_FULL_EXIT_CODE
     assert capsys.readouterr().err == (
-        "error: disk full while writing (/out/checkpoints/checkpoint-4); free space, then run again\n"
+        "error: disk full while writing checkpoint-4 (/out/checkpoints/checkpoint-4): 4.00 KiB free; "
+        "no checkpoint was written yet; free space, then run again\n"
     )
 
 
