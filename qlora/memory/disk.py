@@ -24,7 +24,7 @@ from math import ceil
 from qlora.config.precision import DTYPES, trainable_dtype
 from qlora.memory.estimate import _head_tensors, _trainable_tensors, optimizer_bytes
 from qlora.memory.inventory import Inventory
-from qlora.memory.settings import Settings
+from qlora.memory.settings import Settings, compute_dtype
 
 SAFETENSORS_TENSOR_BYTES = 256  # one header entry (name, dtype, shape, offsets) and alignment; ~130 measured
 TORCH_SAVE_TENSOR_BYTES = 1024  # per parameter's optimizer state: its zip records and pickled keys; ~600 measured
@@ -33,6 +33,9 @@ TRAINER_FILES_BYTES = 64 * 2**10  # rng_state.pth, scheduler.pt, training_args.b
 LOG_ENTRY_BYTES = 512  # trainer_state.json grows by one log_history entry per logging step (~280 measured)
 MODEL_FILES_BYTES = 64 * 2**10  # a merged model's config.json, generation_config.json, safetensors index
 RESULTS_BYTES = 256 * 2**10  # metrics.json, recipe.yaml, training.png, baseline.json
+# The profiler has no tokenizer: tokenizer.json holds about this much per vocabulary entry (token, id, merges;
+# Llama 3.1: 9.1 MB for 128,256 entries, Qwen2.5: 7.0 MB for 151,665). Training measures its own.
+TOKENIZER_BYTES_PER_TOKEN = 72
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,6 @@ def trainable_tensors(inv: Inventory, method: str, settings: Settings) -> list[i
 
 def adapter_bytes(inv: Inventory, method: str, settings: Settings, tokenizer_bytes: int = 0) -> int:
     """The final adapter folder: the trained tensors in safetensors, peft's config and card, the tokenizer."""
-    from qlora.memory.settings import compute_dtype
-
     tensors = trainable_tensors(inv, method, settings)
     itemsize = trainable_dtype(method, compute_dtype(settings)).itemsize
     return sum(tensors) * itemsize + len(tensors) * SAFETENSORS_TENSOR_BYTES + ADAPTER_FILES_BYTES + tokenizer_bytes
@@ -77,8 +78,6 @@ def adapter_bytes(inv: Inventory, method: str, settings: Settings, tokenizer_byt
 def optimizer_state_bytes(inv: Inventory, method: str, settings: Settings) -> int:
     """optimizer.pt: the optimizer states the memory estimate counts (qlora.memory.estimate.optimizer_bytes),
     as torch.save stores them (on any device, step counters included), plus its records per tensor."""
-    from qlora.memory.settings import compute_dtype
-
     tensors = trainable_tensors(inv, method, settings)
     dtype = trainable_dtype(method, compute_dtype(settings))
     states = optimizer_bytes(settings.optimizer, tensors, dtype, "cpu")
@@ -101,6 +100,18 @@ def run_disk_bytes(
     optimizer = optimizer_state_bytes(inv, method, settings)
     checkpoint = adapter + optimizer + TRAINER_FILES_BYTES + log_entries * LOG_ENTRY_BYTES
     return RunDisk(adapter=adapter, optimizer=optimizer, checkpoint=checkpoint, checkpoints=checkpoints)
+
+
+def profile_disk(
+    inv: Inventory, method: str, settings: Settings, save_total_limit: int | None, max_steps: int, save_steps: int
+) -> dict:
+    """What `qlora profile` reports beside memory: a run's checkpoints and adapter (`RunDisk.to_dict`) and the
+    merged model (float16), with the tokenizer sized from the vocabulary. Without `max_steps` (epochs over data
+    the profiler does not read) the run is taken to write at least `save_total_limit` + 1 checkpoints."""
+    saves = saves_of(max_steps, save_steps) if max_steps > 0 else (save_total_limit or 0) + 1
+    tokenizer = TOKENIZER_BYTES_PER_TOKEN * inv.dims.vocab
+    needs = run_disk_bytes(inv, method, settings, checkpoints_at_once(save_total_limit, saves), tokenizer)
+    return {**needs.to_dict(), "merged_float16_bytes": merged_model_bytes(inv, "float16", tokenizer)}
 
 
 def saves_of(max_steps: int, save_steps: int) -> int:

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from test_nonfinite import short_recipe
+from test_sweep import fake_train, write_recipe  # noqa: F401 (a fixture)
 
 import qlora.config.disk
 from qlora.config.disk import DiskFull, is_disk_full
@@ -339,3 +340,35 @@ def test_disk_full_after_the_adapter_keeps_the_finished_adapter(
         ),
         line,
     ), line
+
+
+def test_a_full_disk_while_writing_the_sweep_table_is_one_line(tmp_path, fake_train, monkeypatch, capsys):  # noqa: F811
+    import os
+
+    import qlora.config.io
+    import qlora.sweep
+    from qlora.config.errors import run_cli
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(".sweep_results.md."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(qlora.config.io.os, "fsync", fsync)
+    Disk(monkeypatch, free=300)
+    code = run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"])
+    assert code == DISK_FULL_EXIT_CODE and len(fake_train.calls()) == 1  # stopped after the first point's row
+    [line] = error_lines(capsys.readouterr().err)
+    base = tmp_path / "sweep"
+    assert re.fullmatch(
+        re.escape(f"error: disk full while writing sweep_results.md ({base / 'sweep_results.md'}): ")
+        + r"needs about [\d.]+ bytes, 300 bytes free"
+        + re.escape(
+            "; every point's own folder is kept; free space, then run the same qlora sweep again "
+            "(finished points are skipped, the table is rewritten)"
+        ),
+        line,
+    ), line
+    assert (base / "lora.alpha=8" / "metrics.json").exists() and leftovers(base) == []
