@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"wrote {path}", file=sys.stderr)
         except DiskFull as full:
             full.kept = (
-                f"the tables above are complete, {args.out} keeps its older reports; "
+                f"the tables above are complete, and so are the reports written to {args.out} before it; "
                 "free space or choose another --out"
             )
             raise

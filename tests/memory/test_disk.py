@@ -93,7 +93,8 @@ def test_a_full_disk_while_writing_the_reports_is_one_line(llama_config, tmp_pat
         re.escape(f"error: disk full while writing memory.json ({out / 'memory.json'}): ")
         + r"needs about [\d.]+ KiB, 512 bytes free"
         + re.escape(
-            f"; the tables above are complete, {out} keeps its older reports; free space or choose another --out"
+            f"; the tables above are complete, and so are the reports written to {out} before it; "
+            "free space or choose another --out"
         ),
         line,
     ), line
