@@ -12,7 +12,7 @@ From the same inventory and the same trainable tensors and optimizer states as t
 
 The per-file terms are allowances measured on transformers 5.24 / peft 0.21 / torch 2.13 (a tiny Llama's
 checkpoint: rng_state.pth 14 KiB, training_args.bin 5 KiB, scheduler.pt 1.5 KiB, peft's README 5 KiB,
-~130 bytes of safetensors header and ~600 bytes of torch.save records per tensor), rounded up; a real
+~130 bytes of safetensors header and ~300 bytes of torch.save records per tensor), rounded up; a real
 model's checkpoint is its tensors to within a fraction of a percent.
 """
 
@@ -21,13 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import ceil
 
-from qlora.config.precision import DTYPES, trainable_dtype
+from qlora.config.precision import ADAPTER_DTYPE, DTYPES, optimizer_state_dtype, trainable_dtype
 from qlora.memory.estimate import _head_tensors, _trainable_tensors, optimizer_bytes
 from qlora.memory.inventory import Inventory
 from qlora.memory.settings import Settings, compute_dtype
+from qlora.memory.storage import MIN_8BIT_SIZE
 
 SAFETENSORS_TENSOR_BYTES = 256  # one header entry (name, dtype, shape, offsets) and alignment; ~130 measured
-TORCH_SAVE_TENSOR_BYTES = 1024  # per parameter's optimizer state: its zip records and pickled keys; ~600 measured
+TORCH_SAVE_TENSOR_BYTES = 512  # per tensor in optimizer.pt: its zip records and pickled keys (~300 measured)
 ADAPTER_FILES_BYTES = 16 * 2**10  # adapter_config.json and peft's README.md (~6.5 KiB measured)
 TRAINER_FILES_BYTES = 64 * 2**10  # rng_state.pth, scheduler.pt, training_args.bin, COMPLETE (~23 KiB measured)
 LOG_ENTRY_BYTES = 512  # trainer_state.json grows by one log_history entry per logging step (~280 measured)
@@ -81,7 +82,18 @@ def optimizer_state_bytes(inv: Inventory, method: str, settings: Settings) -> in
     tensors = trainable_tensors(inv, method, settings)
     dtype = trainable_dtype(method, compute_dtype(settings))
     states = optimizer_bytes(settings.optimizer, tensors, dtype, "cpu")
-    return sum(states.values()) + len(tensors) * TORCH_SAVE_TENSOR_BYTES
+    return (
+        sum(states.values())
+        + sum(saved_state_tensors(settings.optimizer, n) for n in tensors) * TORCH_SAVE_TENSOR_BYTES
+    )
+
+
+def saved_state_tensors(optimizer: str, numel: int) -> int:
+    """Tensors optimizer.pt holds for one parameter: both moments; 8-bit ones (bitsandbytes) also their two
+    absmax tensors; torch's AdamW its step count (bitsandbytes keeps the step as a plain number)."""
+    if optimizer_state_dtype(optimizer, ADAPTER_DTYPE).itemsize == 1 and numel >= MIN_8BIT_SIZE:
+        return 4
+    return 3 if optimizer == "adamw_torch" else 2
 
 
 def checkpoints_at_once(save_total_limit: int | None, saves: int, existing: int = 0) -> int:

@@ -243,9 +243,12 @@ def test_the_space_check_counts_the_checkpoints_that_exist_at_once(tiny_llama, a
     assert run_needs(epochs, tokenizer, 36, None, tmp_path / "r").checkpoints == 4  # 2 x 9 steps: 9 saves, limit 3
 
 
-def test_predicted_checkpoint_and_adapter_bytes_cover_what_a_run_writes(
-    tiny_llama, alpaca_file, tmp_path, uninterrupted
-):
+@pytest.mark.parametrize(
+    "overrides",
+    [(), ("training.optimizer=paged_adamw_8bit", "lora.r=64"), ("training.optimizer=adamw_torch",)],
+    ids=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"],
+)
+def test_predicted_checkpoint_and_adapter_bytes_cover_what_a_run_writes(tiny_llama, alpaca_file, tmp_path, overrides):
     """Predicted (qlora.memory.disk, from the profiler's inventory) vs measured on disk: never less, and on a
     tiny model within its fixed allowances (a real model's tensors dwarf them)."""
     from transformers import AutoTokenizer
@@ -254,8 +257,8 @@ def test_predicted_checkpoint_and_adapter_bytes_cover_what_a_run_writes(
     from qlora.training.run import train
 
     out = tmp_path / "measured"
-    train(short_recipe(tiny_llama, alpaca_file, out))
-    recipe = short_recipe(tiny_llama, alpaca_file, tmp_path / "fresh")
+    train(short_recipe(tiny_llama, alpaca_file, out, *overrides))
+    recipe = short_recipe(tiny_llama, alpaca_file, tmp_path / "fresh", *overrides)
     needs = run_needs(recipe, AutoTokenizer.from_pretrained(tiny_llama), 36, None, tmp_path / "fresh")
 
     def folder_bytes(folder):
@@ -266,9 +269,9 @@ def test_predicted_checkpoint_and_adapter_bytes_cover_what_a_run_writes(
     optimizer = (out / "checkpoints" / "checkpoint-6" / "optimizer.pt").stat().st_size
     print(f"checkpoint {needs.checkpoint} predicted, {checkpoint} on disk; adapter {needs.adapter} vs {adapter}; ")
     print(f"optimizer.pt {needs.optimizer} vs {optimizer}")
-    assert checkpoint <= needs.checkpoint <= checkpoint + 96 * KIB
+    assert checkpoint <= needs.checkpoint <= checkpoint + 128 * KIB
     assert adapter <= needs.adapter <= adapter + 32 * KIB
-    assert optimizer <= needs.optimizer <= 1.5 * optimizer
+    assert optimizer <= needs.optimizer <= 1.1 * optimizer + 16 * KIB
 
 
 def test_a_failed_staged_write_keeps_the_finished_folder_and_leaves_no_debris(tmp_path):
@@ -372,3 +375,37 @@ def test_a_full_disk_while_writing_the_sweep_table_is_one_line(tmp_path, fake_tr
         line,
     ), line
     assert (base / "lora.alpha=8" / "metrics.json").exists() and leftovers(base) == []
+
+
+@pytest.mark.parametrize("name", ["recipe.yaml", "baseline.json"])
+def test_a_full_disk_at_the_first_small_files_is_one_line(
+    tiny_llama, alpaca_file, tmp_path, monkeypatch, capsys, name
+):
+    """The recipe copy (before loading) and the metrics before training (once training begins)."""
+    import os
+
+    import qlora.config.io
+    from qlora.training.run import train
+
+    real_fsync = os.fsync
+    Disk(monkeypatch, free=100)
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(f".{name}."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(qlora.config.io.os, "fsync", fsync)
+    out = tmp_path / "small-files"
+    with pytest.raises(SystemExit) as info:
+        train(short_recipe(tiny_llama, alpaca_file, out), skip_space_check=True)
+    assert info.value.code == DISK_FULL_EXIT_CODE
+    where = out / name if name == "recipe.yaml" else out / "checkpoints" / name
+    [line] = error_lines(capsys.readouterr().err)
+    assert re.fullmatch(
+        re.escape(f"error: disk full while writing {name} ({where}): ")
+        + r"needs about [\d.]+ (bytes|KiB), 100 bytes free"
+        + re.escape("; partial files removed; no checkpoint was written yet; free space, then run again"),
+        line,
+    ), line
+    assert leftovers(out) == [] and not (out / LOCK_NAME).exists() and not (where).exists()
