@@ -80,8 +80,16 @@ def test_merge_skip_space_check_goes_on_to_load(run, tmp_path, monkeypatch):
         qlora.post.merge.merge(run, tmp_path / "merged", device="cpu", skip_space_check=True)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+    ids=["safetensors", "oserror"],
+)
 def test_a_disk_that_fills_while_the_merged_model_is_saved_is_one_line_and_leaves_nothing(
-    run, tmp_path, monkeypatch, capsys
+    run, tmp_path, monkeypatch, capsys, error
 ):
     import transformers.modeling_utils
 
@@ -90,7 +98,7 @@ def test_a_disk_that_fills_while_the_merged_model_is_saved_is_one_line_and_leave
     def save_file(tensors, filename, *args, **kwargs):
         with open(filename, "wb") as handle:
             handle.write(b"\0" * 100)
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise error
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
     to = tmp_path / "merged"
