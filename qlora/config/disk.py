@@ -97,7 +97,8 @@ class DiskFull(Exception):
 
     def describe(self) -> str:
         where = f" ({self.where})" if self.where else ""
-        return f"disk full while writing {self.what}{where}: {needed_and_free(self.needed, self.free)}"
+        sizes = f": {needed_and_free(self.needed, self.free)}" if (self.needed, self.free) != (None, None) else ""
+        return f"disk full while writing {self.what}{where}{sizes}"
 
     def line(self) -> str:
         return f"error: {self.describe()}; {self.kept or 'free space, then run it again'}"

@@ -11,7 +11,7 @@ import difflib
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
-from qlora.config.disk import is_disk_full, report
+from qlora.config.disk import is_disk_full, print_error_line, report
 
 USAGE_EXIT_CODE = 2
 
@@ -41,7 +41,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         code = main(argv)
     except QLoraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error_line(f"error: {exc}")
         return USAGE_EXIT_CODE
     except Exception as exc:
         if not is_disk_full(exc):

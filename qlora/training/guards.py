@@ -132,9 +132,8 @@ def exit_if_stopped(trainer, output_dir: Path) -> None:
         finish()
         last = latest_complete_checkpoint(output_dir)
         kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint was written before it"
-        print(
-            f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}",
-            file=sys.stderr,
+        print_error_line(  # on its own line, not after the progress bar
+            f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}"
         )
         raise SystemExit(NONFINITE_EXIT_CODE)
     if sigterm is not None and sigterm.stopped_at is not None:

@@ -60,6 +60,8 @@ def test_a_write_that_meets_a_full_disk_says_what_where_and_how_much(tmp_path, m
     assert type(copy) is DiskFull and str(copy) == str(full) and copy.needed == 2048
     with pytest.raises(PermissionError), writing("the adapter", tmp_path):  # not a full disk: left alone
         raise PermissionError(errno.EACCES, "Permission denied")
+    unknown = qlora.config.disk.as_disk_full(RuntimeError("No space left on device"))  # a writer that names nothing
+    assert unknown.line() == "error: disk full while writing a file; free space, then run it again"
 
 
 def test_the_error_line_starts_its_own_line_after_a_live_progress_bar(capsys):
