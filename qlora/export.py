@@ -24,13 +24,26 @@ def parse_args(argv: Sequence[str] | None):
         "--license", dest="license_id", metavar="ID", help="license for the card (default: the base's)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --to folder")
+    parser.add_argument(
+        "--skip-space-check",
+        action="store_true",
+        help="write even when the file system of --to reports less free space than the exported adapter needs "
+        "(for file systems that report wrongly, e.g. some network mounts)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     result = export(
-        read_run(args.run), args.to, args.hub, args.private, args.base_model, args.license_id, args.overwrite
+        read_run(args.run),
+        args.to,
+        args.hub,
+        args.private,
+        args.base_model,
+        args.license_id,
+        args.overwrite,
+        args.skip_space_check,
     )
     if "folder" in result:
         print(f"exported {args.run} -> {result['folder']} (base_model: {result['base_model']})")

@@ -43,6 +43,12 @@ def parse_args(argv: Sequence[str] | None):
         "--gpu-memory", metavar="SIZE", help="GPU memory the merge may use, e.g. 12GiB (default: all that is free)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --to folder")
+    parser.add_argument(
+        "--skip-space-check",
+        action="store_true",
+        help="write even when the file system of --to reports less free space than the merged model needs "
+        "(for file systems that report wrongly, e.g. some network mounts)",
+    )
     return parser.parse_args(argv)
 
 
@@ -55,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise QLoraError(f"--gpu-memory: expected a size such as '12GiB', got '{args.gpu_memory}'") from None
     advice = ["merge layer by layer (--device layers) or on the CPU (--device cpu), or give a smaller --gpu-memory"]
     with OutOfMemoryExit("merge", advice, kept=f"nothing was written to {args.to}"):
-        check = merge(run, args.to, args.dtype, args.overwrite, args.device, budget)
+        check = merge(run, args.to, args.dtype, args.overwrite, args.device, budget, args.skip_space_check)
     print(
         f"merge check: max |logit diff| {check.max_abs_diff:.4g} against the adapter's change {check.adapter_change:.4g}: "
         f"{100 * check.relative:.3f} % (limit {100 * MAX_RELATIVE_DIFF:.0f} %), {check.max_abs_diff / check.floor if check.floor else 0:.2f}x "

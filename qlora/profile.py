@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from qlora.config.disk import DiskFull
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import gpu_target, parse_gpu_list
 from qlora.config.precision import default_device
@@ -33,6 +34,7 @@ from qlora.config.recipe import (
     recipe_from_mapping,
 )
 from qlora.memory import report
+from qlora.memory.disk import profile_disk
 from qlora.memory.estimate import estimate, settings_inventory
 from qlora.memory.planner import CLI_KEYS, RECIPE_KEYS, cards_needed, plan, predict
 from qlora.memory.report import Result, Run
@@ -239,6 +241,7 @@ def profile(args: argparse.Namespace) -> list:
         settings = job.settings.replace(device=device, kernels=source.training.kernels)
         inv = settings_inventory(job.model, settings)
         results = [Result(estimate(inv, method, settings)) for method in job.methods]
+        on_disk = {method: run_disk(inv, method, settings, job.source) for method in job.methods}
         targets = gpus or ([gpu_target(job.target_gpu)] if job.target_gpu else [(None, True)])
         if args.measure and settings.gpus > 1:
             raise QLoraError(
@@ -254,6 +257,8 @@ def profile(args: argparse.Namespace) -> list:
             )
             if target and settings.checkpoint_layers == "auto":  # the fewest checkpointed layers that fit this GPU
                 results = [Result(predict(inv, method, card, target)) for method in job.methods]
+            for result in results:
+                result.disk = on_disk[result.estimate.method]
             run = Run(job.label if job.recipe else inv.name, inv.name, card, results, fit_plan, job.recipe)
             if args.gpus == "auto":
                 run.cards = {m: cards_needed(inv, m, settings, target) for m in job.methods}
@@ -263,6 +268,12 @@ def profile(args: argparse.Namespace) -> list:
                 run.environment = runs[-1].environment
             runs.append(run)
     return runs
+
+
+def run_disk(inv, method: str, settings: Settings, recipe: Recipe) -> dict:
+    """The disk a run of `recipe` writes (checkpoints kept at once, the adapter) and a merged model's."""
+    t = recipe.training
+    return profile_disk(inv, method, settings, t.save_total_limit, t.max_steps, t.save_steps)
 
 
 def measure_run(run, recipe: Recipe, device: str) -> None:
@@ -305,8 +316,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         report.print_table(runs)
     if args.out:
-        for path in report.write(runs, args.out, command):
-            print(f"wrote {path}", file=sys.stderr)
+        try:
+            for path in report.write(runs, args.out, command):
+                print(f"wrote {path}", file=sys.stderr)
+        except DiskFull as full:
+            full.kept = (
+                f"the tables above are complete, and so are the reports written to {args.out} before it; "
+                "free space or choose another --out"
+            )
+            raise
     return 0
 
 

@@ -26,13 +26,19 @@ def parse_args(argv: Sequence[str] | None):
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in output_dir")
+    parser.add_argument(
+        "--skip-space-check",
+        action="store_true",
+        help="start even when output_dir's file system reports less free space than the run's checkpoints "
+        "and adapter need (for file systems that report wrongly, e.g. some network mounts)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe, args.overrides)
-    train(recipe, resume=args.resume, overwrite=args.overwrite)
+    train(recipe, resume=args.resume, overwrite=args.overwrite, skip_space_check=args.skip_space_check)
     return 0
 
 

@@ -11,6 +11,8 @@ import difflib
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
+from qlora.config.disk import is_disk_full, print_error_line, report
+
 USAGE_EXIT_CODE = 2
 
 
@@ -34,12 +36,17 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a CLI `main`, printing user mistakes as one `error:` line with exit code 2."""
+    """Run a CLI `main`, printing user mistakes as one `error:` line with exit code 2, and a full disk
+    (qlora.config.disk) as one `error:` line with its sizes and exit code 6."""
     try:
         code = main(argv)
     except QLoraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error_line(f"error: {exc}")
         return USAGE_EXIT_CODE
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        return report(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

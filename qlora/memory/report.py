@@ -14,6 +14,7 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qlora.config.disk import size, writing
 from qlora.config.io import atomic_write_json, atomic_write_text
 from qlora.config.precision import dtype_name
 from qlora.memory.estimate import COMPONENTS, Estimate, compute_dtype, liger_kernels
@@ -55,6 +56,7 @@ class Result:
 
     estimate: Estimate
     measured: Measurement | None = None
+    disk: dict | None = None  # qlora.memory.disk.profile_disk: checkpoints, adapter and merged model on disk
 
     @property
     def error(self) -> float | None:
@@ -198,6 +200,25 @@ def print_table(runs: list[Run], console=None) -> None:
         console.print(table)
         for line in advice(group):
             console.print(line, markup=False, highlight=False)
+        for line in disk_lines(group):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def disk_lines(runs: list[Run]) -> list[str]:
+    """Disk beside memory: what a run writes to its output_dir, and a merged model, per method."""
+    lines = []
+    for run in runs:
+        for result in run.results:
+            d = result.disk
+            if not d:
+                continue
+            lines.append(
+                f"disk, {run.label} {result.estimate.method}: checkpoint {size(d['checkpoint_bytes'])} (adapter "
+                f"{size(d['adapter_bytes'])}, optimizer {size(d['optimizer_bytes'])}) x {d['checkpoints_at_once']} at "
+                f"once + adapter = {size(d['total_bytes'])} in output_dir; merged (float16) "
+                f"{size(d['merged_float16_bytes'])}"
+            )
+    return lines
 
 
 def advice(runs: list[Run]) -> list[str]:
@@ -237,6 +258,8 @@ def to_markdown(runs: list[Run], command: str | None = None) -> str:
             lines += ["", "Fit plan:", ""] + [
                 f"- {line}" if not line.startswith("  ") else f"  {line.strip()}" for line in fit_lines
             ]
+        if disk_lines(group):
+            lines += [""] + [f"- {line}" for line in disk_lines(group)]
         lines.append("")
     environment = next((run.environment for run in runs if run.environment), None)
     if environment:
@@ -279,6 +302,8 @@ def to_json(runs: list[Run]) -> dict:
             fit = run.fit(result.estimate.method)
             if fit:
                 entry["fit"] = fit.to_dict()
+            if result.disk:
+                entry["disk"] = dict(result.disk)
             results.append(entry)
         item = {
             "model": run.model,
@@ -333,8 +358,12 @@ def plot(run: Run, path: Path) -> Path:
     handles, labels = ax.get_legend_handles_labels()  # outside the bars, top to bottom as they stack
     ax.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     partial = path.with_name(f".{path.name}.tmp")  # then renamed: a reader never sees half a PNG
-    fig.savefig(partial, dpi=120, format="png")
-    os.replace(partial, path)
+    try:
+        with writing(path.name, path):
+            fig.savefig(partial, dpi=120, format="png")
+            os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlora.config.disk import DiskFull, check_free_space, writing
 from qlora.config.errors import QLoraError
 from qlora.config.io import atomic_write_text, publish_dir, staging_dir_for
 from qlora.config.recipe import Recipe, load_recipe
@@ -21,6 +22,7 @@ from qlora.post.model_card import base_license, base_model_id, card_base_model, 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")  # loading these runs arbitrary code
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CARD_BYTES = 64 * 2**10  # the model card (README.md): recipe, data, metrics and memory tables, ~10 KiB
 
 
 @dataclass
@@ -74,6 +76,26 @@ def check_destination(to: Path, run: TrainedRun, overwrite: bool) -> None:
         raise QLoraError(f"--to: {to} already exists and is not empty; pass --overwrite to replace it")
 
 
+def tokenizer_files_bytes(run: TrainedRun) -> int:
+    """Bytes of the tokenizer files training saved beside the adapter (a merged model carries the same)."""
+    adapter_files = {ADAPTER_WEIGHTS, "adapter_config.json", "README.md"}
+    return sum(p.stat().st_size for p in run.adapter_dir.iterdir() if p.is_file() and p.name not in adapter_files)
+
+
+def exported_files(run: TrainedRun) -> list[Path]:
+    """The adapter folder's files an export copies: safetensors and text, never pickles or the old card."""
+    return [
+        path
+        for path in sorted(run.adapter_dir.iterdir())
+        if path.is_file() and path.suffix not in PICKLE_SUFFIXES and path.name != "README.md"
+    ]
+
+
+def export_bytes(run: TrainedRun) -> int:
+    """What an export writes: the files it copies (their sizes on disk) and the model card."""
+    return sum(p.stat().st_size for p in exported_files(run)) + CARD_BYTES
+
+
 def copy_adapter(run: TrainedRun, dest: Path, hub_id: str | None) -> None:
     """Adapter weights (safetensors only), tokenizer files, and the config pointed at the base's Hub id
     (kept on the local path when there is none, so the folder still loads on this machine)."""
@@ -81,9 +103,8 @@ def copy_adapter(run: TrainedRun, dest: Path, hub_id: str | None) -> None:
 
     if not (run.adapter_dir / ADAPTER_WEIGHTS).exists():
         raise QLoraError(f"{run.adapter_dir} has no {ADAPTER_WEIGHTS} (only safetensors adapters are exported)")
-    for path in run.adapter_dir.iterdir():
-        if path.is_file() and path.suffix not in PICKLE_SUFFIXES and path.name != "README.md":
-            shutil.copy2(path, dest / path.name)
+    for path in exported_files(run):
+        shutil.copy2(path, dest / path.name)
     if hub_id is not None:
         config = PeftConfig.from_pretrained(str(run.adapter_dir))
         config.base_model_name_or_path = hub_id
@@ -132,8 +153,11 @@ def export(
     base_model: str | None = None,
     license_id: str | None = None,
     overwrite: bool = False,
+    skip_space_check: bool = False,
 ) -> dict[str, str]:
-    """Write the folder to `to` and/or push it to `hub`; returns where it went."""
+    """Write the folder to `to` and/or push it to `hub`; returns where it went. The free space where the
+    folder is written is checked first (`skip_space_check`: not); a full disk there is `DiskFull`, with
+    nothing left behind."""
     if to is None and hub is None:
         raise QLoraError("nothing to do: give --to DIR, --hub USER/REPO, or both")
     if private and hub is None:
@@ -142,14 +166,26 @@ def export(
         check_destination(to, run, overwrite)
     hub_id = base_model_id(run.recipe.model, base_model)
     license_id = license_id or base_license(run.recipe.model, hub_id)
-    staging = staging_dir_for(to) if to is not None else Path(tempfile.mkdtemp(prefix="qlora-export-"))
+    where = to if to is not None else Path(tempfile.gettempdir())  # --hub alone: a temporary folder
+    needed = export_bytes(run)
+    check_free_space(
+        "the exported adapter", where, needed, skip_space_check, advice="free space or choose another --to"
+    )
+    with writing("the exported adapter", where, needed):
+        staging = staging_dir_for(to) if to is not None else Path(tempfile.mkdtemp(prefix="qlora-export-"))
     try:
-        result = {"base_model": write_export(run, staging, hub_id, license_id, hub)}
+        with writing("the exported adapter", where, needed):
+            result = {"base_model": write_export(run, staging, hub_id, license_id, hub)}
         if hub is not None:
             result["hub"] = push(staging, hub, private)
         if to is not None:
             publish_dir(staging, to)
             result["folder"] = str(to)
+    except DiskFull as full:
+        shutil.rmtree(staging, ignore_errors=True)
+        full.measure_free()
+        full.kept = f"partial files removed, nothing was written to {where}; free space, then run qlora export again"
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result

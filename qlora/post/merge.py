@@ -21,14 +21,16 @@ from pathlib import Path
 import psutil
 import torch
 
+from qlora.config.disk import DiskFull, check_free_space, writing
 from qlora.config.errors import QLoraError
 from qlora.config.io import publish_dir, staging_dir_for
 from qlora.config.precision import resolve_compute_dtype
+from qlora.memory.disk import merged_model_bytes
 from qlora.memory.inventory import load_inventory
 from qlora.memory.merge import PLACEMENTS, MergeMemory, choose_placement, describe, free_gpu_bytes, merge_memory_bytes
 from qlora.model.lora import quiet_peft_deprecations
 from qlora.model.release import free_memory, release
-from qlora.post.export import TrainedRun, check_destination
+from qlora.post.export import TrainedRun, check_destination, tokenizer_files_bytes
 from qlora.post.generate import format_prompt, load_adapted_model, load_run_base
 
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -219,6 +221,28 @@ def reload_saved(run: TrainedRun, folder: Path, save_dtype: str, placement: str 
     return loader.from_pretrained(folder, dtype=torch.float32)  # CPU 16-bit matmuls are slow and lossy
 
 
+def run_inventory(run: TrainedRun, dtype: str):
+    """The profiler's inventory of the run's base (meta device: nothing is loaded)."""
+    return load_inventory(run.recipe.model.name_or_path, dtype, run.recipe.task, len(run.label_names or []) or 2)
+
+
+def merged_bytes(run: TrainedRun, save_dtype: str) -> int:
+    """What the merged folder will hold: every weight in `save_dtype` (qlora.memory.disk) and the tokenizer."""
+    return merged_model_bytes(run_inventory(run, save_dtype), save_dtype, tokenizer_files_bytes(run))
+
+
+def check_merge_space(run: TrainedRun, to: Path, save_dtype: str, skip: bool = False) -> int | None:
+    """Refuse (one line, exit 6) a merge whose folder would not fit the free space at `to`, before anything
+    loads; returns the bytes it will write (None when the base cannot be sized: a note says so)."""
+    try:
+        needed = merged_bytes(run, save_dtype)
+    except Exception as exc:  # no config to size it from: the merge itself may still work
+        print(f"note: disk space not checked (the merged model's size is unknown: {exc})", file=sys.stderr)
+        return None
+    check_free_space(f"the merged model ({save_dtype})", to, needed, skip, advice="free space or choose another --to")
+    return needed
+
+
 def choose_merge_placement(run: TrainedRun, compute_dtype: torch.dtype, device: str, gpu_memory: int | None):
     """(placement, GPU budget, the line saying why): `--device` resolved against what the merge needs."""
     if device not in PLACEMENTS:
@@ -227,10 +251,7 @@ def choose_merge_placement(run: TrainedRun, compute_dtype: torch.dtype, device: 
     budget = min(free, gpu_memory) if (free is not None and gpu_memory) else free
     q, dtype = run.recipe.quantization, str(compute_dtype).removeprefix("torch.")
     try:
-        inventory = load_inventory(
-            run.recipe.model.name_or_path, dtype, run.recipe.task, len(run.label_names or []) or 2
-        )
-        memory = merge_memory_bytes(inventory, dtype, q.bits, q.double_quant)
+        memory = merge_memory_bytes(run_inventory(run, dtype), dtype, q.bits, q.double_quant)
     except Exception as exc:  # no config to size it from: auto keeps the old behaviour (the GPU when there is one)
         placement = choose_placement(device, MergeMemory(0, 0, 0), budget)
         return placement, budget, f"merge memory: not estimated ({exc}); merging on {placement}"
@@ -245,12 +266,15 @@ def merge(
     overwrite: bool = False,
     device: str = "auto",
     gpu_memory: int | None = None,
+    skip_space_check: bool = False,
 ) -> MergeCheck:
     """Merge, save to a staging folder, check logits, and publish to `to` only when the check passes.
 
     `device`: auto | cuda | layers | cpu (see qlora.memory.merge); `gpu_memory`: a GPU budget in bytes
-    below what is free."""
+    below what is free. The free space at `to` is checked first (`skip_space_check`: not), and a full
+    disk while saving is `DiskFull`, with nothing left at `to`."""
     check_destination(to, run, overwrite)
+    needed = check_merge_space(run, to, save_dtype, skip_space_check)
     compute_dtype = resolve_compute_dtype(run.recipe.quantization.compute_dtype)
     placement, budget, why = choose_merge_placement(run, compute_dtype, device, gpu_memory)
     print(why, file=sys.stderr)
@@ -263,8 +287,9 @@ def merge(
     staging = staging_dir_for(to)
     try:
         model = merged_model(run, compute_dtype, save_dtype, tokenizer, placement)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        with writing("the merged model", to, needed):
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         del model
         free_memory()
         reloaded = reload_saved(run, staging, save_dtype, placement, budget)
@@ -273,7 +298,13 @@ def merge(
         del reloaded
         free_memory()
         if check.ok:
-            publish_dir(staging, to)
+            with writing("the merged model", to, needed):
+                publish_dir(staging, to)
+    except DiskFull as full:
+        shutil.rmtree(staging, ignore_errors=True)
+        full.measure_free()
+        full.kept = f"partial files removed, nothing was written to {to}; free space, then run qlora merge again"
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return check

@@ -11,42 +11,31 @@ exit code, every process at the same step (the callbacks' decisions are reduced 
 Exit codes of `qlora train` (also in the README's Reliability section):
   0 done | 2 user mistake, or a file the run cannot read or write (`error: ...`) | 3 out of GPU memory |
   4 stopped by SIGTERM, a complete checkpoint kept (continue with --resume) | 5 non-finite loss, the last
-  good checkpoint kept | 6 disk full while writing, the last complete checkpoint and any finished adapter
-  kept | 143 SIGTERM before any checkpoint existed (nothing to resume).
+  good checkpoint kept | 6 disk full (or quota) while writing, the last complete checkpoint and any finished
+  adapter kept, or too little free space to start (qlora.config.disk, qlora.training.disk) | 143 SIGTERM
+  before any checkpoint existed (nothing to resume).
 """
 
 from __future__ import annotations
 
-import errno
 import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from qlora.config.disk import (
+    DISK_FULL_EXIT_CODE,
+    NotEnoughSpace,
+    as_disk_full,
+    is_disk_full,
+    print_error_line,
+)
 from qlora.config.errors import QLoraError
 from qlora.training.checkpoints import checkpoints_dir, latest_complete_checkpoint, remove_unfinished, rotate
 from qlora.training.distributed import finish
 from qlora.training.lock import RunLock
 from qlora.training.nonfinite import ADVICE, NONFINITE_EXIT_CODE, stop_on_nonfinite_callback
 from qlora.training.preemption import resume_hint, sigterm_handling, stop_on_sigterm_callback
-
-DISK_FULL_EXIT_CODE = 6
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# Writers that are not Python's own (safetensors' Rust, torch.save's C++) report a full disk in text.
-DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28")
-
-
-def is_disk_full(exc: BaseException | None) -> bool:
-    """Whether an exception (or one it was raised from) is a full disk or an exhausted quota."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            return True
-        if isinstance(exc, Exception) and any(text in str(exc) for text in DISK_FULL_TEXT):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def remove_debris(output_dir: Path) -> list[Path]:
@@ -59,24 +48,29 @@ def remove_debris(output_dir: Path) -> list[Path]:
     return removed
 
 
-def _where(exc: BaseException) -> str:
-    return f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
-
-
-def disk_full_exit(exc: BaseException, output_dir: Path) -> SystemExit:
-    """One line saying what happened and what is kept; the exit to raise."""
-    remove_debris(output_dir)
-    where = _where(exc)
+def intact(output_dir: Path) -> str:
+    """What a run stopped by a full disk keeps, and how to go on."""
     checkpoint = latest_complete_checkpoint(output_dir)
-    adapter = (Path(output_dir) / "adapter").is_dir()
+    adapter = " and the finished adapter is kept" if (Path(output_dir) / "adapter").is_dir() else ""
     if checkpoint is not None:
-        kept = (
-            f"the last complete checkpoint ({checkpoint.name}){' and the finished adapter' if adapter else ''} kept; "
-            "free space, then continue with --resume"
-        )
-    else:
-        kept = f"{'the finished adapter kept; ' if adapter else 'no checkpoint was written yet; '}free space, then run again"
-    print(f"error: disk full while writing{where}; partial files removed, {kept}", file=sys.stderr)
+        return f"the last complete checkpoint is {checkpoint.name}{adapter}; free space, then continue with --resume"
+    if adapter:
+        return "the finished adapter is kept; free space, then run again"
+    return "no checkpoint was written yet; free space, then run again"
+
+
+def disk_full_exit(exc: BaseException, output_dir: Path, cleanup: bool = True) -> SystemExit:
+    """One line (on its own line) saying what was being written, the space it needed and what is free, and
+    what is kept; the exit to raise. `cleanup`: this process writes, so it removes the half-written files."""
+    full = as_disk_full(exc)
+    if isinstance(full, NotEnoughSpace):  # refused before anything was written: its advice says what to do
+        print_error_line(full.line())
+        return SystemExit(DISK_FULL_EXIT_CODE)
+    if cleanup:  # the writers remove their own temporary files; a half-written checkpoint is left to us
+        remove_debris(output_dir)
+    full.measure_free()  # with the partial files gone: what a retry will find
+    full.kept = ("partial files removed; " if cleanup else "") + intact(output_dir)
+    print_error_line(full.line())
     return SystemExit(DISK_FULL_EXIT_CODE)
 
 
@@ -89,12 +83,9 @@ def guarded_run(output_dir: Path):
         try:
             yield lock
         except Exception as exc:
-            if lock.held and is_disk_full(exc):
-                raise disk_full_exit(exc, output_dir) from None
+            if is_disk_full(exc):  # only the process that holds the lock writes, so only it cleans up
+                raise disk_full_exit(exc, output_dir, cleanup=lock.held) from None
             if isinstance(exc, OSError):
-                if is_disk_full(exc):  # not the process that writes (or nothing written yet): nothing to clean up here
-                    print(f"error: disk full while writing{_where(exc)}; free space, then run again", file=sys.stderr)
-                    raise SystemExit(DISK_FULL_EXIT_CODE) from None
                 raise QLoraError(os_error_line(exc)) from exc
             raise
 
@@ -141,9 +132,8 @@ def exit_if_stopped(trainer, output_dir: Path) -> None:
         finish()
         last = latest_complete_checkpoint(output_dir)
         kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint was written before it"
-        print(
-            f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}",
-            file=sys.stderr,
+        print_error_line(  # on its own line, not after the progress bar
+            f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}"
         )
         raise SystemExit(NONFINITE_EXIT_CODE)
     if sigterm is not None and sigterm.stopped_at is not None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qlora.config.disk import writing
 from qlora.config.io import atomic_write_json, publish_dir, staged_dir, staging_dir_for
 from qlora.config.precision import trainer_precision_flags
 from qlora.data.prepare import data_collator, describe, prepare_data
@@ -23,6 +24,7 @@ from qlora.model.release import free_memory
 from qlora.training import distributed
 from qlora.training.auto import resolve_checkpointing, resolve_kernels, wants_offload
 from qlora.training.checkpoints import mark_complete, prepare_output_dir
+from qlora.training.disk import check_run_space, guard_checkpoint_saves
 from qlora.training.distributed import barrier, finish, is_main_process, on_main, summary_line
 from qlora.training.guards import exit_if_stopped, guarded_run, run_callbacks
 from qlora.training.metrics import memory_figures, task_metrics
@@ -146,21 +148,32 @@ def baseline(trainer, loaded, data, recipe, output_dir: Path, resuming: bool) ->
         return {}
 
     before = evaluate_metrics(trainer, loaded, data, recipe)
-    if is_main_process():
-        atomic_write_json(path, before)
+    on_main(lambda: atomic_write_json(path, before))  # a failure (a full disk) reaches every process
     return before
 
 
-def save_adapter(loaded, output_dir: Path, sharded_trainer=None) -> Path:
+def save_adapter(loaded, output_dir: Path, sharded_trainer=None, needed: int | None = None) -> Path:
     """Write the adapter (peft format, safetensors) + tokenizer to `output_dir/adapter` atomically, from
-    the main process. `sharded_trainer` (FSDP, ZeRO-3): every process calls this; Trainer gathers the shards."""
+    the main process. `sharded_trainer` (FSDP, ZeRO-3): every process calls this; Trainer gathers the shards.
+    A full disk is `DiskFull` (with `needed`, the profiler's bytes of the adapter) on every process."""
     final = output_dir / "adapter"
-    if sharded_trainer is None:
-        if is_main_process():
-            with staged_dir(final) as staging:  # a failed write (disk full) leaves no debris and the old adapter
-                loaded.model.save_pretrained(staging, safe_serialization=True)
-                loaded.tokenizer.save_pretrained(staging)
-        return final
+    with writing("the adapter", final, needed):
+        if sharded_trainer is None:
+            on_main(lambda: write_adapter(loaded, final))
+        else:
+            write_sharded_adapter(loaded, final, sharded_trainer)
+    return final
+
+
+def write_adapter(loaded, final: Path) -> None:
+    """One process: the adapter and tokenizer into a staging folder, published when complete."""
+    with staged_dir(final) as staging:  # a failed write (disk full) leaves no debris and the old adapter
+        loaded.model.save_pretrained(staging, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
+
+
+def write_sharded_adapter(loaded, final: Path, sharded_trainer) -> None:
+    """Every process: the Trainer gathers the shards; the main process writes the tokenizer and publishes."""
     staging = on_main(lambda: staging_dir_for(final))
     if sharded_trainer.is_fsdp_enabled:  # checkpoints are sharded; the adapter is saved whole, in peft's format
         sharded_trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
@@ -169,7 +182,6 @@ def save_adapter(loaded, output_dir: Path, sharded_trainer=None) -> Path:
         (staging / "training_args.bin").unlink(missing_ok=True)  # Trainer's, not the adapter's
         loaded.tokenizer.save_pretrained(staging)
         publish_dir(staging, final)
-    return final
 
 
 def out_of_memory(phase: str, recipe, kept: str = KEPT_CHECKPOINT, extra: str = "", deferred: bool = False):
@@ -177,20 +189,21 @@ def out_of_memory(phase: str, recipe, kept: str = KEPT_CHECKPOINT, extra: str = 
     return OutOfMemoryExit(phase, lambda: [*([extra] if extra else []), *fit_advice(recipe)], kept, deferred)
 
 
-def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def train(recipe, resume: bool = False, overwrite: bool = False, skip_space_check: bool = False) -> dict[str, Any]:
     """Run one recipe end to end; returns what was written to metrics.json.
 
     Under `qlora.training.guards`: one run per output_dir (lock), SIGTERM saves a checkpoint (exit 4),
-    a non-finite loss stops (exit 5), a full disk is one line (exit 6).
+    a non-finite loss stops (exit 5), a full disk is one line (exit 6), and so is too little free space
+    for the run's checkpoints and adapter, checked before the model loads (unless `skip_space_check`).
     """
     with guarded_run(Path(recipe.output_dir)) as lock:
-        metrics = run_recipe(recipe, resume, overwrite, lock)
+        metrics = run_recipe(recipe, resume, overwrite, lock, skip_space_check)
     free_memory()  # the Trainer and its callbacks hold the model in cycles: a second run in this process starts empty
     finish()  # every process leaves the group together
     return metrics
 
 
-def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
+def run_recipe(recipe, resume: bool, overwrite: bool, lock, skip_space_check: bool = False) -> dict[str, Any]:
     """`train`'s body: check -> load -> measure before -> train -> measure after -> save."""
     import torch
     from transformers import set_seed
@@ -207,8 +220,13 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     lock.acquire()  # before the first write (main process only): a second run into output_dir is refused
     # The main process alone prepares and writes the output folder; the others wait for its answer.
     resume_from = distributed.on_main(lambda: prepare_output_dir(output_dir, overwrite=overwrite, resume=resume))
-    if plan.launch.is_main:
-        recipe.save(output_dir / "recipe.yaml")
+    labels = len(data.label_names) if data.label_names else None
+    disk = distributed.on_main(  # the checkpoints and adapter fit the free space, before minutes go into loading
+        lambda: check_run_space(
+            recipe, tokenizer, len(data.train), labels, output_dir, skip_space_check, plan.launch.world_size
+        )
+    )
+    distributed.on_main(lambda: recipe.save(output_dir / "recipe.yaml"))
     set_seed(recipe.training.seed)
     distributed.prepare_loading(plan)
     recipe = resolve_checkpointing(
@@ -227,13 +245,16 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
 
     before = evaluate_before_training_callback(evaluate_before)  # first: SIGTERM during it exits at once
     trainer = build_trainer(recipe, loaded, data, output_dir / "checkpoints", plan.trainer_kwargs, first=[before])
+    guard_checkpoint_saves(trainer, disk.checkpoint if disk else None)  # a full disk there stops every process
     with out_of_memory("training", recipe):
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     exit_if_stopped(trainer, output_dir)  # SIGTERM (exit 4) or a non-finite loss (exit 5)
     runtime = time.perf_counter() - before.finished_at
     memory = memory_figures(trainer.optimizer)  # labelled figures; paged optimizer states included on CUDA
     # before the last evaluation: an OOM there must not lose it
-    adapter_dir = save_adapter(loaded, output_dir, trainer if plan.shards_weights else None)
+    adapter_dir = save_adapter(
+        loaded, output_dir, trainer if plan.shards_weights else None, disk.adapter if disk else None
+    )
     after: dict[str, float] = {}
     with out_of_memory(
         "the evaluation after training",
@@ -267,8 +288,8 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
             plan, memory["peak_memory_bytes"], recipe.training.batch_size, recipe.training.grad_accum, trainer.model
         )
     )
+    on_main(lambda: atomic_write_json(output_dir / "metrics.json", metrics))
     if plan.launch.is_main:
-        atomic_write_json(output_dir / "metrics.json", metrics)
         print_summary(metrics, output_dir)
     after_oom.exit_if_out_of_memory()
     return metrics

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from qlora.config.disk import DiskFull
 from qlora.config.errors import USAGE_EXIT_CODE, QLoraError
 from qlora.config.io import atomic_write_text
 from qlora.config.recipe import Recipe, all_keys, load_recipe, split_assignment
@@ -299,9 +300,17 @@ def to_markdown(rows: list[dict[str, Any]], cols: Sequence[str]) -> str:
 
 
 def write_results(base_dir: Path, rows: list[dict[str, Any]], cols: Sequence[str]) -> None:
-    """`sweep_results.csv` and `.md`, each replaced atomically (a reader never sees half a table)."""
-    atomic_write_text(base_dir / f"{RESULTS_NAME}.csv", to_csv(rows, cols))
-    atomic_write_text(base_dir / f"{RESULTS_NAME}.md", to_markdown(rows, cols))
+    """`sweep_results.csv` and `.md`, each replaced atomically (a reader never sees half a table); a full disk
+    is `DiskFull` saying what a rerun keeps."""
+    try:
+        atomic_write_text(base_dir / f"{RESULTS_NAME}.csv", to_csv(rows, cols))
+        atomic_write_text(base_dir / f"{RESULTS_NAME}.md", to_markdown(rows, cols))
+    except DiskFull as full:
+        full.kept = (
+            "every point's own folder is kept; free space, then run the same qlora sweep again "
+            "(finished points are skipped, the table is rewritten)"
+        )
+        raise
 
 
 def grid_keys_of(header: Sequence[str]) -> list[str]:

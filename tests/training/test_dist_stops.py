@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import qlora.config.disk
 from qlora.config.errors import QLoraError, run_cli
 from qlora.train import main as train_main
 from qlora.training import distributed
@@ -161,13 +162,15 @@ def test_a_file_system_error_is_one_line(tmp_path):
         raise PermissionError(errno.EACCES, "Permission denied", "/out/adapter")
 
 
-def test_a_full_disk_before_anything_was_written_is_one_line_and_exit_6(tmp_path, capsys):
+def test_a_full_disk_before_anything_was_written_is_one_line_and_exit_6(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(qlora.config.disk, "free_bytes", lambda path: 4096)
     with pytest.raises(SystemExit) as info:
         with guarded_run(tmp_path / "run"):  # the lock is never taken: as on a process that is not the main one
             raise OSError(errno.ENOSPC, "No space left on device", "/out/checkpoints/checkpoint-4")
     assert info.value.code == DISK_FULL_EXIT_CODE
     assert capsys.readouterr().err == (
-        "error: disk full while writing (/out/checkpoints/checkpoint-4); free space, then run again\n"
+        "error: disk full while writing checkpoint-4 (/out/checkpoints/checkpoint-4): 4.00 KiB free; "
+        "no checkpoint was written yet; free space, then run again\n"
     )
 
 
@@ -261,6 +264,29 @@ def test_an_oserror_on_the_main_process_in_on_main_ends_both_with_one_error_line
     assert not (out / LOCK_NAME).exists() and (out / "metrics.json").exists()
 
 
+@pytest.mark.slow
+def test_a_full_disk_at_a_checkpoint_on_the_main_process_stops_both_with_one_line_and_exit_6(tmp_path):
+    """torch.save of checkpoint-8's optimizer states (the main process alone writes them) meets a full disk:
+    both processes stop after that save, each with one line, and checkpoint-4 stays the one to resume from."""
+    out = tmp_path / "run"
+    codes, errs = launch(tmp_path, out, "disk-full-on-main-at-checkpoint-8")
+    assert codes == {0: DISK_FULL_EXIT_CODE, 1: DISK_FULL_EXIT_CODE}, errs
+    checkpoint = out / "checkpoints" / "checkpoint-8"
+    for rank in (0, 1):
+        lines = error_lines(errs[rank])
+        assert len(lines) == 1 and "Traceback" not in errs[rank] and "terminate called" not in errs[rank], errs[rank][
+            -3000:
+        ]
+        print(f"rank {rank}: {lines[0]}")
+        assert lines[0].startswith(f"error: disk full while writing checkpoint-8 ({checkpoint}): needs about ")
+        removed = "partial files removed; " if rank == 0 else ""  # the main process writes, and cleans up
+        assert lines[0].endswith(
+            f"; {removed}the last complete checkpoint is checkpoint-4; free space, then continue with --resume"
+        )
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4"]
+    assert not (out / LOCK_NAME).exists()
+
+
 # --- the launcher ---------------------------------------------------------------------------------
 
 
@@ -301,6 +327,20 @@ def oserror_on_main() -> None:
     shutil.rmtree = rmtree
 
 
+def disk_full_on_main(step: int) -> None:
+    """torch.save of checkpoint-`step`'s optimizer states fails on the main process as torch's C++ writer does."""
+    import transformers.trainer
+
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(f"checkpoint-{step}/optimizer.pt") and os.environ.get("RANK") == "0":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return original(obj, f, *args, **kwargs)
+
+    transformers.trainer.torch.save = save
+
+
 if __name__ == "__main__":
     fault = os.environ["QLORA_TEST_FAULT"]
     if fault.startswith("nan-on-rank-"):
@@ -308,6 +348,8 @@ if __name__ == "__main__":
         nan_on(int(rank), int(step))
     elif fault == "oserror-on-main":
         oserror_on_main()
+    elif fault.startswith("disk-full-on-main-at-checkpoint-"):
+        disk_full_on_main(int(fault.rsplit("-", 1)[1]))
     try:
         code = run_cli(train_main)
     except SystemExit as exc:
