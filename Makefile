@@ -44,13 +44,13 @@ constraints:
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m qlora.train recipes/demo.yaml --overwrite
+	$(PY) -m qlora.demo
 
 # Rebuild the demo's committed base model and datasets from their seed (~15 min on two cores); `make demo`
 # uses the committed ones and never runs this.
 assets: $(VENV)/.installed
-	$(PY) -m qlora.demo.pretrain --out recipes/demo-assets/base-model
-	$(PY) -m qlora.demo.datasets --out recipes/demo-assets
+	$(PY) -m qlora.demo.pretrain --out qlora/demo/assets/base-model
+	$(PY) -m qlora.demo.datasets --out qlora/demo/assets
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q

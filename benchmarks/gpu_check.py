@@ -192,7 +192,7 @@ SPEED_ARGS = [
 ]  # the 8B shape; 16,384 tokens too with `make bench` on a GPU
 TRAIN = {"steps": 8, "batch_size": 8, "max_seq_len": 512, "model": "llama-1b", "rows": 4096}
 DRY_TRAIN = {"steps": 2, "batch_size": 2, "max_seq_len": 64, "model": "tiny-a", "rows": 128}
-DEMO_TOKENIZER = ROOT / "recipes" / "demo-assets" / "base-model"
+DEMO_TOKENIZER = ROOT / "qlora" / "demo" / "assets" / "base-model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
@@ -526,7 +526,7 @@ def print_rows(rows: list[dict]) -> None:
 
 def write_dataset(path: Path, rows: int = 256) -> Path:
     """A generated instruction set in the words the demo tokenizer knows (deterministic)."""
-    words = [json.loads(line)["input"] for line in (ROOT / "recipes" / "demo-assets" / "instructions.jsonl").open()][
+    words = [json.loads(line)["input"] for line in (ROOT / "qlora" / "demo" / "assets" / "instructions.jsonl").open()][
         :64
     ]
     with path.open("w") as f:

@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "export": ("qlora.export", "write a Hub-ready adapter folder or push it"),
     "merge": ("qlora.merge", "merge the adapter into a 16-bit model"),
     "generate": ("qlora.generate", "generate text with a trained adapter"),
+    "demo": ("qlora.demo.__main__", "run the offline demo that ships with qlora (CPU, about a minute)"),
 }
 
 
