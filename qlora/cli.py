@@ -11,6 +11,7 @@ from qlora.config.errors import QLoraError, did_you_mean, run_cli
 
 # subcommand -> (module whose `main(argv)` runs it, one-line help)
 SUBCOMMANDS = {
+    "init": ("qlora.init", "write a recipe sized for your GPU and data"),
     "train": ("qlora.train", "fine-tune from a YAML recipe"),
     "profile": ("qlora.profile", "memory tables, fit planner and measured peaks"),
     "sweep": ("qlora.sweep", "train every point of a grid over recipe keys"),
