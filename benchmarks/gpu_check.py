@@ -7,7 +7,8 @@ What no CPU test can show, measured on the GPU it runs on, each section under it
 2. overheads: the CUDA context (device memory in use beyond PyTorch's reserved segments once CUDA,
    cuBLAS, SDPA and bitsandbytes' 4-bit kernels are loaded, in a fresh process) and the allocator
    slack (over the memory points: reserved / allocated at the peak - 1). They are written to
-   `overheads.json`, which `qlora/memory/overheads.py` makes the profiler use instead of its two
+   `overheads.json`, which `qlora/memory/overheads.py` reads from `qlora/memory/measured/cuda-<gpu>/` (copy it
+   there: package data) and makes the profiler use instead of its two
    named assumptions (CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK there); qlora runs with expandable segments;
 3. memory: `qlora.training.measure` for QLoRA and LoRA on Llama-shaped ~1B / 3B / 8B configs with
    random weights at 2,048 tokens, the long-context recipe's keys on the 8B shape at 32,768 and 80,000
@@ -836,6 +837,9 @@ def check(plan: Plan, out: Path | None) -> dict:
         from qlora.memory.overheads import OVERHEADS_FILE
 
         (out / OVERHEADS_FILE).write_text(json.dumps(report["overheads"], indent=2))
+        # what the profiler reads is package data (an installed wheel profiles as a checkout does)
+        package = ROOT / "qlora" / "memory" / "measured" / out.name
+        print(f"copy {out / OVERHEADS_FILE} to {package}/ (the profiler reads it there)", flush=True)
     print(
         f"{report['points_within_target']}/{report['points_measured']} memory points within {TARGET_ERROR_PCT} %; "
         f"{report['seconds']} s; wrote {out}",

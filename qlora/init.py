@@ -13,11 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from qlora import __version__
+from qlora import DISTRIBUTION, __version__
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import gpu_target
 from qlora.config.recipe import DATA_FORMATS, DataSpec, ModelSpec, load_recipe
-from qlora.config.tracking import DISTRIBUTION
 from qlora.data.lengths import CHARS_PER_TOKEN, guess_format, token_lengths
 from qlora.memory.catalog import catalog, resolve
 from qlora.memory.estimate import GIB

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from qlora import DISTRIBUTION
 from qlora.config.errors import QLoraError, did_you_mean
-
-DISTRIBUTION = "qlora-kit"  # the name on the package index (`pip install qlora-kit`); `qlora` there is another project
 
 # integration -> (modules that must import, what to install). Extras of this package where it has one.
 INTEGRATIONS = {
