@@ -4,7 +4,6 @@ the memory planner for one GPU (qlora.memory.sizing), or one line saying why not
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import textwrap
@@ -72,6 +71,11 @@ def load_local_tokenizer(folder: str | None):
     from qlora.model.load import load_tokenizer
 
     return load_tokenizer(ModelSpec(name_or_path=folder))
+
+
+def recipe_path(path: Path, folder: Path) -> str:
+    """`path` relative to the recipe's folder when it lies inside it (a recipe resolves it there), else absolute."""
+    return path.relative_to(folder).as_posix() if path.is_relative_to(folder) else str(path)
 
 
 def scalar(value) -> str:
@@ -150,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = base_recipe(name_or_path, str(data_path.resolve()), data_format, args.method, args.gpu, f"runs/{stem}")
     sizing = size_recipe(base, lengths, gpu_bytes, bf16)
     recipe = dict(sizing.recipe)
-    recipe["data"] = dict(recipe["data"], path=os.path.relpath(data_path.resolve(), out.resolve().parent))
+    recipe["data"] = dict(recipe["data"], path=recipe_path(data_path.resolve(), out.resolve().parent))
     command = shlex.join(["qlora", "init", *argv])
     text = "\n".join([*header(sizing, label, args.gpu, command, str(out)), *body(recipe)]) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
