@@ -12,7 +12,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # is left out of the pins so the machine's CUDA build stays.
 CONSTRAINTS ?= constraints/ci.txt
 
-.PHONY: demo test test-floors install assets bench clean gpu-check constraints
+.PHONY: demo test test-floors test-wheel install assets bench clean gpu-check constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,20 +37,20 @@ $(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) | $(PY)
 constraints:
 	@mkdir -p $(dir $(CONSTRAINTS))
 	@{ echo "# Versions the test suite passes with; regenerate with 'make constraints' (pip freeze of a green venv)."; \
-	  $(PY) -m pip freeze --exclude-editable --disable-pip-version-check | grep -iv '^qlora[= ]' | sed -E 's/^(torch==[^+]+)\+.*/\1/'; \
+	  $(PY) -m pip freeze --exclude-editable --disable-pip-version-check | grep -iv '^qlora-kit[= ]' | sed -E 's/^(torch==[^+]+)\+.*/\1/'; \
 	} > $(CONSTRAINTS)
 	@echo "wrote $(CONSTRAINTS)"
 
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m qlora.train recipes/demo.yaml --overwrite
+	$(PY) -m qlora.demo
 
 # Rebuild the demo's committed base model and datasets from their seed (~15 min on two cores); `make demo`
 # uses the committed ones and never runs this.
 assets: $(VENV)/.installed
-	$(PY) -m qlora.demo.pretrain --out recipes/demo-assets/base-model
-	$(PY) -m qlora.demo.datasets --out recipes/demo-assets
+	$(PY) -m qlora.demo.pretrain --out qlora/demo/assets/base-model
+	$(PY) -m qlora.demo.datasets --out qlora/demo/assets
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
@@ -86,6 +86,35 @@ test-floors: $(FLOORS_VENV)/.installed
 	sys.exit(0 if ok else 'floors demos: metrics below expectations')" $$out/demo/metrics.json $$out/classify/metrics.json && \
 	$(FPY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider
 
+# The package as a user installs it: `python -m build` makes the sdist and, from it, the wheel (dist/); a fresh
+# venv takes the CPU torch and then the wheel alone (-c: the versions `make test` passed with), and, outside
+# the checkout (nothing of it importable), `qlora profile --model llama-3.1-8b --format json` must print what
+# the checkout prints, and `qlora demo` must reach the README's figures (exact match >= 0.8, eval loss < 0.5)
+# and write training.png. About 3 minutes on two idle cores (most of it pip). CI runs it after `make test`.
+WHEEL_VENV ?= .venv-wheel
+DIST ?= dist
+WPY := env -u PYTHONPATH $(WHEEL_VENV)/bin/python  # the wheel alone: no checkout on the path
+WPIP := $(WPY) -m pip install -q --disable-pip-version-check
+
+test-wheel: SHELL := /bin/bash
+test-wheel: $(VENV)/.installed-dev
+	rm -rf $(DIST) $(WHEEL_VENV)
+	$(PY) -m build --outdir $(DIST) . > /dev/null
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(if $(HAS_GPU),,$(WPIP) -c $(VENV)/constraints.txt $(CPU_TORCH))
+	$(WPIP) -c $(VENV)/constraints.txt $(DIST)/*.whl
+	@set -e; work=$$(mktemp -d); trap 'rm -rf $$work' EXIT; wheel=$(abspath $(WHEEL_VENV))/bin; \
+	$(PY) -m qlora.profile --model llama-3.1-8b --format json > $$work/checkout.json; \
+	cd $$work; env -u PYTHONPATH $$wheel/qlora profile --model llama-3.1-8b --format json > wheel.json; \
+	cmp checkout.json wheel.json; echo "wheel: qlora profile --model llama-3.1-8b --format json is the checkout's"; \
+	env -u PYTHONPATH $$wheel/qlora demo > demo.log 2>&1 || { tail -20 demo.log; exit 1; }; \
+	env -u PYTHONPATH $$wheel/python -c "import json, os, sys, qlora; m = json.load(open('runs/demo/metrics.json')); \
+	ok = m['eval_exact_match_after'] >= 0.8 and m['eval_loss_after'] < 0.5 and len(open('runs/demo/log.jsonl').readlines()) > 1; \
+	ok = ok and os.path.getsize('runs/demo/training.png') > 0 and 'site-packages' in qlora.__file__; \
+	print('wheel: qlora demo: eval loss', round(m['eval_loss_before'], 2), '->', round(m['eval_loss_after'], 2), \
+	'| exact match', m['eval_exact_match_before'], '->', m['eval_exact_match_after'], '| training.png, log.jsonl'); \
+	sys.exit(0 if ok else 'wheel: qlora demo below the README figures')"
+
 # qlora vs the plain peft + bitsandbytes + Trainer recipe, same model and data (a few minutes on 2 cores;
 # not part of `make test`): writes memory_reports/bench/bench.md and bench.json; on a GPU also the speed benchmark
 # (benchmarks/speed.py: memory_reports/bench/cuda-<gpu>/speed.md).
@@ -101,4 +130,4 @@ gpu-check: $(GPU_CHECK_DEPS)
 	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(FLOORS_VENV) runs .pytest_cache
+	rm -rf $(VENV) $(FLOORS_VENV) $(WHEEL_VENV) $(DIST) runs .pytest_cache

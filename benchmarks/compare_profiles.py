@@ -11,7 +11,7 @@ from this checkout, for:
 
 Each side runs with `PYTHONPATH` set to its own root and that root as the working folder (so the
 recipes' relative paths resolve there), and both with the same `QLORA_MEASURED_DIR` (this checkout's
-`memory_reports/measured`), so that the measured CUDA overheads cannot differ by checkout.
+`qlora/memory/measured`), so that the measured CUDA overheads cannot differ by checkout.
 
 Only the byte figures are compared: every result's `bytes` dict, `total_bytes` and `allocated_bytes`,
 and the same three for each of its `phases` when both sides report phases. Anything else (labels,
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, metavar="DIR", help="keep the JSON outputs in DIR/base and DIR/current")
     opts = parser.parse_args(argv)
 
-    measured = REPO / "memory_reports" / "measured"
+    measured = REPO / "qlora" / "memory" / "measured"  # package data (memory_reports/measured before 0.1.0's wheel)
     all_same = True
     with tempfile.TemporaryDirectory(prefix="qlora-base-") as tmp:
         base_root = Path(tmp)

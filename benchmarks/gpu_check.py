@@ -7,7 +7,8 @@ What no CPU test can show, measured on the GPU it runs on, each section under it
 2. overheads: the CUDA context (device memory in use beyond PyTorch's reserved segments once CUDA,
    cuBLAS, SDPA and bitsandbytes' 4-bit kernels are loaded, in a fresh process) and the allocator
    slack (over the memory points: reserved / allocated at the peak - 1). They are written to
-   `overheads.json`, which `qlora/memory/overheads.py` makes the profiler use instead of its two
+   `overheads.json`, which `qlora/memory/overheads.py` reads from `qlora/memory/measured/cuda-<gpu>/` (copy it
+   there: package data) and makes the profiler use instead of its two
    named assumptions (CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK there); qlora runs with expandable segments;
 3. memory: `qlora.training.measure` for QLoRA and LoRA on Llama-shaped ~1B / 3B / 8B configs with
    random weights at 2,048 tokens, the long-context recipe's keys on the 8B shape at 32,768 and 80,000
@@ -192,7 +193,7 @@ SPEED_ARGS = [
 ]  # the 8B shape; 16,384 tokens too with `make bench` on a GPU
 TRAIN = {"steps": 8, "batch_size": 8, "max_seq_len": 512, "model": "llama-1b", "rows": 4096}
 DRY_TRAIN = {"steps": 2, "batch_size": 2, "max_seq_len": 64, "model": "tiny-a", "rows": 128}
-DEMO_TOKENIZER = ROOT / "recipes" / "demo-assets" / "base-model"
+DEMO_TOKENIZER = ROOT / "qlora" / "demo" / "assets" / "base-model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
@@ -526,7 +527,7 @@ def print_rows(rows: list[dict]) -> None:
 
 def write_dataset(path: Path, rows: int = 256) -> Path:
     """A generated instruction set in the words the demo tokenizer knows (deterministic)."""
-    words = [json.loads(line)["input"] for line in (ROOT / "recipes" / "demo-assets" / "instructions.jsonl").open()][
+    words = [json.loads(line)["input"] for line in (ROOT / "qlora" / "demo" / "assets" / "instructions.jsonl").open()][
         :64
     ]
     with path.open("w") as f:
@@ -836,6 +837,9 @@ def check(plan: Plan, out: Path | None) -> dict:
         from qlora.memory.overheads import OVERHEADS_FILE
 
         (out / OVERHEADS_FILE).write_text(json.dumps(report["overheads"], indent=2))
+        # what the profiler reads is package data (an installed wheel profiles as a checkout does)
+        package = ROOT / "qlora" / "memory" / "measured" / out.name
+        print(f"copy {out / OVERHEADS_FILE} to {package}/ (the profiler reads it there)", flush=True)
     print(
         f"{report['points_within_target']}/{report['points_measured']} memory points within {TARGET_ERROR_PCT} %; "
         f"{report['seconds']} s; wrote {out}",

@@ -9,6 +9,9 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 
 __version__ = "0.1.0"
+# The distribution's name on the package index (`pip install qlora-kit`): `qlora` there is an unrelated project.
+# The import package, the `qlora` command and `python -m qlora.<command>` keep the name qlora.
+DISTRIBUTION = "qlora-kit"
 
 # bitsandbytes warns on every CPU import that it could not download an optional matmul kernel from
 # the Hub. qlora never fetches code from the Hub, and the line would precede every one-line error.

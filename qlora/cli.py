@@ -11,12 +11,14 @@ from qlora.config.errors import QLoraError, did_you_mean, run_cli
 
 # subcommand -> (module whose `main(argv)` runs it, one-line help)
 SUBCOMMANDS = {
+    "init": ("qlora.init", "write a recipe sized for your GPU and data"),
     "train": ("qlora.train", "fine-tune from a YAML recipe"),
     "profile": ("qlora.profile", "memory tables, fit planner and measured peaks"),
     "sweep": ("qlora.sweep", "train every point of a grid over recipe keys"),
     "export": ("qlora.export", "write a Hub-ready adapter folder or push it"),
     "merge": ("qlora.merge", "merge the adapter into a 16-bit model"),
     "generate": ("qlora.generate", "generate text with a trained adapter"),
+    "demo": ("qlora.demo.__main__", "run the offline demo that ships with qlora (CPU, about a minute)"),
 }
 
 

@@ -23,6 +23,7 @@ from qlora.config.errors import QLoraError, did_you_mean
 from qlora.config.gpus import parse_gpu_memory
 from qlora.config.io import atomic_write_text
 from qlora.config.long_context import check_keys as check_long_context_keys
+from qlora.config.tracking import INTEGRATIONS, report_targets
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit")
 SCHEDULERS = ("constant", "cosine", "linear")
@@ -131,6 +132,12 @@ class TrainingSpec:
         "auto"  # auto: Liger Kernel's RMSNorm, SwiGLU and RoPE on CUDA where installed (qlora.ops.kernels); none
     )
     compile: bool = False  # torch.compile of each decoder layer (one compiled graph, reused by every layer)
+    report_to: str | list[str] = key(
+        "none",
+        help="trackers the Trainer reports to: none, all, tensorboard, wandb, trackio, mlflow, ... or a list",
+        choices=("none", "all", *INTEGRATIONS),
+    )
+    run_name: str | None = key(None, help="the run's name in the trackers (None: transformers' default)")
 
 
 @dataclass
@@ -418,6 +425,8 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
     check_long_context_keys(t.mlp_tiles, t.offload_checkpoints, t.gradient_checkpointing, recipe.distributed.strategy)
     _check_choice("training.loss", t.loss, LOSSES)
     _check_choice("training.kernels", t.kernels, KERNELS)
+    report_targets(t.report_to)  # each tracker known and installed (one line naming what to install)
+    _check(t.run_name is None or bool(t.run_name.strip()), "training.run_name: empty; leave it out for the default")
     _check(
         t.eval_batch_size is None or t.eval_batch_size >= 1,
         f"training.eval_batch_size: must be >= 1, got {t.eval_batch_size}",
@@ -475,10 +484,14 @@ def _normalise_bits(data: dict) -> None:
     """`quantization.bits: none` (a string in YAML) means no quantization."""
     quant = data.get("quantization")
     if (
-        isinstance(quant, dict)
-        and isinstance(quant.get("bits"), str)
-        and quant["bits"].lower() in ("none", "null", "16")
-    ) or isinstance(quant, dict) and quant.get("bits") == 16:
+        (
+            isinstance(quant, dict)
+            and isinstance(quant.get("bits"), str)
+            and quant["bits"].lower() in ("none", "null", "16")
+        )
+        or isinstance(quant, dict)
+        and quant.get("bits") == 16
+    ):
         quant["bits"] = None
 
 

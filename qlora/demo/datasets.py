@@ -1,6 +1,6 @@
 """The demo's fine-tuning datasets, generated from the demo language's lexicon.
 
-    python -m qlora.demo.datasets --out recipes/demo-assets
+    python -m qlora.demo.datasets --out qlora/demo/assets
 
 `instructions.jsonl` (Alpaca rows) asks, in an instruction format the base model has never seen, for
 knowledge its pretraining text states many times: a noun's plural, an adjective's opposite, a verb's past

@@ -1,6 +1,6 @@
 """Pretrain the demo's base model: a small Llama that knows the demo language but not the demo task.
 
-    python -m qlora.demo.pretrain --out recipes/demo-assets/base-model      (also: make assets)
+    python -m qlora.demo.pretrain --out qlora/demo/assets/base-model      (also: make assets)
 
 Corpus -> tokenizer -> randomly initialised `LlamaForCausalLM` -> plain fp32 causal-LM training on CPU with
 a fixed seed -> `save_pretrained` in float16 (9.5 MB: small enough to commit). The model (4.75M parameters)

@@ -1,36 +1,47 @@
 """Measured values for the profiler's two named GPU assumptions: the CUDA context and allocator slack.
 
 `make gpu-check` (benchmarks/gpu_check.py) measures both on the GPU it runs on and writes
-`memory_reports/measured/cuda-<gpu>/overheads.json`:
+`overheads.json`, which belongs in this package's `measured/cuda-<gpu>/` (package data, so an installed
+wheel profiles exactly as a checkout does; read with importlib.resources):
 
     {"gpu": "NVIDIA H200", "cuda_context_bytes": 800653312, "allocator_slack": 0.031, ...}
 
 (either figure may be missing: a file with the context alone leaves the slack at its named default)
 
 When such files exist the profiler uses the largest value over all of them (a plan has to hold on
-every measured GPU), else the named defaults below. The folder is the
-repository's; `QLORA_MEASURED_DIR` points elsewhere (an installed package has no memory_reports/).
+every measured GPU), else the named defaults below. `QLORA_MEASURED_DIR` points at another folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 
-MEASURED_DIR = Path(__file__).resolve().parents[2] / "memory_reports" / "measured"
+MEASURED_PACKAGE = "measured"  # qlora/memory/measured/cuda-<gpu>/overheads.json: package data
 OVERHEADS_FILE = "overheads.json"
 
 
-def measured_dir() -> Path:
-    return Path(os.environ.get("QLORA_MEASURED_DIR") or MEASURED_DIR)
+def measured_dir():
+    """`QLORA_MEASURED_DIR`, else the package's `measured/` (a Path, or a zip's Traversable)."""
+    override = os.environ.get("QLORA_MEASURED_DIR")
+    return Path(override) if override else resources.files("qlora.memory").joinpath(MEASURED_PACKAGE)
+
+
+def overhead_files(root) -> list:
+    """`cuda-*/overheads.json` under `root` (a Path or a Traversable), sorted by GPU folder."""
+    if not root.is_dir():
+        return []
+    folders = sorted((f for f in root.iterdir() if f.name.startswith("cuda-") and f.is_dir()), key=lambda f: f.name)
+    return [f / OVERHEADS_FILE for f in folders if (f / OVERHEADS_FILE).is_file()]
 
 
 def measured_overheads(root: Path | None = None) -> list[dict]:
     """Every `cuda-*/overheads.json` under `root` with at least one of the two figures (unreadable files are
     skipped). A file may hold only the context: the slack stays the named assumption until it is measured."""
     found = []
-    for path in sorted((root or measured_dir()).glob(f"cuda-*/{OVERHEADS_FILE}")):
+    for path in overhead_files(root or measured_dir()):
         try:
             data = json.loads(path.read_text())
             entry = {"source": str(path)}
@@ -61,7 +72,7 @@ CUDA_CONTEXT_BYTES = 800_653_312
 # PyTorch's caching allocator: reserved-but-free blocks and rounding above peak allocated. A named assumption:
 # qlora turns on expandable segments (qlora/__init__.py), under which it has not been measured yet.
 ALLOCATOR_SLACK = 0.05
-# `make gpu-check` measures both; its memory_reports/measured/cuda-*/overheads.json win when present.
+# `make gpu-check` measures both; its overheads.json (in qlora/memory/measured/cuda-*/) win when present.
 CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK = named_assumptions(CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK)
 MODEL_BUFFERS = "model buffers (RoPE tables)"
 

@@ -27,7 +27,7 @@ def apply_decoder_kernels(model_type: str) -> bool:
     except ImportError:
         print(
             "training.kernels: auto: Liger Kernel is not installed, so the decoder runs transformers' own RMSNorm, "
-            "SwiGLU and RoPE; pip install 'qlora[kernels]'",
+            "SwiGLU and RoPE; pip install 'qlora-kit[kernels]'",
             file=sys.stderr,
         )
         return False

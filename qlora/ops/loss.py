@@ -9,7 +9,7 @@ w.r.t. the hidden states (and the head, when it trains), then freed. Backward on
 gradients. This is Liger Kernel's fused linear cross-entropy idea; it is written here in plain torch
 because Liger and Apple's Cut Cross-Entropy need CUDA and Triton, and the CPU (tests, `--measure`)
 must run the same code the profiler models. On CUDA, Liger's kernel is used when it is installed
-(`pip install qlora[kernels]`).
+(`pip install qlora-kit[kernels]`).
 
 The reduction is transformers' `ForCausalLMLoss`: labels shifted by one, `ignore_index` -100, the sum
 divided by `num_items_in_batch` when the Trainer passes it (gradient accumulation), else the mean.
@@ -168,7 +168,7 @@ def chunked_causal_lm_loss(
 
 
 def fused_kernel_installed() -> bool:
-    """Whether Liger Kernel's fused linear cross-entropy is there for CUDA tensors (`pip install 'qlora[kernels]'`)."""
+    """Whether Liger Kernel's fused linear cross-entropy is there for CUDA tensors (`pip install 'qlora-kit[kernels]'`)."""
     return _liger() is not None
 
 

@@ -61,7 +61,7 @@ def resolve_kernels(recipe):
     print(
         "training.kernels: auto: Liger Kernel is not installed, so transformers' RMSNorm, SwiGLU and RoPE and the torch "
         "chunked loss run (slower: 1.45 s instead of 1.14 s per 8B step of 2 x 2,048 tokens on an H200, and more "
-        "activation memory); pip install 'qlora[kernels]'",
+        "activation memory); pip install 'qlora-kit[kernels]'",
         file=sys.stderr,
     )
     return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, kernels="none"))

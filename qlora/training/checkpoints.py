@@ -26,7 +26,7 @@ from qlora.config.io import atomic_write_json
 
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-RESULT_ENTRIES = ("adapter", "metrics.json", "checkpoints", "recipe.yaml")
+RESULT_ENTRIES = ("adapter", "metrics.json", "checkpoints", "recipe.yaml", "log.jsonl", "training.png", "tensorboard")
 
 
 def checkpoints_dir(output_dir: Path) -> Path:

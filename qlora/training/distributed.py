@@ -150,7 +150,7 @@ def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bo
 def _require_deepspeed() -> None:
     if importlib.util.find_spec("deepspeed") is None:
         raise QLoraError(
-            "distributed.strategy: 'zero3' needs DeepSpeed, which is not installed: pip install 'qlora[deepspeed]'"
+            "distributed.strategy: 'zero3' needs DeepSpeed, which is not installed: pip install 'qlora-kit[deepspeed]'"
         )
 
 

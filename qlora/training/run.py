@@ -6,7 +6,9 @@ train (transformers.Trainer, paged optimizer, checkpoints) -> measure after -> s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from typing import Any
 from qlora.config.disk import writing
 from qlora.config.io import atomic_write_json, publish_dir, staged_dir, staging_dir_for
 from qlora.config.precision import trainer_precision_flags
+from qlora.config.tracking import report_targets
 from qlora.data.prepare import data_collator, describe, prepare_data
 from qlora.model.build import build_model
 from qlora.model.load import check_model_source, load_tokenizer
@@ -27,8 +30,10 @@ from qlora.training.checkpoints import mark_complete, prepare_output_dir
 from qlora.training.disk import check_run_space, guard_checkpoint_saves
 from qlora.training.distributed import barrier, finish, is_main_process, on_main, summary_line
 from qlora.training.guards import exit_if_stopped, guarded_run, run_callbacks
+from qlora.training.logbook import log_callback
 from qlora.training.metrics import memory_figures, task_metrics
 from qlora.training.oom import OutOfMemoryExit, fit_advice
+from qlora.training.plots import write_training_plot
 
 KEPT_CHECKPOINT = "the last complete checkpoint is kept (continue with --resume after a change)"
 EVAL_ADVICE = "evaluation runs training.eval_batch_size sequences at a time; lower it, or eval.max_examples"
@@ -70,7 +75,8 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
         label_names=["labels"],
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",
+        report_to=report_targets(t.report_to) or "none",  # checked (known, installed) when the recipe loaded
+        run_name=t.run_name,
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only earns a warning
         **trainer_precision_flags(compute_dtype),
@@ -112,21 +118,41 @@ def evaluate_before_training_callback(evaluate: Callable[[], dict[str, float]]):
     return EvaluateBeforeTraining()
 
 
+@contextlib.contextmanager
+def tensorboard_dir(recipe):
+    """TensorBoard's events in `output_dir/tensorboard` (else transformers puts them under checkpoints/runs/):
+    its callback reads the folder from TENSORBOARD_LOGGING_DIR when the Trainer builds it; a user's own wins."""
+    if "tensorboard" not in report_targets(recipe.training.report_to) or "TENSORBOARD_LOGGING_DIR" in os.environ:
+        yield
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(recipe.output_dir) / "tensorboard")
+    try:
+        yield
+    finally:
+        del os.environ["TENSORBOARD_LOGGING_DIR"]
+
+
 def build_trainer(
     recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None, first: list | None = None
 ):
     """The Trainer of a run; `first`: callbacks that run before qlora's checkpoint and stop callbacks."""
     from transformers import Trainer
 
-    return Trainer(
-        model=loaded.model,
-        args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None, parallel),
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        data_collator=data_collator(loaded.tokenizer, recipe.data),
-        processing_class=loaded.tokenizer,
-        callbacks=[*(first or []), checkpoint_marker_callback(), *run_callbacks(recipe)],
-    )
+    with tensorboard_dir(recipe):
+        return Trainer(
+            model=loaded.model,
+            args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None, parallel),
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            data_collator=data_collator(loaded.tokenizer, recipe.data),
+            processing_class=loaded.tokenizer,
+            callbacks=[
+                *(first or []),
+                log_callback(Path(recipe.output_dir)),
+                checkpoint_marker_callback(),
+                *run_callbacks(recipe),
+            ],
+        )
 
 
 def evaluate_metrics(trainer, loaded, data, recipe) -> dict[str, float]:
@@ -289,6 +315,7 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock, skip_space_check: bo
         )
     )
     on_main(lambda: atomic_write_json(output_dir / "metrics.json", metrics))
+    on_main(lambda: write_training_plot(output_dir))  # from log.jsonl, which the after-evaluation has just completed
     if plan.launch.is_main:
         print_summary(metrics, output_dir)
     after_oom.exit_if_out_of_memory()

@@ -33,6 +33,7 @@ from qlora.training.checkpoints import latest_complete_checkpoint
 from qlora.training.guards import DISK_FULL_EXIT_CODE
 from qlora.training.nonfinite import NONFINITE_EXIT_CODE
 from qlora.training.oom import OOM_EXIT_CODE
+from qlora.training.plots import write_sweep_plot
 from qlora.training.preemption import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
 
 RESULTS_NAME = "sweep_results"
@@ -334,7 +335,7 @@ def print_results(rows: list[dict[str, Any]], cols: Sequence[str], base_dir: Pat
     for cells in body:
         table.add_row(*cells)
     console.print(table)
-    console.print(f"results: {base_dir / RESULTS_NAME}.csv and .md")
+    console.print(f"results: {base_dir / RESULTS_NAME}.csv, .md and .png")
 
 
 # --- the sweep ------------------------------------------------------------------------------------
@@ -358,5 +359,6 @@ def sweep(points: list[Point], base_dir: Path, grid_keys: Sequence[str]) -> list
         write_results(base_dir, sorted(rows, key=rank), cols)
     ranked = sorted(rows, key=rank)
     write_results(base_dir, ranked, cols)
+    write_sweep_plot(base_dir, [(p.name, p.folder, row) for p, row in zip(points, rows)], names[0] if names else None)
     print_results(ranked, cols, base_dir)
     return ranked

@@ -6,10 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from qlora.demo import corpus, datasets
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-ASSETS = RECIPES / "demo-assets"
+from qlora.demo import ASSETS, RECIPES, corpus, datasets
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from qlora.demo import corpus, pretrain
+from qlora.demo import ASSETS, corpus, pretrain
 
-BASE = Path(__file__).resolve().parents[2] / "recipes" / "demo-assets" / "base-model"
+BASE = ASSETS / "base-model"
 
 
 @pytest.fixture(scope="module")

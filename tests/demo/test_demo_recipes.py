@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from qlora.config.recipe import load_recipe
+from qlora.demo import ASSETS as PACKAGE_ASSETS
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-ASSETS = RECIPES / "demo-assets"
+ASSETS = PACKAGE_ASSETS
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "demo-classify.yaml"])

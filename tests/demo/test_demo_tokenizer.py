@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from qlora.data.prepare import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
-from qlora.demo import corpus, tokenizer
+from qlora.demo import ASSETS, corpus, tokenizer
 from qlora.demo.datasets import INSTRUCTIONS
 from qlora.demo.pretrain import VOCAB_SIZE
 
-BASE = Path(__file__).resolve().parents[2] / "recipes" / "demo-assets" / "base-model"
+BASE = ASSETS / "base-model"
 
 
 @pytest.fixture(scope="module")

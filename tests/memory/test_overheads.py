@@ -48,3 +48,13 @@ def test_the_profiler_uses_them(tmp_path):
     assert done.returncode == 0, done.stderr
     overhead = json.loads(done.stdout)
     assert overhead["CUDA context"] == 700 * 2**20 and "allocator slack (3%)" in overhead
+
+
+def test_the_measured_h200_context_is_package_data():
+    """What the profiler reads by default ships in the wheel (qlora/memory/measured/), not in memory_reports/."""
+    from qlora.memory import overheads
+
+    (h200,) = [f for f in measured_overheads() if "cuda-nvidia-h200" in f["source"]]
+    assert h200["cuda_context_bytes"] == 800_653_312 and "allocator_slack" not in h200
+    assert "qlora/memory/measured" in h200["source"].replace(os.sep, "/")
+    assert overheads.CUDA_CONTEXT_BYTES == 800_653_312 or os.environ.get("QLORA_MEASURED_DIR")

@@ -298,7 +298,7 @@ def test_the_fused_kernel_is_looked_up_once_and_its_absence_on_a_gpu_is_one_line
     monkeypatch.setattr(qlora.training.auto, "fused_kernel_installed", lambda: False)
     assert resolve_kernels(recipe).training.kernels == "none"  # what runs, so the profiler's answers model it
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Liger Kernel is not installed" in err[0] and "pip install 'qlora[kernels]'" in err[0]
+    assert len(err) == 1 and "Liger Kernel is not installed" in err[0] and "pip install 'qlora-kit[kernels]'" in err[0]
 
 
 def test_liger_runs_where_its_memory_is_the_smaller_the_torch_path_beyond():

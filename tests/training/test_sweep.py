@@ -238,6 +238,7 @@ def test_task_metric_ranks_first_and_gets_columns(tmp_path, fake_train):
     markdown = (tmp_path / "sweep" / "sweep_results.md").read_text().splitlines()
     assert markdown[0].startswith("| lora.alpha | trainable_params |") and "peak_memory_GiB" in markdown[0]
     assert markdown[2] == "| 8 | 800 | 3.0000 | 2.9200 | 0.0000 | 0.9000 | 3,221,225,472 | 3.00 | 1.5 | ok |"
+    assert (tmp_path / "sweep" / "sweep_results.png").read_bytes()[:4] == b"\x89PNG"  # the points side by side
 
 
 def test_equal_task_metric_ranks_the_lower_eval_loss_first(tmp_path, fake_train):
@@ -327,6 +328,7 @@ def test_cli_sweep_writes_one_row_per_point(tmp_path, tiny_llama, alpaca_file):
         for a, t in [("8", "qv"), ("64", "all-linear")]
     )
     assert "qlora sweep" in result.stdout and (out / "sweep_results.md").exists()
+    assert (out / "sweep_results.png").exists() and len(list(out.glob("*/training.png"))) == 4
     losses = [float(r["eval_loss_after"]) for r in rows]
     assert losses == sorted(losses)
     # r=8 on q (64->64) and v (64->32, two KV heads) in both layers; all-linear adds k, o and the MLP.

@@ -55,7 +55,9 @@ def test_run_writes_adapter_metrics_recipe_and_checkpoints(finished_run):
     }
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    assert (out / "recipe.yaml").exists()
+    assert (out / "recipe.yaml").exists() and (out / "training.png").exists()
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [2, 4, 6]  # training.logging_steps 2
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == [
         "checkpoint-2",
         "checkpoint-4",
