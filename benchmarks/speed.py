@@ -300,9 +300,12 @@ def to_markdown(result: dict, command: str) -> str:
             )
             continue
         lines.append(
-            f"| {r['side']} | {r['seq_len']:,} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | {r.get('mfu') or '—'} | "
-            f"{r['flops_per_token'] / 1e9:.1f} G | {r.get('gradient_checkpointing_layers', 'all')} | {gb(r.get('peak_allocated_bytes'))} | "
-            f"{gb(r.get('peak_reserved_bytes'))} | {gb(r.get('predicted_allocated_bytes'))} | {gb(r.get('predicted_total_bytes'))} |"
+            f"| {r['side']} | {r['seq_len']:,} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+            f"{r.get('mfu') or '—'} | "
+            f"{r['flops_per_token'] / 1e9:.1f} G | {r.get('gradient_checkpointing_layers', 'all')} | "
+            f"{gb(r.get('peak_allocated_bytes'))} | "
+            f"{gb(r.get('peak_reserved_bytes'))} | {gb(r.get('predicted_allocated_bytes'))} | "
+            f"{gb(r.get('predicted_total_bytes'))} |"
         )
     lines += [
         "",

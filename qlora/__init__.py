@@ -25,7 +25,7 @@ def allocator_variable() -> str:
 
 
 # Expandable segments before CUDA initialises, in every entry point and worker (they all import qlora first):
-# without them the caching allocator's fragmented segments held 1.28x the tensors at 80k tokens on the H200
-# (../shared/gpu); torchtune, axolotl and Unsloth set the same. A user's own allocator setting is left alone.
+# without them the caching allocator's fragmented segments held 1.28x the tensors at 80k tokens on the H200;
+# torchtune, axolotl and Unsloth set the same. A user's own allocator setting is left alone.
 if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
     os.environ[allocator_variable()] = "expandable_segments:True"

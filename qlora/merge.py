@@ -57,10 +57,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     with OutOfMemoryExit("merge", advice, kept=f"nothing was written to {args.to}"):
         check = merge(run, args.to, args.dtype, args.overwrite, args.device, budget)
     print(
-        f"merge check: max |logit diff| {check.max_abs_diff:.4g} against the adapter's change {check.adapter_change:.4g}: "
-        f"{100 * check.relative:.3f} % (limit {100 * MAX_RELATIVE_DIFF:.0f} %), {check.max_abs_diff / check.floor if check.floor else 0:.2f}x "
-        f"the rounding floor {check.floor:.4g} (limit {FLOOR_MULTIPLE:g}x){'' if check.finite else ', NON-FINITE logits'} over {check.positions} positions "
-        f"of {len(CHECK_INSTRUCTIONS)} prompts, merged {args.dtype} model vs 4-bit base + adapter (merged on {check.placement})"
+        f"merge check: max |logit diff| {check.max_abs_diff:.4g} against the adapter's change "
+        f"{check.adapter_change:.4g}: "
+        f"{100 * check.relative:.3f} % (limit {100 * MAX_RELATIVE_DIFF:.0f} %), "
+        f"{check.max_abs_diff / check.floor if check.floor else 0:.2f}x "
+        f"the rounding floor {check.floor:.4g} (limit "
+        f"{FLOOR_MULTIPLE:g}x){'' if check.finite else ', NON-FINITE logits'} over {check.positions} positions "
+        f"of {len(CHECK_INSTRUCTIONS)} prompts, merged {args.dtype} model vs 4-bit base + adapter (merged on "
+        f"{check.placement})"
     )
     if not check.ok:
         print(
@@ -69,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return MISMATCH_EXIT_CODE
     print(
-        f"merged model -> {args.to} ({args.dtype}, safetensors); load it with {auto_class(run).__name__}.from_pretrained"
+        f"merged model -> {args.to} ({args.dtype}, safetensors); load it with "
+        f"{auto_class(run).__name__}.from_pretrained"
     )
     return 0
 

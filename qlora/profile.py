@@ -222,7 +222,7 @@ def model_job(model: str, methods: tuple[str, ...], args: argparse.Namespace) ->
 
 
 def recipe_job(path: str, args: argparse.Namespace) -> Job:
-    """A --recipe run: its own model, method and settings; the launcher's flags (--gpus, --strategy, --offload) apply."""
+    """A --recipe run: its own model, method and settings; the launcher flags (--gpus, --strategy, --offload) apply."""
     sharding = flag_overrides(args, [f for f in SHARDING_FLAGS if f != "gpus" or args.gpus != "auto"])
     recipe = flag_recipe(lambda: load_recipe(path, [*args.overrides, *sharding]), args)
     model, method, settings = from_recipe(recipe)

@@ -42,7 +42,8 @@ def make_tokenizer(save_dir: Path):
         pad_token="<pad>",
     )
     fast.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
         "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     )
     fast.save_pretrained(save_dir)

@@ -51,7 +51,8 @@ MUST_SHOW = [
     ),
     (
         ["recipe.yaml", "--set", "training.optimizer=sgdx"],
-        "error: training.optimizer: unknown value 'sgdx' (valid: adamw_8bit, adamw_torch, paged_adamw_32bit, paged_adamw_8bit)",
+        "error: training.optimizer: unknown value 'sgdx' (valid: adamw_8bit, adamw_torch, paged_adamw_32bit, "
+        "paged_adamw_8bit)",
     ),
     (["recipe.yaml", "--set", "data.path=missing.jsonl"], "error: data.path: file not found: missing.jsonl"),
 ]

@@ -268,9 +268,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return float(value)
         if isinstance(value, str) and _FLOAT.match(value):  # YAML 1.1 reads '2e-4' as a string
             return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    elif tp is str and isinstance(value, str):
+        return value
     raise _type_error(key, value, tp)
 
 
@@ -357,7 +356,8 @@ def check_distributed(spec: DistributedSpec, quant_bits: int | None) -> None:
     )
     _check(
         not (spec.strategy in SHARDED_STRATEGIES and quant_bits == 8),
-        f"distributed.strategy: '{spec.strategy}' cannot shard bitsandbytes 8-bit weights; use quantization.bits 4 (QLoRA) or none",
+        f"distributed.strategy: '{spec.strategy}' cannot shard bitsandbytes 8-bit weights; use quantization.bits 4 "
+        "(QLoRA) or none",
     )
 
 
@@ -474,11 +474,8 @@ def _check_path(key: str, value: str | None) -> None:
 def _normalise_bits(data: dict) -> None:
     """`quantization.bits: none` (a string in YAML) means no quantization."""
     quant = data.get("quantization")
-    if (
-        isinstance(quant, dict)
-        and isinstance(quant.get("bits"), str)
-        and quant["bits"].lower() in ("none", "null", "16")
-    ) or isinstance(quant, dict) and quant.get("bits") == 16:
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    if (isinstance(bits, str) and bits.lower() in ("none", "null", "16")) or bits == 16:
         quant["bits"] = None
 
 

@@ -56,7 +56,8 @@ def named_assumptions(context_default: int, slack_default: float, root: Path | N
 # What a CUDA process holds beyond its tensors. Not measurable on a CPU machine: named assumptions
 # that `--measure` on a GPU reports against (torch.cuda.memory_reserved vs memory_allocated).
 # CUDA context, lazily loaded kernels (cuBLAS, SDPA forward and backward, bitsandbytes' 4-bit matmul): 764 MiB measured
-# alone in a fresh process on an H200 (CUDA 13.0, torch 2.11, bitsandbytes 0.50.2; memory_reports/measured/cuda-nvidia-h200).
+# alone in a fresh process on an H200 (CUDA 13.0, torch 2.11, bitsandbytes 0.50.2;
+# memory_reports/measured/cuda-nvidia-h200).
 CUDA_CONTEXT_BYTES = 800_653_312
 # PyTorch's caching allocator: reserved-but-free blocks and rounding above peak allocated. A named assumption:
 # qlora turns on expandable segments (qlora/__init__.py), under which it has not been measured yet.

@@ -323,7 +323,8 @@ class CardPlan:
             return f"{name}: does not fit on up to {MAX_GPUS} GPUs of {gpu_bytes / 2**30:.2f} GiB{why}"
         host = sum(self.estimate.host_bytes.values())
         ram = f", host RAM {host / 2**30:.1f} GiB" if host else ""
-        return f"{name}: {self.gpus} GPU{'s' if self.gpus > 1 else ''}, {self.estimate.total / 2**30:.2f} GiB per GPU{ram}"
+        gpus = f"{self.gpus} GPU{'s' if self.gpus > 1 else ''}"
+        return f"{name}: {gpus}, {self.estimate.total / 2**30:.2f} GiB per GPU{ram}"
 
     def to_dict(self) -> dict:
         if not self.gpus:
@@ -338,7 +339,9 @@ class CardPlan:
 
 
 def cards_needed(inv, method: str, settings, gpu_bytes: int) -> list[CardPlan]:
-    """For each strategy, the fewest GPUs of `gpu_bytes` that hold one step (DDP: one, or none: a replica never shrinks)."""
+    """For each strategy, the fewest GPUs of `gpu_bytes` that hold one step (DDP: one, or none: a replica never
+    shrinks).
+    """
     plans = []
     for strategy, offload in SEARCH:
         if method == "lora-8bit" and strategy != "ddp":

@@ -99,7 +99,8 @@ def describe(settings: Settings) -> str:
             else ""
         )
         + (
-            f" · per GPU of {settings.gpus}, {settings.strategy}{' + CPU offload' if settings.offload == 'cpu' else ''}"
+            f" · per GPU of {settings.gpus}, "
+            f"{settings.strategy}{' + CPU offload' if settings.offload == 'cpu' else ''}"
             if settings.gpus > 1
             else ""
         )

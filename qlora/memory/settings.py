@@ -57,7 +57,9 @@ class Settings:
     generate_tokens: int = (
         0  # eval.metric exact_match: greedy generation of this many tokens at the eval batch (KV cache)
     )
-    kernels: str = "auto"  # training.kernels: 'auto' = Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss on CUDA (a GPU install brings it); 'none'
+    # training.kernels: 'auto' = Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss on CUDA (a GPU install brings
+    # it); 'none'
+    kernels: str = "auto"
     native_bf16: bool = (
         True  # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): same bytes
     )

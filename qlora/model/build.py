@@ -28,7 +28,7 @@ from qlora.ops.tiled_mlp import tile_mlps
 
 @dataclass
 class LoadedModel:
-    """What training needs from loading: the peft model, its tokenizer, the dtype it computes in and the loss it uses."""
+    """What training needs from loading: the peft model, its tokenizer, its compute dtype and the loss it uses."""
 
     model: Any
     tokenizer: Any
@@ -65,7 +65,7 @@ def enable_gradient_checkpointing(
 
 
 def install_loss(model, recipe: Recipe) -> str:
-    """`training.loss` on a causal LM (qlora.ops.loss); a classifier keeps its own small loss. Returns the loss used."""
+    """`training.loss` on a causal LM (qlora.ops.loss); a classifier keeps its own small loss. Returns the loss."""
     if recipe.task != "causal_lm" or recipe.training.loss != "chunked":
         return "standard"
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -65,11 +65,13 @@ def check_hub_model(name: str, revision: str | None) -> None:
         raise QLoraError(f"model.revision: '{revision}' not found for '{name}' on the Hub") from None
     except RepositoryNotFoundError:
         raise QLoraError(
-            f"model.name_or_path: '{name}' is not a local folder nor a model on the Hub (misspelt, or private without a login?)"
+            f"model.name_or_path: '{name}' is not a local folder nor a model on the Hub (misspelt, or private without "
+            "a login?)"
         ) from None
     except Exception as exc:  # network errors come in many types (httpx, OSError); all mean "cannot reach it"
         raise QLoraError(
-            f"model.name_or_path: '{name}' is not a local folder and the Hub cannot be reached ({type(exc).__name__}); use a local folder or go online"
+            f"model.name_or_path: '{name}' is not a local folder and the Hub cannot be reached "
+            f"({type(exc).__name__}); use a local folder or go online"
         ) from None
 
 
@@ -211,7 +213,8 @@ def load_classifier(spec: ModelSpec, announce: bool = False, **kwargs):
     if len(head) < len(missing):
         others = [key for key in missing if key not in head]
         print(
-            f"warning: {spec.name_or_path} lacks {len(others)} base weight{'s' if len(others) > 1 else ''}, randomly initialised: "
+            f"warning: {spec.name_or_path} lacks {len(others)} base weight{'s' if len(others) > 1 else ''}, randomly "
+            "initialised: "
             f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}",
             file=sys.stderr,
         )

@@ -142,7 +142,8 @@ def data_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
     return [
         "## Data",
         "",
-        f"- source: `{source}` (format `{d.format}`, max_seq_len {d.max_seq_len}, packing {'on' if d.packing else 'off'})",
+        f"- source: `{source}` (format `{d.format}`, max_seq_len {d.max_seq_len}, packing "
+        f"{'on' if d.packing else 'off'})",
         f"- examples: {stats['train_examples']} train, {stats.get('eval_examples', 0)} eval",
         f"- truncated to max_seq_len: {stats.get('train_truncated', 0)} train, {stats.get('eval_truncated', 0)} eval; "
         f"dropped (prompt too long): {stats.get('train_dropped', 0)} train, {stats.get('eval_dropped', 0)} eval",

@@ -201,7 +201,8 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> Path 
     if has_results(output_dir):
         if not overwrite:
             raise QLoraError(
-                f"output_dir: {output_dir} already holds results; pass --overwrite to replace them or --resume to continue"
+                f"output_dir: {output_dir} already holds results; pass --overwrite to replace them or --resume to "
+                "continue"
             )
         for name in RESULT_ENTRIES:  # only what a run writes: never the user's other files
             target = output_dir / name

@@ -206,7 +206,8 @@ def fsdp_config() -> dict[str, Any]:
     frozen 4-bit weights kept apart from the trained LoRA ones, weights loaded on rank 0 only."""
     return {
         "version": 1,
-        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # transformers wraps each model's _no_split_modules (the decoder layer)
+        # transformers wraps each model's _no_split_modules (the decoder layer)
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
         "cpu_ram_efficient_loading": True,
         "sync_module_states": True,  # needed with cpu_ram_efficient_loading: ranks > 0 receive rank 0's weights
         "use_orig_params": False,
@@ -347,7 +348,10 @@ def process_metrics(plan: Plan, peak: int, per_device_batch: int, grad_accum: in
 
 def summary_line(metrics: dict[str, Any]) -> str:
     """The run summary's global batch and, for several processes, the strategy and each one's peak."""
-    line = f"global batch {metrics['global_batch_size']} (per-device batch × grad_accum × {metrics['world_size']} process(es))"
+    line = (
+        f"global batch {metrics['global_batch_size']} "
+        f"(per-device batch × grad_accum × {metrics['world_size']} process(es))"
+    )
     if metrics["world_size"] > 1:
         peaks = ", ".join(f"{p / 2**30:.2f}" for p in metrics["peak_memory_bytes_per_process"])
         line += (

@@ -75,7 +75,8 @@ def disk_full_exit(exc: BaseException, output_dir: Path) -> SystemExit:
             "free space, then continue with --resume"
         )
     else:
-        kept = f"{'the finished adapter kept; ' if adapter else 'no checkpoint was written yet; '}free space, then run again"
+        kept = "the finished adapter kept; " if adapter else "no checkpoint was written yet; "
+        kept += "free space, then run again"
     print(f"error: disk full while writing{where}; partial files removed, {kept}", file=sys.stderr)
     return SystemExit(DISK_FULL_EXIT_CODE)
 

@@ -12,6 +12,7 @@ other processes write nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -93,10 +94,8 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             self.held = False
             if self.created_dir:  # a run refused before writing leaves no empty folder behind
-                try:
+                with contextlib.suppress(OSError):
                     self.path.parent.rmdir()
-                except OSError:
-                    pass
 
     def __enter__(self) -> RunLock:
         return self

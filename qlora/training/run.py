@@ -32,7 +32,7 @@ EVAL_ADVICE = "evaluation runs training.eval_batch_size sequences at a time; low
 
 
 def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool, parallel: dict | None = None):
-    """transformers `TrainingArguments` from the recipe's training section (`parallel`: qlora.training.distributed's)."""
+    """transformers `TrainingArguments` from the recipe's training section (`parallel`: training.distributed's)."""
     import torch
     from transformers import TrainingArguments
 
@@ -288,7 +288,8 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     console.print(
         f"trainable params {metrics['trainable_params']:,} of {metrics['total_params']:,} | "
         f"peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB | {metrics['train_steps']} steps in "
-        f"{metrics['train_runtime_s']:.1f} s | {metrics['tokens_per_s']:.0f} tokens/s | adapter: {metrics['adapter_dir']}"
+        f"{metrics['train_runtime_s']:.1f} s | {metrics['tokens_per_s']:.0f} tokens/s | adapter: "
+        f"{metrics['adapter_dir']}"
     )
 
     console.print(summary_line(metrics))

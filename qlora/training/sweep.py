@@ -2,10 +2,10 @@
 
 Each point is an ordinary training run in its own sub-folder of `output_dir`, run as its own
 `python -m qlora.train` process, so its results are exactly what `qlora train` would write and
-nothing one point allocated (bitsandbytes never frees its paged optimizer buffers) outlives it. Every point is built and validated before the first one
-trains (a typo costs seconds, not the first point's hours). The results table is rewritten
-atomically after each point, and a rerun of the same command skips finished points, resumes
-points that left a complete checkpoint, and restarts the rest.
+nothing one point allocated (bitsandbytes never frees its paged optimizer buffers) outlives it. Every
+point is built and validated before the first one trains (a typo costs seconds, not the first point's hours).
+The results table is rewritten atomically after each point, and a rerun of the same command skips finished
+points, resumes points that left a complete checkpoint, and restarts the rest.
 """
 
 from __future__ import annotations

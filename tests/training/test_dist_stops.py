@@ -162,9 +162,9 @@ def test_a_file_system_error_is_one_line(tmp_path):
 
 
 def test_a_full_disk_before_anything_was_written_is_one_line_and_exit_6(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        with guarded_run(tmp_path / "run"):  # the lock is never taken: as on a process that is not the main one
-            raise OSError(errno.ENOSPC, "No space left on device", "/out/checkpoints/checkpoint-4")
+    # The lock is never taken: as on a process that is not the main one.
+    with pytest.raises(SystemExit) as info, guarded_run(tmp_path / "run"):
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/checkpoints/checkpoint-4")
     assert info.value.code == DISK_FULL_EXIT_CODE
     assert capsys.readouterr().err == (
         "error: disk full while writing (/out/checkpoints/checkpoint-4); free space, then run again\n"
@@ -277,7 +277,8 @@ def nan_on(rank: int, step: int) -> None:
                 output["loss"] = output["loss"] + output["loss"].detach() * float("nan")
             return output
 
-        # After the hook that computes the chunked loss (installed at build), before qlora's LossWatch (on_train_begin).
+        # After the hook that computes the chunked loss (installed at build), before qlora's LossWatch
+        # (on_train_begin).
         handle = self.model.register_forward_hook(spoil)
         try:
             return original(self, *args, **kwargs)

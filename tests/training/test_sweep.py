@@ -50,8 +50,9 @@ if outcome == "oom":
     sys.exit(3)
 if outcome == "oom after training":
     out.mkdir(parents=True, exist_ok=True)
+    skipped = "out of GPU memory in the evaluation after training"
     (out / "metrics.json").write_text(json.dumps({"eval_loss_before": 3.0, "trainable_params": 100 * alpha,
-                                                  "eval_after_skipped": "out of GPU memory in the evaluation after training"}))
+                                                  "eval_after_skipped": skipped}))
     sys.exit(3)
 if outcome == "interrupt":
     sys.exit(130)
@@ -73,7 +74,8 @@ out.mkdir(parents=True, exist_ok=True)
 @pytest.fixture
 def fake_train(tmp_path, monkeypatch):
     """Every point runs FAKE_TRAIN in its own process; returns `set_outcomes(dict)` (per lora.alpha: a
-    float exact match, 'oom', 'interrupt', 'crash' or an error message) and `calls()` (name, resume, overwrite, pid)."""
+    float exact match, 'oom', 'interrupt', 'crash' or an error message) and `calls()` (name, resume, overwrite,
+    pid)."""
     folder = tmp_path / "fake-module"
     folder.mkdir()
     (folder / "fake_qlora_train.py").write_text(FAKE_TRAIN)
