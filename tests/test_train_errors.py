@@ -139,3 +139,15 @@ def test_bad_data_leaves_previous_results_alone_even_with_overwrite(workdir, mon
         "data.path=empty.jsonl",
     )
     assert (results / "metrics.json").read_text() == "{}" and (results / "adapter").is_dir()
+
+
+def test_a_metric_the_task_cannot_measure_stops_before_any_model_loads(workdir, monkeypatch, capsys):
+    import qlora.training.run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for name in ("build_model", "load_tokenizer", "check_model_source"):
+        monkeypatch.setattr(qlora.training.run, name, no_model)
+    line = cli_error(workdir, monkeypatch, capsys, "recipe.yaml", "--set", "eval.metric=accuracy")
+    assert line == "error: eval.metric: 'accuracy' does not apply to task 'causal_lm' (use none, exact_match)"

@@ -416,17 +416,6 @@ def tokenize_split(raw, spec: DataSpec, tokenizer, stats: dict[str, Any], prefix
 # --- packing --------------------------------------------------------------------------------------
 
 
-def check_packing(recipe: Recipe) -> None:
-    """Packing is for causal LM, and packed blocks are all about max_seq_len long (nothing to group)."""
-    spec = recipe.data
-    if spec.packing and recipe.task == "classification":
-        raise QLoraError("data.packing: only for causal LM formats (alpaca, chat, text), not classification")
-    if spec.packing and spec.group_by_length:
-        raise QLoraError(
-            "data.packing and data.group_by_length: choose one (packed blocks all have about the same length)"
-        )
-
-
 def pack(items: list[dict], max_len: int) -> list[dict]:
     """Whole examples, in order, greedily filled into blocks of at most `max_len` tokens.
 
@@ -461,7 +450,6 @@ def to_dataset(items: list[dict], spec: DataSpec, stats: dict[str, Any], prefix:
 def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     """Everything the trainer needs from the recipe's data section."""
     spec = recipe.data
-    check_packing(recipe)
     if spec.format == "chat" and not tokenizer.chat_template:
         raise QLoraError(
             f"data.format: chat needs a chat template, and the tokenizer of {recipe.model.name_or_path} has none"

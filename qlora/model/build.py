@@ -17,7 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from qlora.config.architecture import chunked_loss_unsupported
 from qlora.config.long_context import checkpointed_layers, mlp_tiles_for
 from qlora.config.precision import resolve_compute_dtype
-from qlora.config.recipe import Recipe
+from qlora.config.recipe import SHARDED_STRATEGIES, Recipe
 from qlora.model.load import load_base_model, load_model_config, load_tokenizer
 from qlora.model.lora import attach_lora
 from qlora.ops.kernels import apply_decoder_kernels
@@ -86,7 +86,7 @@ def prepare_for_training(base, recipe: Recipe, lora: bool = True, offload: bool 
     layers = checkpointed_layers(t.gradient_checkpointing, base.config.get_text_config().num_hidden_layers)
     if layers:
         enable_gradient_checkpointing(
-            base, reentrant=recipe.distributed.strategy in ("fsdp", "zero3"), offload=offload, layers=layers
+            base, reentrant=recipe.distributed.strategy in SHARDED_STRATEGIES, offload=offload, layers=layers
         )
     model = attach_lora(base, recipe.lora, recipe.task) if lora else base
     loss = install_loss(model, recipe)

@@ -18,7 +18,7 @@ import torch
 from qlora.config.architecture import CLASSIFIER_HEADS
 from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
-from qlora.config.recipe import ModelSpec, QuantizationSpec, Recipe
+from qlora.config.recipe import SHARDED_STRATEGIES, ModelSpec, QuantizationSpec, Recipe
 
 keep_deepspeed_off_stdout()  # before anything imports transformers' Trainer (and DeepSpeed with it)
 
@@ -143,7 +143,7 @@ def load_base_model(
     'cpu' or 'cuda', default the GPU when there is one)."""
     from transformers import AutoModelForCausalLM
 
-    sharded = recipe.distributed.strategy in ("fsdp", "zero3")
+    sharded = recipe.distributed.strategy in SHARDED_STRATEGIES
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype,  # frozen unquantized weights stay in the compute dtype (qlora.config.precision)
         "attn_implementation": recipe.model.attn_implementation,

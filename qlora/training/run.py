@@ -50,7 +50,7 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        per_device_eval_batch_size=t.eval_batch,
         prediction_loss_only=recipe.task == "causal_lm",  # eval_loss only: the chunked loss returns no logits
         gradient_accumulation_steps=t.grad_accum,
         max_grad_norm=t.max_grad_norm,
