@@ -272,7 +272,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data (what `recipe.yaml` in the output folder holds)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in _keys(Recipe)}
+        return {f.name: _plain(getattr(self, f.name)) for f in key_fields(Recipe)}
 
     def save(self, path: str | Path) -> None:
         """Write the resolved recipe as YAML (atomically: a reader never sees half a file)."""
@@ -281,11 +281,11 @@ class Recipe:
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in _keys(type(value))}
+        return {f.name: _plain(getattr(value, f.name)) for f in key_fields(type(value))}
     return value
 
 
-def _keys(cls: type) -> list[dataclasses.Field]:
+def key_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
 
 
@@ -293,7 +293,7 @@ def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
     """Every dotted key a recipe accepts, e.g. 'lora.r', 'training.max_steps'."""
     hints = typing.get_type_hints(cls)
     keys = []
-    for f in _keys(cls):
+    for f in key_fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             keys.extend(all_keys(tp, f"{prefix}{f.name}."))
@@ -313,7 +313,7 @@ def from_dict(data: Any, cls: type = Recipe, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise QLoraError(f"{where}: expected a mapping of keys, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in _keys(cls)}
+    known = {f.name: f for f in key_fields(cls)}
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -370,10 +370,10 @@ _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+        return " or ".join(type_name(t) for t in typing.get_args(tp))
     if origin is list:
         return "a list"
     if origin is dict:
@@ -386,7 +386,7 @@ def _describe(value: Any) -> str:
 
 
 def _type_error(key: str, value: Any, tp: Any) -> QLoraError:
-    return QLoraError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+    return QLoraError(f"{key}: expected {type_name(tp)}, got {_describe(value)}")
 
 
 # --- overrides ------------------------------------------------------------------------------------
@@ -442,7 +442,7 @@ def check_choices(spec: Any, prefix: str = "") -> None:
     Choices constrain the values of their own type: a list of module names in `lora.targets` is not a preset,
     and `distributed.strategy: null` is not a strategy.
     """
-    for f in _keys(type(spec)):
+    for f in key_fields(type(spec)):
         value, dotted = getattr(spec, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             check_choices(value, f"{dotted}.")
