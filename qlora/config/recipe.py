@@ -12,7 +12,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,41 @@ def _plain(value: Any) -> Any:
 
 def key_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
+
+
+def key_leaves(cls: type = Recipe, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, annotation) of every recipe key, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in key_fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from key_leaves(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, hints[f.name]
+
+
+def key_field(dotted: str) -> dataclasses.Field:
+    """The field that declares the recipe key `dotted` (its default, help, choices and flag)."""
+    for name, f, _ in key_leaves():
+        if name == dotted:
+            return f
+    raise KeyError(dotted)
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def value_at(recipe: Recipe, dotted: str) -> Any:
+    """The value of the recipe key `dotted` in `recipe`."""
+    value = recipe
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def flag_keys() -> dict[str, str]:
+    """`qlora profile`'s option (argparse dest, e.g. 'seq_len') -> the recipe key it sets."""
+    return {f.metadata["flag"].lstrip("-").replace("-", "_"): k for k, f, _ in key_leaves() if f.metadata["flag"]}
 
 
 def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
