@@ -7,19 +7,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from qlora.config.errors import QLoraError, run_cli
+from qlora.config.errors import ExitCode, QLoraError, run_cli
 from qlora.config.gpus import parse_gpu_memory
 from qlora.memory.merge import PLACEMENTS
 from qlora.post.export import read_run
-from qlora.post.merge import (
-    CHECK_INSTRUCTIONS,
-    FLOOR_MULTIPLE,
-    MAX_RELATIVE_DIFF,
-    MISMATCH_EXIT_CODE,
-    SAVE_DTYPES,
-    auto_class,
-    merge,
-)
+from qlora.post.merge import CHECK_INSTRUCTIONS, FLOOR_MULTIPLE, MAX_RELATIVE_DIFF, SAVE_DTYPES, auto_class, merge
 from qlora.training.oom import OutOfMemoryExit
 
 
@@ -71,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"error: the merged model does not match the 4-bit base + adapter; nothing was written to {args.to}",
             file=sys.stderr,
         )
-        return MISMATCH_EXIT_CODE
+        return ExitCode.MERGE_MISMATCH
     print(
         f"merged model -> {args.to} ({args.dtype}, safetensors); load it with "
         f"{auto_class(run).__name__}.from_pretrained"

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from qlora.config.errors import run_cli
+from qlora.config.errors import ExitCode, run_cli
 from qlora.config.recipe import load_recipe
 from qlora.training.sweep import build_points, check_same_recipe, parse_grid, sweep
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_same_recipe(point)
     print(f"sweep: {len(points)} points under {base_dir}", file=sys.stderr)
     rows = sweep(points, base_dir, list(grid))
-    return 0 if all(row["status"] == "ok" for row in rows) else 1
+    return ExitCode.OK if all(row["status"] == "ok" for row in rows) else ExitCode.FAILED
 
 
 if __name__ == "__main__":

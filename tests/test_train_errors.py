@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config.errors import USAGE_EXIT_CODE, run_cli
+from qlora.config.errors import ExitCode, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ MUST_SHOW = [
 @pytest.mark.parametrize("args, message", MUST_SHOW, ids=[" ".join(a) for a, _ in MUST_SHOW])
 def test_bad_input_is_one_line_and_exit_2(workdir, args, message):
     result = run_train(workdir, *args)
-    assert result.returncode == USAGE_EXIT_CODE
+    assert result.returncode == ExitCode.USAGE
     assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr  # one line
     assert result.stderr.startswith(message), result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -74,7 +74,7 @@ def cli_error(workdir: Path, monkeypatch, capsys, *args: str) -> str:
     from qlora.train import main
 
     monkeypatch.chdir(workdir)
-    assert run_cli(main, list(args)) == USAGE_EXIT_CODE
+    assert run_cli(main, list(args)) == ExitCode.USAGE
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("error: ")
     return lines[-1]

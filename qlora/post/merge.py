@@ -42,7 +42,6 @@ MAX_RELATIVE_DIFF = 0.01
 # dequantized base stored in --dtype against the 4-bit base, same kernels): a merge within FLOOR_MULTIPLE times
 # that floor is rounding too. The wrong base differs by the quantization error, tens of times the floor.
 FLOOR_MULTIPLE = 3.0
-MISMATCH_EXIT_CODE = 4
 CHECK_INSTRUCTIONS = (
     "Give three tips for staying healthy.",
     "What is the capital of France?",

@@ -23,14 +23,13 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from qlora.config.errors import QLoraError
+from qlora.config.errors import ExitCode, QLoraError
 from qlora.training.checkpoints import checkpoints_dir, latest_complete_checkpoint, remove_unfinished, rotate
 from qlora.training.distributed import finish
 from qlora.training.lock import RunLock
-from qlora.training.nonfinite import ADVICE, NONFINITE_EXIT_CODE, stop_on_nonfinite_callback
+from qlora.training.nonfinite import ADVICE, stop_on_nonfinite_callback
 from qlora.training.preemption import resume_hint, sigterm_handling, stop_on_sigterm_callback
 
-DISK_FULL_EXIT_CODE = 6
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # Writers that are not Python's own (safetensors' Rust, torch.save's C++) report a full disk in text.
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28")
@@ -78,7 +77,7 @@ def disk_full_exit(exc: BaseException, output_dir: Path) -> SystemExit:
         kept = "the finished adapter kept; " if adapter else "no checkpoint was written yet; "
         kept += "free space, then run again"
     print(f"error: disk full while writing{where}; partial files removed, {kept}", file=sys.stderr)
-    return SystemExit(DISK_FULL_EXIT_CODE)
+    return SystemExit(ExitCode.DISK_FULL)
 
 
 @contextmanager
@@ -95,7 +94,7 @@ def guarded_run(output_dir: Path):
             if isinstance(exc, OSError):
                 if is_disk_full(exc):  # not the process that writes (or nothing written yet): nothing to clean up here
                     print(f"error: disk full while writing{_where(exc)}; free space, then run again", file=sys.stderr)
-                    raise SystemExit(DISK_FULL_EXIT_CODE) from None
+                    raise SystemExit(ExitCode.DISK_FULL) from None
                 raise QLoraError(os_error_line(exc)) from exc
             raise
 
@@ -146,7 +145,7 @@ def exit_if_stopped(trainer, output_dir: Path) -> None:
             f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}",
             file=sys.stderr,
         )
-        raise SystemExit(NONFINITE_EXIT_CODE)
+        raise SystemExit(ExitCode.NONFINITE)
     if sigterm is not None and sigterm.stopped_at is not None:
         finish()
         kept, code = resume_hint(output_dir)

@@ -28,7 +28,7 @@ Under DeepSpeed ZeRO-3 the gradients are DeepSpeed's (no `p.grad`) and its engin
 A bad step is skipped (its gradients dropped, as the fp16 scaler does); after
 `training.max_nonfinite_steps` skipped steps (default 0: at the first one) training stops without
 saving, so the last checkpoint written is the last good one, and the run exits with
-`NONFINITE_EXIT_CODE` (5) and what to try.
+`ExitCode.NONFINITE` (5) and what to try.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import torch
 
 from qlora.training.distributed import any_process
 
-NONFINITE_EXIT_CODE = 5
 ADVICE = (
     "try quantization.compute_dtype=bfloat16 where the GPU supports it (fp16 overflows), a lower "
     "training.learning_rate, or a smaller training.max_grad_norm"

@@ -1,7 +1,7 @@
 """One out-of-memory handler for every GPU phase (evaluations, training, merge, generate).
 
 Running out of GPU memory is not a bug to show as a traceback: the user gets one `error:` block that
-names the phase, what was kept, and what to change, and the process exits with `OOM_EXIT_CODE` (3),
+names the phase, what was kept, and what to change, and the process exits with `ExitCode.OOM` (3),
 which `qlora sweep` reads as "this point did not fit".
 """
 
@@ -10,10 +10,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 
+from qlora.config.errors import ExitCode
 from qlora.config.gpus import parse_gpu_memory
 from qlora.memory.planner import plan_fit
-
-OOM_EXIT_CODE = 3
 
 
 def fit_advice(recipe) -> list[str]:
@@ -76,7 +75,7 @@ class OutOfMemoryExit:
 
     def exit(self) -> None:
         print(f"error: {self.message()}", file=sys.stderr)
-        raise SystemExit(OOM_EXIT_CODE) from None
+        raise SystemExit(ExitCode.OOM) from None
 
     def exit_if_out_of_memory(self) -> None:
         if self.happened:

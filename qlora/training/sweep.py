@@ -25,21 +25,16 @@ from typing import Any
 
 import yaml
 
-from qlora.config.errors import USAGE_EXIT_CODE, QLoraError
+from qlora.config.errors import ExitCode, QLoraError
 from qlora.config.io import atomic_write_text
 from qlora.config.recipe import Recipe, all_keys, load_recipe, split_assignment
 from qlora.training.checkpoints import latest_complete_checkpoint
-from qlora.training.guards import DISK_FULL_EXIT_CODE
-from qlora.training.nonfinite import NONFINITE_EXIT_CODE
-from qlora.training.oom import OOM_EXIT_CODE
-from qlora.training.preemption import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
 
 RESULTS_NAME = "sweep_results"
 RESULT_COLUMNS = ("trainable_params", "eval_loss_before", "eval_loss_after")
 TAIL_COLUMNS = ("peak_memory_bytes", "train_runtime_s", "status")
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]")
 TRAIN_MODULE = "qlora.train"  # what each point runs, as `python -m TRAIN_MODULE RECIPE --set ...`
-INTERRUPTED_EXIT_CODE = 130
 
 
 @dataclass
@@ -209,15 +204,15 @@ def run_point(point: Point) -> tuple[str, dict[str, Any] | None]:
     """Train one point (or resume it) in its own process; a failure of the point is returned as a status."""
     resume = latest_complete_checkpoint(point.folder) is not None
     code, error = run_process(train_command(point, resume))
-    if code == INTERRUPTED_EXIT_CODE:
+    if code == ExitCode.INTERRUPTED:
         raise KeyboardInterrupt
-    if code == OOM_EXIT_CODE:  # in the evaluation after training, the adapter and metrics.json are kept
+    if code == ExitCode.OOM:  # in the evaluation after training, the adapter and metrics.json are kept
         return "failed: out of GPU memory", read_metrics(point.folder)
-    if code == USAGE_EXIT_CODE and error:
+    if code == ExitCode.USAGE and error:
         return f"failed: {error}", None
-    if code == NONFINITE_EXIT_CODE:  # this point's learning rate diverged: the others may not
+    if code == ExitCode.NONFINITE:  # this point's learning rate diverged: the others may not
         return "failed: non-finite loss", None
-    if code in (PREEMPTED_EXIT_CODE, DISK_FULL_EXIT_CODE, TERMINATED_EXIT_CODE):  # the whole sweep stops (and resumes)
+    if code in (ExitCode.PREEMPTED, ExitCode.DISK_FULL, ExitCode.TERMINATED):  # the whole sweep stops (and resumes)
         raise SystemExit(code)
     metrics = read_metrics(point.folder)
     if code != 0 or metrics is None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from qlora.config import docs
-from qlora.config.errors import QLoraError
+from qlora.config.errors import ExitCode, QLoraError
 from qlora.config.recipe import all_keys
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,11 +38,15 @@ def test_the_table_has_one_row_per_recipe_key_with_its_default_and_choices():
 
 def test_the_script_rewrites_only_between_the_markers(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nbefore\n{docs.BEGIN}\nstale table\n{docs.END}\nafter\n")
+    readme.write_text(
+        f"# title\n\nbefore\n{docs.BEGIN}\nstale table\n{docs.END}\n"
+        f"between\n{docs.EXIT_BEGIN}\n{docs.EXIT_END}\nafter\n"
+    )
     schema = tmp_path / "recipe.schema.json"
     assert docs.main(["--readme", str(readme), "--schema", str(schema)]) == 0
     text = readme.read_text()
-    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{docs.END}\nafter\n")
+    assert text.startswith("# title\n\nbefore\n") and text.endswith(f"{docs.EXIT_END}\nafter\n")
+    assert f"{docs.END}\nbetween\n" in text and "| 7 | `MERGE_MISMATCH` |" in text
     assert "stale table" not in text and "| `lora.r` | `64` | an integer | adapter rank (> 0) |" in text
     assert json.loads(schema.read_text())["properties"]["lora"]["properties"]["r"] == {
         "description": "adapter rank (> 0)",
@@ -91,3 +95,10 @@ def test_the_schema_accepts_what_the_loader_accepts(validator):
         "target_gpu": 4090,
     }
     assert list(validator.iter_errors(recipe)) == []
+
+
+def test_every_exit_code_is_in_the_table_once_with_its_own_meaning():
+    rows = docs.exit_codes_table().splitlines()[2:]
+    assert [int(row.split(" | ")[0].strip("| ")) for row in rows] == [int(code) for code in ExitCode]
+    assert len({code.meaning for code in ExitCode}) == len(ExitCode)
+    assert ExitCode.MERGE_MISMATCH != ExitCode.PREEMPTED and ExitCode.TERMINATED == 143

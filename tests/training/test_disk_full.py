@@ -8,9 +8,10 @@ import errno
 import pytest
 from test_nonfinite import short_recipe
 
+from qlora.config.errors import ExitCode
 from qlora.config.io import staged_dir
 from qlora.training.checkpoints import damage
-from qlora.training.guards import DISK_FULL_EXIT_CODE, is_disk_full
+from qlora.training.guards import is_disk_full
 from qlora.training.lock import LOCK_NAME
 
 
@@ -50,7 +51,7 @@ def test_disk_full_is_one_line_and_keeps_what_was_complete(
     full_disk_on_save(monkeypatch, call)  # call 2: checkpoint-4; call 4: the final adapter
     with pytest.raises(SystemExit) as info:
         train(short_recipe(tiny_llama, alpaca_file, out))
-    assert info.value.code == DISK_FULL_EXIT_CODE
+    assert info.value.code == ExitCode.DISK_FULL
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == kept
     assert all(damage(out / "checkpoints" / name) is None for name in kept)
     assert leftovers(out) == [] and not (out / "adapter").exists() and not (out / LOCK_NAME).exists()
@@ -112,7 +113,7 @@ def test_disk_full_after_the_adapter_keeps_the_finished_adapter(
     out = tmp_path / "metrics-full"
     with pytest.raises(SystemExit) as info:
         train(short_recipe(tiny_llama, alpaca_file, out))
-    assert info.value.code == DISK_FULL_EXIT_CODE
+    assert info.value.code == ExitCode.DISK_FULL
     final = load_file(out / "adapter" / "adapter_model.safetensors")
     last = load_file(out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors")
     assert final.keys() == last.keys() and all((final[k] == last[k]).all() for k in final)

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.config.errors import QLoraError, run_cli
+from qlora.config.errors import ExitCode, QLoraError, run_cli
 from qlora.train import main as train_main
 from qlora.training import distributed
-from qlora.training.guards import DISK_FULL_EXIT_CODE, guarded_run
+from qlora.training.guards import guarded_run
 from qlora.training.lock import LOCK_NAME
-from qlora.training.nonfinite import NONFINITE_EXIT_CODE, stop_on_nonfinite_callback
+from qlora.training.nonfinite import stop_on_nonfinite_callback
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "recipes" / "demo.yaml"
@@ -165,7 +165,7 @@ def test_a_full_disk_before_anything_was_written_is_one_line_and_exit_6(tmp_path
     # The lock is never taken: as on a process that is not the main one.
     with pytest.raises(SystemExit) as info, guarded_run(tmp_path / "run"):
         raise OSError(errno.ENOSPC, "No space left on device", "/out/checkpoints/checkpoint-4")
-    assert info.value.code == DISK_FULL_EXIT_CODE
+    assert info.value.code == ExitCode.DISK_FULL
     assert capsys.readouterr().err == (
         "error: disk full while writing (/out/checkpoints/checkpoint-4); free space, then run again\n"
     )
@@ -233,7 +233,7 @@ def error_lines(text: str) -> list[str]:
 def test_a_nan_on_one_process_stops_both_at_that_step_with_exit_5(tmp_path):
     out = tmp_path / "run"
     codes, errs = launch(tmp_path, out, "nan-on-rank-1-at-step-6")
-    assert codes == {0: NONFINITE_EXIT_CODE, 1: NONFINITE_EXIT_CODE}, errs
+    assert codes == {0: ExitCode.NONFINITE, 1: ExitCode.NONFINITE}, errs
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4"]
     assert (out / "checkpoints" / "checkpoint-4" / "COMPLETE").exists()
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists() and not (out / LOCK_NAME).exists()

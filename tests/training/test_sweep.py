@@ -15,7 +15,7 @@ import yaml
 
 import qlora.sweep
 import qlora.training.sweep
-from qlora.config.errors import QLoraError, run_cli
+from qlora.config.errors import ExitCode, QLoraError, run_cli
 from qlora.config.io import atomic_write_json
 from qlora.config.recipe import load_recipe
 from qlora.training.sweep import parse_grid, point_name
@@ -202,22 +202,20 @@ def test_every_point_trains_in_its_own_process(tmp_path, fake_train):
 
 
 def test_a_diverging_point_fails_alone_but_sigterm_stops_the_sweep(tmp_path, fake_train):
-    from qlora.training.nonfinite import NONFINITE_EXIT_CODE
-    from qlora.training.preemption import PREEMPTED_EXIT_CODE
 
-    fake_train.set_outcomes({16: f"exit {NONFINITE_EXIT_CODE}"})
+    fake_train.set_outcomes({16: f"exit {ExitCode.NONFINITE}"})
     assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"]) == 1
     assert [(r["lora.alpha"], r["status"]) for r in read_rows(tmp_path / "sweep")] == [
         ("8", "ok"),
         ("16", "failed: non-finite loss"),
     ]
-    fake_train.set_outcomes({8: f"exit {PREEMPTED_EXIT_CODE}"})
+    fake_train.set_outcomes({8: f"exit {ExitCode.PREEMPTED}"})
     with pytest.raises(SystemExit) as info:
         run_cli(
             qlora.sweep.main,
             [str(write_recipe(tmp_path, output_dir=str(tmp_path / "b"))), "--grid", "lora.alpha=8,16"],
         )
-    assert info.value.code == PREEMPTED_EXIT_CODE
+    assert info.value.code == ExitCode.PREEMPTED
 
 
 def test_task_metric_ranks_first_and_gets_columns(tmp_path, fake_train):
