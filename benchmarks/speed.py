@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-import qlora  # noqa: F401  (first: expandable segments before CUDA initialises, on both sides)
+from qlora.config.environment import use_expandable_segments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_memory
@@ -329,6 +329,7 @@ def main(argv=None) -> int:
 
     from qlora.config.io import atomic_write_json, atomic_write_text
 
+    use_expandable_segments()  # on both sides, before CUDA initialises (workers inherit it)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from qlora.config.environment import prepare_process
 from qlora.config.errors import run_cli
 from qlora.post.export import export, read_run
 
@@ -29,6 +30,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
     result = export(
         read_run(args.run), args.to, args.hub, args.private, args.base_model, args.license_id, args.overwrite
     )

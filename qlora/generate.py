@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from qlora.config.environment import prepare_process
 from qlora.config.errors import QLoraError, run_cli
 from qlora.post.export import read_run
 from qlora.post.generate import generate
@@ -34,6 +35,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
     if args.max_new_tokens < 1:
         raise QLoraError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
     advice = ["give fewer or shorter --prompt values, or a smaller --max-new-tokens"]

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from qlora.config.environment import prepare_process
 from qlora.config.errors import ExitCode, QLoraError, run_cli
 from qlora.config.gpus import parse_gpu_memory
 from qlora.memory.merge import PLACEMENTS
@@ -40,6 +41,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
     run = read_run(args.run)
     try:
         budget = parse_gpu_memory(args.gpu_memory) if args.gpu_memory else None

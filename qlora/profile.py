@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from qlora.config.environment import prepare_process
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import gpu_target, parse_gpu_list
 from qlora.config.precision import default_device
@@ -251,6 +252,7 @@ def check_measurable(run, device: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
     runs = profile(args)
     command = shlex.join(["qlora", "profile", *argv])  # recorded in the Markdown, to remake the report
     if args.format == "json":

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from qlora.config.environment import prepare_process
 from qlora.config.errors import ExitCode, run_cli
 from qlora.config.recipe import load_recipe
 from qlora.training.sweep import build_points, check_same_recipe, parse_grid, sweep
@@ -38,6 +39,7 @@ def parse_args(argv: Sequence[str] | None):
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 when every point trained, 1 when some failed (their status says why), 2 on a user mistake."""
     args = parse_args(argv)
+    prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
     grid = parse_grid(args.grid)
     base_dir = Path(load_recipe(args.recipe, args.overrides).output_dir)
     points = build_points(args.recipe, args.overrides, grid, base_dir)

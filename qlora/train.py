@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from qlora.config.environment import prepare_process
 from qlora.config.errors import run_cli
 from qlora.config.recipe import load_recipe
 from qlora.training.run import train
@@ -31,6 +32,7 @@ def parse_args(argv: Sequence[str] | None):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
     recipe = load_recipe(args.recipe, args.overrides)
     train(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0

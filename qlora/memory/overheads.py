@@ -14,6 +14,7 @@ repository's; `QLORA_MEASURED_DIR` points elsewhere (an installed package has no
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -60,11 +61,16 @@ def named_assumptions(context_default: int, slack_default: float, root: Path | N
 # memory_reports/measured/cuda-nvidia-h200).
 CUDA_CONTEXT_BYTES = 800_653_312
 # PyTorch's caching allocator: reserved-but-free blocks and rounding above peak allocated. A named assumption:
-# qlora turns on expandable segments (qlora/__init__.py), under which it has not been measured yet.
+# qlora turns on expandable segments (qlora.config.environment), under which it has not been measured yet.
 ALLOCATOR_SLACK = 0.05
-# `make gpu-check` measures both; its memory_reports/measured/cuda-*/overheads.json win when present.
-CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK = named_assumptions(CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK)
 MODEL_BUFFERS = "model buffers (RoPE tables)"
+
+
+@functools.cache
+def cuda_overheads() -> tuple[int, float]:
+    """(CUDA context bytes, allocator slack) the profiler uses: `make gpu-check`'s measured overheads.json
+    files win over the named defaults above. Read on first use, not at import, once per process."""
+    return named_assumptions(CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK)
 
 
 def slack(overhead: dict[str, int]) -> int:
@@ -76,10 +82,11 @@ def overhead(device: str, tensors: int, buffers: int) -> dict[str, int]:
     """Memory besides the training state: the model's buffers, and on CUDA what is not a tensor."""
     parts = {MODEL_BUFFERS: buffers} if buffers else {}
     if device == "cuda":
+        context, allocator_slack = cuda_overheads()
         parts.update(
             {
-                "CUDA context": CUDA_CONTEXT_BYTES,
-                f"allocator slack ({ALLOCATOR_SLACK * 100:g}%)": int((tensors + buffers) * ALLOCATOR_SLACK),
+                "CUDA context": context,
+                f"allocator slack ({allocator_slack * 100:g}%)": int((tensors + buffers) * allocator_slack),
             }
         )
     return parts

@@ -16,11 +16,8 @@ from typing import Any
 import torch
 
 from qlora.config.architecture import CLASSIFIER_HEADS
-from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import SHARDED_STRATEGIES, ModelSpec, QuantizationSpec, Recipe
-
-keep_deepspeed_off_stdout()  # before anything imports transformers' Trainer (and DeepSpeed with it)
 
 
 def is_local_path(name: str) -> bool:

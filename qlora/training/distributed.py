@@ -31,6 +31,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object, reduce
 
+from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import SHARDED_STRATEGIES, check_distributed
 
@@ -137,6 +138,7 @@ def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bo
     )  # the recipe's rules, for the launched strategy
     if strategy == "zero3":
         _require_deepspeed()
+        keep_deepspeed_off_stdout()  # before the Trainer imports DeepSpeed
     if spec.gpus and launch.launched and launch.world_size != spec.gpus and launch.is_main:
         print(
             f"warning: distributed.gpus: the recipe is sized for {spec.gpus} GPUs and {launch.world_size} processes "
