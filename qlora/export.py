@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qlora.config.environment import prepare_process
 from qlora.config.errors import run_cli
+from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
 from qlora.post.export import export, read_run
 
 
@@ -25,12 +26,14 @@ def parse_args(argv: Sequence[str] | None):
         "--license", dest="license_id", metavar="ID", help="license for the card (default: the base's)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --to folder")
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
+    configure_logging(verbosity(args))
     result = export(
         read_run(args.run), args.to, args.hub, args.private, args.base_model, args.license_id, args.overwrite
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 from qlora.config.environment import prepare_process
 from qlora.config.errors import ExitCode, QLoraError, run_cli
 from qlora.config.gpus import parse_gpu_memory
+from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
 from qlora.memory.merge import PLACEMENTS
 from qlora.post.export import read_run
 from qlora.post.merge import CHECK_INSTRUCTIONS, FLOOR_MULTIPLE, MAX_RELATIVE_DIFF, SAVE_DTYPES, auto_class, merge
@@ -36,12 +37,14 @@ def parse_args(argv: Sequence[str] | None):
         "--gpu-memory", metavar="SIZE", help="GPU memory the merge may use, e.g. 12GiB (default: all that is free)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --to folder")
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
+    configure_logging(verbosity(args))
     run = read_run(args.run)
     try:
         budget = parse_gpu_memory(args.gpu_memory) if args.gpu_memory else None

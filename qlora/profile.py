@@ -22,6 +22,7 @@ import torch
 from qlora.config.environment import prepare_process
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import gpu_target, parse_gpu_list
+from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
 from qlora.config.precision import default_device
 from qlora.config.recipe import Recipe, default_of, flag_keys, key_leaves, load_recipe, recipe_from_mapping
 from qlora.memory import report
@@ -89,6 +90,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="also write memory.md, memory.json and a PNG per model here"
     )
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -253,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
+    configure_logging(verbosity(args))
     runs = profile(args)
     command = shlex.join(["qlora", "profile", *argv])  # recorded in the Markdown, to remake the report
     if args.format == "json":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qlora.config.environment import prepare_process
 from qlora.config.errors import ExitCode, run_cli
+from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
 from qlora.config.recipe import load_recipe
 from qlora.training.sweep import build_points, check_same_recipe, parse_grid, sweep
 
@@ -33,6 +34,7 @@ def parse_args(argv: Sequence[str] | None):
         metavar="KEY=VALUE",
         help="override a recipe key for every point, e.g. --set training.max_steps=8 (repeatable)",
     )
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -40,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 when every point trained, 1 when some failed (their status says why), 2 on a user mistake."""
     args = parse_args(argv)
     prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
+    configure_logging(verbosity(args))
     grid = parse_grid(args.grid)
     base_dir = Path(load_recipe(args.recipe, args.overrides).output_dir)
     points = build_points(args.recipe, args.overrides, grid, base_dir)

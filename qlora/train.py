@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from qlora.config.environment import prepare_process
 from qlora.config.errors import run_cli
+from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
 from qlora.config.recipe import load_recipe
 from qlora.training.run import train
 
@@ -27,12 +28,14 @@ def parse_args(argv: Sequence[str] | None):
     )
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace results already in output_dir")
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
+    configure_logging(verbosity(args))
     recipe = load_recipe(args.recipe, args.overrides)
     train(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0

@@ -12,7 +12,7 @@ import pytest
 from qlora.config.environment import allocator_variable
 
 NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-SHOW = "import os; print(*(os.environ.get(name) for name in {names!r}))".format(names=NAMES)
+SHOW = f"import os; print(*(os.environ.get(name) for name in {NAMES!r}))"
 # A training process as `qlora train` starts it: its main() runs (and stops at the missing recipe), then the
 # environment is what the rest of the process would see.
 TRAIN = "from qlora.config.errors import run_cli; import qlora.train; run_cli(qlora.train.main, ['missing.yaml']); "

@@ -7,7 +7,7 @@ Every value arrives decided: `auto` keys are resolved by training (which asks th
 from __future__ import annotations
 
 import functools
-import sys
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,8 @@ from qlora.ops.kernels import apply_decoder_kernels
 from qlora.ops.loss import install_chunked_loss
 from qlora.ops.offload import offloaded
 from qlora.ops.tiled_mlp import tile_mlps
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,10 +73,7 @@ def install_loss(model, recipe: Recipe) -> str:
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     reason = chunked_loss_unsupported(causal_lm)
     if reason:
-        print(
-            f"training.loss: chunked cannot reproduce this model's logits ({reason}); using the standard loss",
-            file=sys.stderr,
-        )
+        log.info(f"training.loss: chunked cannot reproduce this model's logits ({reason}); using the standard loss")
         return "standard"
     install_chunked_loss(model, fused=recipe.training.kernels == "auto")
     return "chunked"

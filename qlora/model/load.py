@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ import torch
 from qlora.config.architecture import CLASSIFIER_HEADS
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import SHARDED_STRATEGIES, ModelSpec, QuantizationSpec, Recipe
+
+log = logging.getLogger(__name__)
 
 
 def is_local_path(name: str) -> bool:
@@ -203,17 +204,13 @@ def load_classifier(spec: ModelSpec, announce: bool = False, **kwargs):
     missing = sorted(info["missing_keys"])
     head = [key for key in missing if key.split(".", 1)[0] in CLASSIFIER_HEADS]
     if head and announce:
-        print(
-            f"model: new classifier head {', '.join(head)} ({model.config.num_labels} labels), trained in full",
-            file=sys.stderr,
-        )
+        log.info(f"model: new classifier head {', '.join(head)} ({model.config.num_labels} labels), trained in full")
     if len(head) < len(missing):
         others = [key for key in missing if key not in head]
-        print(
+        log.warning(
             f"warning: {spec.name_or_path} lacks {len(others)} base weight{'s' if len(others) > 1 else ''}, randomly "
             "initialised: "
-            f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}",
-            file=sys.stderr,
+            f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}"
         )
     return model
 

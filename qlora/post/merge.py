@@ -14,8 +14,8 @@ a time, or the CPU) follows from what it needs (qlora.memory.merge) and what the
 from __future__ import annotations
 
 import gc
+import logging
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from qlora.memory.merge import PLACEMENTS, MergeMemory, choose_placement, descri
 from qlora.model.lora import quiet_peft_deprecations
 from qlora.post.export import TrainedRun, check_destination
 from qlora.post.generate import format_prompt, load_adapted_model, load_run_base
+
+log = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Of what the adapter changes (max |logits of 4-bit base + adapter - logits of 4-bit base|). A right merge
@@ -257,7 +259,7 @@ def merge(
     check_destination(to, run, overwrite)
     compute_dtype = resolve_compute_dtype(run.recipe.quantization.compute_dtype)
     placement, budget, why = choose_merge_placement(run, compute_dtype, device, gpu_memory)
-    print(why, file=sys.stderr)
+    log.info(why)
     if placement == "cpu":  # `auto` is fp32 on a CPU whatever GPU the host has (bf16 matmuls there are slow and lossy)
         compute_dtype = resolve_compute_dtype(run.recipe.quantization.compute_dtype, "cpu")
     inputs, reference, base_only, tokenizer = reference_logits(

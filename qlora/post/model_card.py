@@ -7,7 +7,7 @@ card and the profiler; nothing comes from the environment, so no token can end u
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from qlora.config.recipe import ModelSpec, Recipe
 from qlora.data.prepare import ALPACA_PROMPT_NO_INPUT
 from qlora.memory.estimate import estimate_recipe
 from qlora.model.load import is_local_path
+
+log = logging.getLogger(__name__)
 
 METHOD_TAGS = {"qlora": ["qlora", "4-bit", "bitsandbytes"], "lora-8bit": ["8-bit", "bitsandbytes"], "lora": []}
 METHOD_TEXT = {
@@ -56,10 +58,7 @@ def card_base_model(spec: ModelSpec, hub_id: str | None, for_hub: bool) -> str:
             f"--base-model: the base is the local folder {spec.name_or_path}; pass the Hub id it is a copy of "
             "(e.g. --base-model meta-llama/Llama-3.1-8B) so the card's base_model is valid on the Hub"
         )
-    print(
-        f"warning: the base is a local folder; the card names it '{name}' (pass --base-model ORG/NAME)",
-        file=sys.stderr,
-    )
+    log.warning(f"warning: the base is a local folder; the card names it '{name}' (pass --base-model ORG/NAME)")
     return name
 
 
@@ -90,7 +89,7 @@ def predicted_estimate(recipe: Recipe):
     try:
         return estimate_recipe(recipe)
     except QLoraError as exc:
-        print(f"warning: no predicted peak for the card: {exc}", file=sys.stderr)
+        log.warning(f"warning: no predicted peak for the card: {exc}")
         return None
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 import pickle
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -34,6 +34,8 @@ from accelerate.utils import broadcast_object_list, gather_object, reduce
 from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import SHARDED_STRATEGIES, check_distributed
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -140,10 +142,9 @@ def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bo
         _require_deepspeed()
         keep_deepspeed_off_stdout()  # before the Trainer imports DeepSpeed
     if spec.gpus and launch.launched and launch.world_size != spec.gpus and launch.is_main:
-        print(
+        log.warning(
             f"warning: distributed.gpus: the recipe is sized for {spec.gpus} GPUs and {launch.world_size} processes "
-            "were launched; the memory per GPU differs from its plan",
-            file=sys.stderr,
+            "were launched; the memory per GPU differs from its plan"
         )
     kwargs = trainer_kwargs(strategy, spec.offload, launch, cuda)
     return Plan(launch, strategy, spec.offload, cuda, kwargs)

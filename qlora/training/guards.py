@@ -18,8 +18,8 @@ Exit codes of `qlora train` (also in the README's Reliability section):
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from qlora.training.distributed import finish
 from qlora.training.lock import RunLock
 from qlora.training.nonfinite import ADVICE, stop_on_nonfinite_callback
 from qlora.training.preemption import resume_hint, sigterm_handling, stop_on_sigterm_callback
+
+log = logging.getLogger(__name__)
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # Writers that are not Python's own (safetensors' Rust, torch.save's C++) report a full disk in text.
@@ -76,7 +78,7 @@ def disk_full_exit(exc: BaseException, output_dir: Path) -> SystemExit:
     else:
         kept = "the finished adapter kept; " if adapter else "no checkpoint was written yet; "
         kept += "free space, then run again"
-    print(f"error: disk full while writing{where}; partial files removed, {kept}", file=sys.stderr)
+    log.error(f"error: disk full while writing{where}; partial files removed, {kept}")
     return SystemExit(ExitCode.DISK_FULL)
 
 
@@ -93,7 +95,7 @@ def guarded_run(output_dir: Path):
                 raise disk_full_exit(exc, output_dir) from None
             if isinstance(exc, OSError):
                 if is_disk_full(exc):  # not the process that writes (or nothing written yet): nothing to clean up here
-                    print(f"error: disk full while writing{_where(exc)}; free space, then run again", file=sys.stderr)
+                    log.error(f"error: disk full while writing{_where(exc)}; free space, then run again")
                     raise SystemExit(ExitCode.DISK_FULL) from None
                 raise QLoraError(os_error_line(exc)) from exc
             raise
@@ -141,13 +143,12 @@ def exit_if_stopped(trainer, output_dir: Path) -> None:
         finish()
         last = latest_complete_checkpoint(output_dir)
         kept = f"the last good checkpoint ({last.name}) is kept" if last else "no checkpoint was written before it"
-        print(
-            f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}",
-            file=sys.stderr,
+        log.error(
+            f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}"
         )
         raise SystemExit(ExitCode.NONFINITE)
     if sigterm is not None and sigterm.stopped_at is not None:
         finish()
         kept, code = resume_hint(output_dir)
-        print(f"stopped by SIGTERM at step {sigterm.stopped_at}: {kept}", file=sys.stderr)
+        log.warning(f"stopped by SIGTERM at step {sigterm.stopped_at}: {kept}")
         raise SystemExit(code)

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
-import sys
 from pathlib import Path
 
 from qlora.config.errors import QLoraError
 from qlora.training.distributed import is_main_process
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".qlora.lock"
 
@@ -77,9 +79,8 @@ class RunLock:
         except (OSError, ValueError, KeyError, TypeError):
             pid, host = None, None
         if pid is not None and host == socket.gethostname() and not pid_alive(pid):
-            print(
-                f"warning: output_dir: taking over the stale lock of process {pid} (no longer running): {self.path}",
-                file=sys.stderr,
+            log.warning(
+                f"warning: output_dir: taking over the stale lock of process {pid} (no longer running): {self.path}"
             )
             self.path.unlink(missing_ok=True)
             return

@@ -33,11 +33,13 @@ saving, so the last checkpoint written is the last good one, and the run exits w
 
 from __future__ import annotations
 
-import sys
+import logging
 
 import torch
 
 from qlora.training.distributed import any_process
+
+log = logging.getLogger(__name__)
 
 ADVICE = (
     "try quantization.compute_dtype=bfloat16 where the GPU supports it (fp16 overflows), a lower "
@@ -118,10 +120,9 @@ def stop_on_nonfinite_callback(max_skipped: int = 0):
             step = state.global_step + 1
             if self.skipped < max_skipped:
                 self.skipped += 1
-                print(
+                log.warning(
                     f"warning: non-finite loss or gradients at step {step}: step skipped "
-                    f"({self.skipped} of training.max_nonfinite_steps={max_skipped})",
-                    file=sys.stderr,
+                    f"({self.skipped} of training.max_nonfinite_steps={max_skipped})"
                 )
                 return control
             self.stopped_at = step

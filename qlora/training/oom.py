@@ -7,12 +7,14 @@ which `qlora sweep` reads as "this point did not fit".
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable, Iterable
 
 from qlora.config.errors import ExitCode
 from qlora.config.gpus import parse_gpu_memory
 from qlora.memory.planner import plan_fit
+
+log = logging.getLogger(__name__)
 
 
 def fit_advice(recipe) -> list[str]:
@@ -74,7 +76,7 @@ class OutOfMemoryExit:
         return "\n".join(lines)
 
     def exit(self) -> None:
-        print(f"error: {self.message()}", file=sys.stderr)
+        log.error(f"error: {self.message()}")
         raise SystemExit(ExitCode.OOM) from None
 
     def exit_if_out_of_memory(self) -> None:

@@ -41,6 +41,8 @@ def resume_hint(output_dir: Path | None) -> tuple[str, int]:
 
 
 def _on_sigterm(signum, frame) -> None:
+    # print, not the logger: a signal handler runs between any two bytecodes, and logging's handler lock may be
+    # held by the code it interrupted (a deadlock).
     if STATE.training:
         if not STATE.requested:
             print("received SIGTERM: finishing this optimizer step, then saving a checkpoint", file=sys.stderr)

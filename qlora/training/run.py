@@ -7,7 +7,7 @@ train (transformers.Trainer, paged optimizer, checkpoints) -> measure after -> s
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +26,8 @@ from qlora.training.distributed import barrier, finish, is_main_process, on_main
 from qlora.training.guards import exit_if_stopped, guarded_run, run_callbacks
 from qlora.training.metrics import memory_figures, task_metrics
 from qlora.training.oom import OutOfMemoryExit, fit_advice
+
+log = logging.getLogger(__name__)
 
 KEPT_CHECKPOINT = "the last complete checkpoint is kept (continue with --resume after a change)"
 EVAL_ADVICE = "evaluation runs training.eval_batch_size sequences at a time; lower it, or eval.max_examples"
@@ -141,7 +143,7 @@ def baseline(trainer, loaded, data, recipe, output_dir: Path, resuming: bool) ->
     if resuming:  # the checkpoint's weights are loaded by now: only the stored metrics are the true 'before'
         if path.exists():
             return json.loads(path.read_text())
-        print("note: no checkpoints/baseline.json to resume from: metrics.json has no before-metrics", file=sys.stderr)
+        log.info("note: no checkpoints/baseline.json to resume from: metrics.json has no before-metrics")
         return {}
 
     before = evaluate_metrics(trainer, loaded, data, recipe)
@@ -200,7 +202,7 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     check_model_source(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe, tokenizer)
-    print(f"data: {describe(data.stats)}", file=sys.stderr)
+    log.info(f"data: {describe(data.stats)}")
     distributed.start(plan)
     lock.acquire()  # before the first write (main process only): a second run into output_dir is refused
     # The main process alone prepares and writes the output folder; the others wait for its answer.

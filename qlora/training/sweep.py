@@ -14,6 +14,7 @@ import csv
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import subprocess
@@ -29,6 +30,8 @@ from qlora.config.errors import ExitCode, QLoraError
 from qlora.config.io import atomic_write_text
 from qlora.config.recipe import Recipe, all_keys, load_recipe, split_assignment
 from qlora.training.checkpoints import latest_complete_checkpoint
+
+log = logging.getLogger(__name__)
 
 RESULTS_NAME = "sweep_results"
 RESULT_COLUMNS = ("trainable_params", "eval_loss_before", "eval_loss_after")
@@ -335,10 +338,10 @@ def sweep(points: list[Point], base_dir: Path, grid_keys: Sequence[str]) -> list
     for i, point in enumerate(points):
         done = read_metrics(point.folder)
         if done is not None:
-            print(f"sweep: [{i + 1}/{len(points)}] {point.name}: finished earlier, skipped", file=sys.stderr)
+            log.info(f"sweep: [{i + 1}/{len(points)}] {point.name}: finished earlier, skipped")
             rows[i] = result_row(point, done_status(done), done, cols)
             continue
-        print(f"sweep: [{i + 1}/{len(points)}] {point.name}", file=sys.stderr)
+        log.info(f"sweep: [{i + 1}/{len(points)}] {point.name}")
         status, metrics = run_point(point)
         rows[i] = result_row(point, status, metrics, cols)
         write_results(base_dir, sorted(rows, key=rank), cols)
