@@ -10,7 +10,6 @@ from pathlib import Path
 from qlora.config.environment import prepare_process
 from qlora.config.errors import run_cli
 from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
-from qlora.post.export import export, read_run
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -34,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
     configure_logging(verbosity(args))
+    # Imported after parsing: the export layer imports torch and peft (about 3 s), which `--help` never needs.
+    from qlora.post.export import export, read_run
+
     result = export(
         read_run(args.run), args.to, args.hub, args.private, args.base_model, args.license_id, args.overwrite
     )

@@ -9,9 +9,6 @@ from collections.abc import Sequence
 from qlora.config.environment import prepare_process
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
-from qlora.post.export import read_run
-from qlora.post.generate import generate
-from qlora.training.oom import OutOfMemoryExit
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -41,6 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(verbosity(args))
     if args.max_new_tokens < 1:
         raise QLoraError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    # Imported after parsing: generation imports torch, transformers and peft (about 3 s), which `--help` and
+    # an argument mistake never need.
+    from qlora.post.export import read_run
+    from qlora.post.generate import generate
+    from qlora.training.oom import OutOfMemoryExit
+
     advice = ["give fewer or shorter --prompt values, or a smaller --max-new-tokens"]
     with OutOfMemoryExit("generation", advice):
         results = generate(read_run(args.run), args.prompt, args.inputs, args.max_new_tokens, args.raw, args.compare)

@@ -11,10 +11,12 @@ from qlora.config.environment import prepare_process
 from qlora.config.errors import ExitCode, QLoraError, run_cli
 from qlora.config.gpus import parse_gpu_memory
 from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
-from qlora.memory.merge import PLACEMENTS
-from qlora.post.export import read_run
-from qlora.post.merge import CHECK_INSTRUCTIONS, FLOOR_MULTIPLE, MAX_RELATIVE_DIFF, SAVE_DTYPES, auto_class, merge
-from qlora.training.oom import OutOfMemoryExit
+
+# The merge layers import torch, transformers and peft (about 4 s): main() imports them after parsing, so the
+# parser names their choices here (tests/post/test_merge.py checks them against qlora.post.merge's and
+# qlora.memory.merge's).
+SAVE_DTYPE_NAMES = ("bfloat16", "float16")
+PLACEMENT_NAMES = ("auto", "cuda", "layers", "cpu")
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -23,12 +25,10 @@ def parse_args(argv: Sequence[str] | None):
     )
     parser.add_argument("run", help="a `qlora train` output folder")
     parser.add_argument("--to", type=Path, required=True, help="folder for the merged model")
-    parser.add_argument(
-        "--dtype", choices=sorted(SAVE_DTYPES), default="float16", help="storage dtype (default float16)"
-    )
+    parser.add_argument("--dtype", choices=SAVE_DTYPE_NAMES, default="float16", help="storage dtype (default float16)")
     parser.add_argument(
         "--device",
-        choices=PLACEMENTS,
+        choices=PLACEMENT_NAMES,
         default="auto",
         help="where to merge: cuda (whole model on the GPU), layers (one layer at a time on the GPU, "
         "the merged model in CPU memory), cpu, or auto (the first of these that fits; default)",
@@ -45,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
     configure_logging(verbosity(args))
+    from qlora.post.export import read_run
+    from qlora.post.merge import CHECK_INSTRUCTIONS, FLOOR_MULTIPLE, MAX_RELATIVE_DIFF, auto_class, merge
+    from qlora.training.oom import OutOfMemoryExit
+
     run = read_run(args.run)
     try:
         budget = parse_gpu_memory(args.gpu_memory) if args.gpu_memory else None

@@ -16,22 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-import torch
-
 from qlora.config.environment import prepare_process
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import gpu_target, parse_gpu_list
 from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
-from qlora.config.precision import default_device
 from qlora.config.recipe import Recipe, default_of, flag_keys, key_leaves, load_recipe, recipe_from_mapping
-from qlora.memory import report
-from qlora.memory.estimate import estimate, settings_inventory
-from qlora.memory.planner import cards_needed, plan, predict
-from qlora.memory.report import Result, Run
-from qlora.memory.settings import DEFAULT_METHODS, Settings, from_recipe, parse_methods
-from qlora.training.auto import resolve_kernels
-from qlora.training.measure import environment, measure, random_weights
+
+# The profiler's layers (qlora.memory, and qlora.training for --measure) are imported inside the functions
+# that use them, after the arguments are parsed: they import torch (about 4 s; 8 s with --measure's
+# training layers), which `qlora profile --help` and a mistyped flag never need.
+if typing.TYPE_CHECKING:
+    from qlora.memory.settings import Settings
 
 HEADLINE_MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
 # Flags that set a recipe key (declared in the schema: `key(..., flag=...)`); `qlora profile` builds a recipe
@@ -161,6 +156,8 @@ def jobs(args: argparse.Namespace) -> list[Job]:
         raise QLoraError("--num-labels: sizes a classifier's head; add --task classification")
     if args.num_labels is not None and args.num_labels < 2:
         raise QLoraError(f"--num-labels: a classifier needs at least 2 labels, got {args.num_labels}")
+    from qlora.memory.settings import DEFAULT_METHODS, parse_methods
+
     sharding_flags(args)
     methods = parse_methods(args.methods) if args.methods is not None else DEFAULT_METHODS
     models = args.model or ([] if args.recipe else list(HEADLINE_MODELS))
@@ -169,6 +166,8 @@ def jobs(args: argparse.Namespace) -> list[Job]:
 
 def model_job(model: str, methods: tuple[str, ...], args: argparse.Namespace) -> Job:
     """A --model run: the recipe defaults (the headline settings) changed by the flags given."""
+    from qlora.memory.settings import from_recipe
+
     base = {
         "model": {"name_or_path": model},
         **({"data": {"format": "classification"}} if args.task == "classification" else {}),
@@ -183,6 +182,8 @@ def model_job(model: str, methods: tuple[str, ...], args: argparse.Namespace) ->
 
 def recipe_job(path: str, args: argparse.Namespace) -> Job:
     """A --recipe run: its own model, method and settings; the launcher flags (--gpus, --strategy, --offload) apply."""
+    from qlora.memory.settings import from_recipe
+
     sharding = flag_overrides(args, [f for f in SHARDING_FLAGS if f != "gpus" or args.gpus != "auto"])
     recipe = flag_recipe(lambda: load_recipe(path, [*args.overrides, *sharding]), args)
     model, method, settings = from_recipe(recipe)
@@ -191,6 +192,12 @@ def recipe_job(path: str, args: argparse.Namespace) -> Job:
 
 def profile(args: argparse.Namespace) -> list:
     """Every run: predictions, the fit plan for --gpu (or a recipe's target_gpu), measured peaks."""
+    from qlora.config.precision import default_device
+    from qlora.memory.estimate import estimate, settings_inventory
+    from qlora.memory.planner import cards_needed, plan, predict
+    from qlora.memory.report import Result, Run
+    from qlora.training.auto import resolve_kernels
+
     gpus = parse_gpu_list(args.gpu)
     device = default_device() if args.measure else "cuda"  # without --measure: the GPU being planned for
     runs = []
@@ -225,6 +232,8 @@ def profile(args: argparse.Namespace) -> list:
 
 def measure_run(run, recipe: Recipe, device: str) -> None:
     """Measure every method of `run` (what `recipe` sets) here, refusing models this machine cannot hold."""
+    from qlora.training.measure import environment, measure, random_weights
+
     check_measurable(run, device)
     labels = run.settings.num_labels if run.settings.task == "classification" else None
     with tempfile.TemporaryDirectory(prefix="qlora-weights-") as folder:  # one random model for every method
@@ -237,6 +246,9 @@ def measure_run(run, recipe: Recipe, device: str) -> None:
 
 def check_measurable(run, device: str) -> None:
     """A 7B on a laptop CPU would swap for an hour: say so before building anything."""
+    import psutil
+    import torch
+
     ram = int(psutil.virtual_memory().available * MEASURE_RAM_SHARE)
     build = 4 * run.results[0].estimate.parameters  # the random fp32 model, made in RAM and saved before loading
     step = max(r.estimate.allocated for r in run.results)
@@ -256,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
     configure_logging(verbosity(args))
+    from qlora.memory import report
+
     runs = profile(args)
     command = shlex.join(["qlora", "profile", *argv])  # recorded in the Markdown, to remake the report
     if args.format == "json":

@@ -10,7 +10,6 @@ from qlora.config.environment import prepare_process
 from qlora.config.errors import run_cli
 from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
 from qlora.config.recipe import load_recipe
-from qlora.training.run import train
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -37,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
     configure_logging(verbosity(args))
     recipe = load_recipe(args.recipe, args.overrides)
+    # Imported once the arguments and the recipe are checked: training imports torch, transformers and peft
+    # (about 8 s on two cores), which `--help` and a recipe mistake never need.
+    from qlora.training.run import train
+
     train(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 

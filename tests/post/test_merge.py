@@ -271,3 +271,13 @@ def test_layer_by_layer_dequantization_is_transformers_dequantization(run):
     assert all(type(m) is torch.nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
     got = model.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_the_command_line_offers_the_merge_layers_own_choices():
+    """qlora/merge.py names them without importing the merge layers (torch): they must stay the same."""
+    import qlora.merge
+    from qlora.memory.merge import PLACEMENTS
+    from qlora.post.merge import SAVE_DTYPES
+
+    assert tuple(sorted(SAVE_DTYPES)) == qlora.merge.SAVE_DTYPE_NAMES
+    assert qlora.merge.PLACEMENT_NAMES == PLACEMENTS
