@@ -23,12 +23,14 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from qlora.config.errors import ExitCode, QLoraError
 from qlora.training.checkpoints import checkpoints_dir, latest_complete_checkpoint, remove_unfinished, rotate
 from qlora.training.distributed import finish
 from qlora.training.lock import RunLock
-from qlora.training.nonfinite import ADVICE, stop_on_nonfinite_callback
-from qlora.training.preemption import resume_hint, sigterm_handling, stop_on_sigterm_callback
+from qlora.training.nonfinite import ADVICE, StopOnNonFinite, stop_on_nonfinite_callback
+from qlora.training.preemption import StopOnSigterm, resume_hint, sigterm_handling, stop_on_sigterm_callback
 
 log = logging.getLogger(__name__)
 
@@ -108,18 +110,19 @@ def os_error_line(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
-def rotate_checkpoints_callback(keep: int | None):
+class RotateCheckpoints(TrainerCallback):
     """`training.save_total_limit`, applied only after the newest checkpoint is marked complete."""
-    # here, not at the top: importing transformers takes seconds, and `qlora train` reaches this module
-    # at start-up, before a recipe error should be reported
-    from transformers import TrainerCallback
 
-    class RotateCheckpoints(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if args.should_save:
-                rotate(Path(args.output_dir), keep)
+    def __init__(self, keep: int | None):
+        self.keep = keep
 
-    return RotateCheckpoints()
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            rotate(Path(args.output_dir), self.keep)
+
+
+def rotate_checkpoints_callback(keep: int | None) -> RotateCheckpoints:
+    return RotateCheckpoints(keep)
 
 
 def run_callbacks(recipe) -> list:
@@ -137,8 +140,9 @@ def exit_if_stopped(trainer, output_dir: Path) -> None:
     Both stops are decided by all processes together (the callbacks reduce their flags), so every
     process gets here at the same step and they leave the process group together before exiting.
     """
-    by_name = {type(cb).__name__: cb for cb in trainer.callback_handler.callbacks}
-    nonfinite, sigterm = by_name.get("StopOnNonFinite"), by_name.get("StopOnSigterm")
+    callbacks = trainer.callback_handler.callbacks
+    nonfinite = next((cb for cb in callbacks if isinstance(cb, StopOnNonFinite)), None)
+    sigterm = next((cb for cb in callbacks if isinstance(cb, StopOnSigterm)), None)
     if nonfinite is not None and nonfinite.stopped_at is not None:
         finish()
         last = latest_complete_checkpoint(output_dir)

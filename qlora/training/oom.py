@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
+import torch
+
 from qlora.config.errors import ExitCode
 from qlora.config.gpus import parse_gpu_memory
 from qlora.memory.planner import plan_fit
@@ -19,8 +21,6 @@ log = logging.getLogger(__name__)
 
 def fit_advice(recipe) -> list[str]:
     """What to change for a training run: the profiler's fit plan for this GPU, when it can tell."""
-    import torch
-
     lines = []
     try:
         if torch.cuda.is_available():
@@ -59,7 +59,6 @@ class OutOfMemoryExit:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             return False
-        import torch  # imported here: `import qlora.training.run` stays light for the CLI's argument errors
 
         if not issubclass(exc_type, torch.OutOfMemoryError):
             return False
@@ -86,7 +85,5 @@ class OutOfMemoryExit:
 
 def release_cached_memory() -> None:
     """Give the allocator's cache back after an OOM, so whatever runs next (saving, metrics) has room."""
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -18,6 +18,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from qlora.config.errors import ExitCode
 from qlora.training.checkpoints import latest_complete_checkpoint
 from qlora.training.distributed import any_process
@@ -73,26 +75,25 @@ def requested_anywhere() -> bool:
     return any_process(STATE.requested)
 
 
-def stop_on_sigterm_callback():
+class StopOnSigterm(TrainerCallback):
+    """After a SIGTERM, save at the end of this step and stop."""
+
+    stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        STATE.training = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if requested_anywhere():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        STATE.training = False
+
+
+def stop_on_sigterm_callback() -> StopOnSigterm:
     """The Trainer callback: after a SIGTERM, save at the end of this step and stop."""
-    # here, not at the top: importing transformers takes seconds, and `qlora train` reaches this module
-    # at start-up, before a recipe error should be reported
-    from transformers import TrainerCallback
-
-    class StopOnSigterm(TrainerCallback):
-        stopped_at: int | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            STATE.training = True
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if requested_anywhere():
-                control.should_save = True
-                control.should_training_stop = True
-                self.stopped_at = state.global_step
-            return control
-
-        def on_train_end(self, args, state, control, **kwargs):
-            STATE.training = False
-
     return StopOnSigterm()

@@ -13,6 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
 from qlora.config.io import atomic_write_json, publish_dir, staged_dir, staging_dir_for
 from qlora.config.precision import trainer_precision_flags
 from qlora.data.prepare import data_collator, describe, prepare_data
@@ -35,9 +40,6 @@ EVAL_ADVICE = "evaluation runs training.eval_batch_size sequences at a time; low
 
 def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool, parallel: dict | None = None):
     """transformers `TrainingArguments` from the recipe's training section (`parallel`: training.distributed's)."""
-    import torch
-    from transformers import TrainingArguments
-
     t = recipe.training
     return TrainingArguments(
         output_dir=str(checkpoint_root),
@@ -79,7 +81,6 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
 
 def checkpoint_marker_callback():
     """A Trainer callback that marks each checkpoint complete once Trainer has finished writing it."""
-    from transformers import TrainerCallback
 
     class MarkCheckpointComplete(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -95,8 +96,6 @@ def evaluate_before_training_callback(evaluate: Callable[[], dict[str, float]]):
     training by then (DDP, a DeepSpeed engine). Evaluated before `train()`, the model would be prepared
     for evaluation only, and training would then skip its wrap (transformers 5 / accelerate 1.15).
     Training's clock (`finished_at`) and peak memory start after it."""
-    import torch
-    from transformers import TrainerCallback
 
     class EvaluateBeforeTraining(TrainerCallback):
         metrics: dict[str, float] = {}
@@ -115,8 +114,6 @@ def build_trainer(
     recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None, first: list | None = None
 ):
     """The Trainer of a run; `first`: callbacks that run before qlora's checkpoint and stop callbacks."""
-    from transformers import Trainer
-
     return Trainer(
         model=loaded.model,
         args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None, parallel),
@@ -192,9 +189,6 @@ def train(recipe, resume: bool = False, overwrite: bool = False) -> dict[str, An
 
 def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     """`train`'s body: check -> load -> measure before -> train -> measure after -> save."""
-    import torch
-    from transformers import set_seed
-
     # Everything a user can get wrong is checked before output_dir is touched (--overwrite would
     # delete the previous results) and before minutes go into loading the model.
     output_dir = Path(recipe.output_dir)
@@ -276,9 +270,6 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
 
 def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     """Before/after at a glance, on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"qlora: {output_dir}")
     table.add_column("metric")
     table.add_column("before", justify="right")
