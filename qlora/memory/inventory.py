@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from qlora.config.architecture import (
     ATTENTION_NAMES,
     CLASSIFIER_HEADS,
@@ -122,8 +124,6 @@ def load_inventory(
 
 @lru_cache(maxsize=32)
 def _inventory(config_path: str, name: str, dtype_name: str, task: str, num_labels: int) -> Inventory:
-    import torch
-
     model = meta_model(Path(config_path), getattr(torch, dtype_name), task, num_labels)
     return _describe(model, name, task)
 
@@ -141,7 +141,6 @@ def load_config(config_path: Path):
 def meta_model(config_path: Path, dtype, task: str = "causal_lm", num_labels: int = 2):
     """The config's causal-LM (or sequence-classification) class, built on the meta device in `dtype`
     (as `from_pretrained` would)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = load_config(config_path)
@@ -156,8 +155,19 @@ def meta_model(config_path: Path, dtype, task: str = "causal_lm", num_labels: in
         raise QLoraError(f"{config_path}: not a {what} transformers can build: {str(exc).splitlines()[0]}") from None
 
 
+def linear_features(module) -> tuple[int, int] | None:
+    """(in, out) features of a linear layer: `nn.Linear`, or GPT-2's `Conv1D` (the same matmul, its weight
+    stored transposed; peft's all-linear counts it too). None for any other module."""
+    from transformers.pytorch_utils import Conv1D
+
+    if type(module) is torch.nn.Linear:
+        return module.in_features, module.out_features
+    if type(module) is Conv1D:
+        return module.nx, module.nf
+    return None
+
+
 def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
-    import torch
     from transformers.quantizers.base import HfQuantizer
     from transformers.quantizers.quantizers_utils import should_convert_module
 
@@ -166,7 +176,8 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     linears, params, claimed = [], [], set()
     for mod_name, module in model.named_modules():
-        if type(module) is torch.nn.Linear and not (tied and module is head):  # a tied head stores nothing of its own
+        features = linear_features(module)
+        if features is not None and not (tied and module is head):  # a tied head stores nothing of its own
             leaf = mod_name.rsplit(".", 1)[-1]
             role = (
                 "lm_head"
@@ -182,8 +193,7 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
             linears.append(
                 Linear(
                     mod_name,
-                    module.in_features,
-                    module.out_features,
+                    *features,
                     module.bias is not None,
                     module.weight.element_size(),
                     role,
@@ -250,8 +260,6 @@ def _dims(config) -> Dims:
 
 def _first_layer_prefix(model) -> str:
     """'model.layers.0.': the first module of the ModuleList that holds the decoder layers."""
-    import torch
-
     layers = model.config.get_text_config().num_hidden_layers
     for mod_name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
