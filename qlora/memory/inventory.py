@@ -13,6 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from qlora.config.architecture import (
     ATTENTION_NAMES,
@@ -130,8 +134,6 @@ def _inventory(config_path: str, name: str, dtype_name: str, task: str, num_labe
 
 def load_config(config_path: Path):
     """transformers' config object for a config.json, with one-line errors for unusable files."""
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(str(config_path))
     except (OSError, ValueError, KeyError) as exc:
@@ -141,8 +143,6 @@ def load_config(config_path: Path):
 def meta_model(config_path: Path, dtype, task: str = "causal_lm", num_labels: int = 2):
     """The config's causal-LM (or sequence-classification) class, built on the meta device in `dtype`
     (as `from_pretrained` would)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     config = load_config(config_path)
     loader, what = AutoModelForCausalLM, "causal language model"
     if task == "classification":
@@ -158,8 +158,6 @@ def meta_model(config_path: Path, dtype, task: str = "causal_lm", num_labels: in
 def linear_features(module) -> tuple[int, int] | None:
     """(in, out) features of a linear layer: `nn.Linear`, or GPT-2's `Conv1D` (the same matmul, its weight
     stored transposed; peft's all-linear counts it too). None for any other module."""
-    from transformers.pytorch_utils import Conv1D
-
     if type(module) is torch.nn.Linear:
         return module.in_features, module.out_features
     if type(module) is Conv1D:
@@ -168,9 +166,6 @@ def linear_features(module) -> tuple[int, int] | None:
 
 
 def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
     skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight

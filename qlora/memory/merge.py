@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from qlora.config.errors import QLoraError
 from qlora.memory.estimate import weight_bytes
 from qlora.memory.inventory import Inventory, load_inventory
@@ -55,8 +57,6 @@ def merge_memory_bytes(model, dtype: str = "bfloat16", bits: int | None = 4, dou
 
 def free_gpu_bytes() -> int | None:
     """Free memory on the current GPU as the driver reports it (None without a GPU)."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     free, _total = torch.cuda.mem_get_info()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 
+import bitsandbytes as bnb
 import torch
+from peft import LoraConfig, TaskType, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 from qlora.config.architecture import CLASSIFIER_HEADS, lora_target_names
@@ -16,8 +18,6 @@ from qlora.config.recipe import LoraSpec
 def linear_leaf_names(model) -> set[str]:
     """Leaf names of every linear layer (plain, 4-bit or 8-bit, or GPT-2's transposed `Conv1D`, as peft's
     all-linear counts it), e.g. {'q_proj', 'down_proj', 'lm_head'}."""
-    import bitsandbytes as bnb
-
     kinds = (torch.nn.Linear, Conv1D, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, kinds)}
 
@@ -40,8 +40,6 @@ def lora_target_modules(model, targets: str | list[str]) -> list[str]:
 
 def attach_lora(model, spec: LoraSpec, task: str = "causal_lm"):
     """Wrap the frozen base with LoRA adapters; only adapter (and a new classifier head) train."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,

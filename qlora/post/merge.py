@@ -19,8 +19,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitsandbytes as bnb
 import psutil
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
 from qlora.config.errors import QLoraError
 from qlora.config.io import publish_dir, staging_dir_for
@@ -128,9 +132,6 @@ def dequantize_layer_by_layer(model, dtype: torch.dtype, to: str = "cpu"):
     transformers' `dequantize` converts in place, so the whole dense model ends up on the GPU; here the
     GPU holds the quantized model and one dense weight at a time (the same bitsandbytes dequantization).
     """
-    import bitsandbytes as bnb
-    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
-
     for name, module in list(model.named_modules()):
         if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             continue
@@ -166,8 +167,6 @@ def dequantized_base(run: TrainedRun, compute_dtype: torch.dtype, tokenizer, pla
 def merged_model(run: TrainedRun, compute_dtype: torch.dtype, save_dtype: str, tokenizer, placement: str = "cuda"):
     """Dequantized base + adapter, merged (peft; a classifier's trained head replaces the new one) and
     cast to `save_dtype`."""
-    from peft import PeftModel
-
     base = dequantized_base(run, compute_dtype, tokenizer, placement)
     with quiet_peft_deprecations():
         model = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
@@ -206,8 +205,6 @@ def free_memory() -> None:
 
 def auto_class(run: TrainedRun):
     """The transformers class a user loads the merged model with."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     return AutoModelForSequenceClassification if run.label_names else AutoModelForCausalLM
 
 
