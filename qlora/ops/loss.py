@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qlora.config.architecture import IGNORE_INDEX
 from qlora.config.long_context import chunk_tokens, fused_loss_is_smaller
@@ -232,8 +233,6 @@ class _ChunkedCall:
     def after(self, module, args, output):
         if self.labels is None:
             return None
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         labels, hidden, loss_kwargs = self.labels, self.hidden, self.loss_kwargs
         self.labels = self.hidden = None
         self.loss_kwargs = {}

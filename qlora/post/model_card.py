@@ -11,7 +11,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub  # the Hub client looked up at call time (tests replace it)
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import ModelSpec, Recipe
@@ -35,9 +39,6 @@ RECIPE_PATH_KEYS = (("model", "name_or_path"), ("data", "path"), ("data", "eval_
 
 def base_model_id(spec: ModelSpec, override: str | None) -> str | None:
     """The base's Hub id: `--base-model`, else the recipe's model when it is a Hub name; None for a local folder."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     if override:
         try:
             validate_repo_id(override)
@@ -64,8 +65,6 @@ def card_base_model(spec: ModelSpec, hub_id: str | None, for_hub: bool) -> str:
 
 def base_license(spec: ModelSpec, hub_id: str | None) -> str | None:
     """The base's license: from its local model card, else from its Hub page; None when unknown."""
-    from huggingface_hub import HfApi, ModelCard
-
     readme = Path(spec.name_or_path).expanduser() / "README.md"
     if is_local_path(spec.name_or_path) and readme.is_file():
         try:
@@ -77,7 +76,7 @@ def base_license(spec: ModelSpec, hub_id: str | None) -> str | None:
     if hub_id is None:
         return None
     try:
-        info = HfApi().model_info(hub_id, revision=spec.revision, timeout=10)
+        info = huggingface_hub.HfApi().model_info(hub_id, revision=spec.revision, timeout=10)
     except Exception:  # offline, gated, renamed: each just means the license is unknown, as the card then says
         return None
     return info.card_data.license if info.card_data else None
@@ -234,8 +233,6 @@ def alpaca_section() -> list[str]:
 
 def render_card(run, base_model: str, license_id: str | None, repo_id: str | None = None) -> str:
     """README.md for an exported adapter of `run` (a qlora.post.export.TrainedRun)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     recipe, metrics = run.recipe, run.metrics
     adapter_config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
     causal = recipe.task == "causal_lm"

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from qlora.config.errors import ExitCode, QLoraError
 from qlora.config.io import atomic_write_text
@@ -308,9 +310,6 @@ def grid_keys_of(header: Sequence[str]) -> list[str]:
 
 
 def print_results(rows: list[dict[str, Any]], cols: Sequence[str], base_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     header, body = display_table(rows, [c for c in cols if c != "peak_memory_bytes"])
     console = Console()
     if not console.is_terminal:
