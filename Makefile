@@ -12,7 +12,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # is left out of the pins so the machine's CUDA build stays.
 CONSTRAINTS ?= constraints/ci.txt
 
-.PHONY: demo test test-floors test-wheel install assets bench clean gpu-check constraints
+.PHONY: demo test lint test-floors test-wheel install assets bench clean gpu-check constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,12 @@ assets: $(VENV)/.installed
 	$(PY) -m qlora.demo.pretrain --out qlora/demo/assets/base-model
 	$(PY) -m qlora.demo.datasets --out qlora/demo/assets
 
-test: $(VENV)/.installed-dev
+# The lint gate (configuration in pyproject.toml): ruff's checks and its formatter, run before the tests.
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 # The declared floors, really installed: a separate venv with exactly the versions in constraints/floors.txt
@@ -124,7 +129,7 @@ bench: $(VENV)/.installed
 
 # The one prepared GPU check (<= 8 min on one GPU; results under memory_reports/measured/cuda-<gpu>/):
 # `make gpu-check`; `make gpu-check ARGS=--dry-run` checks its wiring on a CPU in seconds. On a machine
-# without network: `make gpu-check PY=python3 GPU_CHECK_DEPS=` (see benchmarks/gpu_check.py for bitsandbytes' wheel).
+# without network: `make gpu-check PY=python3 GPU_CHECK_DEPS=` (see benchmarks/gpu_check.py's docstring).
 GPU_CHECK_DEPS ?= $(VENV)/.installed
 gpu-check: $(GPU_CHECK_DEPS)
 	$(PY) benchmarks/gpu_check.py $(ARGS)

@@ -10,7 +10,7 @@ small enough for a 2-core CPU), the same random token batches, LoRA r 16 on ever
 Results: `memory_reports/bench/bench.md` and `bench.json`, with the machine and library versions.
 
     python benchmarks/bench_memory.py [--config PATH] [--seq-len 2048] [--steps 4] [--out DIR]
-    python benchmarks/bench_memory.py --dry-run   # a tiny config, two steps: checks the wiring (the test suite runs it)
+    python benchmarks/bench_memory.py --dry-run   # a tiny config, two steps: checks the wiring (tests run it)
 """
 
 from __future__ import annotations
@@ -292,16 +292,20 @@ def to_markdown(result: dict, command: str) -> str:
     lines = [
         f"Made by `{command}`.",
         "",
-        f"**{s['config']}**: hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, vocabulary {s['vocab_size']:,}; "
-        f"seq {s['seq_len']:,} × batch {s['batch_size']}, gradient accumulation {s['grad_accum']}, {s['steps']} optimizer steps "
-        f"(the first not timed), QLoRA NF4 r {s['lora_r']} all-linear, {s['optimizer']}, gradient checkpointing, {s['threads']} threads.",
+        f"**{s['config']}**: hidden {s['hidden_size']}, {s['num_hidden_layers']} layers, vocabulary "
+        f"{s['vocab_size']:,}; seq {s['seq_len']:,} × batch {s['batch_size']}, "
+        f"gradient accumulation {s['grad_accum']}, {s['steps']} optimizer steps (the first not timed), "
+        f"QLoRA NF4 r {s['lora_r']} all-linear, {s['optimizer']}, gradient checkpointing, {s['threads']} threads.",
         "",
         "| | peak memory (MiB) | time per optimizer step (s) | train loss |",
         "|---|---:|---:|---:|",
-        f"| plain peft + bitsandbytes + Trainer (`prepare_model_for_kbit_training`, standard loss) | {mib(sides['plain']['peak_bytes'])} | "
+        "| plain peft + bitsandbytes + Trainer (`prepare_model_for_kbit_training`, standard loss) | "
+        f"{mib(sides['plain']['peak_bytes'])} | "
         f"{sides['plain']['step_time_s']:.2f} | {sides['plain']['train_loss']} |",
-        f"| qlora (`training.loss: chunked`) | {mib(sides['qlora']['peak_bytes'])} | {sides['qlora']['step_time_s']:.2f} | {sides['qlora']['train_loss']} |",
-        f"| **qlora / plain** | **{ratios['peak']:.3f}** (target ≤ {TARGETS['peak']}) | **{ratios['step_time']:.3f}** (target ≤ {TARGETS['step_time']}) | |",
+        f"| qlora (`training.loss: chunked`) | {mib(sides['qlora']['peak_bytes'])} | "
+        f"{sides['qlora']['step_time_s']:.2f} | {sides['qlora']['train_loss']} |",
+        f"| **qlora / plain** | **{ratios['peak']:.3f}** (target ≤ {TARGETS['peak']}) | **{ratios['step_time']:.3f}** "
+        f"(target ≤ {TARGETS['step_time']}) | |",
         "",
         f"Peak memory: {result['peak_measured_by']}.",
         "",

@@ -12,9 +12,9 @@ What no CPU test can show, measured on the GPU it runs on, each section under it
    named assumptions (CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK there); qlora runs with expandable segments;
 3. memory: `qlora.training.measure` for QLoRA and LoRA on Llama-shaped ~1B / 3B / 8B configs with
    random weights at 2,048 tokens, the long-context recipe's keys on the 8B shape at 32,768 and 80,000
-   tokens, and each long-context feature (FEATURES) whose recipe key exists; one process per point; predicted `allocated_bytes` vs measured `max_memory_allocated` (+ paged
-   optimizer states) with the % error (target <= 3 %), reserved and NVML's device use per point; the
-   random weights saved once per config;
+   tokens, and each long-context feature (FEATURES) whose recipe key exists; one process per point;
+   predicted `allocated_bytes` vs measured `max_memory_allocated` (+ paged optimizer states) with the %
+   error (target <= 3 %), reserved and NVML's device use per point; the random weights saved once per config;
 4. training: `qlora.training.run` for a few steps with each optimizer on a generated dataset: tokens/s and
    the labelled peaks of metrics.json;
 5. merge (float16 and bfloat16) and generate once, on the last training run (`qlora merge`, `qlora generate`);
@@ -29,23 +29,11 @@ overheads.json, speed/), or in `--out DIR`.
 temporary folder (or `--out`), in well under a minute; the test suite runs it
 (tests/test_gpu_check.py). It writes no overheads.json: a CPU measures no CUDA context.
 
-bitsandbytes (and datasets) on a GPU machine without them: they travel as wheels. On a machine with
-pip and network, in the repository root (the folder is ignored by git):
-
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl bitsandbytes==0.50.2 datasets dill multiprocess liger-kernel==0.8.5 pytest pluggy iniconfig
-
-(pip prints the versions it picked; keep one version of each). Then, on the GPU machine, with `.whl`
-carried along (this project's device tool: `carry: [".whl"]`):
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site:$PWD make gpu-check PY=python3 GPU_CHECK_DEPS= ARGS="--out $OUT/cuda-gpu"
-
-and copy the folder it wrote to memory_reports/measured/cuda-<gpu>/ (its name is printed first).
-`GPU_CHECK_DEPS=` skips the Makefile's venv install, which needs network; the other packages
-(torch, transformers, peft, accelerate, pynvml) are expected on the machine.
+On a GPU machine without network, install the wheels of bitsandbytes, datasets and liger-kernel
+(downloaded elsewhere with `pip download --only-binary=:all:` for its platform) into a folder on PYTHONPATH
+and run `make gpu-check PY=python3 GPU_CHECK_DEPS=`: the empty GPU_CHECK_DEPS skips the Makefile's venv
+install, which needs network; torch, transformers, peft, accelerate and pynvml are expected on the machine.
+Copy the folder it wrote (its name is printed first) to memory_reports/measured/cuda-<gpu>/.
 """
 
 from __future__ import annotations
@@ -302,7 +290,7 @@ def feature_rows() -> list[tuple[str, dict, str | None]]:
             (
                 label,
                 {**rows[0][1], **changes},
-                f"the recipe has no key {', '.join(missing)} (feature not merged)" if missing else None,
+                f"the recipe has no key {', '.join(missing)} (not in this checkout)" if missing else None,
             )
         )
     return rows
@@ -623,7 +611,8 @@ def run_training(plan: Plan, deadline: float) -> list[dict]:
         else:
             row["output_tail"] = output[-600:]
         print(
-            f"  train {optimizer:<18} exit {code}  {row.get('tokens_per_s')} tokens/s  peak {row.get('peak_memory_bytes')}",
+            f"  train {optimizer:<18} exit {code}  {row.get('tokens_per_s')} tokens/s  peak "
+            f"{row.get('peak_memory_bytes')}",
             flush=True,
         )
         rows.append(row)
@@ -683,7 +672,7 @@ def run_speed(plan: Plan, out: Path, budget: float) -> dict:
 
 
 def overheads(context: dict, memory: list[dict], env: dict) -> dict | None:
-    """What the profiler reads (qlora/profile/overheads.py), when both figures were measured."""
+    """What the profiler reads (qlora/memory/overheads.py), when both figures were measured."""
     slacks = [r["slack"] for r in memory if "slack" in r]
     if "cuda_context_bytes" not in context or not slacks:
         return None
@@ -724,7 +713,8 @@ def markdown(report: dict) -> str:
     for r in report["memory"]:
         if "error_pct" in r:
             lines.append(
-                f"| {r['config']} | {r['method']} | {r['seq_len']} | {r['feature']} | {r['predicted_allocated_bytes']:,} | "
+                f"| {r['config']} | {r['method']} | {r['seq_len']} | {r['feature']} | "
+                f"{r['predicted_allocated_bytes']:,} | "
                 f"{r['measured_bytes']:,} | {r['error_pct']:+.2f} % | {r.get('slack', '—')} |"
             )
         else:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-import qlora  # noqa: F401  (first: expandable segments before CUDA initialises, on both sides)
+from qlora.config.environment import use_expandable_segments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_memory
@@ -300,9 +300,12 @@ def to_markdown(result: dict, command: str) -> str:
             )
             continue
         lines.append(
-            f"| {r['side']} | {r['seq_len']:,} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | {r.get('mfu') or '—'} | "
-            f"{r['flops_per_token'] / 1e9:.1f} G | {r.get('gradient_checkpointing_layers', 'all')} | {gb(r.get('peak_allocated_bytes'))} | "
-            f"{gb(r.get('peak_reserved_bytes'))} | {gb(r.get('predicted_allocated_bytes'))} | {gb(r.get('predicted_total_bytes'))} |"
+            f"| {r['side']} | {r['seq_len']:,} | {r['step_time_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+            f"{r.get('mfu') or '—'} | "
+            f"{r['flops_per_token'] / 1e9:.1f} G | {r.get('gradient_checkpointing_layers', 'all')} | "
+            f"{gb(r.get('peak_allocated_bytes'))} | "
+            f"{gb(r.get('peak_reserved_bytes'))} | {gb(r.get('predicted_allocated_bytes'))} | "
+            f"{gb(r.get('predicted_total_bytes'))} |"
         )
     lines += [
         "",
@@ -326,6 +329,7 @@ def main(argv=None) -> int:
 
     from qlora.config.io import atomic_write_json, atomic_write_text
 
+    use_expandable_segments()  # on both sides, before CUDA initialises (workers inherit it)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker:

@@ -7,8 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from qlora.config.environment import prepare_process
 from qlora.config.errors import run_cli
-from qlora.post.export import export, read_run
+from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -30,11 +31,17 @@ def parse_args(argv: Sequence[str] | None):
         help="write even when the file system of --to reports less free space than the exported adapter needs "
         "(for file systems that report wrongly, e.g. some network mounts)",
     )
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
+    configure_logging(verbosity(args))
+    # Imported after parsing: the export layer imports torch and peft (about 3 s), which `--help` never needs.
+    from qlora.post.export import export, read_run
+
     result = export(
         read_run(args.run),
         args.to,

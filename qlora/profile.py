@@ -11,51 +11,32 @@ import json
 import shlex
 import sys
 import tempfile
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-import torch
-
 from qlora.config.disk import DiskFull
+from qlora.config.environment import prepare_process
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.gpus import gpu_target, parse_gpu_list
-from qlora.config.precision import default_device
-from qlora.config.recipe import (
-    ATTN_IMPLEMENTATIONS,
-    DISTRIBUTED_OFFLOADS,
-    DISTRIBUTED_STRATEGIES,
-    LOSSES,
-    OPTIMIZERS,
-    TASKS,
-    Recipe,
-    load_recipe,
-    recipe_from_mapping,
-)
-from qlora.memory import report
-from qlora.memory.disk import profile_disk
-from qlora.memory.estimate import estimate, settings_inventory
-from qlora.memory.planner import CLI_KEYS, RECIPE_KEYS, cards_needed, plan, predict
-from qlora.memory.report import Result, Run
-from qlora.memory.settings import DEFAULT_METHODS, Settings, from_recipe, parse_methods
-from qlora.training.auto import resolve_kernels
-from qlora.training.measure import environment, measure, random_weights
+from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
+from qlora.config.recipe import Recipe, default_of, flag_keys, key_leaves, load_recipe, recipe_from_mapping
+
+# The profiler's layers (qlora.memory, and qlora.training for --measure) are imported inside the functions
+# that use them, after the arguments are parsed: they import torch (about 4 s; 8 s with --measure's
+# training layers), which `qlora profile --help` and a mistyped flag never need.
+if typing.TYPE_CHECKING:
+    from qlora.memory.settings import Settings
 
 HEADLINE_MODELS = ("llama-2-7b", "llama-2-13b", "llama-2-70b")
-SETTING_FLAGS = (
-    "seq_len",
-    "batch_size",
-    "rank",
-    "optimizer",
-    "no_checkpointing",
-    "attn",
-    "task",
-    "num_labels",
-    "methods",
-    "loss",
-    "eval_batch_size",
-)
+# Flags that set a recipe key (declared in the schema: `key(..., flag=...)`); `qlora profile` builds a recipe
+# from them, so one schema and one set of checks serve both. The distributed ones apply to --recipe runs too.
+FLAG_KEYS = flag_keys()
+KEYS = {dotted: (f, hint) for dotted, f, hint in key_leaves() if dotted in FLAG_KEYS.values()}
+SHARDING_FLAGS = tuple(flag for flag, dotted in FLAG_KEYS.items() if dotted.startswith("distributed."))
+# What a --recipe sets itself: the model's settings flags and those that are no recipe key.
+SETTING_FLAGS = (*(f for f in FLAG_KEYS if f not in SHARDING_FLAGS), "no_checkpointing", "num_labels", "methods")
 MEASURE_RAM_SHARE = 0.8  # --measure on a CPU refuses a model whose step needs more than this share of the free RAM
 
 
@@ -85,41 +66,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the fewest checkpointed layers that fit it)",
     )
     parser.add_argument("--methods", help="comma-separated: full, lora, lora-8bit, qlora (default full,lora,qlora)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default 512)")
-    parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 1)")
-    parser.add_argument("--rank", type=int, help="LoRA rank (default 64)")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default paged_adamw_32bit")
+    for flag, dotted in FLAG_KEYS.items():
+        add_key_flag(parser, flag, dotted)
     parser.add_argument("--no-checkpointing", action="store_true", help="profile without gradient checkpointing")
-    parser.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="attention implementation (default sdpa)")
-    parser.add_argument(
-        "--task",
-        choices=TASKS,
-        help="causal_lm (default) or classification (a sequence classifier, head trained in full)",
-    )
     parser.add_argument("--num-labels", type=int, help="classification: the head's outputs (default 2)")
-    parser.add_argument("--loss", choices=LOSSES, help="causal LM loss: chunked (default, no full logits) or standard")
-    parser.add_argument("--eval-batch-size", type=int, help="the eval step's batch (default: --batch-size)")
     parser.add_argument(
         "--gpu",
         action="append",
         metavar="GPU",
         help="plan for this GPU: a preset (t4, 3090, 4090, a100-80gb, h100, …) or a size with its unit "
         "(24GB = 24e9 bytes, 24GiB); repeatable or comma-separated. What fits, how far, what to change",
-    )
-    parser.add_argument(
-        "--gpus",
-        metavar="N|auto",
-        help="one GPU's share of N (default 1); auto (with --gpu): the fewest GPUs per strategy",
-    )
-    parser.add_argument(
-        "--strategy",
-        choices=DISTRIBUTED_STRATEGIES,
-        help="how the GPUs divide the model (default ddp, or the recipe's)",
-    )
-    parser.add_argument(
-        "--offload",
-        choices=DISTRIBUTED_OFFLOADS,
-        help="fsdp/zero3: sharded state in host RAM (default none, or the recipe's)",
     )
     parser.add_argument(
         "--measure", action="store_true", help="also run real training steps here and report measured peaks"
@@ -130,24 +86,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="also write memory.md, memory.json and a PNG per model here"
     )
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
-# Flags that set a recipe key (`qlora profile` builds a recipe from them: one schema, one set of checks).
-FLAG_KEYS = {
-    "seq_len": "data.max_seq_len",
-    "batch_size": "training.batch_size",
-    "rank": "lora.r",
-    "optimizer": "training.optimizer",
-    "attn": "model.attn_implementation",
-    "task": "task",
-    "loss": "training.loss",
-    "eval_batch_size": "training.eval_batch_size",
-    "gpus": "distributed.gpus",
-    "strategy": "distributed.strategy",
-    "offload": "distributed.offload",
-}
-SHARDING_FLAGS = ("gpus", "strategy", "offload")
+def add_key_flag(parser: argparse.ArgumentParser, flag: str, dotted: str) -> None:
+    """The option for the recipe key `dotted`: its help, choices and default from the schema."""
+    f, hint = KEYS[dotted]
+    option, default = f"--{flag.replace('_', '-')}", default_of(f)
+    help = f"{dotted}: {f.metadata['help']}".replace("%", "%%")
+    if flag == "gpus":  # also 'auto', which is no recipe value: the fewest GPUs per strategy (checked later)
+        parser.add_argument(option, metavar="N|auto", help=f"{help} (default 1); auto (with --gpu): the fewest GPUs")
+        return
+    types = set(typing.get_args(hint)) or {hint}
+    choices = [c for c in f.metadata["choices"] or () if isinstance(c, str)] or None
+    help += "" if default is None else f" (default {default})"
+    parser.add_argument(option, type=int if int in types else None, choices=choices, help=help)
 
 
 def flag_overrides(args: argparse.Namespace, flags) -> list[str]:
@@ -203,6 +157,8 @@ def jobs(args: argparse.Namespace) -> list[Job]:
         raise QLoraError("--num-labels: sizes a classifier's head; add --task classification")
     if args.num_labels is not None and args.num_labels < 2:
         raise QLoraError(f"--num-labels: a classifier needs at least 2 labels, got {args.num_labels}")
+    from qlora.memory.settings import DEFAULT_METHODS, parse_methods
+
     sharding_flags(args)
     methods = parse_methods(args.methods) if args.methods is not None else DEFAULT_METHODS
     models = args.model or ([] if args.recipe else list(HEADLINE_MODELS))
@@ -211,6 +167,8 @@ def jobs(args: argparse.Namespace) -> list[Job]:
 
 def model_job(model: str, methods: tuple[str, ...], args: argparse.Namespace) -> Job:
     """A --model run: the recipe defaults (the headline settings) changed by the flags given."""
+    from qlora.memory.settings import from_recipe
+
     base = {
         "model": {"name_or_path": model},
         **({"data": {"format": "classification"}} if args.task == "classification" else {}),
@@ -224,7 +182,9 @@ def model_job(model: str, methods: tuple[str, ...], args: argparse.Namespace) ->
 
 
 def recipe_job(path: str, args: argparse.Namespace) -> Job:
-    """A --recipe run: its own model, method and settings; the launcher's flags (--gpus, --strategy, --offload) apply."""
+    """A --recipe run: its own model, method and settings; the launcher flags (--gpus, --strategy, --offload) apply."""
+    from qlora.memory.settings import from_recipe
+
     sharding = flag_overrides(args, [f for f in SHARDING_FLAGS if f != "gpus" or args.gpus != "auto"])
     recipe = flag_recipe(lambda: load_recipe(path, [*args.overrides, *sharding]), args)
     model, method, settings = from_recipe(recipe)
@@ -233,6 +193,12 @@ def recipe_job(path: str, args: argparse.Namespace) -> Job:
 
 def profile(args: argparse.Namespace) -> list:
     """Every run: predictions, the fit plan for --gpu (or a recipe's target_gpu), measured peaks."""
+    from qlora.config.precision import default_device
+    from qlora.memory.estimate import estimate, settings_inventory
+    from qlora.memory.planner import cards_needed, plan, predict
+    from qlora.memory.report import Result, Run
+    from qlora.training.auto import resolve_kernels
+
     gpus = parse_gpu_list(args.gpu)
     device = default_device() if args.measure else "cuda"  # without --measure: the GPU being planned for
     runs = []
@@ -252,9 +218,7 @@ def profile(args: argparse.Namespace) -> list:
             card = (
                 settings.replace(native_bf16=bf16) if device == "cuda" else settings
             )  # its dtype: the bytes are the same
-            fit_plan = (
-                plan(inv, job.methods, card, target, RECIPE_KEYS if job.recipe else CLI_KEYS) if target else None
-            )
+            fit_plan = plan(inv, job.methods, card, target, "recipe" if job.recipe else "flags") if target else None
             if target and settings.checkpoint_layers == "auto":  # the fewest checkpointed layers that fit this GPU
                 results = [Result(predict(inv, method, card, target)) for method in job.methods]
             for result in results:
@@ -272,12 +236,16 @@ def profile(args: argparse.Namespace) -> list:
 
 def run_disk(inv, method: str, settings: Settings, recipe: Recipe) -> dict:
     """The disk a run of `recipe` writes (checkpoints kept at once, the adapter) and a merged model's."""
+    from qlora.memory.disk import profile_disk
+
     t = recipe.training
     return profile_disk(inv, method, settings, t.save_total_limit, t.max_steps, t.save_steps)
 
 
 def measure_run(run, recipe: Recipe, device: str) -> None:
     """Measure every method of `run` (what `recipe` sets) here, refusing models this machine cannot hold."""
+    from qlora.training.measure import environment, measure, random_weights
+
     check_measurable(run, device)
     labels = run.settings.num_labels if run.settings.task == "classification" else None
     with tempfile.TemporaryDirectory(prefix="qlora-weights-") as folder:  # one random model for every method
@@ -290,6 +258,9 @@ def measure_run(run, recipe: Recipe, device: str) -> None:
 
 def check_measurable(run, device: str) -> None:
     """A 7B on a laptop CPU would swap for an hour: say so before building anything."""
+    import psutil
+    import torch
+
     ram = int(psutil.virtual_memory().available * MEASURE_RAM_SHARE)
     build = 4 * run.results[0].estimate.parameters  # the random fp32 model, made in RAM and saved before loading
     step = max(r.estimate.allocated for r in run.results)
@@ -307,6 +278,10 @@ def check_measurable(run, device: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
+    configure_logging(verbosity(args))
+    from qlora.memory import report
+
     runs = profile(args)
     command = shlex.join(["qlora", "profile", *argv])  # recorded in the Markdown, to remake the report
     if args.format == "json":

@@ -7,7 +7,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from qlora.config.errors import run_cli
+from qlora.config.environment import prepare_process
+from qlora.config.errors import ExitCode, run_cli
+from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
 from qlora.config.recipe import load_recipe
 from qlora.training.sweep import build_points, check_same_recipe, parse_grid, sweep
 
@@ -32,12 +34,15 @@ def parse_args(argv: Sequence[str] | None):
         metavar="KEY=VALUE",
         help="override a recipe key for every point, e.g. --set training.max_steps=8 (repeatable)",
     )
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0 when every point trained, 1 when some failed (their status says why), 2 on a user mistake."""
     args = parse_args(argv)
+    prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
+    configure_logging(verbosity(args))
     grid = parse_grid(args.grid)
     base_dir = Path(load_recipe(args.recipe, args.overrides).output_dir)
     points = build_points(args.recipe, args.overrides, grid, base_dir)
@@ -45,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_same_recipe(point)
     print(f"sweep: {len(points)} points under {base_dir}", file=sys.stderr)
     rows = sweep(points, base_dir, list(grid))
-    return 0 if all(row["status"] == "ok" for row in rows) else 1
+    return ExitCode.OK if all(row["status"] == "ok" for row in rows) else ExitCode.FAILED
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from qlora.config.environment import prepare_process
 from qlora.config.errors import run_cli
+from qlora.config.log import add_verbosity_flags, configure_logging, verbosity
 from qlora.config.recipe import load_recipe
-from qlora.training.run import train
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -32,12 +33,19 @@ def parse_args(argv: Sequence[str] | None):
         help="start even when output_dir's file system reports less free space than the run's checkpoints "
         "and adapter need (for file systems that report wrongly, e.g. some network mounts)",
     )
+    add_verbosity_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    prepare_process()  # expandable segments before CUDA initialises (qlora.config.environment)
+    configure_logging(verbosity(args))
     recipe = load_recipe(args.recipe, args.overrides)
+    # Imported once the arguments and the recipe are checked: training imports torch, transformers and peft
+    # (about 8 s on two cores), which `--help` and a recipe mistake never need.
+    from qlora.training.run import train
+
     train(recipe, resume=args.resume, overwrite=args.overwrite, skip_space_check=args.skip_space_check)
     return 0
 

@@ -19,6 +19,14 @@ TOKENIZER_TEXT = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def qlora_messages_on_stderr():
+    """The library's messages on stderr as the CLI prints them, so that in-process tests read them with capsys."""
+    from qlora.config.log import configure_logging
+
+    configure_logging(0)
+
+
 def make_tokenizer(save_dir: Path):
     """A small byte-level BPE tokenizer trained on a few lines, with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -42,7 +50,8 @@ def make_tokenizer(save_dir: Path):
         pad_token="<pad>",
     )
     fast.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
         "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     )
     fast.save_pretrained(save_dir)

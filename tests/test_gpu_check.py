@@ -83,7 +83,7 @@ def test_a_feature_whose_recipe_key_is_missing_is_skipped_with_its_reason(monkey
         (
             "made up",
             {**base, "training.no_such_key": 1},
-            "the recipe has no key training.no_such_key (feature not merged)",
+            "the recipe has no key training.no_such_key (not in this checkout)",
         ),
         ("rank 8", {**base, "lora.r": 8}, None),
     ]

@@ -1,4 +1,6 @@
-"""The install targets: with a GPU (`nvidia-smi` answers) they bring Liger Kernel's fused CUDA kernels; without, the CPU torch."""
+"""The install targets: with a GPU (`nvidia-smi` answers) they bring Liger Kernel's fused CUDA kernels; without, the
+CPU torch.
+"""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora.config.errors import USAGE_EXIT_CODE, run_cli
+from qlora.config.errors import ExitCode, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,8 @@ MUST_SHOW = [
     ),
     (
         ["recipe.yaml", "--set", "training.optimizer=sgdx"],
-        "error: training.optimizer: unknown value 'sgdx' (valid: adamw_8bit, adamw_torch, paged_adamw_32bit, paged_adamw_8bit)",
+        "error: training.optimizer: unknown value 'sgdx' (valid: adamw_8bit, adamw_torch, paged_adamw_32bit, "
+        "paged_adamw_8bit)",
     ),
     (["recipe.yaml", "--set", "data.path=missing.jsonl"], "error: data.path: file not found: missing.jsonl"),
 ]
@@ -61,7 +62,7 @@ MUST_SHOW = [
 @pytest.mark.parametrize("args, message", MUST_SHOW, ids=[" ".join(a) for a, _ in MUST_SHOW])
 def test_bad_input_is_one_line_and_exit_2(workdir, args, message):
     result = run_train(workdir, *args)
-    assert result.returncode == USAGE_EXIT_CODE
+    assert result.returncode == ExitCode.USAGE
     assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr  # one line
     assert result.stderr.startswith(message), result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -73,7 +74,7 @@ def cli_error(workdir: Path, monkeypatch, capsys, *args: str) -> str:
     from qlora.train import main
 
     monkeypatch.chdir(workdir)
-    assert run_cli(main, list(args)) == USAGE_EXIT_CODE
+    assert run_cli(main, list(args)) == ExitCode.USAGE
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("error: ")
     return lines[-1]
@@ -138,3 +139,15 @@ def test_bad_data_leaves_previous_results_alone_even_with_overwrite(workdir, mon
         "data.path=empty.jsonl",
     )
     assert (results / "metrics.json").read_text() == "{}" and (results / "adapter").is_dir()
+
+
+def test_a_metric_the_task_cannot_measure_stops_before_any_model_loads(workdir, monkeypatch, capsys):
+    import qlora.training.run
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for name in ("build_model", "load_tokenizer", "check_model_source"):
+        monkeypatch.setattr(qlora.training.run, name, no_model)
+    line = cli_error(workdir, monkeypatch, capsys, "recipe.yaml", "--set", "eval.metric=accuracy")
+    assert line == "error: eval.metric: 'accuracy' does not apply to task 'causal_lm' (use none, exact_match)"

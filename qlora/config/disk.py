@@ -6,8 +6,8 @@ zip writer a `RuntimeError` ("[enforce fail at inline_container.cc:672] . unexpe
 `fwrite` came up short). `is_disk_full` knows them all; `writing(what, where, needed)` wraps one write and
 turns any of them into `DiskFull`, which knows what was being written, where, how much it needed and how
 much is free (`shutil.disk_usage`). The entry points print it as one `error:` line and exit with
-`DISK_FULL_EXIT_CODE`, which also ends a run refused before it starts because the space it will need is
-not free (`check_free_space`).
+`ExitCode.DISK_FULL` (qlora.config.errors), which also ends a run refused before it starts because the space
+it will need is not free (`check_free_space`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-DISK_FULL_EXIT_CODE = 6  # a full disk or quota while writing, or too little free space to start
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # Writers that are not Python's own (safetensors' Rust, torch.save's C++) report a full disk in text.
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "StorageFull", "os error 28", "os error 122")
@@ -165,10 +164,10 @@ def print_error_line(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def report(exc: BaseException) -> int:
-    """Print a full disk (`DiskFull` or any error `is_disk_full` knows) as its one line; the exit code."""
+def report(exc: BaseException) -> None:
+    """Print a full disk (`DiskFull` or any error `is_disk_full` knows) as its one line (exit with
+    `ExitCode.DISK_FULL`)."""
     print_error_line(as_disk_full(exc).line())
-    return DISK_FULL_EXIT_CODE
 
 
 def describe_items(items: Sequence[tuple[str, int]]) -> str:

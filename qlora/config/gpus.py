@@ -60,8 +60,9 @@ GPU_PRESETS: dict[str, GpuPreset] = {
             15095 * MIB,
             (7, 5),
             "deviceQuery",
-            "Colab T4 deviceQuery 'Global Memory 15095 MBytes': github.com/sylvia-ymlin/cuda-kernels-from-scratch README.md "
-            "(torch on Colab prints total_memory=15102MB; OOM '14.76 GiB total capacity', github.com/Morizeyao/GPT2-Chinese/issues/215)",
+            "Colab T4 deviceQuery 'Global Memory 15095 MBytes': github.com/sylvia-ymlin/cuda-kernels-from-scratch "
+            "README.md (torch on Colab prints total_memory=15102MB; OOM '14.76 GiB total capacity', "
+            "github.com/Morizeyao/GPT2-Chinese/issues/215)",
         ),
         GpuPreset(
             "v100-16gb",
@@ -87,7 +88,8 @@ GPU_PRESETS: dict[str, GpuPreset] = {
             (8, 6),
             "deviceQuery",
             "A10 deviceQuery '21.99 GBytes (23609475072 bytes)': github.com/aalanwyr/face2cuda step2cuda/README.md; "
-            "the A10G has the same 24 GB GDDR6 with ECC ('A10G reports ~22GB', github.com/huggingface/local-gemma/pull/25)",
+            "the A10G has the same 24 GB GDDR6 with ECC ('A10G reports ~22GB', "
+            "github.com/huggingface/local-gemma/pull/25)",
         ),
         GpuPreset(
             "l4",
@@ -95,7 +97,8 @@ GPU_PRESETS: dict[str, GpuPreset] = {
             23034 * MIB,
             (8, 9),
             "nvidia-smi",
-            "nvidia-smi memory.total 23034MiB: github.com/modal-labs/modal-client/pull/2797 (upper bound; no torch figure found)",
+            "nvidia-smi memory.total 23034MiB: github.com/modal-labs/modal-client/pull/2797 (upper bound; no torch "
+            "figure found)",
         ),
         GpuPreset(
             "3090",
@@ -103,7 +106,8 @@ GPU_PRESETS: dict[str, GpuPreset] = {
             25286672384,
             (8, 6),
             "deviceQuery",
-            "deviceQuery 'Global Memory: 25286672384 bytes': github.com/Jumperkables/cuda-benchmarking 00_deviceQuery/README.md",
+            "deviceQuery 'Global Memory: 25286672384 bytes': github.com/Jumperkables/cuda-benchmarking "
+            "00_deviceQuery/README.md",
         ),
         GpuPreset(
             "4090",
@@ -137,7 +141,8 @@ GPU_PRESETS: dict[str, GpuPreset] = {
             42298834944,
             (8, 0),
             "deviceQuery",
-            "A100-SXM4-40GB deviceQuery '40339 MBytes (42298834944 bytes)': github.com/bottlerocket-os/bottlerocket/pull/3873",
+            "A100-SXM4-40GB deviceQuery '40339 MBytes (42298834944 bytes)': "
+            "github.com/bottlerocket-os/bottlerocket/pull/3873",
         ),
         GpuPreset(
             "a100-80gb",
@@ -145,7 +150,8 @@ GPU_PRESETS: dict[str, GpuPreset] = {
             85100068864,
             (8, 0),
             "deviceQuery",
-            "A100-SXM4-80GB deviceQuery '81158 MBytes (85100068864 bytes)': github.com/thamada/nvidia-smi nvsim/A100SXMx4_deviceQuery.py",
+            "A100-SXM4-80GB deviceQuery '81158 MBytes (85100068864 bytes)': github.com/thamada/nvidia-smi "
+            "nvsim/A100SXMx4_deviceQuery.py",
         ),
         GpuPreset(
             "h100",
@@ -153,7 +159,8 @@ GPU_PRESETS: dict[str, GpuPreset] = {
             85045477376,
             (9, 0),
             "deviceQuery",
-            "H100 80GB HBM3 deviceQuery '81106 MBytes (85045477376 bytes)': github.com/thamada/nvidia-smi nvsim/H100SXMx8_deviceQuery.py",
+            "H100 80GB HBM3 deviceQuery '81106 MBytes (85045477376 bytes)': github.com/thamada/nvidia-smi "
+            "nvsim/H100SXMx8_deviceQuery.py",
         ),
         GpuPreset(
             "h200",
@@ -161,8 +168,8 @@ GPU_PRESETS: dict[str, GpuPreset] = {
             143771 * MIB,
             (9, 0),
             "nvidia-smi",
-            "nvidia-smi 143771 MiB on this project's device machine (/work/.library/device/KINDS.md, driver 580; upper bound "
-            "until `make gpu-check` records total_memory there)",
+            "nvidia-smi 143771 MiB on an H200 with driver 580 (upper bound until `make gpu-check` records "
+            "total_memory there)",
         ),
     )
 }
@@ -244,6 +251,7 @@ def markdown_table() -> str:
     ]
     for p in GPU_PRESETS.values():
         rows.append(
-            f"| `{p.name}` | {p.card} | {p.bytes:,} | {p.gib:.2f} | {p.capability[0]}.{p.capability[1]} | {p.kind} | {p.source} |"
+            f"| `{p.name}` | {p.card} | {p.bytes:,} | {p.gib:.2f} | {p.capability[0]}.{p.capability[1]} | {p.kind} | "
+            f"{p.source} |"
         )
     return "\n".join(rows)

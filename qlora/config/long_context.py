@@ -72,7 +72,7 @@ def mlp_tiles_for(setting, tokens: int, hidden: int, strategy: str | None = None
 
 
 def chunk_tokens(vocab: int, budget: int = CHUNK_BYTES) -> int:
-    """Tokens per chunk of the chunked loss: as many fp32 logit rows as fit `budget`, rounded down to a multiple of 64."""
+    """Tokens per chunk of the chunked loss: as many fp32 logit rows as fit `budget`, rounded down to 64s."""
     rows = budget // (4 * vocab)
     return rows // 64 * 64 if rows >= 64 else max(1, rows)
 

@@ -12,7 +12,7 @@ import dataclasses
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,20 +34,33 @@ TASKS = ("causal_lm", "classification")
 DATA_FORMATS = ("alpaca", "chat", "text", "classification")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")
+QUANT_BITS = (4, 8, None)
 METRICS = ("none", "exact_match", "accuracy", "map@3")  # map@3: ranked multiple choice (classification)
+# The eval.metric values each task accepts. Classification reports accuracy and weighted F1 whatever the
+# value (one forward pass); 'map@3' adds MAP@3 for ranked multiple choice (Kaggle science-exam style).
+TASK_METRICS = {"causal_lm": ("none", "exact_match"), "classification": ("none", "accuracy", "map@3")}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "zero3")  # qlora.training.distributed turns them into Trainer settings
 SHARDED_STRATEGIES = ("fsdp", "zero3")  # the strategies that split the weights across processes
 DISTRIBUTED_OFFLOADS = ("none", "cpu")
 
 
-def key(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None, **kwargs: Any) -> Any:
+def key(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: Sequence[Any] | None = None,
+    flag: str | None = None,
+    **kwargs: Any,
+) -> Any:
     """One recipe key: its default, one line of help and, where it has them, its allowed values.
 
-    The one source for validation, the README's reference table and the JSON Schema (as peft's `LoraConfig`
-    keeps each field's help in its metadata). A mutable default goes in `default_factory=`.
+    The one source for validation, the README's reference table, the JSON Schema and `qlora profile`'s
+    flags (as peft's `LoraConfig` keeps each field's help in its metadata). A mutable default goes in
+    `default_factory=`. `choices` constrain values of their own type (a list of module names is not checked
+    against the presets). `flag`: the `qlora profile` option that sets this key.
     """
-    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None}
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "flag": flag}
     return field(default=default, metadata=metadata, **kwargs)
 
 
@@ -55,83 +68,131 @@ def key(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any]
 class ModelSpec:
     """The base model: a local folder or a Hub name."""
 
-    name_or_path: str = ""
-    revision: str | None = None
-    trust_remote_code: bool = False  # off unless the recipe asks: remote code runs on your machine
-    attn_implementation: str = "sdpa"
+    name_or_path: str = key("", help="local model folder or Hub id")
+    revision: str | None = key(None, help="Hub revision (branch, tag or commit)")
+    trust_remote_code: bool = key(False, help="run the model repo's own Python code; off unless you ask")
+    attn_implementation: str = key(
+        "sdpa", help="attention implementation", choices=ATTN_IMPLEMENTATIONS, flag="--attn"
+    )
 
 
 @dataclass
 class QuantizationSpec:
     """How the frozen base is stored: 4-bit (QLoRA), 8-bit, or none (16-bit LoRA)."""
 
-    bits: int | None = 4
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "auto"  # auto: bf16 on GPUs that have it, fp16 on older GPUs (T4), fp32 on CPU
+    bits: int | None = key(
+        4, help="`4` (QLoRA), `8` (LoRA on an 8-bit base) or `none` (16-bit LoRA)", choices=QUANT_BITS
+    )
+    quant_type: str = key("nf4", help="the 4-bit data type", choices=QUANT_TYPES)
+    double_quant: bool = key(True, help="quantize the 4-bit block scales too (saves ~0.37 bit per weight)")
+    compute_dtype: str = key(
+        "auto",
+        help="dtype of the matmuls; `auto`: bf16 on GPUs that have it, fp16 on older GPUs (T4), fp32 on CPU",
+        choices=COMPUTE_DTYPES,
+    )
 
 
 @dataclass
 class LoraSpec:
     """LoRA adapters; `targets` is a preset (all-linear, attention, qv, mlp) or module names."""
 
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: str | list[str] = "all-linear"
+    r: int = key(64, help="adapter rank (> 0)", flag="--rank")
+    alpha: int = key(16, help="scaling numerator: the update is scaled by alpha / r")
+    dropout: float = key(0.05, help="dropout on the adapter input, in [0, 1)")
+    targets: str | list[str] = key("all-linear", help="a preset or a list of module names", choices=TARGET_PRESETS)
 
 
 @dataclass
 class DataSpec:
     """Where the examples come from and how they become token sequences."""
 
-    path: str = ""
-    format: str = "alpaca"
-    max_seq_len: int = 512
-    eval_size: int | float = 0.1  # < 1: fraction held out; >= 1: number of examples held out
-    eval_path: str | None = None  # a separate eval file instead of a held-out split
-    split: str = "train"  # for Hub datasets
-    columns: dict[str, str] = field(default_factory=dict)  # role -> column, e.g. {output: response}
-    packing: bool = False
-    group_by_length: bool = False
-    max_examples: int | None = None
+    path: str = key("", help="JSON / JSONL / CSV / Parquet file, a folder of them, or a Hub dataset name")
+    format: str = key(
+        "alpaca",
+        help="`chat`: `messages`, loss on assistant turns; `classification`: text + label",
+        choices=DATA_FORMATS,
+    )
+    max_seq_len: int = key(
+        512, help="longer examples are truncated or dropped, and the counts are reported", flag="--seq-len"
+    )
+    eval_size: int | float = key(0.1, help="held-out split: a fraction (< 1) or a count")
+    eval_path: str | None = key(None, help="a separate evaluation file instead of a split")
+    split: str = key("train", help="split of a Hub dataset")
+    columns: dict[str, str] = key(help="map a role to your column, e.g. `{output: response}`", default_factory=dict)
+    packing: bool = key(False, help="pack examples into full-length blocks (position ids restart per example)")
+    group_by_length: bool = key(False, help="batch examples of similar length together")
+    max_examples: int | None = key(None, help="use only the first N examples")
 
 
 @dataclass
 class TrainingSpec:
     """Optimisation; defaults are the QLoRA paper's (paged AdamW 32-bit, max grad norm 0.3)."""
 
-    optimizer: str = "paged_adamw_32bit"
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "constant"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    num_epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides num_epochs
-    batch_size: int = 1
-    grad_accum: int = 16
-    max_grad_norm: float = 0.3
-    gradient_checkpointing: bool | int | str = (
-        True  # true | false | N (the first N decoder layers) | auto (the fewest that fit)
+    optimizer: str = key("paged_adamw_32bit", help="the optimizer", choices=OPTIMIZERS, flag="--optimizer")
+    learning_rate: float = key(2e-4, help="peak learning rate")
+    lr_scheduler: str = key("constant", help="learning-rate schedule", choices=SCHEDULERS)
+    warmup_ratio: float = key(0.03, help="fraction of the steps spent warming up")
+    weight_decay: float = key(0.0, help="AdamW weight decay")
+    num_epochs: float = key(1.0, help="epochs (ignored when `max_steps` > 0)")
+    max_steps: int = key(-1, help="optimizer steps; > 0 overrides `num_epochs`")
+    batch_size: int = key(1, help="sequences per device step", flag="--batch-size")
+    grad_accum: int = key(16, help="steps accumulated per optimizer step")
+    max_grad_norm: float = key(0.3, help="gradient clipping (the QLoRA paper's value)")
+    gradient_checkpointing: bool | int | str = key(
+        True,
+        help="recompute activations in the backward pass (non-reentrant; reentrant under FSDP / ZeRO-3): `true` "
+        "every decoder layer, `false` none, `N` the first N layers (the rest keep their activations and are not "
+        "recomputed), `auto` the fewest layers whose predicted peak fits `target_gpu` (or the GPU it runs on; "
+        "every layer when neither is known): it says what it chose and the recompute saved ([Speed](#speed))",
     )
-    mlp_tiles: int | str = (
-        "auto"  # qlora.config.long_context: sequence-tiled MLP (auto: ceil(tokens / max(hidden, 4096)) tiles)
+    mlp_tiles: int | str = key(
+        "auto",
+        help="run each layer's MLP over N tiles of tokens, recomputed tile by tile in backward; `auto`: "
+        "ceil(tokens / max(hidden, 4096)) tiles, none up to 4,096 tokens ([Long context](#long-context))",
     )
-    offload_checkpoints: bool | str = (
-        False  # qlora.config.long_context: checkpointed layer inputs in host RAM (true | auto)
+    offload_checkpoints: bool | str = key(
+        False,
+        help="`true`: the layer inputs checkpointing keeps live in pinned host RAM; `auto`: only when the profiler "
+        "says the run does not fit the GPU otherwise; no-op on a CPU",
     )
-    eval_steps: int | None = None  # None: evaluate only before and after training
-    save_steps: int = 100
-    save_total_limit: int | None = 3
-    max_nonfinite_steps: int = 0  # non-finite (NaN/inf) steps skipped before training stops (exit 5)
-    logging_steps: int = 10
-    seed: int = 42
-    loss: str = "chunked"  # causal LMs: 'chunked' never holds batch x seq x vocab logits (qlora.ops.loss); 'standard'
-    eval_batch_size: int | None = None  # None: the training batch_size
-    kernels: str = (
-        "auto"  # auto: Liger Kernel's RMSNorm, SwiGLU and RoPE on CUDA where installed (qlora.ops.kernels); none
+    eval_steps: int | None = key(None, help="also evaluate every N steps (default: only before and after)")
+    save_steps: int = key(100, help="checkpoint every N steps")
+    save_total_limit: int | None = key(
+        3, help="complete checkpoints kept (older ones are deleted only after a newer one is complete)"
     )
-    compile: bool = False  # torch.compile of each decoder layer (one compiled graph, reused by every layer)
+    max_nonfinite_steps: int = key(
+        0,
+        help="optimizer steps with a NaN/inf loss that are skipped before training stops (exit 5); 0 stops at the "
+        "first (the only value under `distributed.strategy: zero3`, where DeepSpeed steps inside backward)",
+    )
+    logging_steps: int = key(10, help="log every N steps")
+    seed: int = key(42, help="seeds LoRA init, data order and dropout")
+    loss: str = key(
+        "chunked",
+        help="causal LMs: `chunked` computes the loss over chunks of tokens and never holds batch × seq × vocab "
+        "logits ([Long context](#long-context)); `standard` is transformers' loss. A classifier ignores it",
+        choices=LOSSES,
+        flag="--loss",
+    )
+    eval_batch_size: int | None = key(
+        None,
+        help="sequences per eval step (default: `training.batch_size`); the profiler counts the eval step as part "
+        "of the peak",
+        flag="--eval-batch-size",
+    )
+    kernels: str = key(
+        "auto",
+        help="on CUDA with Liger Kernel installed (`qlora[kernels]`, which GPU installs bring): its fused RMSNorm, "
+        "SwiGLU and RoPE, swapped in before the model is built, and its fused linear cross-entropy in the chunked "
+        "loss where that holds less; the profiler models them (without Liger on a GPU, `auto` runs and is profiled "
+        "as `none`); `none`: transformers' own and the torch chunked loss",
+        choices=KERNELS,
+    )
+    compile: bool = key(
+        False,
+        help="`torch.compile` each decoder layer (one compiled graph, every layer its input); compiled and eager "
+        "gradients agree on a CPU; not a default until a GPU measurement says it pays",
+    )
     report_to: str | list[str] = key(
         "none",
         help="trackers the Trainer reports to: none, all, tensorboard, wandb, trackio, mlflow, ... or a list",
@@ -139,14 +200,24 @@ class TrainingSpec:
     )
     run_name: str | None = key(None, help="the run's name in the trackers (None: transformers' default)")
 
+    @property
+    def eval_batch(self) -> int:
+        """The eval step's batch: `eval_batch_size`, else the training batch."""
+        return self.eval_batch_size or self.batch_size
+
 
 @dataclass
 class EvalSpec:
     """The task metric measured on the held-out split before and after training."""
 
-    metric: str = "none"
-    max_examples: int = 64
-    max_new_tokens: int = 32
+    metric: str = key(
+        "none",
+        help="`exact_match` (generation, causal LM), `accuracy` (classification; also weighted F1), `map@3` "
+        "(ranked multiple choice, classification)",
+        choices=METRICS,
+    )
+    max_examples: int = key(64, help="held-out examples used for the metric")
+    max_new_tokens: int = key(32, help="generation length for `exact_match`")
 
 
 @dataclass
@@ -156,26 +227,48 @@ class DistributedSpec:
     strategy None: 'ddp' when launched with more than one process, else one plain process.
     """
 
-    strategy: str | None = None
-    offload: str = "none"  # 'cpu': sharded parameters and optimizer states in host RAM (fsdp, zero3)
-    gpus: int | None = None  # like target_gpu: how many GPUs the recipe is sized for (the profiler plans one's share)
+    strategy: str | None = key(
+        None,
+        help="how several processes divide the model (`null`: `ddp` when launched with more than one process)",
+        choices=DISTRIBUTED_STRATEGIES,
+        flag="--strategy",
+    )
+    offload: str = key(
+        "none",
+        help="`cpu`: sharded parameters and optimizer states in host RAM (fsdp, zero3)",
+        choices=DISTRIBUTED_OFFLOADS,
+        flag="--offload",
+    )
+    gpus: int | None = key(
+        None,
+        help="like `target_gpu`: how many GPUs the recipe is sized for (the profiler plans one's share)",
+        flag="--gpus",
+    )
 
 
 @dataclass
 class Recipe:
     """A whole training run. `source` (the YAML file it came from) is not a key."""
 
-    model: ModelSpec = field(default_factory=ModelSpec)
-    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    data: DataSpec = field(default_factory=DataSpec)
-    training: TrainingSpec = field(default_factory=TrainingSpec)
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    distributed: DistributedSpec = field(default_factory=DistributedSpec)
-    task: str = "causal_lm"
-    output_dir: str = ""
-    target_gpu: str | int | None = (
-        None  # a preset (t4, 4090: YAML reads those as ints) or a size; see qlora.config.gpus
+    model: ModelSpec = key(help="the base model", default_factory=ModelSpec)
+    quantization: QuantizationSpec = key(help="how the frozen base is stored", default_factory=QuantizationSpec)
+    lora: LoraSpec = key(help="the LoRA adapters", default_factory=LoraSpec)
+    data: DataSpec = key(help="the examples", default_factory=DataSpec)
+    training: TrainingSpec = key(help="optimisation", default_factory=TrainingSpec)
+    eval: EvalSpec = key(help="the task metric", default_factory=EvalSpec)
+    distributed: DistributedSpec = key(help="more than one process", default_factory=DistributedSpec)
+    task: str = key(
+        "causal_lm",
+        help="`classification`: `AutoModelForSequenceClassification`, new head trained in full",
+        choices=TASKS,
+        flag="--task",
+    )
+    output_dir: str = key("", help="where the run writes")
+    target_gpu: str | int | None = key(
+        None,
+        help='the GPU the recipe is sized for: a preset (`t4`, `"3090"`, `a100-80gb`, … see '
+        "[GPU presets](#gpu-presets-and-units)) or a size with its unit (`24GB` = 24·10⁹ bytes, `24GiB`); the "
+        "profiler and OOM advice use it",
     )
     source: Path | None = field(default=None, repr=False, compare=False, metadata={"key": False})
 
@@ -186,7 +279,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain data (what `recipe.yaml` in the output folder holds)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in _keys(Recipe)}
+        return {f.name: _plain(getattr(self, f.name)) for f in key_fields(Recipe)}
 
     def save(self, path: str | Path) -> None:
         """Write the resolved recipe as YAML (atomically: a reader never sees half a file)."""
@@ -195,19 +288,54 @@ class Recipe:
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in _keys(type(value))}
+        return {f.name: _plain(getattr(value, f.name)) for f in key_fields(type(value))}
     return value
 
 
-def _keys(cls: type) -> list[dataclasses.Field]:
+def key_fields(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
+
+
+def key_leaves(cls: type = Recipe, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, annotation) of every recipe key, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    for f in key_fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from key_leaves(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, hints[f.name]
+
+
+def key_field(dotted: str) -> dataclasses.Field:
+    """The field that declares the recipe key `dotted` (its default, help, choices and flag)."""
+    for name, f, _ in key_leaves():
+        if name == dotted:
+            return f
+    raise KeyError(dotted)
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def value_at(recipe: Recipe, dotted: str) -> Any:
+    """The value of the recipe key `dotted` in `recipe`."""
+    value = recipe
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def flag_keys() -> dict[str, str]:
+    """`qlora profile`'s option (argparse dest, e.g. 'seq_len') -> the recipe key it sets."""
+    return {f.metadata["flag"].lstrip("-").replace("-", "_"): k for k, f, _ in key_leaves() if f.metadata["flag"]}
 
 
 def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
     """Every dotted key a recipe accepts, e.g. 'lora.r', 'training.max_steps'."""
     hints = typing.get_type_hints(cls)
     keys = []
-    for f in _keys(cls):
+    for f in key_fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             keys.extend(all_keys(tp, f"{prefix}{f.name}."))
@@ -227,7 +355,7 @@ def from_dict(data: Any, cls: type = Recipe, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise QLoraError(f"{where}: expected a mapping of keys, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in _keys(cls)}
+    known = {f.name: f for f in key_fields(cls)}
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -275,9 +403,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return float(value)
         if isinstance(value, str) and _FLOAT.match(value):  # YAML 1.1 reads '2e-4' as a string
             return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    elif tp is str and isinstance(value, str):
+        return value
     raise _type_error(key, value, tp)
 
 
@@ -285,10 +412,10 @@ _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _TYPE_NAMES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+        return " or ".join(type_name(t) for t in typing.get_args(tp))
     if origin is list:
         return "a list"
     if origin is dict:
@@ -301,7 +428,7 @@ def _describe(value: Any) -> str:
 
 
 def _type_error(key: str, value: Any, tp: Any) -> QLoraError:
-    return QLoraError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")
+    return QLoraError(f"{key}: expected {type_name(tp)}, got {_describe(value)}")
 
 
 # --- overrides ------------------------------------------------------------------------------------
@@ -347,15 +474,55 @@ def _check(ok: bool, message: str) -> None:
         raise QLoraError(message)
 
 
-def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    _check(value in choices, f"{key}: unknown value '{value}'{did_you_mean(value, choices)}")
+def _spell(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def check_choices(spec: Any, prefix: str = "") -> None:
+    """Every key of `spec` (a recipe or one of its sections) against the `choices` in its metadata.
+
+    Choices constrain the values of their own type: a list of module names in `lora.targets` is not a preset,
+    and `distributed.strategy: null` is not a strategy.
+    """
+    for f in key_fields(type(spec)):
+        value, dotted = getattr(spec, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{dotted}.")
+            continue
+        choices = f.metadata.get("choices")
+        if not choices or value is None or not any(type(c) is type(value) for c in choices) or value in choices:
+            continue
+        if isinstance(value, str):
+            raise QLoraError(f"{dotted}: unknown value '{value}'{did_you_mean(value, choices)}")
+        *first, last = (_spell(c) for c in choices)
+        raise QLoraError(f"{dotted}: must be {', '.join(first)} or {last}, got {_spell(value)}")
+
+
+def check_metric(recipe: Recipe) -> None:
+    """eval.metric must be one the recipe's task can measure (checked at load, before any model)."""
+    valid = TASK_METRICS[recipe.task]
+    _check(
+        recipe.eval.metric in valid,
+        f"eval.metric: '{recipe.eval.metric}' does not apply to task '{recipe.task}' (use {', '.join(valid)})",
+    )
+
+
+def check_packing(recipe: Recipe) -> None:
+    """Packing is for causal LM, and packed blocks are all about max_seq_len long (nothing to group)."""
+    spec = recipe.data
+    _check(
+        not (spec.packing and recipe.task == "classification"),
+        "data.packing: only for causal LM formats (alpaca, chat, text), not classification",
+    )
+    _check(
+        not (spec.packing and spec.group_by_length),
+        "data.packing and data.group_by_length: choose one (packed blocks all have about the same length)",
+    )
 
 
 def check_distributed(spec: DistributedSpec, quant_bits: int | None) -> None:
     """The `distributed` section's rules, checked when a recipe loads and again by training against the launch."""
-    if spec.strategy is not None:
-        _check_choice("distributed.strategy", spec.strategy, DISTRIBUTED_STRATEGIES)
-    _check_choice("distributed.offload", spec.offload, DISTRIBUTED_OFFLOADS)
+    check_choices(spec, "distributed.")
     _check(spec.gpus is None or spec.gpus >= 1, f"distributed.gpus: must be >= 1, got {spec.gpus}")
     _check(
         spec.offload != "cpu" or spec.strategy in SHARDED_STRATEGIES,
@@ -364,7 +531,8 @@ def check_distributed(spec: DistributedSpec, quant_bits: int | None) -> None:
     )
     _check(
         not (spec.strategy in SHARDED_STRATEGIES and quant_bits == 8),
-        f"distributed.strategy: '{spec.strategy}' cannot shard bitsandbytes 8-bit weights; use quantization.bits 4 (QLoRA) or none",
+        f"distributed.strategy: '{spec.strategy}' cannot shard bitsandbytes 8-bit weights; use quantization.bits 4 "
+        "(QLoRA) or none",
     )
 
 
@@ -380,7 +548,7 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
     _check(
         bool(recipe.output_dir) or not for_training, "output_dir: required (where the adapter and metrics are written)"
     )
-    _check(q.bits in (4, 8, None), f"quantization.bits: must be 4, 8 or none, got {q.bits}")
+    check_choices(recipe)
     for key, value in (
         ("model.name_or_path", m.name_or_path),
         ("data.path", d.path),
@@ -388,22 +556,14 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
         ("output_dir", recipe.output_dir),
     ):
         _check_path(key, value)
-    _check_choice("quantization.quant_type", q.quant_type, QUANT_TYPES)
-    _check_choice("quantization.compute_dtype", q.compute_dtype, COMPUTE_DTYPES)
-    _check_choice("model.attn_implementation", m.attn_implementation, ATTN_IMPLEMENTATIONS)
     _check(lo.r > 0, f"lora.r: must be > 0, got {lo.r}")
     _check(lo.alpha > 0, f"lora.alpha: must be > 0, got {lo.alpha}")
     _check(0 <= lo.dropout < 1, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
-    if isinstance(lo.targets, str):
-        _check_choice("lora.targets", lo.targets, TARGET_PRESETS)
-    else:
+    if not isinstance(lo.targets, str):
         _check(bool(lo.targets) and all(lo.targets), "lora.targets: the list of module names is empty")
-    _check_choice("data.format", d.format, DATA_FORMATS)
     _check(d.max_seq_len > 0, f"data.max_seq_len: must be > 0, got {d.max_seq_len}")
     _check(d.eval_size >= 0, f"data.eval_size: must be >= 0, got {d.eval_size}")
     _check(d.max_examples is None or d.max_examples > 0, f"data.max_examples: must be > 0, got {d.max_examples}")
-    _check_choice("training.optimizer", t.optimizer, OPTIMIZERS)
-    _check_choice("training.lr_scheduler", t.lr_scheduler, SCHEDULERS)
     _check(t.learning_rate > 0, f"training.learning_rate: must be > 0, got {t.learning_rate}")
     _check(0 <= t.warmup_ratio <= 1, f"training.warmup_ratio: must be in [0, 1], got {t.warmup_ratio}")
     _check(t.batch_size >= 1, f"training.batch_size: must be >= 1, got {t.batch_size}")
@@ -423,24 +583,22 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
     _check(t.logging_steps > 0, f"training.logging_steps: must be > 0, got {t.logging_steps}")
     _check(t.eval_steps is None or t.eval_steps > 0, f"training.eval_steps: must be > 0, got {t.eval_steps}")
     check_long_context_keys(t.mlp_tiles, t.offload_checkpoints, t.gradient_checkpointing, recipe.distributed.strategy)
-    _check_choice("training.loss", t.loss, LOSSES)
-    _check_choice("training.kernels", t.kernels, KERNELS)
     report_targets(t.report_to)  # each tracker known and installed (one line naming what to install)
     _check(t.run_name is None or bool(t.run_name.strip()), "training.run_name: empty; leave it out for the default")
     _check(
         t.eval_batch_size is None or t.eval_batch_size >= 1,
         f"training.eval_batch_size: must be >= 1, got {t.eval_batch_size}",
     )
-    _check_choice("eval.metric", e.metric, METRICS)
     _check(e.max_examples > 0, f"eval.max_examples: must be > 0, got {e.max_examples}")
     _check(e.max_new_tokens > 0, f"eval.max_new_tokens: must be > 0, got {e.max_new_tokens}")
-    _check_choice("task", recipe.task, TASKS)
     check_distributed(recipe.distributed, q.bits)
     if recipe.task == "classification":
         _check(
             d.format == "classification",
             f"data.format: task 'classification' needs format 'classification', got '{d.format}'",
         )
+    check_metric(recipe)
+    check_packing(recipe)
     if recipe.target_gpu is not None:
         parse_gpu_memory(recipe.target_gpu, "target_gpu")
     return recipe
@@ -483,15 +641,8 @@ def _check_path(key: str, value: str | None) -> None:
 def _normalise_bits(data: dict) -> None:
     """`quantization.bits: none` (a string in YAML) means no quantization."""
     quant = data.get("quantization")
-    if (
-        (
-            isinstance(quant, dict)
-            and isinstance(quant.get("bits"), str)
-            and quant["bits"].lower() in ("none", "null", "16")
-        )
-        or isinstance(quant, dict)
-        and quant.get("bits") == 16
-    ):
+    bits = quant.get("bits") if isinstance(quant, dict) else None
+    if (isinstance(bits, str) and bits.lower() in ("none", "null", "16")) or bits == 16:
         quant["bits"] = None
 
 

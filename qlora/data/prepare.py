@@ -16,11 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from qlora.config.architecture import IGNORE_INDEX
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import DataSpec, Recipe
 from qlora.data.chat_tokens import encode_chat
 from qlora.data.files import locate_problem
+
+# `datasets` and transformers' collators are imported inside the functions that use them: the profiler imports
+# this module (count_labels, through qlora.memory.settings) on every `qlora profile`, which never reads a
+# dataset, and they cost about 1 s and 3 s to import on two cores.
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -282,8 +288,6 @@ def conversation(row: dict, spec: DataSpec) -> list[dict]:
 
 def render_chat(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
     """A conversation as the tokenizer's chat template writes it (special tokens included, as text)."""
-    from jinja2 import TemplateError
-
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except TemplateError as exc:
@@ -416,17 +420,6 @@ def tokenize_split(raw, spec: DataSpec, tokenizer, stats: dict[str, Any], prefix
 # --- packing --------------------------------------------------------------------------------------
 
 
-def check_packing(recipe: Recipe) -> None:
-    """Packing is for causal LM, and packed blocks are all about max_seq_len long (nothing to group)."""
-    spec = recipe.data
-    if spec.packing and recipe.task == "classification":
-        raise QLoraError("data.packing: only for causal LM formats (alpaca, chat, text), not classification")
-    if spec.packing and spec.group_by_length:
-        raise QLoraError(
-            "data.packing and data.group_by_length: choose one (packed blocks all have about the same length)"
-        )
-
-
 def pack(items: list[dict], max_len: int) -> list[dict]:
     """Whole examples, in order, greedily filled into blocks of at most `max_len` tokens.
 
@@ -461,7 +454,6 @@ def to_dataset(items: list[dict], spec: DataSpec, stats: dict[str, Any], prefix:
 def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
     """Everything the trainer needs from the recipe's data section."""
     spec = recipe.data
-    check_packing(recipe)
     if spec.format == "chat" and not tokenizer.chat_template:
         raise QLoraError(
             f"data.format: chat needs a chat template, and the tokenizer of {recipe.model.name_or_path} has none"

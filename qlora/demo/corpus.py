@@ -440,7 +440,8 @@ class Language:
         return self.rng.choice(
             (
                 f"every day {s} {present}{self.obj(verb.takes)}. yesterday {s} {verb.past}{self.obj(verb.takes)}.",
-                f"{s} will {verb.base}{self.obj(verb.takes)} tomorrow, and yesterday {pronoun} {verb.past}{self.obj(verb.takes)}.",
+                f"{s} will {verb.base}{self.obj(verb.takes)} tomorrow, and yesterday {pronoun} "
+                f"{verb.past}{self.obj(verb.takes)}.",
                 f"{s} can {verb.base}{self.obj(verb.takes)}. last week {pronoun} {verb.past}{self.obj(verb.takes)}.",
                 f"{s} {verb.past}{self.obj(verb.takes)}.",
                 f"{s} likes to {verb.base}{self.obj(verb.takes)}.",

@@ -96,7 +96,8 @@ def train(model, tokenizer, blocks: torch.Tensor, steps: int, batch: int, lr: fl
             )
         if (step + 1) % max(1, steps // 4) == 0 or step == steps - 1:
             print(
-                f"plural probe ('the mouse was alone. now there are two ...'): {plural_probe(model, tokenizer):.1%} of nouns",
+                f"plural probe ('the mouse was alone. now there are two ...'): {plural_probe(model, tokenizer):.1%} "
+                "of nouns",
                 flush=True,
             )
             model.train()

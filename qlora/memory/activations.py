@@ -9,7 +9,8 @@ input. The activation peak of a step is
     kept (alive from forward until backward frees it: each layer's input under checkpointing,
           everything every layer saves without it)
       + the largest of the step's moments:
-        end of forward       standard loss: logits, their fp32 copy and log-softmax (+ autocast's 16-bit adapter copies)
+        end of forward       standard loss: logits, their fp32 copy and log-softmax (+ autocast's 16-bit adapter
+                             copies)
         start of backward    standard loss: the loss gradient (three vocabulary-sized fp32 tensors)
         loss chunk           chunked loss (qlora.ops.loss): one chunk's fp32 logits, the final hidden states and
                              their gradient, made in forward (+ autocast's adapter copies)
@@ -294,7 +295,8 @@ def _adapters_cast(step: Step) -> bool:
 
 def _linear_inputs(inv: Inventory, step: Step, count_attention_output: bool = False, skip=frozenset()) -> int:
     """The layer's distinct linear inputs (q, k, v share one) but those of the `skip` leaves. With sdpa, o_proj's
-    input is the attention output (the kernels return it in (batch, seq, heads, dim) layout), which attention saves anyway."""
+    input is the attention output (the kernels return it in (batch, seq, heads, dim) layout), which attention saves
+    anyway."""
     sources = {
         LINEAR_SOURCE.get(leaf, leaf): lin.in_features for leaf, lin in inv.layer_linears().items() if leaf not in skip
     }
@@ -468,9 +470,9 @@ def tiled_mlp_saved(inv: Inventory, step: Step) -> dict[str, int]:
 def tiled_layer_backward(inv: Inventory, step: Step) -> tuple[str, int]:
     """The busiest point of a layer's backward with a tiled MLP, besides what the layer saved.
 
-    Returns the busiest part's name and bytes. Either the backward of one MLP tile, with the incoming gradient and the MLP's input gradient
-    being filled tile by tile (both tokens x hidden); or, once the MLP is small enough, attention's
-    backward, when the post-attention norm and the MLP have freed what they saved (see
+    Returns the busiest part's name and bytes. Either the backward of one MLP tile, with the incoming gradient and
+    the MLP's input gradient being filled tile by tile (both tokens x hidden); or, once the MLP is small enough,
+    attention's backward, when the post-attention norm and the MLP have freed what they saved (see
     `attention_backward`).
     """
     d, T, c = inv.dims, step.tokens, step.compute_bytes
@@ -656,9 +658,9 @@ def generation_terms(inv: Inventory, step: Step) -> dict[str, int]:
 
 
 def _layer_forward(inv: Inventory, step: Step) -> int:
-    """A layer's no-grad forward at its busiest point (eager attention's scores, else the MLP), from the decoder's code: the embeddings
-    (kept by the decoder's loop), the layer input, the attention residual and the normed input (three
-    in the first layer, where the input is the embeddings); then the larger of the up projection's
+    """A layer's no-grad forward at its busiest point (eager attention's scores, else the MLP), from the decoder's
+    code: the embeddings (kept by the decoder's loop), the layer input, the attention residual and the normed input
+    (three in the first layer, where the input is the embeddings); then the larger of the up projection's
     output (the activated gate, the base output, with LoRA its scaled output and their sum) and a
     4/8-bit weight dequantized for its matmul beside the gate and the output."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes

@@ -12,6 +12,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
+
 from qlora.config.architecture import (
     ATTENTION_NAMES,
     CLASSIFIER_HEADS,
@@ -122,16 +128,12 @@ def load_inventory(
 
 @lru_cache(maxsize=32)
 def _inventory(config_path: str, name: str, dtype_name: str, task: str, num_labels: int) -> Inventory:
-    import torch
-
     model = meta_model(Path(config_path), getattr(torch, dtype_name), task, num_labels)
     return _describe(model, name, task)
 
 
 def load_config(config_path: Path):
     """transformers' config object for a config.json, with one-line errors for unusable files."""
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(str(config_path))
     except (OSError, ValueError, KeyError) as exc:
@@ -141,9 +143,6 @@ def load_config(config_path: Path):
 def meta_model(config_path: Path, dtype, task: str = "causal_lm", num_labels: int = 2):
     """The config's causal-LM (or sequence-classification) class, built on the meta device in `dtype`
     (as `from_pretrained` would)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     config = load_config(config_path)
     loader, what = AutoModelForCausalLM, "causal language model"
     if task == "classification":
@@ -156,17 +155,24 @@ def meta_model(config_path: Path, dtype, task: str = "causal_lm", num_labels: in
         raise QLoraError(f"{config_path}: not a {what} transformers can build: {str(exc).splitlines()[0]}") from None
 
 
-def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
-    import torch
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.quantizers.quantizers_utils import should_convert_module
+def linear_features(module) -> tuple[int, int] | None:
+    """(in, out) features of a linear layer: `nn.Linear`, or GPT-2's `Conv1D` (the same matmul, its weight
+    stored transposed; peft's all-linear counts it too). None for any other module."""
+    if type(module) is torch.nn.Linear:
+        return module.in_features, module.out_features
+    if type(module) is Conv1D:
+        return module.nx, module.nf
+    return None
 
+
+def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
     skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     linears, params, claimed = [], [], set()
     for mod_name, module in model.named_modules():
-        if type(module) is torch.nn.Linear and not (tied and module is head):  # a tied head stores nothing of its own
+        features = linear_features(module)
+        if features is not None and not (tied and module is head):  # a tied head stores nothing of its own
             leaf = mod_name.rsplit(".", 1)[-1]
             role = (
                 "lm_head"
@@ -182,8 +188,7 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
             linears.append(
                 Linear(
                     mod_name,
-                    module.in_features,
-                    module.out_features,
+                    *features,
                     module.bias is not None,
                     module.weight.element_size(),
                     role,
@@ -250,8 +255,6 @@ def _dims(config) -> Dims:
 
 def _first_layer_prefix(model) -> str:
     """'model.layers.0.': the first module of the ModuleList that holds the decoder layers."""
-    import torch
-
     layers = model.config.get_text_config().num_hidden_layers
     for mod_name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == layers:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from qlora.config.errors import QLoraError
 from qlora.memory.estimate import weight_bytes
 from qlora.memory.inventory import Inventory, load_inventory
-from qlora.memory.overheads import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
+from qlora.memory.overheads import cuda_overheads
 
 PLACEMENTS = ("auto", "cuda", "layers", "cpu")
 CHECK_POSITIONS = 256  # the merge check's prompts (a few dozen tokens each): their fp32 logits, with room
@@ -48,14 +50,13 @@ def merge_memory_bytes(model, dtype: str = "bfloat16", bits: int | None = 4, dou
     # reference model is freed before); layer by layer: the 4-bit model and one weight, dense and cast.
     full = max(quantized, dense + largest) + logits
     layers = quantized + 2 * largest + logits
-    slack = 1 + ALLOCATOR_SLACK
-    return MergeMemory(full=int(full * slack), layers=int(layers * slack), context=CUDA_CONTEXT_BYTES)
+    context, allocator_slack = cuda_overheads()
+    slack = 1 + allocator_slack
+    return MergeMemory(full=int(full * slack), layers=int(layers * slack), context=context)
 
 
 def free_gpu_bytes() -> int | None:
     """Free memory on the current GPU as the driver reports it (None without a GPU)."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     free, _total = torch.cuda.mem_get_info()

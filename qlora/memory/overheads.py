@@ -14,6 +14,7 @@ every measured GPU), else the named defaults below. `QLORA_MEASURED_DIR` points 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from importlib import resources
@@ -67,14 +68,20 @@ def named_assumptions(context_default: int, slack_default: float, root: Path | N
 # What a CUDA process holds beyond its tensors. Not measurable on a CPU machine: named assumptions
 # that `--measure` on a GPU reports against (torch.cuda.memory_reserved vs memory_allocated).
 # CUDA context, lazily loaded kernels (cuBLAS, SDPA forward and backward, bitsandbytes' 4-bit matmul): 764 MiB measured
-# alone in a fresh process on an H200 (CUDA 13.0, torch 2.11, bitsandbytes 0.50.2; memory_reports/measured/cuda-nvidia-h200).
+# alone in a fresh process on an H200 (CUDA 13.0, torch 2.11, bitsandbytes 0.50.2;
+# memory_reports/measured/cuda-nvidia-h200).
 CUDA_CONTEXT_BYTES = 800_653_312
 # PyTorch's caching allocator: reserved-but-free blocks and rounding above peak allocated. A named assumption:
-# qlora turns on expandable segments (qlora/__init__.py), under which it has not been measured yet.
+# qlora turns on expandable segments (qlora.config.environment), under which it has not been measured yet.
 ALLOCATOR_SLACK = 0.05
-# `make gpu-check` measures both; its overheads.json (in qlora/memory/measured/cuda-*/) win when present.
-CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK = named_assumptions(CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK)
 MODEL_BUFFERS = "model buffers (RoPE tables)"
+
+
+@functools.cache
+def cuda_overheads() -> tuple[int, float]:
+    """(CUDA context bytes, allocator slack) the profiler uses: `make gpu-check`'s measured overheads.json
+    files win over the named defaults above. Read on first use, not at import, once per process."""
+    return named_assumptions(CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK)
 
 
 def slack(overhead: dict[str, int]) -> int:
@@ -86,10 +93,11 @@ def overhead(device: str, tensors: int, buffers: int) -> dict[str, int]:
     """Memory besides the training state: the model's buffers, and on CUDA what is not a tensor."""
     parts = {MODEL_BUFFERS: buffers} if buffers else {}
     if device == "cuda":
+        context, allocator_slack = cuda_overheads()
         parts.update(
             {
-                "CUDA context": CUDA_CONTEXT_BYTES,
-                f"allocator slack ({ALLOCATOR_SLACK * 100:g}%)": int((tensors + buffers) * ALLOCATOR_SLACK),
+                "CUDA context": context,
+                f"allocator slack ({allocator_slack * 100:g}%)": int((tensors + buffers) * allocator_slack),
             }
         )
     return parts

@@ -8,10 +8,12 @@ by bisection over the model of memory (a few dozen arithmetic estimates, no allo
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from qlora.config.long_context import mlp_tiles_for
+from qlora.config.recipe import key_field
 from qlora.memory.estimate import GIB, Estimate, estimate, settings_inventory
 from qlora.memory.inventory import Inventory
 from qlora.memory.settings import METHODS, Settings, from_recipe
@@ -19,43 +21,37 @@ from qlora.memory.settings import METHODS, Settings, from_recipe
 MAX_BATCH = 1024  # the batch-size search stops here: beyond it "fits" says enough
 METHOD_ORDER = tuple(METHODS)  # full, lora, lora-8bit, qlora: from most memory to least
 
-# How each change the planner may advise is spelled where the user makes it: flags or recipe keys.
-CLI_KEYS = {
-    "seq_len": "--seq-len {}",
-    "batch_size": "--batch-size {}",
-    "rank": "--rank {}",
-    "optimizer": "--optimizer {}",
-    "checkpointing": "gradient checkpointing (drop --no-checkpointing)",
-    "loss": "--loss {}",
-    "eval_batch_size": "--eval-batch-size {}",
-    "gpus": "--gpus {}",
-    "strategy": "--strategy {}",
-    "offload": "--offload {}",
-    **{m: f"--methods {m}" for m in METHODS},
-    # no flags for these: a recipe's keys (qlora.config.long_context), said as such
-    "offload_checkpoints": "training.offload_checkpoints=true (recipe key)",
-    "dropout": "lora.dropout=0 (recipe key)",
-    "tiles": "training.mlp_tiles={} (recipe key)",
+# The changes the planner may advise that are no single recipe key as it stands, per style of spelling.
+OTHER_SPELLINGS = {
+    "flags": {
+        "checkpointing": "gradient checkpointing (drop --no-checkpointing)",
+        **{m: f"--methods {m}" for m in METHODS},
+    },
+    "recipe": {
+        "checkpointing": "training.gradient_checkpointing=true",
+        "full": "full fine-tuning",
+        "lora": "quantization.bits=none (16-bit LoRA)",
+        "lora-8bit": "quantization.bits=8",
+        "qlora": "quantization.bits=4 (QLoRA)",
+        "gpus": "{0} processes (torchrun --nproc_per_node {0})",
+    },
 }
-RECIPE_KEYS = {
-    "seq_len": "data.max_seq_len={}",
-    "batch_size": "training.batch_size={}",
-    "rank": "lora.r={}",
-    "optimizer": "training.optimizer={}",
-    "checkpointing": "training.gradient_checkpointing=true",
-    "loss": "training.loss={}",
-    "eval_batch_size": "training.eval_batch_size={}",
-    "full": "full fine-tuning",
-    "lora": "quantization.bits=none (16-bit LoRA)",
-    "lora-8bit": "quantization.bits=8",
-    "qlora": "quantization.bits=4 (QLoRA)",
-    "offload_checkpoints": "training.offload_checkpoints=true",
-    "dropout": "lora.dropout=0",
-    "tiles": "training.mlp_tiles={}",
-    "gpus": "{0} processes (torchrun --nproc_per_node {0})",
-    "strategy": "distributed.strategy={}",
-    "offload": "distributed.offload={}",
-}
+
+
+def spellings(style: str) -> dict[str, str]:
+    """How each change the planner may advise is spelled where the user makes it: `qlora profile`'s flags
+    ('flags'; a key without a flag is named as a recipe key) or recipe keys ('recipe'), from the schema."""
+    spelled = {}
+    for f in dataclasses.fields(Settings):
+        dotted = f.metadata.get("recipe_key")
+        if dotted is None:
+            continue
+        flag = key_field(dotted).metadata["flag"]
+        if style == "recipe":
+            spelled[f.name] = f"{dotted}={{}}"
+        else:
+            spelled[f.name] = f"{flag} {{}}" if flag else f"{dotted}={{}} (recipe key)"
+    return {**spelled, **OTHER_SPELLINGS[style]}
 
 
 @dataclass(frozen=True)
@@ -237,14 +233,14 @@ def long_context_keys(inv: Inventory, method: str, s: Settings, k: dict[str, str
     changes, spelled = {}, []
     if s.checkpointing and s.offload_checkpoints is not True:
         changes["offload_checkpoints"] = True
-        spelled.append(k["offload_checkpoints"])
+        spelled.append(k["offload_checkpoints"].format("true"))
     if method != "full" and s.lora_dropout > 0:
         changes["lora_dropout"] = 0.0
-        spelled.append(k["dropout"])
+        spelled.append(k["lora_dropout"].format(0))
     tiles = mlp_tiles_for("auto", s.batch_size * s.seq_len, inv.dims.hidden, s.strategy)
     if s.mlp_tiles != "auto" and tiles > s.mlp_tiles:
         changes["mlp_tiles"] = "auto"
-        spelled.append(k["tiles"].format(tiles))
+        spelled.append(k["mlp_tiles"].format(tiles))
     return changes, spelled
 
 
@@ -323,7 +319,8 @@ class CardPlan:
             return f"{name}: does not fit on up to {MAX_GPUS} GPUs of {gpu_bytes / 2**30:.2f} GiB{why}"
         host = sum(self.estimate.host_bytes.values())
         ram = f", host RAM {host / 2**30:.1f} GiB" if host else ""
-        return f"{name}: {self.gpus} GPU{'s' if self.gpus > 1 else ''}, {self.estimate.total / 2**30:.2f} GiB per GPU{ram}"
+        gpus = f"{self.gpus} GPU{'s' if self.gpus > 1 else ''}"
+        return f"{name}: {gpus}, {self.estimate.total / 2**30:.2f} GiB per GPU{ram}"
 
     def to_dict(self) -> dict:
         if not self.gpus:
@@ -338,7 +335,9 @@ class CardPlan:
 
 
 def cards_needed(inv, method: str, settings, gpu_bytes: int) -> list[CardPlan]:
-    """For each strategy, the fewest GPUs of `gpu_bytes` that hold one step (DDP: one, or none: a replica never shrinks)."""
+    """For each strategy, the fewest GPUs of `gpu_bytes` that hold one step (DDP: one, or none: a replica never
+    shrinks).
+    """
     plans = []
     for strategy, offload in SEARCH:
         if method == "lora-8bit" and strategy != "ddp":
@@ -389,11 +388,10 @@ def sharding_remedies(inv, method: str, settings, gpu_bytes: int, keys: dict[str
     return out
 
 
-def plan(
-    model: str | Inventory, methods, settings: Settings, gpu_bytes: int, keys: dict[str, str] = CLI_KEYS
-) -> FitPlan:
-    """Fit every method of `methods` on `model` into `gpu_bytes`."""
+def plan(model: str | Inventory, methods, settings: Settings, gpu_bytes: int, spelling: str = "flags") -> FitPlan:
+    """Fit every method of `methods` on `model` into `gpu_bytes`; advice spelled as `spellings(spelling)`."""
     inv = settings_inventory(model, settings)
+    keys = spellings(spelling)
     fits = tuple(fit_method(inv, m, settings, gpu_bytes) for m in methods)
     tried = set(methods)
     return FitPlan(
@@ -408,4 +406,4 @@ def plan(
 def plan_fit(recipe, gpu_bytes: int) -> FitPlan:
     """The fit plan of what `recipe` trains, on a GPU of `gpu_bytes`, advice in recipe keys."""
     model, method, settings = from_recipe(recipe)
-    return plan(model, (method,), settings, gpu_bytes, RECIPE_KEYS)
+    return plan(model, (method,), settings, gpu_bytes, "recipe")

@@ -14,6 +14,9 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from qlora.config.disk import size, writing
 from qlora.config.io import atomic_write_json, atomic_write_text
 from qlora.config.precision import dtype_name
@@ -101,7 +104,8 @@ def describe(settings: Settings) -> str:
             else ""
         )
         + (
-            f" · per GPU of {settings.gpus}, {settings.strategy}{' + CPU offload' if settings.offload == 'cpu' else ''}"
+            f" · per GPU of {settings.gpus}, "
+            f"{settings.strategy}{' + CPU offload' if settings.offload == 'cpu' else ''}"
             if settings.gpus > 1
             else ""
         )
@@ -181,9 +185,6 @@ def groups(runs: list[Run]) -> list[list[Run]]:
 
 def print_table(runs: list[Run], console=None) -> None:
     """The rich terminal table(s), then the fit advice."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console(width=None if sys.stdout.isatty() else 200)  # piped: no wrapping at 80
     for group in groups(runs):
         name, _ = unit(group)
@@ -325,6 +326,7 @@ def to_json(runs: list[Run]) -> dict:
 
 def plot(run: Run, path: Path) -> Path:
     """A stacked bar per method (components in GiB), the GPU's size as a line, measured peaks as marks."""
+    # Imported here: only --out draws a PNG, and matplotlib costs about 0.5 s to import on every profile.
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state (renders with Agg)
 
     name, scale = unit([run])

@@ -14,6 +14,7 @@ from typing import Any
 
 from qlora.config.errors import QLoraError, did_you_mean
 from qlora.config.precision import resolve_compute_dtype
+from qlora.config.recipe import default_of, key_field, value_at
 from qlora.data.prepare import count_labels
 
 # Method -> bits of the frozen base (None: 16-bit). 'full' trains every weight, the others train LoRA adapters.
@@ -21,46 +22,53 @@ METHODS = {"full": None, "lora": None, "lora-8bit": 8, "qlora": 4}
 DEFAULT_METHODS = ("full", "lora", "qlora")
 
 
+def from_key(dotted: str, **kwargs: Any) -> Any:
+    """A setting that is the recipe key `dotted` as it stands: its default is the schema's, `from_recipe` copies it."""
+    return dataclasses.field(default=default_of(key_field(dotted)), metadata={"recipe_key": dotted}, **kwargs)
+
+
+def derived_from(dotted: str, default: Any) -> Any:
+    """A setting `from_recipe` computes from the recipe key `dotted` (which the planner's advice names)."""
+    return dataclasses.field(default=default, metadata={"recipe_key": dotted, "derived": True})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything besides the model that changes a training step's memory.
 
-    `device` says which machine the numbers describe: 'cuda' (a GPU being planned for: bf16 autocast,
-    CUDA context and allocator overhead) or 'cpu' (what `--measure` checks on a machine without one).
+    Most fields are a recipe key as it stands (`from_key`: name, default and values are the schema's); the
+    rest are derived from one (`derived_from`) or describe the machine, not the recipe. `device` says which
+    machine the numbers describe: 'cuda' (a GPU being planned for: bf16 autocast, CUDA context and allocator
+    overhead) or 'cpu' (what `--measure` checks on a machine without one).
     """
 
-    seq_len: int = 512
-    batch_size: int = 1
-    rank: int = 64
-    targets: str | tuple[str, ...] = "all-linear"
-    lora_dropout: float = 0.05
-    optimizer: str = "paged_adamw_32bit"
-    checkpointing: bool = True
-    checkpoint_layers: int | str | None = (
-        None  # with checkpointing: the first N decoder layers, 'auto' (the planner's), None (all)
-    )
-    attn_implementation: str = "sdpa"
-    compute_dtype: str = "auto"
-    double_quant: bool = True
+    seq_len: int = from_key("data.max_seq_len")
+    batch_size: int = from_key("training.batch_size")
+    rank: int = from_key("lora.r")
+    targets: str | tuple[str, ...] = from_key("lora.targets")
+    lora_dropout: float = from_key("lora.dropout")
+    optimizer: str = from_key("training.optimizer")
+    checkpointing: bool = derived_from("training.gradient_checkpointing", True)
+    # with checkpointing: the first N decoder layers, 'auto' (the planner's), None (all)
+    checkpoint_layers: int | str | None = derived_from("training.gradient_checkpointing", None)
+    attn_implementation: str = from_key("model.attn_implementation")
+    compute_dtype: str = from_key("quantization.compute_dtype")
+    double_quant: bool = from_key("quantization.double_quant")
     device: str = "cuda"
-    task: str = "causal_lm"  # or 'classification': a sequence classifier, its new head trained in full
-    num_labels: int = 2  # classification only: the head has one output per label
-    mlp_tiles: int | str = "auto"  # training.mlp_tiles: tiles of the sequence-tiled MLP (qlora.config.long_context)
-    offload_checkpoints: bool | str = False  # training.offload_checkpoints: kept layer inputs in host RAM (GPU only)
-    gpus: int = 1  # > 1: the numbers are one GPU's share under `strategy` (qlora.memory.sharding)
-    strategy: str = "ddp"  # ddp | fsdp | zero3, as the recipe's distributed.strategy
-    offload: str = "none"  # none | cpu, as distributed.offload
-    loss: str = (
-        "chunked"  # causal LM: 'chunked' (qlora.ops.loss, no full logits) or 'standard'; a classifier ignores it
-    )
-    eval_batch_size: int | None = None  # the eval step's batch (None: batch_size)
-    generate_tokens: int = (
-        0  # eval.metric exact_match: greedy generation of this many tokens at the eval batch (KV cache)
-    )
-    kernels: str = "auto"  # training.kernels: 'auto' = Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss on CUDA (a GPU install brings it); 'none'
-    native_bf16: bool = (
-        True  # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): same bytes
-    )
+    task: str = from_key("task")
+    num_labels: int = 2  # classification only: the head has one output per label (read from the data)
+    mlp_tiles: int | str = from_key("training.mlp_tiles")
+    offload_checkpoints: bool | str = from_key("training.offload_checkpoints")
+    gpus: int = derived_from("distributed.gpus", 1)  # > 1: one GPU's share under `strategy` (qlora.memory.sharding)
+    strategy: str = derived_from("distributed.strategy", "ddp")  # a recipe's null: one process, or DDP
+    offload: str = from_key("distributed.offload")
+    loss: str = from_key("training.loss")
+    eval_batch_size: int | None = from_key("training.eval_batch_size")
+    # eval.metric exact_match: greedy generation of this many tokens at the eval batch (KV cache)
+    generate_tokens: int = derived_from("eval.max_new_tokens", 0)
+    kernels: str = from_key("training.kernels")
+    # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): the same bytes
+    native_bf16: bool = True
 
     @property
     def eval_batch(self) -> int:
@@ -95,38 +103,30 @@ def from_recipe(recipe, num_labels: int | None = None, device: str = "cuda") -> 
     """
     if recipe.task == "classification" and num_labels is None:
         num_labels = count_labels(recipe)
-    targets = recipe.lora.targets if isinstance(recipe.lora.targets, str) else tuple(recipe.lora.targets)
     # quant_type is left out on purpose: fp4 and nf4 store the same layout (4-bit codes, one absmax per block).
+    copied = {
+        f.name: _hashable(value_at(recipe, f.metadata["recipe_key"]))
+        for f in dataclasses.fields(Settings)
+        if "recipe_key" in f.metadata and not f.metadata.get("derived")
+    }
+    checkpointing = recipe.training.gradient_checkpointing
     settings = Settings(
-        seq_len=recipe.data.max_seq_len,
-        batch_size=recipe.training.batch_size,
-        rank=recipe.lora.r,
-        targets=targets,
-        lora_dropout=recipe.lora.dropout,
-        optimizer=recipe.training.optimizer,
-        checkpointing=recipe.training.gradient_checkpointing not in (False, 0),
-        checkpoint_layers=None
-        if isinstance(recipe.training.gradient_checkpointing, bool)
-        else recipe.training.gradient_checkpointing,
-        attn_implementation=recipe.model.attn_implementation,
-        compute_dtype=recipe.quantization.compute_dtype,
-        double_quant=recipe.quantization.double_quant,
-        task=recipe.task,
-        num_labels=num_labels or 2,
-        device=device,
-        mlp_tiles=recipe.training.mlp_tiles,
-        offload_checkpoints=recipe.training.offload_checkpoints,
+        **copied,
+        checkpointing=checkpointing not in (False, 0),
+        checkpoint_layers=None if isinstance(checkpointing, bool) else checkpointing,
         gpus=recipe.distributed.gpus or 1,  # the GPUs it is sized for; `--gpus N` plans for another number
         strategy=recipe.distributed.strategy or "ddp",
-        offload=recipe.distributed.offload,
-        loss=recipe.training.loss,
-        kernels=recipe.training.kernels,
-        eval_batch_size=recipe.training.eval_batch_size,
         generate_tokens=recipe.eval.max_new_tokens
         if recipe.eval.metric == "exact_match" and recipe.task == "causal_lm"
         else 0,
+        num_labels=num_labels or 2,
+        device=device,
     )
     return recipe.model.name_or_path, recipe.method, settings
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def compute_dtype(settings: Settings):

@@ -7,7 +7,7 @@ Every value arrives decided: `auto` keys are resolved by training (which asks th
 from __future__ import annotations
 
 import functools
-import sys
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from qlora.config.architecture import chunked_loss_unsupported
 from qlora.config.long_context import checkpointed_layers, mlp_tiles_for
 from qlora.config.precision import resolve_compute_dtype
-from qlora.config.recipe import Recipe
+from qlora.config.recipe import SHARDED_STRATEGIES, Recipe
 from qlora.model.load import load_base_model, load_model_config, load_tokenizer
 from qlora.model.lora import attach_lora
 from qlora.ops.kernels import apply_decoder_kernels
@@ -25,10 +25,12 @@ from qlora.ops.loss import install_chunked_loss
 from qlora.ops.offload import offloaded
 from qlora.ops.tiled_mlp import tile_mlps
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LoadedModel:
-    """What training needs from loading: the peft model, its tokenizer, the dtype it computes in and the loss it uses."""
+    """What training needs from loading: the peft model, its tokenizer, its compute dtype and the loss it uses."""
 
     model: Any
     tokenizer: Any
@@ -65,16 +67,13 @@ def enable_gradient_checkpointing(
 
 
 def install_loss(model, recipe: Recipe) -> str:
-    """`training.loss` on a causal LM (qlora.ops.loss); a classifier keeps its own small loss. Returns the loss used."""
+    """`training.loss` on a causal LM (qlora.ops.loss); a classifier keeps its own small loss. Returns the loss."""
     if recipe.task != "causal_lm" or recipe.training.loss != "chunked":
         return "standard"
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     reason = chunked_loss_unsupported(causal_lm)
     if reason:
-        print(
-            f"training.loss: chunked cannot reproduce this model's logits ({reason}); using the standard loss",
-            file=sys.stderr,
-        )
+        log.info(f"training.loss: chunked cannot reproduce this model's logits ({reason}); using the standard loss")
         return "standard"
     install_chunked_loss(model, fused=recipe.training.kernels == "auto")
     return "chunked"
@@ -86,7 +85,7 @@ def prepare_for_training(base, recipe: Recipe, lora: bool = True, offload: bool 
     layers = checkpointed_layers(t.gradient_checkpointing, base.config.get_text_config().num_hidden_layers)
     if layers:
         enable_gradient_checkpointing(
-            base, reentrant=recipe.distributed.strategy in ("fsdp", "zero3"), offload=offload, layers=layers
+            base, reentrant=recipe.distributed.strategy in SHARDED_STRATEGIES, offload=offload, layers=layers
         )
     model = attach_lora(base, recipe.lora, recipe.task) if lora else base
     loss = install_loss(model, recipe)

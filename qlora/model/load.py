@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+import bitsandbytes as bnb
 import torch
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
 
 from qlora.config.architecture import CLASSIFIER_HEADS
-from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
-from qlora.config.recipe import ModelSpec, QuantizationSpec, Recipe
+from qlora.config.recipe import SHARDED_STRATEGIES, ModelSpec, QuantizationSpec, Recipe
 
-keep_deepspeed_off_stdout()  # before anything imports transformers' Trainer (and DeepSpeed with it)
+log = logging.getLogger(__name__)
 
 
 def is_local_path(name: str) -> bool:
@@ -46,9 +54,6 @@ def check_hub_model(name: str, revision: str | None) -> None:
 
     transformers would retry an unreachable Hub for about a minute and then fail with a traceback.
     """
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
     if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return
     if constants.HF_HUB_OFFLINE:
@@ -65,11 +70,13 @@ def check_hub_model(name: str, revision: str | None) -> None:
         raise QLoraError(f"model.revision: '{revision}' not found for '{name}' on the Hub") from None
     except RepositoryNotFoundError:
         raise QLoraError(
-            f"model.name_or_path: '{name}' is not a local folder nor a model on the Hub (misspelt, or private without a login?)"
+            f"model.name_or_path: '{name}' is not a local folder nor a model on the Hub (misspelt, or private without "
+            "a login?)"
         ) from None
     except Exception as exc:  # network errors come in many types (httpx, OSError); all mean "cannot reach it"
         raise QLoraError(
-            f"model.name_or_path: '{name}' is not a local folder and the Hub cannot be reached ({type(exc).__name__}); use a local folder or go online"
+            f"model.name_or_path: '{name}' is not a local folder and the Hub cannot be reached "
+            f"({type(exc).__name__}); use a local folder or go online"
         ) from None
 
 
@@ -77,8 +84,6 @@ def quantization_config(spec: QuantizationSpec, compute_dtype: torch.dtype, shar
     """transformers' `BitsAndBytesConfig` for the recipe (None for a 16-bit base). `sharded` (FSDP,
     ZeRO-3): the packed 4-bit codes are stored in the compute dtype, so that the engines flatten and
     split them with the 16-bit tensors (uint8 storage is left unsharded or rejected)."""
-    from transformers import BitsAndBytesConfig
-
     if spec.bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -112,15 +117,11 @@ def _from_pretrained(loader, spec: ModelSpec, **kwargs):
 
 def load_model_config(spec: ModelSpec):
     """The base model's transformers config (a small file: what the build needs to know before loading weights)."""
-    from transformers import AutoConfig  # here: transformers costs seconds to import on every CLI start
-
     return _from_pretrained(AutoConfig, spec)
 
 
 def load_tokenizer(spec: ModelSpec):
     """The base model's tokenizer, with a pad token (many causal LMs ship without one)."""
-    from transformers import AutoTokenizer
-
     tokenizer = _from_pretrained(AutoTokenizer, spec)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -139,9 +140,7 @@ def load_base_model(
     say which head weights start untrained, as training does; `pad_token_id`: the tokenizer's, for a
     checkpoint whose config has none, since the classifier pools the last non-pad token; `device`:
     'cpu' or 'cuda', default the GPU when there is one)."""
-    from transformers import AutoModelForCausalLM
-
-    sharded = recipe.distributed.strategy in ("fsdp", "zero3")
+    sharded = recipe.distributed.strategy in SHARDED_STRATEGIES
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype,  # frozen unquantized weights stay in the compute dtype (qlora.config.precision)
         "attn_implementation": recipe.model.attn_implementation,
@@ -188,8 +187,6 @@ def load_classifier(spec: ModelSpec, announce: bool = False, **kwargs):
     UNEXPECTED table only alarms; what is worth saying is which weights start untrained, and any
     missing weight outside the head is a real problem the user should see.
     """
-    from transformers import AutoModelForSequenceClassification
-
     # A filter, not a level: transformers runs extra checks that warn elsewhere when this logger's level is set.
     report_logger = logging.getLogger("transformers.modeling_utils")
 
@@ -204,16 +201,13 @@ def load_classifier(spec: ModelSpec, announce: bool = False, **kwargs):
     missing = sorted(info["missing_keys"])
     head = [key for key in missing if key.split(".", 1)[0] in CLASSIFIER_HEADS]
     if head and announce:
-        print(
-            f"model: new classifier head {', '.join(head)} ({model.config.num_labels} labels), trained in full",
-            file=sys.stderr,
-        )
+        log.info(f"model: new classifier head {', '.join(head)} ({model.config.num_labels} labels), trained in full")
     if len(head) < len(missing):
         others = [key for key in missing if key not in head]
-        print(
-            f"warning: {spec.name_or_path} lacks {len(others)} base weight{'s' if len(others) > 1 else ''}, randomly initialised: "
-            f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}",
-            file=sys.stderr,
+        log.warning(
+            f"warning: {spec.name_or_path} lacks {len(others)} base weight{'s' if len(others) > 1 else ''}, randomly "
+            "initialised: "
+            f"{', '.join(others[:5])}{' …' if len(others) > 5 else ''}"
         )
     return model
 
@@ -227,8 +221,6 @@ def keep_training_layout(model) -> None:
     run, a resumed run (which skips that eval) would not reproduce the uninterrupted one, and a reloaded
     adapter would not give the logits it was trained to give. Every load keeps the one precise layout.
     """
-    import bitsandbytes as bnb
-
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False

@@ -5,7 +5,10 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 
+import bitsandbytes as bnb
 import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers.pytorch_utils import Conv1D
 
 from qlora.config.architecture import CLASSIFIER_HEADS, lora_target_names
 from qlora.config.precision import ADAPTER_DTYPE
@@ -13,10 +16,9 @@ from qlora.config.recipe import LoraSpec
 
 
 def linear_leaf_names(model) -> set[str]:
-    """Leaf names of every linear layer (plain, 4-bit or 8-bit), e.g. {'q_proj', 'down_proj', 'lm_head'}."""
-    import bitsandbytes as bnb
-
-    kinds = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    """Leaf names of every linear layer (plain, 4-bit or 8-bit, or GPT-2's transposed `Conv1D`, as peft's
+    all-linear counts it), e.g. {'q_proj', 'down_proj', 'lm_head'}."""
+    kinds = (torch.nn.Linear, Conv1D, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, kinds)}
 
 
@@ -38,13 +40,14 @@ def lora_target_modules(model, targets: str | list[str]) -> list[str]:
 
 def attach_lora(model, spec: LoraSpec, task: str = "causal_lm"):
     """Wrap the frozen base with LoRA adapters; only adapter (and a new classifier head) train."""
-    from peft import LoraConfig, TaskType, get_peft_model
-
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=lora_target_modules(model, spec.targets),
+        # GPT-2's Conv1D stores its weight as (in, out); peft transposes it when told (a 4- or 8-bit load has
+        # already turned those layers into bitsandbytes' Linear, which is not transposed).
+        fan_in_fan_out=any(isinstance(module, Conv1D) for module in model.modules()),
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         modules_to_save=[n for n in CLASSIFIER_HEADS if hasattr(model, n)] if task == "classification" else None,
     )

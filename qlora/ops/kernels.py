@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
+import logging
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -25,15 +27,14 @@ def apply_decoder_kernels(model_type: str) -> bool:
             MODEL_TYPE_TO_APPLY_LIGER_FN,
         )  # CUDA-only, optional dependency
     except ImportError:
-        print(
+        log.info(
             "training.kernels: auto: Liger Kernel is not installed, so the decoder runs transformers' own RMSNorm, "
-            "SwiGLU and RoPE; pip install 'qlora-kit[kernels]'",
-            file=sys.stderr,
+            "SwiGLU and RoPE; pip install 'qlora-kit[kernels]'"
         )
         return False
     apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply is None:
-        print(f"training.kernels: auto: Liger Kernel has no fused kernels for '{model_type}' models", file=sys.stderr)
+        log.info(f"training.kernels: auto: Liger Kernel has no fused kernels for '{model_type}' models")
         return False
     wanted = {
         "rope": True,

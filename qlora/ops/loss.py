@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from qlora.config.architecture import IGNORE_INDEX
 from qlora.config.long_context import chunk_tokens, fused_loss_is_smaller
@@ -168,7 +169,8 @@ def chunked_causal_lm_loss(
 
 
 def fused_kernel_installed() -> bool:
-    """Whether Liger Kernel's fused linear cross-entropy is there for CUDA tensors (`pip install 'qlora-kit[kernels]'`)."""
+    """Whether Liger Kernel's fused linear cross-entropy is there for CUDA tensors
+    (`pip install 'qlora-kit[kernels]'`)."""
     return _liger() is not None
 
 
@@ -232,8 +234,6 @@ class _ChunkedCall:
     def after(self, module, args, output):
         if self.labels is None:
             return None
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         labels, hidden, loss_kwargs = self.labels, self.hidden, self.loss_kwargs
         self.labels = self.hidden = None
         self.loss_kwargs = {}

@@ -129,7 +129,9 @@ class TiledMLP(torch.nn.Module):
 
 
 def decoder_layers_with_mlp(model) -> list[torch.nn.Module]:
-    """Every decoder layer with a dense MLP (`layer.mlp`, the Llama-family name); mixture-of-experts blocks are left alone."""
+    """Every decoder layer with a dense MLP (`layer.mlp`, the Llama-family name); mixture-of-experts blocks are left
+    alone.
+    """
     return [
         module
         for module in model.modules()
@@ -145,7 +147,7 @@ def decoder_mlps(model) -> list[torch.nn.Module]:
 
 
 def tile_mlps(model, tiles_for) -> None:
-    """Swap every decoder layer's MLP for a `TiledMLP` (`tiles_for(tokens)`: the tiles of a call with `tokens` tokens)."""
+    """Swap every decoder layer's MLP for a `TiledMLP` (`tiles_for(tokens)`: the tiles of a `tokens`-token call)."""
     for layer in decoder_layers_with_mlp(model):
         if not isinstance(layer.mlp, TiledMLP):
             layer.mlp = TiledMLP(layer.mlp, tiles_for)

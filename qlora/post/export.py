@@ -8,11 +8,17 @@ from huggingface_hub (HF_TOKEN or the login cache) and is never read, printed or
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import huggingface_hub
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from peft import PeftConfig
 
 from qlora.config.disk import DiskFull, check_free_space, writing
 from qlora.config.errors import QLoraError
@@ -52,8 +58,6 @@ class TrainedRun:
 
 def read_run(out_dir: str | Path) -> TrainedRun:
     """Open a run folder, naming the missing piece when training did not finish there."""
-    import json
-
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise QLoraError(f"run folder not found: {out_dir} (the output_dir of a `qlora train` run)")
@@ -99,8 +103,6 @@ def export_bytes(run: TrainedRun) -> int:
 def copy_adapter(run: TrainedRun, dest: Path, hub_id: str | None) -> None:
     """Adapter weights (safetensors only), tokenizer files, and the config pointed at the base's Hub id
     (kept on the local path when there is none, so the folder still loads on this machine)."""
-    from peft import PeftConfig
-
     if not (run.adapter_dir / ADAPTER_WEIGHTS).exists():
         raise QLoraError(f"{run.adapter_dir} has no {ADAPTER_WEIGHTS} (only safetensors adapters are exported)")
     for path in exported_files(run):
@@ -122,10 +124,6 @@ def write_export(run: TrainedRun, dest: Path, hub_id: str | None, license_id: st
 
 def push(folder: Path, repo_id: str, private: bool) -> str:
     """Create (or reuse) the Hub repo and upload `folder`; returns the commit URL."""
-    import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError:

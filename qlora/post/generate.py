@@ -9,6 +9,8 @@ ones the run's metrics describe.
 from __future__ import annotations
 
 import torch
+from peft import PeftModel
+from transformers import AutoTokenizer
 
 from qlora.config.errors import QLoraError
 from qlora.config.precision import resolve_compute_dtype
@@ -31,9 +33,6 @@ def load_run_base(run: TrainedRun, compute_dtype, tokenizer, device: str | None 
 def load_adapted_model(run: TrainedRun, device: str | None = None, compute_dtype: torch.dtype | None = None):
     """(peft model on the 4-bit base as trained, the run's tokenizer), in eval mode; `compute_dtype`: the
     recipe's, resolved for `device`, unless given."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(run.adapter_dir))
     compute_dtype = compute_dtype or resolve_compute_dtype(run.recipe.quantization.compute_dtype, device)
     base = load_run_base(run, compute_dtype, tokenizer, device)
@@ -94,8 +93,6 @@ def generate(
 
 def classify(model, tokenizer, texts: list[str], labels: list[str]) -> list[str]:
     """A classifier's answer per text: its most likely label and that label's probability."""
-    import torch
-
     answers = []
     with torch.no_grad():
         for text in texts:  # one at a time: no padding, so the pooled token is the text's last

@@ -13,13 +13,17 @@ a time, or the CPU) follows from what it needs (qlora.memory.merge) and what the
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitsandbytes as bnb
 import psutil
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
 from qlora.config.disk import DiskFull, check_free_space, writing
 from qlora.config.errors import QLoraError
@@ -33,6 +37,8 @@ from qlora.model.release import free_memory, release
 from qlora.post.export import TrainedRun, check_destination, tokenizer_files_bytes
 from qlora.post.generate import format_prompt, load_adapted_model, load_run_base
 
+log = logging.getLogger(__name__)
+
 SAVE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Of what the adapter changes (max |logits of 4-bit base + adapter - logits of 4-bit base|). A right merge
 # differs from the 4-bit base + adapter only by rounding to --dtype (0.04 % fp16, 0.2 % bf16 on the tests'
@@ -44,7 +50,6 @@ MAX_RELATIVE_DIFF = 0.01
 # dequantized base stored in --dtype against the 4-bit base, same kernels): a merge within FLOOR_MULTIPLE times
 # that floor is rounding too. The wrong base differs by the quantization error, tens of times the floor.
 FLOOR_MULTIPLE = 3.0
-MISMATCH_EXIT_CODE = 4
 CHECK_INSTRUCTIONS = (
     "Give three tips for staying healthy.",
     "What is the capital of France?",
@@ -130,9 +135,6 @@ def dequantize_layer_by_layer(model, dtype: torch.dtype, to: str = "cpu"):
     transformers' `dequantize` converts in place, so the whole dense model ends up on the GPU; here the
     GPU holds the quantized model and one dense weight at a time (the same bitsandbytes dequantization).
     """
-    import bitsandbytes as bnb
-    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
-
     for name, module in list(model.named_modules()):
         if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             continue
@@ -169,8 +171,6 @@ def dequantized_base(run: TrainedRun, compute_dtype: torch.dtype, tokenizer, pla
 def merged_model(run: TrainedRun, compute_dtype: torch.dtype, save_dtype: str, tokenizer, placement: str = "cuda"):
     """Dequantized base + adapter, merged (peft; a classifier's trained head replaces the new one) and
     cast to `save_dtype`."""
-    from peft import PeftModel
-
     base = dequantized_base(run, compute_dtype, tokenizer, placement)
     with quiet_peft_deprecations():
         model = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
@@ -202,8 +202,6 @@ def rounding_floor(
 
 def auto_class(run: TrainedRun):
     """The transformers class a user loads the merged model with."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     return AutoModelForSequenceClassification if run.label_names else AutoModelForCausalLM
 
 
@@ -237,7 +235,7 @@ def check_merge_space(run: TrainedRun, to: Path, save_dtype: str, skip: bool = F
     try:
         needed = merged_bytes(run, save_dtype)
     except Exception as exc:  # no config to size it from: the merge itself may still work
-        print(f"note: disk space not checked (the merged model's size is unknown: {exc})", file=sys.stderr)
+        log.warning(f"note: disk space not checked (the merged model's size is unknown: {exc})")
         return None
     check_free_space(f"the merged model ({save_dtype})", to, needed, skip, advice="free space or choose another --to")
     return needed
@@ -277,7 +275,7 @@ def merge(
     needed = check_merge_space(run, to, save_dtype, skip_space_check)
     compute_dtype = resolve_compute_dtype(run.recipe.quantization.compute_dtype)
     placement, budget, why = choose_merge_placement(run, compute_dtype, device, gpu_memory)
-    print(why, file=sys.stderr)
+    log.info(why)
     if placement == "cpu":  # `auto` is fp32 on a CPU whatever GPU the host has (bf16 matmuls there are slow and lossy)
         compute_dtype = resolve_compute_dtype(run.recipe.quantization.compute_dtype, "cpu")
     inputs, reference, base_only, tokenizer = reference_logits(

@@ -7,17 +7,23 @@ card and the profiler; nothing comes from the environment, so no token can end u
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub  # the Hub client looked up at call time (tests replace it)
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import ModelSpec, Recipe
 from qlora.data.prepare import ALPACA_PROMPT_NO_INPUT
 from qlora.memory.estimate import estimate_recipe
 from qlora.model.load import is_local_path
+
+log = logging.getLogger(__name__)
 
 METHOD_TAGS = {"qlora": ["qlora", "4-bit", "bitsandbytes"], "lora-8bit": ["8-bit", "bitsandbytes"], "lora": []}
 METHOD_TEXT = {
@@ -33,9 +39,6 @@ RECIPE_PATH_KEYS = (("model", "name_or_path"), ("data", "path"), ("data", "eval_
 
 def base_model_id(spec: ModelSpec, override: str | None) -> str | None:
     """The base's Hub id: `--base-model`, else the recipe's model when it is a Hub name; None for a local folder."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     if override:
         try:
             validate_repo_id(override)
@@ -56,17 +59,12 @@ def card_base_model(spec: ModelSpec, hub_id: str | None, for_hub: bool) -> str:
             f"--base-model: the base is the local folder {spec.name_or_path}; pass the Hub id it is a copy of "
             "(e.g. --base-model meta-llama/Llama-3.1-8B) so the card's base_model is valid on the Hub"
         )
-    print(
-        f"warning: the base is a local folder; the card names it '{name}' (pass --base-model ORG/NAME)",
-        file=sys.stderr,
-    )
+    log.warning(f"warning: the base is a local folder; the card names it '{name}' (pass --base-model ORG/NAME)")
     return name
 
 
 def base_license(spec: ModelSpec, hub_id: str | None) -> str | None:
     """The base's license: from its local model card, else from its Hub page; None when unknown."""
-    from huggingface_hub import HfApi, ModelCard
-
     readme = Path(spec.name_or_path).expanduser() / "README.md"
     if is_local_path(spec.name_or_path) and readme.is_file():
         try:
@@ -78,7 +76,7 @@ def base_license(spec: ModelSpec, hub_id: str | None) -> str | None:
     if hub_id is None:
         return None
     try:
-        info = HfApi().model_info(hub_id, revision=spec.revision, timeout=10)
+        info = huggingface_hub.HfApi().model_info(hub_id, revision=spec.revision, timeout=10)
     except Exception:  # offline, gated, renamed: each just means the license is unknown, as the card then says
         return None
     return info.card_data.license if info.card_data else None
@@ -90,7 +88,7 @@ def predicted_estimate(recipe: Recipe):
     try:
         return estimate_recipe(recipe)
     except QLoraError as exc:
-        print(f"warning: no predicted peak for the card: {exc}", file=sys.stderr)
+        log.warning(f"warning: no predicted peak for the card: {exc}")
         return None
 
 
@@ -142,7 +140,8 @@ def data_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
     return [
         "## Data",
         "",
-        f"- source: `{source}` (format `{d.format}`, max_seq_len {d.max_seq_len}, packing {'on' if d.packing else 'off'})",
+        f"- source: `{source}` (format `{d.format}`, max_seq_len {d.max_seq_len}, packing "
+        f"{'on' if d.packing else 'off'})",
         f"- examples: {stats['train_examples']} train, {stats.get('eval_examples', 0)} eval",
         f"- truncated to max_seq_len: {stats.get('train_truncated', 0)} train, {stats.get('eval_truncated', 0)} eval; "
         f"dropped (prompt too long): {stats.get('train_dropped', 0)} train, {stats.get('eval_dropped', 0)} eval",
@@ -234,8 +233,6 @@ def alpaca_section() -> list[str]:
 
 def render_card(run, base_model: str, license_id: str | None, repo_id: str | None = None) -> str:
     """README.md for an exported adapter of `run` (a qlora.post.export.TrainedRun)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     recipe, metrics = run.recipe, run.metrics
     adapter_config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
     causal = recipe.task == "causal_lm"

@@ -4,7 +4,7 @@ the components below get plain values."""
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 
 import torch
 
@@ -14,6 +14,8 @@ from qlora.memory.flops import recompute_saved_pct
 from qlora.memory.planner import fewest_checkpointed_layers
 from qlora.memory.settings import from_recipe
 from qlora.ops.loss import fused_kernel_installed
+
+log = logging.getLogger(__name__)
 
 
 def gpu_bytes() -> int | None:
@@ -33,9 +35,8 @@ def wants_offload(recipe) -> bool:
         return False
     if not torch.cuda.is_available():
         if choice is True:
-            print(
-                "training.offload_checkpoints: no GPU, so nothing to offload (activations are in host RAM already)",
-                file=sys.stderr,
+            log.info(
+                "training.offload_checkpoints: no GPU, so nothing to offload (activations are in host RAM already)"
             )
         return False
     return choice is True or not fits_without_offload(recipe, gpu_bytes())
@@ -45,10 +46,9 @@ def fits_without_offload(recipe, gpu: int) -> bool:
     training = dataclasses.replace(recipe.training, offload_checkpoints=False)
     predicted = estimate_recipe(dataclasses.replace(recipe, training=training))
     fits = predicted.total <= gpu
-    print(
+    log.info(
         f"training.offload_checkpoints: auto: predicted {predicted.total / 2**30:.2f} GiB without offload on a "
-        f"{gpu / 2**30:.2f} GiB GPU, so {'no offload' if fits else 'the checkpointed layer inputs go to host RAM'}",
-        file=sys.stderr,
+        f"{gpu / 2**30:.2f} GiB GPU, so {'no offload' if fits else 'the checkpointed layer inputs go to host RAM'}"
     )
     return fits
 
@@ -58,11 +58,10 @@ def resolve_kernels(recipe):
     it), so that the profiler's answers for this run (checkpointing, offload, OOM advice) model what runs."""
     if recipe.training.kernels != "auto" or not torch.cuda.is_available() or fused_kernel_installed():
         return recipe
-    print(
-        "training.kernels: auto: Liger Kernel is not installed, so transformers' RMSNorm, SwiGLU and RoPE and the torch "
-        "chunked loss run (slower: 1.45 s instead of 1.14 s per 8B step of 2 x 2,048 tokens on an H200, and more "
-        "activation memory); pip install 'qlora-kit[kernels]'",
-        file=sys.stderr,
+    log.info(
+        "training.kernels: auto: Liger Kernel is not installed, so transformers' RMSNorm, SwiGLU and RoPE and the "
+        "torch chunked loss run (slower: 1.45 s instead of 1.14 s per 8B step of 2 x 2,048 tokens on an H200, and "
+        "more activation memory); pip install 'qlora-kit[kernels]'"
     )
     return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, kernels="none"))
 
@@ -84,9 +83,8 @@ def resolve_checkpointing(recipe):
         if gpu is None
         else f"the fewest that fit {gpu / 2**30:.2f} GiB"
     )
-    print(
+    log.info(
         f"training.gradient_checkpointing: auto: {layers} of {inv.dims.layers} decoder layers checkpointed ({where}); "
-        f"recompute saved: {saved:.1f} % of the step's FLOPs",
-        file=sys.stderr,
+        f"recompute saved: {saved:.1f} % of the step's FLOPs"
     )
     return chosen

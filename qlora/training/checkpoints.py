@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 
 from qlora.config.errors import QLoraError
 from qlora.config.io import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -119,9 +121,8 @@ def latest_intact_checkpoint(output_dir: Path) -> Path | None:
         problem = damage(checkpoint)
         if problem is None:
             for bad, why in damaged:
-                print(
-                    f"warning: --resume: {bad.name} is damaged ({why}); removed it, resuming from {checkpoint.name}",
-                    file=sys.stderr,
+                log.warning(
+                    f"warning: --resume: {bad.name} is damaged ({why}); removed it, resuming from {checkpoint.name}"
                 )
                 shutil.rmtree(bad, ignore_errors=True)
             return checkpoint
@@ -191,17 +192,17 @@ def prepare_output_dir(output_dir: Path, overwrite: bool, resume: bool) -> Path 
             raise QLoraError(f"--resume: no complete checkpoint under {checkpoints_dir(output_dir)}")
         # Killed before its first checkpoint was complete: nothing is lost by starting again, and
         # refusing would only make the user find out which folder to delete.
-        print(
+        log.warning(
             f"warning: --resume: no complete checkpoint under {checkpoints_dir(output_dir)} yet; "
-            "starting again from step 0",
-            file=sys.stderr,
+            "starting again from step 0"
         )
         shutil.rmtree(checkpoints_dir(output_dir), ignore_errors=True)
         return None
     if has_results(output_dir):
         if not overwrite:
             raise QLoraError(
-                f"output_dir: {output_dir} already holds results; pass --overwrite to replace them or --resume to continue"
+                f"output_dir: {output_dir} already holds results; pass --overwrite to replace them or --resume to "
+                "continue"
             )
         for name in RESULT_ENTRIES:  # only what a run writes: never the user's other files
             target = output_dir / name

@@ -11,7 +11,7 @@ processes, as for SIGTERM and a non-finite loss), so none waits in a collective 
 
 from __future__ import annotations
 
-import sys
+import logging
 from math import ceil
 from pathlib import Path
 
@@ -24,6 +24,8 @@ from qlora.training import distributed
 from qlora.training.checkpoints import complete_checkpoints, step_of
 
 TOKENIZER_FILES_BYTES = 16 * 2**10  # tokenizer_config.json, special_tokens_map.json, chat_template.jinja
+
+log = logging.getLogger(__name__)
 
 
 def tokenizer_bytes(tokenizer) -> int:
@@ -67,7 +69,7 @@ def check_run_space(
     try:
         needs = run_needs(recipe, tokenizer, train_rows, num_labels, output_dir, world)
     except Exception as exc:  # a model the profiler cannot read: training still can
-        print(f"note: disk space not checked (the run's size is unknown: {exc})", file=sys.stderr)
+        log.warning(f"note: disk space not checked (the run's size is unknown: {exc})")
         return None
     what = describe_items(
         [(f"{needs.checkpoints} checkpoint(s) of", needs.checkpoint), ("the adapter", needs.adapter)]

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 import pickle
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,8 +31,11 @@ import torch.distributed as dist
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object, reduce
 
+from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import SHARDED_STRATEGIES, check_distributed
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -137,11 +140,11 @@ def resolve(spec, quant_bits: int | None, launch: Launch | None = None, cuda: bo
     )  # the recipe's rules, for the launched strategy
     if strategy == "zero3":
         _require_deepspeed()
+        keep_deepspeed_off_stdout()  # before the Trainer imports DeepSpeed
     if spec.gpus and launch.launched and launch.world_size != spec.gpus and launch.is_main:
-        print(
+        log.warning(
             f"warning: distributed.gpus: the recipe is sized for {spec.gpus} GPUs and {launch.world_size} processes "
-            "were launched; the memory per GPU differs from its plan",
-            file=sys.stderr,
+            "were launched; the memory per GPU differs from its plan"
         )
     kwargs = trainer_kwargs(strategy, spec.offload, launch, cuda)
     return Plan(launch, strategy, spec.offload, cuda, kwargs)
@@ -206,7 +209,8 @@ def fsdp_config() -> dict[str, Any]:
     frozen 4-bit weights kept apart from the trained LoRA ones, weights loaded on rank 0 only."""
     return {
         "version": 1,
-        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # transformers wraps each model's _no_split_modules (the decoder layer)
+        # transformers wraps each model's _no_split_modules (the decoder layer)
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
         "cpu_ram_efficient_loading": True,
         "sync_module_states": True,  # needed with cpu_ram_efficient_loading: ranks > 0 receive rank 0's weights
         "use_orig_params": False,
@@ -347,7 +351,10 @@ def process_metrics(plan: Plan, peak: int, per_device_batch: int, grad_accum: in
 
 def summary_line(metrics: dict[str, Any]) -> str:
     """The run summary's global batch and, for several processes, the strategy and each one's peak."""
-    line = f"global batch {metrics['global_batch_size']} (per-device batch × grad_accum × {metrics['world_size']} process(es))"
+    line = (
+        f"global batch {metrics['global_batch_size']} "
+        f"(per-device batch × grad_accum × {metrics['world_size']} process(es))"
+    )
     if metrics["world_size"] > 1:
         peaks = ", ".join(f"{p / 2**30:.2f}" for p in metrics["peak_memory_bytes_per_process"])
         line += (

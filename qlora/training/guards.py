@@ -18,24 +18,27 @@ Exit codes of `qlora train` (also in the README's Reliability section):
 
 from __future__ import annotations
 
+import logging
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from qlora.config.disk import (
-    DISK_FULL_EXIT_CODE,
     NotEnoughSpace,
     as_disk_full,
     is_disk_full,
     print_error_line,
 )
-from qlora.config.errors import QLoraError
+from qlora.config.errors import ExitCode, QLoraError
 from qlora.training.checkpoints import checkpoints_dir, latest_complete_checkpoint, remove_unfinished, rotate
 from qlora.training.distributed import finish
 from qlora.training.lock import RunLock
-from qlora.training.nonfinite import ADVICE, NONFINITE_EXIT_CODE, stop_on_nonfinite_callback
-from qlora.training.preemption import resume_hint, sigterm_handling, stop_on_sigterm_callback
+from qlora.training.nonfinite import ADVICE, StopOnNonFinite, stop_on_nonfinite_callback
+from qlora.training.preemption import StopOnSigterm, resume_hint, sigterm_handling, stop_on_sigterm_callback
+
+log = logging.getLogger(__name__)
 
 
 def remove_debris(output_dir: Path) -> list[Path]:
@@ -65,13 +68,13 @@ def disk_full_exit(exc: BaseException, output_dir: Path, cleanup: bool = True) -
     full = as_disk_full(exc)
     if isinstance(full, NotEnoughSpace):  # refused before anything was written: its advice says what to do
         print_error_line(full.line())
-        return SystemExit(DISK_FULL_EXIT_CODE)
+        return SystemExit(ExitCode.DISK_FULL)
     if cleanup:  # the writers remove their own temporary files; a half-written checkpoint is left to us
         remove_debris(output_dir)
     full.measure_free()  # with the partial files gone: what a retry will find
     full.kept = ("partial files removed; " if cleanup else "") + intact(output_dir)
     print_error_line(full.line())
-    return SystemExit(DISK_FULL_EXIT_CODE)
+    return SystemExit(ExitCode.DISK_FULL)
 
 
 @contextmanager
@@ -97,18 +100,19 @@ def os_error_line(exc: OSError) -> str:
     return str(exc) or type(exc).__name__
 
 
-def rotate_checkpoints_callback(keep: int | None):
+class RotateCheckpoints(TrainerCallback):
     """`training.save_total_limit`, applied only after the newest checkpoint is marked complete."""
-    # here, not at the top: importing transformers takes seconds, and `qlora train` reaches this module
-    # at start-up, before a recipe error should be reported
-    from transformers import TrainerCallback
 
-    class RotateCheckpoints(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if args.should_save:
-                rotate(Path(args.output_dir), keep)
+    def __init__(self, keep: int | None):
+        self.keep = keep
 
-    return RotateCheckpoints()
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            rotate(Path(args.output_dir), self.keep)
+
+
+def rotate_checkpoints_callback(keep: int | None) -> RotateCheckpoints:
+    return RotateCheckpoints(keep)
 
 
 def run_callbacks(recipe) -> list:
@@ -126,8 +130,9 @@ def exit_if_stopped(trainer, output_dir: Path) -> None:
     Both stops are decided by all processes together (the callbacks reduce their flags), so every
     process gets here at the same step and they leave the process group together before exiting.
     """
-    by_name = {type(cb).__name__: cb for cb in trainer.callback_handler.callbacks}
-    nonfinite, sigterm = by_name.get("StopOnNonFinite"), by_name.get("StopOnSigterm")
+    callbacks = trainer.callback_handler.callbacks
+    nonfinite = next((cb for cb in callbacks if isinstance(cb, StopOnNonFinite)), None)
+    sigterm = next((cb for cb in callbacks if isinstance(cb, StopOnSigterm)), None)
     if nonfinite is not None and nonfinite.stopped_at is not None:
         finish()
         last = latest_complete_checkpoint(output_dir)
@@ -135,9 +140,9 @@ def exit_if_stopped(trainer, output_dir: Path) -> None:
         print_error_line(  # on its own line, not after the progress bar
             f"error: non-finite loss (NaN/inf) at step {nonfinite.stopped_at}: training stopped, {kept}; {ADVICE}"
         )
-        raise SystemExit(NONFINITE_EXIT_CODE)
+        raise SystemExit(ExitCode.NONFINITE)
     if sigterm is not None and sigterm.stopped_at is not None:
         finish()
         kept, code = resume_hint(output_dir)
-        print(f"stopped by SIGTERM at step {sigterm.stopped_at}: {kept}", file=sys.stderr)
+        log.warning(f"stopped by SIGTERM at step {sigterm.stopped_at}: {kept}")
         raise SystemExit(code)

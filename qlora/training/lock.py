@@ -12,14 +12,17 @@ other processes write nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import socket
-import sys
 from pathlib import Path
 
 from qlora.config.errors import QLoraError
 from qlora.training.distributed import is_main_process
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".qlora.lock"
 
@@ -76,9 +79,8 @@ class RunLock:
         except (OSError, ValueError, KeyError, TypeError):
             pid, host = None, None
         if pid is not None and host == socket.gethostname() and not pid_alive(pid):
-            print(
-                f"warning: output_dir: taking over the stale lock of process {pid} (no longer running): {self.path}",
-                file=sys.stderr,
+            log.warning(
+                f"warning: output_dir: taking over the stale lock of process {pid} (no longer running): {self.path}"
             )
             self.path.unlink(missing_ok=True)
             return
@@ -93,10 +95,8 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             self.held = False
             if self.created_dir:  # a run refused before writing leaves no empty folder behind
-                try:
+                with contextlib.suppress(OSError):
                     self.path.parent.rmdir()
-                except OSError:
-                    pass
 
     def __enter__(self) -> RunLock:
         return self

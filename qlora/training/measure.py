@@ -25,11 +25,17 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from bitsandbytes.functional import GlobalPageManager
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
+from transformers.utils import (
+    logging as hf_logging,
+)
 
 from qlora.config.precision import default_device, resolve_compute_dtype, trainer_precision_flags
 from qlora.config.recipe import Recipe
@@ -108,10 +114,6 @@ def measure(recipe: Recipe, method: str, num_labels: int | None = None, weights:
     `num_labels`: a classifier's head size (else counted from the recipe's data). `weights`: a folder of
     `random_weights` to load, so a caller measuring one config several times builds them once. Nothing the
     measurement built outlives it: on a GPU, allocated memory is back where it started (checked)."""
-    from transformers.utils import (
-        logging as hf_logging,
-    )  # here: importing transformers costs seconds on every CLI start
-
     device = default_device()
     _, _, settings = from_recipe(recipe, num_labels, device)  # the batch shapes, as the profiler sees them
     hf_logging.disable_progress_bar()  # saving and loading the random model is not news to the user
@@ -152,8 +154,6 @@ def _measure(recipe: Recipe, method: str, settings: Settings, weights: Path, dev
 def random_weights(recipe: Recipe, num_labels: int | None, folder: Path) -> Path:
     """The recipe's model config with random weights (a classifier's head with `num_labels` outputs), saved in
     the compute dtype, built on the GPU when there is one and with every CPU thread; returns `folder`."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     torch.manual_seed(0)
     config = load_config(resolve(recipe.model.name_or_path).config_path)
     if num_labels:  # saved with its head, so loading it reports nothing missing
@@ -170,8 +170,6 @@ def random_weights(recipe: Recipe, num_labels: int | None, folder: Path) -> Path
 
 def environment(device: str) -> dict[str, str]:
     """Where a measurement ran: the device and the versions of everything that decides its bytes."""
-    from importlib.metadata import version
-
     if device == "cuda":
         env = {"device": torch.cuda.get_device_name(), "CUDA": str(torch.version.cuda), "driver": _cuda_driver()}
     else:
@@ -217,8 +215,6 @@ class Built:
 def build(recipe: Recipe, method: str, settings: Settings, weights: Path) -> Built:
     """The saved random `weights`, loaded and wrapped exactly as `qlora train` does (with the base quantized as
     `method` says)."""
-    from transformers import Trainer, TrainingArguments
-
     torch.manual_seed(0)
     labels = [str(i) for i in range(settings.num_labels)] if settings.task == "classification" else None
     recipe = dataclasses.replace(
@@ -325,8 +321,6 @@ def release_paged_states(optimizer, cudart=None) -> int:
     runs would keep every earlier run's states on the device. So the states are dropped from the optimizer
     and the page manager, then freed with the CUDA runtime's `cudaFree` (`cudart`: the library this process
     has loaded, which bitsandbytes links). Without a runtime to call, they are left as bitsandbytes leaves them."""
-    from bitsandbytes.functional import GlobalPageManager  # bitsandbytes is imported already: it made the states
-
     sizes = {t.data_ptr(): t.nbytes for t in optimizer_tensors(optimizer) if getattr(t, "is_paged", False)}
     if not sizes:
         return 0

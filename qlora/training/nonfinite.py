@@ -28,18 +28,20 @@ Under DeepSpeed ZeRO-3 the gradients are DeepSpeed's (no `p.grad`) and its engin
 A bad step is skipped (its gradients dropped, as the fp16 scaler does); after
 `training.max_nonfinite_steps` skipped steps (default 0: at the first one) training stops without
 saving, so the last checkpoint written is the last good one, and the run exits with
-`NONFINITE_EXIT_CODE` (5) and what to try.
+`ExitCode.NONFINITE` (5) and what to try.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 
 import torch
+from transformers import TrainerCallback
 
 from qlora.training.distributed import any_process
 
-NONFINITE_EXIT_CODE = 5
+log = logging.getLogger(__name__)
+
 ADVICE = (
     "try quantization.compute_dtype=bfloat16 where the GPU supports it (fp16 overflows), a lower "
     "training.learning_rate, or a smaller training.max_grad_norm"
@@ -91,48 +93,47 @@ def step_is_bad(watch: LossWatch, model, optimizer) -> bool:
     return model is not None and not gradients_finite(model)
 
 
-def stop_on_nonfinite_callback(max_skipped: int = 0):
+class StopOnNonFinite(TrainerCallback):
+    """Skips up to `max_skipped` non-finite steps (their update dropped), then stops training."""
+
+    stopped_at: int | None = None
+    skipped = 0
+
+    def __init__(self, max_skipped: int = 0):
+        self.max_skipped = max_skipped
+        self.watch = LossWatch()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.watch.attach(model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.watch.detach()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not any_process(step_is_bad(self.watch, model, optimizer)):  # every process, every step
+            return control
+        for p in model.parameters() if model is not None else []:  # no update from this step
+            p.grad = None  # (AdamW, paged or not, skips parameters without a gradient)
+        step = state.global_step + 1
+        if self.skipped < self.max_skipped:
+            self.skipped += 1
+            log.warning(
+                f"warning: non-finite loss or gradients at step {step}: step skipped "
+                f"({self.skipped} of training.max_nonfinite_steps={self.max_skipped})"
+            )
+            return control
+        self.stopped_at = step
+        control.should_training_stop = True
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:  # never checkpoint the step that went wrong
+            control.should_save = False
+            control.should_evaluate = False
+        return control
+
+
+def stop_on_nonfinite_callback(max_skipped: int = 0) -> StopOnNonFinite:
     """The Trainer callback that skips up to `max_skipped` non-finite steps, then stops training."""
-    # here, not at the top: importing transformers takes seconds, and `qlora train` reaches this module
-    # at start-up, before a recipe error should be reported
-    from transformers import TrainerCallback
-
-    class StopOnNonFinite(TrainerCallback):
-        stopped_at: int | None = None
-        skipped = 0
-
-        def __init__(self):
-            self.watch = LossWatch()
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            if model is not None:
-                self.watch.attach(model)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.watch.detach()
-
-        def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-            if not any_process(step_is_bad(self.watch, model, optimizer)):  # every process, every step
-                return control
-            for p in model.parameters() if model is not None else []:  # no update from this step
-                p.grad = None  # (AdamW, paged or not, skips parameters without a gradient)
-            step = state.global_step + 1
-            if self.skipped < max_skipped:
-                self.skipped += 1
-                print(
-                    f"warning: non-finite loss or gradients at step {step}: step skipped "
-                    f"({self.skipped} of training.max_nonfinite_steps={max_skipped})",
-                    file=sys.stderr,
-                )
-                return control
-            self.stopped_at = step
-            control.should_training_stop = True
-            return control
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.stopped_at is not None:  # never checkpoint the step that went wrong
-                control.should_save = False
-                control.should_evaluate = False
-            return control
-
-    return StopOnNonFinite()
+    return StopOnNonFinite(max_skipped)

@@ -1,25 +1,26 @@
 """One out-of-memory handler for every GPU phase (evaluations, training, merge, generate).
 
 Running out of GPU memory is not a bug to show as a traceback: the user gets one `error:` block that
-names the phase, what was kept, and what to change, and the process exits with `OOM_EXIT_CODE` (3),
+names the phase, what was kept, and what to change, and the process exits with `ExitCode.OOM` (3),
 which `qlora sweep` reads as "this point did not fit".
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable, Iterable
 
+import torch
+
+from qlora.config.errors import ExitCode
 from qlora.config.gpus import parse_gpu_memory
 from qlora.memory.planner import plan_fit
 
-OOM_EXIT_CODE = 3
+log = logging.getLogger(__name__)
 
 
 def fit_advice(recipe) -> list[str]:
     """What to change for a training run: the profiler's fit plan for this GPU, when it can tell."""
-    import torch
-
     lines = []
     try:
         if torch.cuda.is_available():
@@ -58,7 +59,6 @@ class OutOfMemoryExit:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             return False
-        import torch  # imported here: `import qlora.training.run` stays light for the CLI's argument errors
 
         if not issubclass(exc_type, torch.OutOfMemoryError):
             return False
@@ -75,8 +75,8 @@ class OutOfMemoryExit:
         return "\n".join(lines)
 
     def exit(self) -> None:
-        print(f"error: {self.message()}", file=sys.stderr)
-        raise SystemExit(OOM_EXIT_CODE) from None
+        log.error(f"error: {self.message()}")
+        raise SystemExit(ExitCode.OOM) from None
 
     def exit_if_out_of_memory(self) -> None:
         if self.happened:
@@ -85,7 +85,5 @@ class OutOfMemoryExit:
 
 def release_cached_memory() -> None:
     """Give the allocator's cache back after an OOM, so whatever runs next (saving, metrics) has room."""
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

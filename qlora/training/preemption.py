@@ -2,7 +2,7 @@
 
 During training the handler only sets a flag; the `StopOnSigterm` callback sees it at the end of the
 current optimizer step, asks the Trainer to save a checkpoint there and to stop, and the run exits
-with `PREEMPTED_EXIT_CODE` (4) and a line saying to continue with `--resume`. Outside training
+with `ExitCode.PREEMPTED` (4) and a line saying to continue with `--resume`. Outside training
 (loading, the baseline evaluation, the final save) there is no step to finish, so the handler ends
 the run at once through `SystemExit`, which releases the output folder's lock on the way out: exit 4
 when a complete checkpoint exists to resume from, else 143 (the shell's code for SIGTERM).
@@ -18,11 +18,11 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from transformers import TrainerCallback
+
+from qlora.config.errors import ExitCode
 from qlora.training.checkpoints import latest_complete_checkpoint
 from qlora.training.distributed import any_process
-
-PREEMPTED_EXIT_CODE = 4
-TERMINATED_EXIT_CODE = 128 + signal.SIGTERM  # 143: SIGTERM before anything was worth saving
 
 
 class _State:
@@ -38,11 +38,13 @@ def resume_hint(output_dir: Path | None) -> tuple[str, int]:
     """(what is kept, exit code) for a run that stops now."""
     checkpoint = latest_complete_checkpoint(output_dir) if output_dir else None
     if checkpoint is None:
-        return "no checkpoint was written yet; nothing to resume", TERMINATED_EXIT_CODE
-    return f"{checkpoint.name} is complete; continue with --resume", PREEMPTED_EXIT_CODE
+        return "no checkpoint was written yet; nothing to resume", ExitCode.TERMINATED
+    return f"{checkpoint.name} is complete; continue with --resume", ExitCode.PREEMPTED
 
 
 def _on_sigterm(signum, frame) -> None:
+    # print, not the logger: a signal handler runs between any two bytecodes, and logging's handler lock may be
+    # held by the code it interrupted (a deadlock).
     if STATE.training:
         if not STATE.requested:
             print("received SIGTERM: finishing this optimizer step, then saving a checkpoint", file=sys.stderr)
@@ -73,26 +75,25 @@ def requested_anywhere() -> bool:
     return any_process(STATE.requested)
 
 
-def stop_on_sigterm_callback():
+class StopOnSigterm(TrainerCallback):
+    """After a SIGTERM, save at the end of this step and stop."""
+
+    stopped_at: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        STATE.training = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if requested_anywhere():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        STATE.training = False
+
+
+def stop_on_sigterm_callback() -> StopOnSigterm:
     """The Trainer callback: after a SIGTERM, save at the end of this step and stop."""
-    # here, not at the top: importing transformers takes seconds, and `qlora train` reaches this module
-    # at start-up, before a recipe error should be reported
-    from transformers import TrainerCallback
-
-    class StopOnSigterm(TrainerCallback):
-        stopped_at: int | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            STATE.training = True
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if requested_anywhere():
-                control.should_save = True
-                control.should_training_stop = True
-                self.stopped_at = state.global_step
-            return control
-
-        def on_train_end(self, args, state, control, **kwargs):
-            STATE.training = False
-
     return StopOnSigterm()

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from qlora.config.disk import writing
 from qlora.config.io import atomic_write_json, publish_dir, staged_dir, staging_dir_for
@@ -35,15 +40,14 @@ from qlora.training.metrics import memory_figures, task_metrics
 from qlora.training.oom import OutOfMemoryExit, fit_advice
 from qlora.training.plots import write_training_plot
 
+log = logging.getLogger(__name__)
+
 KEPT_CHECKPOINT = "the last complete checkpoint is kept (continue with --resume after a change)"
 EVAL_ADVICE = "evaluation runs training.eval_batch_size sequences at a time; lower it, or eval.max_examples"
 
 
 def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool, parallel: dict | None = None):
-    """transformers `TrainingArguments` from the recipe's training section (`parallel`: qlora.training.distributed's)."""
-    import torch
-    from transformers import TrainingArguments
-
+    """transformers `TrainingArguments` from the recipe's training section (`parallel`: training.distributed's)."""
     t = recipe.training
     return TrainingArguments(
         output_dir=str(checkpoint_root),
@@ -58,7 +62,7 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        per_device_eval_batch_size=t.eval_batch,
         prediction_loss_only=recipe.task == "causal_lm",  # eval_loss only: the chunked loss returns no logits
         gradient_accumulation_steps=t.grad_accum,
         max_grad_norm=t.max_grad_norm,
@@ -86,7 +90,6 @@ def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: b
 
 def checkpoint_marker_callback():
     """A Trainer callback that marks each checkpoint complete once Trainer has finished writing it."""
-    from transformers import TrainerCallback
 
     class MarkCheckpointComplete(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -102,8 +105,6 @@ def evaluate_before_training_callback(evaluate: Callable[[], dict[str, float]]):
     training by then (DDP, a DeepSpeed engine). Evaluated before `train()`, the model would be prepared
     for evaluation only, and training would then skip its wrap (transformers 5 / accelerate 1.15).
     Training's clock (`finished_at`) and peak memory start after it."""
-    import torch
-    from transformers import TrainerCallback
 
     class EvaluateBeforeTraining(TrainerCallback):
         metrics: dict[str, float] = {}
@@ -136,8 +137,6 @@ def build_trainer(
     recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None, first: list | None = None
 ):
     """The Trainer of a run; `first`: callbacks that run before qlora's checkpoint and stop callbacks."""
-    from transformers import Trainer
-
     with tensorboard_dir(recipe):
         return Trainer(
             model=loaded.model,
@@ -170,7 +169,7 @@ def baseline(trainer, loaded, data, recipe, output_dir: Path, resuming: bool) ->
     if resuming:  # the checkpoint's weights are loaded by now: only the stored metrics are the true 'before'
         if path.exists():
             return json.loads(path.read_text())
-        print("note: no checkpoints/baseline.json to resume from: metrics.json has no before-metrics", file=sys.stderr)
+        log.info("note: no checkpoints/baseline.json to resume from: metrics.json has no before-metrics")
         return {}
 
     before = evaluate_metrics(trainer, loaded, data, recipe)
@@ -231,9 +230,6 @@ def train(recipe, resume: bool = False, overwrite: bool = False, skip_space_chec
 
 def run_recipe(recipe, resume: bool, overwrite: bool, lock, skip_space_check: bool = False) -> dict[str, Any]:
     """`train`'s body: check -> load -> measure before -> train -> measure after -> save."""
-    import torch
-    from transformers import set_seed
-
     # Everything a user can get wrong is checked before output_dir is touched (--overwrite would
     # delete the previous results) and before minutes go into loading the model.
     output_dir = Path(recipe.output_dir)
@@ -241,7 +237,7 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock, skip_space_check: bo
     check_model_source(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe, tokenizer)
-    print(f"data: {describe(data.stats)}", file=sys.stderr)
+    log.info(f"data: {describe(data.stats)}")
     distributed.start(plan)
     lock.acquire()  # before the first write (main process only): a second run into output_dir is refused
     # The main process alone prepares and writes the output folder; the others wait for its answer.
@@ -324,9 +320,6 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock, skip_space_check: bo
 
 def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     """Before/after at a glance, on stdout."""
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"qlora: {output_dir}")
     table.add_column("metric")
     table.add_column("before", justify="right")
@@ -338,7 +331,8 @@ def print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     console.print(
         f"trainable params {metrics['trainable_params']:,} of {metrics['total_params']:,} | "
         f"peak memory {metrics['peak_memory_bytes'] / 2**30:.2f} GiB | {metrics['train_steps']} steps in "
-        f"{metrics['train_runtime_s']:.1f} s | {metrics['tokens_per_s']:.0f} tokens/s | adapter: {metrics['adapter_dir']}"
+        f"{metrics['train_runtime_s']:.1f} s | {metrics['tokens_per_s']:.0f} tokens/s | adapter: "
+        f"{metrics['adapter_dir']}"
     )
 
     console.print(summary_line(metrics))

@@ -2,10 +2,10 @@
 
 Each point is an ordinary training run in its own sub-folder of `output_dir`, run as its own
 `python -m qlora.train` process, so its results are exactly what `qlora train` would write and
-nothing one point allocated (bitsandbytes never frees its paged optimizer buffers) outlives it. Every point is built and validated before the first one
-trains (a typo costs seconds, not the first point's hours). The results table is rewritten
-atomically after each point, and a rerun of the same command skips finished points, resumes
-points that left a complete checkpoint, and restarts the rest.
+nothing one point allocated (bitsandbytes never frees its paged optimizer buffers) outlives it. Every
+point is built and validated before the first one trains (a typo costs seconds, not the first point's hours).
+The results table is rewritten atomically after each point, and a rerun of the same command skips finished
+points, resumes points that left a complete checkpoint, and restarts the rest.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import csv
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import subprocess
@@ -24,24 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from qlora.config.disk import DiskFull
-from qlora.config.errors import USAGE_EXIT_CODE, QLoraError
+from qlora.config.errors import ExitCode, QLoraError
 from qlora.config.io import atomic_write_text
 from qlora.config.recipe import Recipe, all_keys, load_recipe, split_assignment
 from qlora.training.checkpoints import latest_complete_checkpoint
-from qlora.training.guards import DISK_FULL_EXIT_CODE
-from qlora.training.nonfinite import NONFINITE_EXIT_CODE
-from qlora.training.oom import OOM_EXIT_CODE
 from qlora.training.plots import write_sweep_plot
-from qlora.training.preemption import PREEMPTED_EXIT_CODE, TERMINATED_EXIT_CODE
+
+log = logging.getLogger(__name__)
 
 RESULTS_NAME = "sweep_results"
 RESULT_COLUMNS = ("trainable_params", "eval_loss_before", "eval_loss_after")
 TAIL_COLUMNS = ("peak_memory_bytes", "train_runtime_s", "status")
 UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]")
 TRAIN_MODULE = "qlora.train"  # what each point runs, as `python -m TRAIN_MODULE RECIPE --set ...`
-INTERRUPTED_EXIT_CODE = 130
 
 
 @dataclass
@@ -211,15 +211,15 @@ def run_point(point: Point) -> tuple[str, dict[str, Any] | None]:
     """Train one point (or resume it) in its own process; a failure of the point is returned as a status."""
     resume = latest_complete_checkpoint(point.folder) is not None
     code, error = run_process(train_command(point, resume))
-    if code == INTERRUPTED_EXIT_CODE:
+    if code == ExitCode.INTERRUPTED:
         raise KeyboardInterrupt
-    if code == OOM_EXIT_CODE:  # in the evaluation after training, the adapter and metrics.json are kept
+    if code == ExitCode.OOM:  # in the evaluation after training, the adapter and metrics.json are kept
         return "failed: out of GPU memory", read_metrics(point.folder)
-    if code == USAGE_EXIT_CODE and error:
+    if code == ExitCode.USAGE and error:
         return f"failed: {error}", None
-    if code == NONFINITE_EXIT_CODE:  # this point's learning rate diverged: the others may not
+    if code == ExitCode.NONFINITE:  # this point's learning rate diverged: the others may not
         return "failed: non-finite loss", None
-    if code in (PREEMPTED_EXIT_CODE, DISK_FULL_EXIT_CODE, TERMINATED_EXIT_CODE):  # the whole sweep stops (and resumes)
+    if code in (ExitCode.PREEMPTED, ExitCode.DISK_FULL, ExitCode.TERMINATED):  # the whole sweep stops (and resumes)
         raise SystemExit(code)
     metrics = read_metrics(point.folder)
     if code != 0 or metrics is None:
@@ -320,9 +320,6 @@ def grid_keys_of(header: Sequence[str]) -> list[str]:
 
 
 def print_results(rows: list[dict[str, Any]], cols: Sequence[str], base_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     header, body = display_table(rows, [c for c in cols if c != "peak_memory_bytes"])
     console = Console()
     if not console.is_terminal:
@@ -350,10 +347,10 @@ def sweep(points: list[Point], base_dir: Path, grid_keys: Sequence[str]) -> list
     for i, point in enumerate(points):
         done = read_metrics(point.folder)
         if done is not None:
-            print(f"sweep: [{i + 1}/{len(points)}] {point.name}: finished earlier, skipped", file=sys.stderr)
+            log.info(f"sweep: [{i + 1}/{len(points)}] {point.name}: finished earlier, skipped")
             rows[i] = result_row(point, done_status(done), done, cols)
             continue
-        print(f"sweep: [{i + 1}/{len(points)}] {point.name}", file=sys.stderr)
+        log.info(f"sweep: [{i + 1}/{len(points)}] {point.name}")
         status, metrics = run_point(point)
         rows[i] = result_row(point, status, metrics, cols)
         write_results(base_dir, sorted(rows, key=rank), cols)

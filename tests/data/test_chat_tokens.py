@@ -13,7 +13,8 @@ from qlora.config.recipe import DataSpec
 from qlora.data.prepare import IGNORE_INDEX, format_alpaca, text_ids, tokenize_chat, tokenize_example
 
 QWEN_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 LLAMA3_TEMPLATE = (

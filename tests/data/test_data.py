@@ -234,20 +234,19 @@ def test_packed_examples_do_not_see_each_other(alpaca_file, tokenizer, tiny_llam
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-4)
 
 
-def test_packing_refuses_classification_and_length_grouping(tmp_path, alpaca_file, tokenizer):
+def test_packing_refuses_classification_and_length_grouping_when_the_recipe_loads(tmp_path, alpaca_file):
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
-    classify = recipe_from_mapping(
-        {
-            "model": {"name_or_path": "unused"},
-            "task": "classification",
-            "output_dir": "unused",
-            "data": {"path": str(path), "format": "classification", "packing": True},
-        }
-    )
     with pytest.raises(QLoraError, match="data.packing: only for causal LM formats"):
-        prepare_data(classify, tokenizer)
+        recipe_from_mapping(
+            {
+                "model": {"name_or_path": "unused"},
+                "task": "classification",
+                "output_dir": "unused",
+                "data": {"path": str(path), "format": "classification", "packing": True},
+            }
+        )
     with pytest.raises(QLoraError, match="data.packing and data.group_by_length: choose one"):
-        prepare_data(recipe(alpaca_file, packing=True, group_by_length=True), tokenizer)
+        recipe(alpaca_file, packing=True, group_by_length=True)
 
 
 def test_group_by_length_batches_similar_lengths(tmp_path, tiny_llama, tokenizer):

@@ -46,7 +46,7 @@ def tokenizer_with(specials: list[str], template: str | None, **tokens):
 
 @pytest.fixture(scope="module")
 def llama():
-    """Llama-3.1 as a base model's tokenizer has it: EOS is <|end_of_text|>, the template ends turns with <|eot_id|>."""
+    """Llama-3.1 as a base model's tokenizer has it: EOS is <|end_of_text|>, the template ends turns in <|eot_id|>."""
     return tokenizer_with(
         LLAMA_SPECIALS,
         LLAMA_3_1,

@@ -1,4 +1,4 @@
-"""The committed demo tokenizer: rebuilt from the corpus it is the same, and a word is one token sequence everywhere."""
+"""The committed demo tokenizer: rebuilt from the corpus it is the same; a word is one token sequence everywhere."""
 
 from __future__ import annotations
 

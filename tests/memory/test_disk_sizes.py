@@ -10,8 +10,7 @@ import re
 
 import qlora.config.disk
 import qlora.config.io
-from qlora.config.disk import DISK_FULL_EXIT_CODE
-from qlora.config.errors import run_cli
+from qlora.config.errors import ExitCode, run_cli
 from qlora.memory.disk import (
     ADAPTER_FILES_BYTES,
     SAFETENSORS_TENSOR_BYTES,
@@ -84,9 +83,7 @@ def test_a_full_disk_while_writing_the_reports_is_one_line(llama_config, tmp_pat
     monkeypatch.setattr(qlora.config.io.os, "fsync", fsync)
     monkeypatch.setattr(qlora.config.disk, "free_bytes", lambda path: 512)
     out = tmp_path / "reports"
-    assert (
-        run_cli(main, ["--model", str(llama_config), "--methods", "qlora", "--out", str(out)]) == DISK_FULL_EXIT_CODE
-    )
+    assert run_cli(main, ["--model", str(llama_config), "--methods", "qlora", "--out", str(out)]) == ExitCode.DISK_FULL
     err = capsys.readouterr().err
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
     assert re.fullmatch(

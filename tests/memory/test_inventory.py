@@ -155,7 +155,8 @@ def test_catalog_models_order_full_lora_qlora_and_add_up(name):
     [
         (
             {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512},
-            "gpt2: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, Gemma, Phi-3, …): its config has no intermediate_size",
+            "gpt2: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, Gemma, Phi-3, …): its config "
+            "has no intermediate_size",
         ),
         (
             {
@@ -182,7 +183,7 @@ def test_architectures_outside_the_model_of_memory_are_one_line_errors(config, m
 
 
 def test_a_soft_capped_head_is_profiled_with_the_standard_loss_the_trainer_falls_back_to(tmp_path):
-    """qlora.ops.loss cannot reproduce a soft-capped head and trains it with the standard loss: so does the profiler."""
+    """qlora.ops.loss cannot reproduce a soft-capped head: it trains with the standard loss, as the profiler plans."""
     llama = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

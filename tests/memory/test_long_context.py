@@ -13,7 +13,7 @@ from qlora.config.errors import QLoraError, run_cli
 from qlora.config.recipe import recipe_from_mapping
 from qlora.memory.activations import OFFLOADED
 from qlora.memory.estimate import estimate
-from qlora.memory.planner import RECIPE_KEYS, plan, predict
+from qlora.memory.planner import plan, predict
 from qlora.memory.settings import Settings, from_recipe
 
 TINY_LLAMA = {
@@ -151,7 +151,7 @@ def test_auto_offload_is_resolved_against_the_gpu():
 def test_the_planner_names_the_long_context_keys():
     """r 32 all-linear batch 1 with the recipes' defaults: the advice spells each key to change and how far it goes."""
     settings = Settings(rank=32, seq_len=4096, mlp_tiles=1)
-    advice = plan("llama-3.1-8b", ("qlora",), settings, 24 * 10**9, RECIPE_KEYS).advice()
+    advice = plan("llama-3.1-8b", ("qlora",), settings, 24 * 10**9, "recipe").advice()
     longer = next(line for line in advice if "longest sequence" in line and "with" in line and line.startswith("  - "))
     assert (
         "training.offload_checkpoints=true" in longer
@@ -160,7 +160,7 @@ def test_the_planner_names_the_long_context_keys():
     )
     assert "host RAM" in longer
     longest = int(longer.split("longest sequence ")[1].split(" ")[0].replace(",", ""))
-    assert longest > plan("llama-3.1-8b", ("qlora",), settings, 24 * 10**9, RECIPE_KEYS).methods[0].max_seq_len
+    assert longest > plan("llama-3.1-8b", ("qlora",), settings, 24 * 10**9, "recipe").methods[0].max_seq_len
     tiles = int(longer.split("training.mlp_tiles=")[1].split(" ")[0].rstrip(","))
     assert tiles == -(-longest // 4096)  # what auto would use there
 
@@ -169,7 +169,7 @@ def test_a_run_that_does_not_fit_is_told_the_long_context_keys():
     settings = Settings(
         rank=32, seq_len=30000, lora_dropout=0.05
     )  # with the chunked loss the layers, not the loss, stop it
-    advice = plan("mistral-7b", ("qlora",), settings, 16 * 10**9, RECIPE_KEYS).advice()
+    advice = plan("mistral-7b", ("qlora",), settings, 16 * 10**9, "recipe").advice()
     assert "does not fit" in advice[0]
     assert any(line.startswith("  - fits with training.offload_checkpoints=true, lora.dropout=0: ") for line in advice)
 

@@ -11,8 +11,7 @@ import pytest
 from safetensors import SafetensorError
 
 import qlora.config.disk
-from qlora.config.disk import DISK_FULL_EXIT_CODE
-from qlora.config.errors import run_cli
+from qlora.config.errors import ExitCode, run_cli
 
 KIB = 2**10
 SKIP = ", or pass --skip-space-check if this file system reports its free space wrongly (e.g. a network mount)"
@@ -54,7 +53,7 @@ def test_merge_to_a_folder_with_too_little_space_refuses_before_loading_the_base
     never_load(monkeypatch)
     free_space(monkeypatch, 200 * KIB)
     to = tmp_path / "merged"
-    assert run_cli(main, [str(run.out_dir), "--to", str(to)]) == DISK_FULL_EXIT_CODE
+    assert run_cli(main, [str(run.out_dir), "--to", str(to)]) == ExitCode.DISK_FULL
     [line] = error_lines(capsys.readouterr().err)
     print(line)
     needed = merged_bytes(run, "float16")
@@ -102,7 +101,7 @@ def test_a_disk_that_fills_while_the_merged_model_is_saved_is_one_line_and_leave
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", save_file)
     to = tmp_path / "merged"
-    assert run_cli(main, [str(run.out_dir), "--to", str(to), "--device", "cpu"]) == DISK_FULL_EXIT_CODE
+    assert run_cli(main, [str(run.out_dir), "--to", str(to), "--device", "cpu"]) == ExitCode.DISK_FULL
     [line] = error_lines(capsys.readouterr().err)
     print(line)
     assert re.fullmatch(
@@ -133,7 +132,7 @@ def test_export_to_a_folder_with_too_little_space_is_refused_with_both_sizes(run
 
     free_space(monkeypatch, 10 * KIB)
     to = tmp_path / "exported"
-    assert run_cli(main, [str(run.out_dir), "--to", str(to)]) == DISK_FULL_EXIT_CODE
+    assert run_cli(main, [str(run.out_dir), "--to", str(to)]) == ExitCode.DISK_FULL
     [line] = error_lines(capsys.readouterr().err)
     assert line == (
         f"error: not enough disk space for the exported adapter in {to}: "
@@ -152,7 +151,7 @@ def test_a_disk_that_fills_while_exporting_is_one_line_and_leaves_nothing(run, t
     monkeypatch.setattr(qlora.post.export.shutil, "copy2", copy2)
     free_space(monkeypatch, 5 * 2**20)  # the check passes; the quota is hit while copying
     to = tmp_path / "exported"
-    assert run_cli(main, [str(run.out_dir), "--to", str(to)]) == DISK_FULL_EXIT_CODE
+    assert run_cli(main, [str(run.out_dir), "--to", str(to)]) == ExitCode.DISK_FULL
     [line] = error_lines(capsys.readouterr().err)
     assert re.fullmatch(
         re.escape(f"error: disk full while writing the exported adapter ({to}): ")

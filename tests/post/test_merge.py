@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora.config.errors import QLoraError, run_cli
+from qlora.config.errors import ExitCode, QLoraError, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +176,7 @@ def test_a_failed_check_exits_nonzero_and_writes_nothing(run, tmp_path, monkeypa
 
     monkeypatch.setattr(qlora.post.merge, "MAX_RELATIVE_DIFF", 0.0)
     monkeypatch.setattr(qlora.post.merge, "FLOOR_MULTIPLE", 0.0)
-    assert (
-        run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m")])
-        == qlora.post.merge.MISMATCH_EXIT_CODE
-    )
+    assert run_cli(qlora.merge.main, [str(run.out_dir), "--to", str(tmp_path / "m")]) == ExitCode.MERGE_MISMATCH == 7
     assert "does not match the 4-bit base + adapter; nothing was written" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
 
@@ -274,3 +271,13 @@ def test_layer_by_layer_dequantization_is_transformers_dequantization(run):
     assert all(type(m) is torch.nn.Linear for m in model.modules() if "Linear" in type(m).__name__)
     got = model.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_the_command_line_offers_the_merge_layers_own_choices():
+    """qlora/merge.py names them without importing the merge layers (torch): they must stay the same."""
+    import qlora.merge
+    from qlora.memory.merge import PLACEMENTS
+    from qlora.post.merge import SAVE_DTYPES
+
+    assert tuple(sorted(SAVE_DTYPES)) == qlora.merge.SAVE_DTYPE_NAMES
+    assert qlora.merge.PLACEMENT_NAMES == PLACEMENTS

@@ -18,9 +18,9 @@ from test_sweep import fake_train, write_recipe  # noqa: F401 (a fixture)
 
 import qlora.config.disk
 from qlora.config.disk import DiskFull, is_disk_full
+from qlora.config.errors import ExitCode
 from qlora.config.io import staged_dir
 from qlora.training.checkpoints import damage
-from qlora.training.guards import DISK_FULL_EXIT_CODE
 from qlora.training.lock import LOCK_NAME
 
 # What each writer raises on a full disk, word for word (a 2 MiB tmpfs filled by torch.save, safetensors'
@@ -122,7 +122,7 @@ def test_disk_full_is_one_line_and_keeps_what_was_complete(
     full_disk_on_save(monkeypatch, call, error, disk)  # call 2: checkpoint-4; call 4: the final adapter
     with pytest.raises(SystemExit) as info:
         train(short_recipe(tiny_llama, alpaca_file, out))
-    assert info.value.code == DISK_FULL_EXIT_CODE
+    assert info.value.code == ExitCode.DISK_FULL
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == kept
     assert all(damage(out / "checkpoints" / name) is None for name in kept)
     assert leftovers(out) == [] and not (out / "adapter").exists() and not (out / LOCK_NAME).exists()
@@ -160,7 +160,7 @@ def test_a_disk_that_fills_at_the_second_checkpoint_is_one_line_and_resume_ends_
         full_disk_at_optimizer_states(patch, 4, disk)
         with pytest.raises(SystemExit) as info:
             train(short_recipe(tiny_llama, alpaca_file, out))
-    assert info.value.code == DISK_FULL_EXIT_CODE
+    assert info.value.code == ExitCode.DISK_FULL
     err = capsys.readouterr().err
     [line] = error_lines(err)
     print(line)
@@ -197,7 +197,7 @@ def test_a_run_that_cannot_fit_is_refused_before_the_model_loads_with_both_numbe
     out = tmp_path / "small"
     with pytest.raises(SystemExit) as info:
         run_module.train(short_recipe(tiny_llama, alpaca_file, out, "training.save_total_limit=1"))
-    assert info.value.code == DISK_FULL_EXIT_CODE and loaded == []
+    assert info.value.code == ExitCode.DISK_FULL and loaded == []
     [line] = error_lines(capsys.readouterr().err)
     print(line)
     assert re.fullmatch(
@@ -328,7 +328,7 @@ def test_disk_full_after_the_adapter_keeps_the_finished_adapter(
     out = tmp_path / "metrics-full"
     with pytest.raises(SystemExit) as info:
         train(short_recipe(tiny_llama, alpaca_file, out))
-    assert info.value.code == DISK_FULL_EXIT_CODE
+    assert info.value.code == ExitCode.DISK_FULL
     final = load_file(out / "adapter" / "adapter_model.safetensors")
     last = load_file(out / "checkpoints" / "checkpoint-6" / "adapter_model.safetensors")
     assert final.keys() == last.keys() and all((final[k] == last[k]).all() for k in final)
@@ -362,7 +362,7 @@ def test_a_full_disk_while_writing_the_sweep_table_is_one_line(tmp_path, fake_tr
     monkeypatch.setattr(qlora.config.io.os, "fsync", fsync)
     Disk(monkeypatch, free=300)
     code = run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"])
-    assert code == DISK_FULL_EXIT_CODE and len(fake_train.calls()) == 1  # stopped after the first point's row
+    assert code == ExitCode.DISK_FULL and len(fake_train.calls()) == 1  # stopped after the first point's row
     [line] = error_lines(capsys.readouterr().err)
     base = tmp_path / "sweep"
     assert re.fullmatch(
@@ -399,7 +399,7 @@ def test_a_full_disk_at_the_first_small_files_is_one_line(
     out = tmp_path / "small-files"
     with pytest.raises(SystemExit) as info:
         train(short_recipe(tiny_llama, alpaca_file, out), skip_space_check=True)
-    assert info.value.code == DISK_FULL_EXIT_CODE
+    assert info.value.code == ExitCode.DISK_FULL
     where = out / name if name == "recipe.yaml" else out / "checkpoints" / name
     [line] = error_lines(capsys.readouterr().err)
     assert re.fullmatch(

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 import qlora.config.disk
-from qlora.config.errors import QLoraError, run_cli
+from qlora.config.errors import ExitCode, QLoraError, run_cli
 from qlora.train import main as train_main
 from qlora.training import distributed
-from qlora.training.guards import DISK_FULL_EXIT_CODE, guarded_run
+from qlora.training.guards import guarded_run
 from qlora.training.lock import LOCK_NAME
-from qlora.training.nonfinite import NONFINITE_EXIT_CODE, stop_on_nonfinite_callback
+from qlora.training.nonfinite import stop_on_nonfinite_callback
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "recipes" / "demo.yaml"
@@ -164,10 +164,10 @@ def test_a_file_system_error_is_one_line(tmp_path):
 
 def test_a_full_disk_before_anything_was_written_is_one_line_and_exit_6(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(qlora.config.disk, "free_bytes", lambda path: 4096)
-    with pytest.raises(SystemExit) as info:
-        with guarded_run(tmp_path / "run"):  # the lock is never taken: as on a process that is not the main one
-            raise OSError(errno.ENOSPC, "No space left on device", "/out/checkpoints/checkpoint-4")
-    assert info.value.code == DISK_FULL_EXIT_CODE
+    # The lock is never taken: as on a process that is not the main one.
+    with pytest.raises(SystemExit) as info, guarded_run(tmp_path / "run"):
+        raise OSError(errno.ENOSPC, "No space left on device", "/out/checkpoints/checkpoint-4")
+    assert info.value.code == ExitCode.DISK_FULL
     assert capsys.readouterr().err == (
         "error: disk full while writing checkpoint-4 (/out/checkpoints/checkpoint-4): 4.00 KiB free; "
         "no checkpoint was written yet; free space, then run again\n"
@@ -236,7 +236,7 @@ def error_lines(text: str) -> list[str]:
 def test_a_nan_on_one_process_stops_both_at_that_step_with_exit_5(tmp_path):
     out = tmp_path / "run"
     codes, errs = launch(tmp_path, out, "nan-on-rank-1-at-step-6")
-    assert codes == {0: NONFINITE_EXIT_CODE, 1: NONFINITE_EXIT_CODE}, errs
+    assert codes == {0: ExitCode.NONFINITE, 1: ExitCode.NONFINITE}, errs
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-4"]
     assert (out / "checkpoints" / "checkpoint-4" / "COMPLETE").exists()
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists() and not (out / LOCK_NAME).exists()
@@ -270,7 +270,7 @@ def test_a_full_disk_at_a_checkpoint_on_the_main_process_stops_both_with_one_lin
     both processes stop after that save, each with one line, and checkpoint-4 stays the one to resume from."""
     out = tmp_path / "run"
     codes, errs = launch(tmp_path, out, "disk-full-on-main-at-checkpoint-8")
-    assert codes == {0: DISK_FULL_EXIT_CODE, 1: DISK_FULL_EXIT_CODE}, errs
+    assert codes == {0: ExitCode.DISK_FULL, 1: ExitCode.DISK_FULL}, errs
     checkpoint = out / "checkpoints" / "checkpoint-8"
     for rank in (0, 1):
         lines = error_lines(errs[rank])
@@ -303,7 +303,8 @@ def nan_on(rank: int, step: int) -> None:
                 output["loss"] = output["loss"] + output["loss"].detach() * float("nan")
             return output
 
-        # After the hook that computes the chunked loss (installed at build), before qlora's LossWatch (on_train_begin).
+        # After the hook that computes the chunked loss (installed at build), before qlora's LossWatch
+        # (on_train_begin).
         handle = self.model.register_forward_hook(spoil)
         try:
             return original(self, *args, **kwargs)

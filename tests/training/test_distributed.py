@@ -251,6 +251,14 @@ def test_only_the_main_process_writes_one_output_folder(ddp_run):
 
 
 @pytest.mark.slow
+def test_only_the_main_process_prints_what_the_run_decided(ddp_run):
+    """qlora's messages go through its logger, which speaks for rank 0 only under torchrun."""
+    _, proc = ddp_run
+    assert [line for line in proc.stderr.splitlines() if line.startswith("data: ")] != []
+    assert sum(line.startswith("data: ") for line in proc.stderr.splitlines()) == 1  # not once per process
+
+
+@pytest.mark.slow
 def test_zero3_splits_every_parameter_and_trains_the_same_adapter(single_run, tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero3"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora.config.errors import ExitCode
 from qlora.config.recipe import recipe_from_mapping
 from qlora.training.checkpoints import damage
 from qlora.training.lock import LOCK_NAME
-from qlora.training.nonfinite import NONFINITE_EXIT_CODE
 
 
 def short_recipe(model_dir, data_file, out, *overrides):
@@ -54,7 +54,7 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_advises(tiny_llama, alpac
     nan_loss_at(monkeypatch, {4})
     with pytest.raises(SystemExit) as info:
         train(short_recipe(tiny_llama, alpaca_file, out))
-    assert info.value.code == NONFINITE_EXIT_CODE
+    assert info.value.code == ExitCode.NONFINITE
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
     assert damage(out / "checkpoints" / "checkpoint-2") is None
     weights = load_file(out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_train import tiny_recipe
 
-from qlora.training.oom import OOM_EXIT_CODE, OutOfMemoryExit
+from qlora.config.errors import ExitCode
+from qlora.training.oom import OutOfMemoryExit
 
 
 def out_of_memory(*args, **kwargs):
@@ -18,7 +19,7 @@ def out_of_memory(*args, **kwargs):
 def test_the_handler_names_the_phase_and_exits_3(capsys):
     with pytest.raises(SystemExit) as info, OutOfMemoryExit("merge", ["use --device cpu"], kept="nothing was written"):
         out_of_memory()
-    assert info.value.code == OOM_EXIT_CODE
+    assert info.value.code == ExitCode.OOM
     assert capsys.readouterr().err == "error: out of GPU memory during merge; nothing was written\nuse --device cpu\n"
 
 
@@ -40,7 +41,7 @@ def test_oom_while_loading_the_model_exits_3_with_advice(tiny_llama, alpaca_file
     monkeypatch.setattr(qlora.model.build, "load_base_model", out_of_memory)
     with pytest.raises(SystemExit) as info:
         train(tiny_recipe(tiny_llama, alpaca_file, tmp_path / "run", "target_gpu=24GB"))
-    assert info.value.code == OOM_EXIT_CODE
+    assert info.value.code == ExitCode.OOM
     err = capsys.readouterr().err
     assert "error: out of GPU memory during model loading; no training step ran" in err and "qlora profile" in err
 
@@ -58,7 +59,7 @@ def test_oom_in_the_evaluation_before_training_exits_3_with_advice(
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
         train(tiny_recipe(tiny_llama, alpaca_file, out, "target_gpu=24GB"))
-    assert info.value.code == OOM_EXIT_CODE and steps == []
+    assert info.value.code == ExitCode.OOM and steps == []
     err = capsys.readouterr().err
     assert "error: out of GPU memory during the evaluation before training; no training step ran" in err
     assert "training.eval_batch_size" in err and "qlora profile --recipe" in err
@@ -83,7 +84,7 @@ def test_oom_in_the_evaluation_after_training_exits_3_with_the_adapter_saved(
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
         train(tiny_recipe(tiny_llama, alpaca_file, out, "training.max_steps=2"))
-    assert info.value.code == OOM_EXIT_CODE
+    assert info.value.code == ExitCode.OOM
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_loss_before"] > 0 and metrics["train_steps"] == 2
@@ -103,7 +104,7 @@ def test_oom_in_merge_exits_3_and_writes_nothing(trained_run, tmp_path, monkeypa
     monkeypatch.setattr(qlora.post.merge, "merged_model", out_of_memory)
     with pytest.raises(SystemExit) as info:
         qlora.merge.main([str(trained_run), "--to", str(tmp_path / "m")])
-    assert info.value.code == OOM_EXIT_CODE and list(tmp_path.iterdir()) == []
+    assert info.value.code == ExitCode.OOM and list(tmp_path.iterdir()) == []
     err = capsys.readouterr().err
     assert f"error: out of GPU memory during merge; nothing was written to {tmp_path / 'm'}" in err
     assert "--device layers" in err
@@ -116,7 +117,7 @@ def test_oom_in_generate_exits_3_with_advice(trained_run, monkeypatch, capsys):
     monkeypatch.setattr(qlora.post.generate, "generate_answers", out_of_memory)
     with pytest.raises(SystemExit) as info:
         main([str(trained_run), "--prompt", "Say the next number."])
-    assert info.value.code == OOM_EXIT_CODE
+    assert info.value.code == ExitCode.OOM
     assert (
         "error: out of GPU memory during generation\ngive fewer or shorter --prompt values" in capsys.readouterr().err
     )

@@ -15,10 +15,9 @@ import pytest
 from safetensors.torch import load_file
 from test_nonfinite import short_recipe
 
-from qlora.config.errors import USAGE_EXIT_CODE
+from qlora.config.errors import ExitCode
 from qlora.training.checkpoints import damage
 from qlora.training.lock import LOCK_NAME
-from qlora.training.preemption import PREEMPTED_EXIT_CODE
 
 DEMO = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
 MAX_STEPS = 12
@@ -76,7 +75,7 @@ def test_sigterm_mid_run_saves_the_step_reached_exits_4_and_resumes_to_the_same_
     process.wait(timeout=120)
     log.close()
     output = (tmp_path / "log.txt").read_text()
-    assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
+    assert process.returncode == ExitCode.PREEMPTED, output[-3000:]
     line = next(l for l in output.splitlines() if "stopped by SIGTERM at step" in l)
     step = int(line.split("stopped by SIGTERM at step ")[1].split(":")[0])
     assert 4 < step < MAX_STEPS, line  # mid-run, after the periodic checkpoint-4
@@ -124,7 +123,7 @@ def test_damaged_newest_checkpoint_falls_back_with_one_warning(uninterrupted, tm
         for checkpoint in (out / "checkpoints").glob("checkpoint-*"):
             spoil(checkpoint / "adapter_model.safetensors")
         refused = run(out, "--resume")
-        assert refused.returncode == USAGE_EXIT_CODE
+        assert refused.returncode == ExitCode.USAGE
         lines = refused.stderr.strip().splitlines()
         assert [l for l in lines if l.startswith("error:")] == lines[-1:], refused.stderr[-3000:]  # one line, the last
         assert lines[-1].startswith("error: --resume: no intact checkpoint under ")
@@ -139,7 +138,6 @@ def test_sigterm_in_process_saves_the_step_reached_and_exits_4(tiny_llama, alpac
 
     import transformers
 
-    from qlora.training.preemption import PREEMPTED_EXIT_CODE
     from qlora.training.run import train
 
     original = transformers.Trainer.compute_loss
@@ -154,7 +152,7 @@ def test_sigterm_in_process_saves_the_step_reached_and_exits_4(tiny_llama, alpac
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as info:
         train(short_recipe(tiny_llama, alpaca_file, out))
-    assert info.value.code == PREEMPTED_EXIT_CODE
+    assert info.value.code == ExitCode.PREEMPTED
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert damage(out / "checkpoints" / "checkpoint-3") is None
     assert not (out / LOCK_NAME).exists() and not (out / "adapter").exists()
@@ -167,7 +165,6 @@ def test_sigterm_before_training_stops_at_once_with_143(tiny_llama, alpaca_file,
     import signal
 
     import qlora.training.run
-    from qlora.training.preemption import TERMINATED_EXIT_CODE
 
     def terminated_during_baseline(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -177,6 +174,6 @@ def test_sigterm_before_training_stops_at_once_with_143(tiny_llama, alpaca_file,
     out = tmp_path / "early"
     with pytest.raises(SystemExit) as info:
         qlora.training.run.train(short_recipe(tiny_llama, alpaca_file, out))
-    assert info.value.code == TERMINATED_EXIT_CODE
+    assert info.value.code == ExitCode.TERMINATED
     assert not (out / LOCK_NAME).exists()
     assert "stopped by SIGTERM: no checkpoint was written yet; nothing to resume" in capsys.readouterr().err

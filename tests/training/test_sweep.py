@@ -15,7 +15,7 @@ import yaml
 
 import qlora.sweep
 import qlora.training.sweep
-from qlora.config.errors import QLoraError, run_cli
+from qlora.config.errors import ExitCode, QLoraError, run_cli
 from qlora.config.io import atomic_write_json
 from qlora.config.recipe import load_recipe
 from qlora.training.sweep import parse_grid, point_name
@@ -50,8 +50,9 @@ if outcome == "oom":
     sys.exit(3)
 if outcome == "oom after training":
     out.mkdir(parents=True, exist_ok=True)
+    skipped = "out of GPU memory in the evaluation after training"
     (out / "metrics.json").write_text(json.dumps({"eval_loss_before": 3.0, "trainable_params": 100 * alpha,
-                                                  "eval_after_skipped": "out of GPU memory in the evaluation after training"}))
+                                                  "eval_after_skipped": skipped}))
     sys.exit(3)
 if outcome == "interrupt":
     sys.exit(130)
@@ -73,7 +74,8 @@ out.mkdir(parents=True, exist_ok=True)
 @pytest.fixture
 def fake_train(tmp_path, monkeypatch):
     """Every point runs FAKE_TRAIN in its own process; returns `set_outcomes(dict)` (per lora.alpha: a
-    float exact match, 'oom', 'interrupt', 'crash' or an error message) and `calls()` (name, resume, overwrite, pid)."""
+    float exact match, 'oom', 'interrupt', 'crash' or an error message) and `calls()` (name, resume, overwrite,
+    pid)."""
     folder = tmp_path / "fake-module"
     folder.mkdir()
     (folder / "fake_qlora_train.py").write_text(FAKE_TRAIN)
@@ -200,22 +202,20 @@ def test_every_point_trains_in_its_own_process(tmp_path, fake_train):
 
 
 def test_a_diverging_point_fails_alone_but_sigterm_stops_the_sweep(tmp_path, fake_train):
-    from qlora.training.nonfinite import NONFINITE_EXIT_CODE
-    from qlora.training.preemption import PREEMPTED_EXIT_CODE
 
-    fake_train.set_outcomes({16: f"exit {NONFINITE_EXIT_CODE}"})
+    fake_train.set_outcomes({16: f"exit {ExitCode.NONFINITE}"})
     assert run_cli(qlora.sweep.main, [str(write_recipe(tmp_path)), "--grid", "lora.alpha=8,16"]) == 1
     assert [(r["lora.alpha"], r["status"]) for r in read_rows(tmp_path / "sweep")] == [
         ("8", "ok"),
         ("16", "failed: non-finite loss"),
     ]
-    fake_train.set_outcomes({8: f"exit {PREEMPTED_EXIT_CODE}"})
+    fake_train.set_outcomes({8: f"exit {ExitCode.PREEMPTED}"})
     with pytest.raises(SystemExit) as info:
         run_cli(
             qlora.sweep.main,
             [str(write_recipe(tmp_path, output_dir=str(tmp_path / "b"))), "--grid", "lora.alpha=8,16"],
         )
-    assert info.value.code == PREEMPTED_EXIT_CODE
+    assert info.value.code == ExitCode.PREEMPTED
 
 
 def test_task_metric_ranks_first_and_gets_columns(tmp_path, fake_train):

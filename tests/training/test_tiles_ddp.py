@@ -15,7 +15,7 @@ def test_ddp_with_a_tiled_mlp_ends_on_the_one_process_adapter(single_run, tmp_pa
 
 
 def test_zero3_runs_untiled_and_refuses_explicit_tiles_in_one_line():
-    """DeepSpeed's ZeRO-3 linear layers reject a tile's gradients in backward: `auto` is untiled there, N is refused."""
+    """DeepSpeed's ZeRO-3 linear layers reject a tile's gradients in backward: `auto` is untiled, N refused."""
     from qlora.config.errors import QLoraError
     from qlora.config.long_context import mlp_tiles_for
     from qlora.config.recipe import recipe_from_mapping

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora.config.errors import QLoraError
+from qlora.config.errors import ExitCode, QLoraError
 from qlora.config.recipe import recipe_from_mapping
 
 
@@ -160,7 +160,6 @@ def test_out_of_memory_keeps_checkpoints_and_explains(tiny_llama, alpaca_file, t
     import transformers
 
     from qlora.training.checkpoints import mark_complete
-    from qlora.training.oom import OOM_EXIT_CODE
     from qlora.training.run import train
 
     out = tmp_path / "oom"
@@ -173,7 +172,7 @@ def test_out_of_memory_keeps_checkpoints_and_explains(tiny_llama, alpaca_file, t
     monkeypatch.setattr(transformers.Trainer, "train", checkpoint_then_run_out_of_memory)
     with pytest.raises(SystemExit) as info:
         train(tiny_recipe(tiny_llama, alpaca_file, out, "target_gpu=24GB"))
-    assert info.value.code == OOM_EXIT_CODE
+    assert info.value.code == ExitCode.OOM
     assert (out / "checkpoints" / "checkpoint-2" / "COMPLETE").exists()
     assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
     err = capsys.readouterr().err
