@@ -40,8 +40,8 @@ class ExitCode(IntEnum):
     DISK_FULL = (
         6,
         (
-            "the disk filled up while writing (partial files removed, the last complete checkpoint kept), or too little "
-            "free space to start"
+            "the disk filled up while writing (partial files removed, the last complete checkpoint kept), or too "
+            "little free space to start"
         ),
     )
     MERGE_MISMATCH = 7, "`qlora merge`: the merged model's logits are not those of the base + adapter; nothing written"
