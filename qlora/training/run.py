@@ -215,7 +215,7 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     output_dir = Path(recipe.output_dir)
     plan = distributed.resolve(recipe.distributed, recipe.quantization.bits)  # torchrun / accelerate launch
     check_model_source(recipe.model)
-    adapter_folder(recipe.model)  # model.adapter: found, or a note that a new one starts (adapter_optional)
+    continued = adapter_folder(recipe.model)  # model.adapter: found, or a note that a new one starts (optional)
     tokenizer = load_tokenizer(recipe.model)
     prepare = prepare_preference_data if recipe.data.format == "preference" else prepare_data
     data = prepare(recipe, tokenizer)
@@ -266,6 +266,7 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock) -> dict[str, Any]:
     metrics.update(
         method=recipe.method,
         objective=recipe.training.objective,
+        continued_adapter=str(continued) if continued else None,
         trainable_params=trainable,
         total_params=total,
         **memory,
