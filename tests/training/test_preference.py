@@ -183,3 +183,12 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama, preferen
     assert difference < 1e-5
     metrics = json.loads((two / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["global_batch_size"] == 4
+
+
+def test_sweep_accepts_objective_and_beta_and_ranks_by_reward_accuracy(tmp_path):
+    from qlora.training.sweep import build_points, metric_names, parse_grid
+
+    grid = parse_grid(["training.objective=dpo", "dpo.beta=0.1,0.5"])
+    points = build_points(str(REPO / "recipes" / "demo-dpo.yaml"), [], grid, tmp_path)
+    assert [p.recipe.dpo.beta for p in points] == [0.1, 0.5]
+    assert metric_names(points) == ["reward_accuracy", "reward_margin", "exact_match"]
