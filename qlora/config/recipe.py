@@ -498,14 +498,15 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
             d.format == "classification",
             f"data.format: task 'classification' needs format 'classification', got '{d.format}'",
         )
-    check_preference(recipe)
+    check_preference(recipe, for_training)
     if recipe.target_gpu is not None:
         parse_gpu_memory(recipe.target_gpu, "target_gpu")
     return recipe
 
 
-def check_preference(recipe: Recipe) -> None:
-    """training.objective, data.format preference, the dpo section and model.adapter agree."""
+def check_preference(recipe: Recipe, for_training: bool = True) -> None:
+    """training.objective, data.format preference, the dpo section and model.adapter agree (a recipe the
+    profiler builds from flags has no data: its format is not checked)."""
     t, d, p = recipe.training, recipe.data, recipe.dpo
     _check_choice("training.objective", t.objective, OBJECTIVES)
     losses = [p.loss_type] if isinstance(p.loss_type, str) else p.loss_type
@@ -519,7 +520,7 @@ def check_preference(recipe: Recipe) -> None:
     _check_path("model.adapter", recipe.model.adapter)
     preference = t.objective in PREFERENCE_OBJECTIVES
     _check(
-        not preference or d.format == "preference",
+        not preference or d.format == "preference" or not for_training,
         f"data.format: training.objective '{t.objective}' trains on prompt/chosen/rejected pairs: use format "
         f"'preference', got '{d.format}'",
     )

@@ -58,6 +58,8 @@ class Settings:
         0  # eval.metric exact_match: greedy generation of this many tokens at the eval batch (KV cache)
     )
     kernels: str = "auto"  # training.kernels: 'auto' = Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss on CUDA (a GPU install brings it); 'none'
+    objective: str = "sft"  # training.objective: 'dpo' is TRL's preference step (chosen + rejected, a reference)
+    precompute_ref: bool = False  # dpo.precompute_ref_log_probs: no reference forward in the step
     native_bf16: bool = (
         True  # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): same bytes
     )
@@ -122,6 +124,8 @@ def from_recipe(recipe, num_labels: int | None = None, device: str = "cuda") -> 
         loss=recipe.training.loss,
         kernels=recipe.training.kernels,
         eval_batch_size=recipe.training.eval_batch_size,
+        objective=recipe.training.objective,
+        precompute_ref=recipe.dpo.precompute_ref_log_probs,
         generate_tokens=recipe.eval.max_new_tokens
         if recipe.eval.metric == "exact_match" and recipe.task == "causal_lm"
         else 0,
