@@ -67,11 +67,15 @@ def pair_texts(row: dict, spec: DataSpec, tokenizer) -> tuple[str, str, str, boo
         raise QLoraError(
             "data.format: preference rows with messages need a chat template, and this tokenizer has none"
         )
-    prompt_messages = _messages(prompt, "prompt", names["prompt"])
+    # a text prompt beside message sides is the user's turn (HuggingFaceH4/ultrafeedback_binarized's form)
+    prompt_messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    prompt_messages = _messages(prompt_messages, "prompt", names["prompt"])
     rendered_prompt = render_chat(tokenizer, prompt_messages, generation_prompt=True)
     completions = []
     for role in ("chosen", "rejected"):
         side = _messages(row[names[role]], role, names[role])
+        if side[: len(prompt_messages)] == prompt_messages:  # a whole conversation: the reply is what follows
+            side = side[len(prompt_messages) :]
         full = render_chat(tokenizer, prompt_messages + side)
         if not full.startswith(rendered_prompt):
             raise QLoraError(
@@ -83,11 +87,17 @@ def pair_texts(row: dict, spec: DataSpec, tokenizer) -> tuple[str, str, str, boo
 
 
 def raw_sides(row: dict, spec: DataSpec) -> tuple[str, str]:
-    """The chosen and rejected contents as the user wrote them (compared for identical / empty sides)."""
+    """The chosen and rejected replies as the user wrote them (compared for identical / empty sides): a side
+    that repeats the prompt's turns (a whole conversation) counts from its first turn after them."""
+    prompt = row[column(spec, "prompt")]
+    prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     values = []
     for role in ("chosen", "rejected"):
         value = row[column(spec, role)]
-        values.append(value if isinstance(value, str) else _content(_messages(value, role, column(spec, role))))
+        if not isinstance(value, str):
+            side = _messages(value, role, column(spec, role))
+            value = _content(side[len(prompt) :] if side[: len(prompt)] == prompt else side)
+        values.append(value)
     return values[0], values[1]
 
 

@@ -137,3 +137,18 @@ def test_demo_pairs_hold_a_right_and_a_wrong_answer():
     assert all(r["chosen"] != r["rejected"] and r["rejected"] for r in train + evaluation)
     shipped = Path(__file__).resolve().parents[2] / "recipes" / "demo-assets" / "preference-eval.jsonl"
     assert [json.loads(line) for line in shipped.read_text().splitlines()] == evaluation
+
+
+def test_whole_conversations_beside_a_text_prompt_train_on_the_reply(tiny_llama, tokenizer, tmp_path):
+    """HuggingFaceH4/ultrafeedback_binarized's form: `prompt` text, each side the whole conversation."""
+    user = {"role": "user", "content": "one two"}
+    row = {
+        "prompt": "one two",
+        "chosen": [user, {"role": "assistant", "content": "three"}],
+        "rejected": [user, {"role": "assistant", "content": "four"}],
+    }
+    data = prepare_preference_data(recipe(tiny_llama, write_rows(tmp_path / "p.jsonl", [row])), tokenizer)
+    (item,) = list(data.train)
+    assert tokenizer.decode(item["prompt_ids"]) == "<|user|>\none two<|assistant|>\n"
+    assert tokenizer.decode(item["chosen_ids"]) == "three</s>"
+    assert tokenizer.decode(item["rejected_ids"]) == "four</s>"
