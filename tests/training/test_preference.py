@@ -192,3 +192,28 @@ def test_sweep_accepts_objective_and_beta_and_ranks_by_reward_accuracy(tmp_path)
     points = build_points(str(REPO / "recipes" / "demo-dpo.yaml"), [], grid, tmp_path)
     assert [p.recipe.dpo.beta for p in points] == [0.1, 0.5]
     assert metric_names(points) == ["reward_accuracy", "reward_margin", "exact_match"]
+
+
+@pytest.mark.slow
+def test_a_nan_dpo_loss_stops_with_exit_5_and_keeps_the_last_good_checkpoint(
+    tiny_llama, preference_file, tmp_path, monkeypatch
+):
+    """TRL's DPO loss is not the model output's loss: the stop sees it through the non-finite gradients."""
+    import trl
+
+    from qlora.training.nonfinite import NONFINITE_EXIT_CODE
+    from qlora.training.run import train
+
+    original = trl.DPOTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.model.training and self.state.global_step + 1 == 3 else loss
+
+    monkeypatch.setattr(trl.DPOTrainer, "compute_loss", compute_loss)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as info:
+        train(dpo_recipe(tiny_llama, preference_file, out))
+    assert info.value.code == NONFINITE_EXIT_CODE
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "adapter").exists()
