@@ -217,3 +217,35 @@ def test_a_nan_dpo_loss_stops_with_exit_5_and_keeps_the_last_good_checkpoint(
     assert info.value.code == NONFINITE_EXIT_CODE
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_mid_dpo_run_saves_the_step_reached_and_resumes(
+    tiny_llama, preference_file, tmp_path, monkeypatch, dpo_run
+):
+    import os
+    import signal
+
+    import trl
+
+    from qlora.training.preemption import PREEMPTED_EXIT_CODE
+    from qlora.training.run import train
+
+    original = trl.DPOTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.model.training and self.state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step; the step still finishes
+        return original(self, model, inputs, *args, **kwargs)
+
+    out = tmp_path / "term"
+    with monkeypatch.context() as patch:
+        patch.setattr(trl.DPOTrainer, "compute_loss", compute_loss)
+        with pytest.raises(SystemExit) as info:
+            train(dpo_recipe(tiny_llama, preference_file, out))
+    assert info.value.code == PREEMPTED_EXIT_CODE
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    train(dpo_recipe(tiny_llama, preference_file, out), resume=True)
+    resumed, uninterrupted = adapter(out), adapter(dpo_run[0])
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-5)
