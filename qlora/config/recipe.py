@@ -181,7 +181,7 @@ class DpoSpec:
     )
     loss_type: str | list[str] = key(
         "sigmoid",
-        help="trl.DPOConfig.loss_type, or a list of them added up (e.g. [sigmoid, sft]: RPO); sigmoid: the DPO paper's",
+        help="trl.DPOConfig.loss_type, or a list of them added up ([sigmoid, sft]: RPO); sigmoid: the DPO paper's",
         choices=DPO_LOSS_TYPES,
     )
     loss_weights: list[float] | None = key(
