@@ -249,3 +249,15 @@ def test_sigterm_mid_dpo_run_saves_the_step_reached_and_resumes(
     resumed, uninterrupted = adapter(out), adapter(dpo_run[0])
     for name in resumed:
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_log_probs_train_the_same_adapter(dpo_run, tiny_llama, preference_file, tmp_path):
+    from qlora.training.run import train
+
+    out = tmp_path / "precomputed"
+    metrics = train(dpo_recipe(tiny_llama, preference_file, out, "dpo.precompute_ref_log_probs=true"))
+    precomputed, per_step = adapter(out), adapter(dpo_run[0])
+    for name in precomputed:
+        torch.testing.assert_close(precomputed[name], per_step[name], rtol=0, atol=1e-5)
+    assert metrics["eval_reward_margin_after"] == pytest.approx(dpo_run[1]["eval_reward_margin_after"], abs=1e-5)
