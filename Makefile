@@ -12,7 +12,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # is left out of the pins so the machine's CUDA build stays.
 CONSTRAINTS ?= constraints/ci.txt
 
-.PHONY: demo test lint test-floors test-wheel install assets bench clean gpu-check constraints
+.PHONY: demo demo-dpo test lint test-floors test-wheel install assets bench clean gpu-check constraints
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m qlora.demo
+
+# Preference tuning (DPO) of the SFT demo's adapter; runs the SFT demo first when runs/demo has no adapter.
+demo-dpo: $(VENV)/.installed
+	test -f runs/demo/adapter/adapter_config.json || $(PY) -m qlora.train recipes/demo.yaml --overwrite
+	$(PY) -m qlora.train recipes/demo-dpo.yaml --overwrite
 
 # Rebuild the demo's committed base model and datasets from their seed (~15 min on two cores); `make demo`
 # uses the committed ones and never runs this.

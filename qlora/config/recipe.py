@@ -31,7 +31,30 @@ LOSSES = ("chunked", "standard")
 KERNELS = ("auto", "none")
 TARGET_PRESETS = ("all-linear", "attention", "qv", "mlp")
 TASKS = ("causal_lm", "classification")
-DATA_FORMATS = ("alpaca", "chat", "text", "classification")
+DATA_FORMATS = ("alpaca", "chat", "text", "classification", "preference")
+# What training optimises: "sft" (transformers.Trainer, the next-token loss) or a preference objective
+# trained by TRL's trainer of that name (qlora.training.preference). TRL 1.16 ships DPOTrainer and
+# KTOTrainer as stable trainers; ORPO and CPO/SimPO live in trl.experimental, so they are not offered.
+OBJECTIVES = ("sft", "dpo")
+PREFERENCE_OBJECTIVES = ("dpo",)
+# trl.DPOConfig.loss_type's values (TRL 1.16's DPOConfig help lists them).
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")
 QUANT_BITS = (4, 8, None)
@@ -73,6 +96,16 @@ class ModelSpec:
     trust_remote_code: bool = key(False, help="run the model repo's own Python code; off unless you ask")
     attn_implementation: str = key(
         "sdpa", help="attention implementation", choices=ATTN_IMPLEMENTATIONS, flag="--attn"
+    )
+    adapter: str | None = key(
+        None,
+        help="continue a trained adapter: its folder (adapter_config.json) or a run folder holding adapter/; "
+        "lora.* then come from it; a preference objective's reference is base + this adapter, frozen",
+    )
+    adapter_optional: bool = key(
+        False,
+        help="true: a model.adapter that does not exist yet trains a new adapter from the base, with a note "
+        "(the DPO demo, before the SFT demo has run)",
     )
 
 
@@ -182,10 +215,10 @@ class TrainingSpec:
     )
     kernels: str = key(
         "auto",
-        help="on CUDA with Liger Kernel installed (`qlora[kernels]`, which GPU installs bring): its fused RMSNorm, "
-        "SwiGLU and RoPE, swapped in before the model is built, and its fused linear cross-entropy in the chunked "
-        "loss where that holds less; the profiler models them (without Liger on a GPU, `auto` runs and is profiled "
-        "as `none`); `none`: transformers' own and the torch chunked loss",
+        help="on CUDA with Liger Kernel installed (`qlora-kit[kernels]`, which GPU installs bring): its fused "
+        "RMSNorm, SwiGLU and RoPE, swapped in before the model is built, and its fused linear cross-entropy in the "
+        "chunked loss where that holds less; the profiler models them (without Liger on a GPU, `auto` runs and is "
+        "profiled as `none`); `none`: transformers' own and the torch chunked loss",
         choices=KERNELS,
     )
     compile: bool = key(
@@ -200,10 +233,43 @@ class TrainingSpec:
     )
     run_name: str | None = key(None, help="the run's name in the trackers (None: transformers' default)")
 
+    objective: str = key(
+        "sft",
+        help="sft: next-token loss on the responses; dpo: TRL's DPOTrainer on data.format preference",
+        choices=OBJECTIVES,
+    )
+
     @property
     def eval_batch(self) -> int:
         """The eval step's batch: `eval_batch_size`, else the training batch."""
         return self.eval_batch_size or self.batch_size
+
+
+@dataclass
+class DpoSpec:
+    """Preference tuning with TRL's DPOTrainer (training.objective: dpo); names as trl.DPOConfig has them."""
+
+    beta: float = key(0.1, help="how far the policy may move from the reference (higher: less); IPO's tau")
+    label_smoothing: float = key(
+        0.0, help="probability a preference label is flipped (loss_type robust, in [0, 0.5)); EXO's epsilon"
+    )
+    loss_type: str | list[str] = key(
+        "sigmoid",
+        help="trl.DPOConfig.loss_type, or a list of them added up ([sigmoid, sft]: RPO); sigmoid: the DPO paper's",
+        choices=DPO_LOSS_TYPES,
+    )
+    loss_weights: list[float] | None = key(
+        None, help="one weight per loss_type in a list (trl.DPOConfig.loss_weights); None: 1 each"
+    )
+    precompute_ref_log_probs: bool = key(
+        False,
+        help="the reference's log-probs computed once before training (no reference forward in each step)",
+    )
+    max_prompt_len: int | None = key(
+        None,
+        help="prompts longer than this many tokens are dropped (and counted); None: only prompts that leave no "
+        "response token within data.max_seq_len",
+    )
 
 
 @dataclass
@@ -257,6 +323,7 @@ class Recipe:
     training: TrainingSpec = key(help="optimisation", default_factory=TrainingSpec)
     eval: EvalSpec = key(help="the task metric", default_factory=EvalSpec)
     distributed: DistributedSpec = key(help="more than one process", default_factory=DistributedSpec)
+    dpo: DpoSpec = key(default_factory=DpoSpec, help="preference tuning (training.objective: dpo)")
     task: str = key(
         "causal_lm",
         help="`classification`: `AutoModelForSequenceClassification`, new head trained in full",
@@ -599,9 +666,54 @@ def validate(recipe: Recipe, for_training: bool = True) -> Recipe:
         )
     check_metric(recipe)
     check_packing(recipe)
+    check_preference(recipe, for_training)
     if recipe.target_gpu is not None:
         parse_gpu_memory(recipe.target_gpu, "target_gpu")
     return recipe
+
+
+def check_preference(recipe: Recipe, for_training: bool = True) -> None:
+    """training.objective, data.format preference, the dpo section and model.adapter agree (a recipe the
+    profiler builds from flags has no data: its format is not checked)."""
+    t, d, p = recipe.training, recipe.data, recipe.dpo
+    losses = [p.loss_type] if isinstance(p.loss_type, str) else p.loss_type
+    _check(bool(losses), "dpo.loss_type: the list is empty")
+    for loss in losses:  # a list is not checked by its choices (check_choices): each of its items here
+        _check(loss in DPO_LOSS_TYPES, f"dpo.loss_type: unknown value '{loss}'{did_you_mean(loss, DPO_LOSS_TYPES)}")
+    _check(
+        p.loss_weights is None or len(p.loss_weights) == len(losses),
+        f"dpo.loss_weights: one weight per loss_type ({len(losses)}), got {p.loss_weights}",
+    )
+    _check_path("model.adapter", recipe.model.adapter)
+    preference = t.objective in PREFERENCE_OBJECTIVES
+    _check(
+        not preference or d.format == "preference" or not for_training,
+        f"data.format: training.objective '{t.objective}' trains on prompt/chosen/rejected pairs: use format "
+        f"'preference', got '{d.format}'",
+    )
+    _check(
+        preference or d.format != "preference",
+        "training.objective: data.format 'preference' needs a preference objective (dpo), got 'sft'",
+    )
+    if not preference:
+        return
+    _check(recipe.task == "causal_lm", f"task: training.objective '{t.objective}' needs task causal_lm")
+    _check(not d.packing, "data.packing: preference pairs are not packed (TRL pads chosen and rejected together)")
+    _check(p.beta > 0, f"dpo.beta: must be > 0, got {p.beta}")
+    _check(0 <= p.label_smoothing < 0.5, f"dpo.label_smoothing: must be in [0, 0.5), got {p.label_smoothing}")
+    _check(
+        "exo_pair" not in losses or p.label_smoothing > 0,
+        "dpo.label_smoothing: loss_type exo_pair needs a value > 0 (the EXO paper uses 1e-3)",
+    )
+    _check(
+        p.max_prompt_len is None or 0 < p.max_prompt_len < d.max_seq_len,
+        f"dpo.max_prompt_len: must be > 0 and below data.max_seq_len ({d.max_seq_len}), got {p.max_prompt_len}",
+    )
+    _check(
+        recipe.distributed.strategy not in SHARDED_STRATEGIES,
+        f"distributed.strategy: '{recipe.distributed.strategy}' is not supported with a preference objective "
+        "(the reference adapter is not sharded); use ddp",
+    )
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -613,7 +725,12 @@ def _resolve_input_paths(recipe: Recipe, base: Path) -> None:
     A relative string that does not exist next to the recipe is left alone: it may be a Hub name
     ('meta-llama/Llama-2-7b-hf') or a path relative to the working directory.
     """
-    for spec, attr in ((recipe.model, "name_or_path"), (recipe.data, "path"), (recipe.data, "eval_path")):
+    for spec, attr in (
+        (recipe.model, "name_or_path"),
+        (recipe.model, "adapter"),
+        (recipe.data, "path"),
+        (recipe.data, "eval_path"),
+    ):
         value = getattr(spec, attr)
         if value and not Path(value).is_absolute() and _exists(base / value):
             setattr(spec, attr, str((base / value).resolve()))

@@ -43,10 +43,17 @@ FORMAT_ROLES = {
     "chat": ("messages",),
     "text": ("text",),
     "classification": ("text", "label"),
+    "preference": ("prompt", "chosen", "rejected"),  # tokenized by qlora.data.preference
 }
 OPTIONAL_ROLES = {"input"}
 FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-GENERATION_FORMATS = ("alpaca", "chat")  # formats with a reference answer that exact_match can check
+GENERATION_FORMATS = ("alpaca", "chat", "preference")  # formats with a reference answer that exact_match checks
+# The reasons qlora.data.preference leaves a pair out, as counted in the stats (`<split>_<reason>`).
+PREFERENCE_DROPS = {
+    "identical": "chosen == rejected",
+    "empty": "an empty side",
+    "long_prompt": "prompt over dpo.max_prompt_len or filling data.max_seq_len",
+}
 
 
 @dataclass
@@ -528,6 +535,11 @@ def describe(stats: dict[str, Any]) -> str:
     for prefix in ("train", "eval"):
         if stats.get(f"{prefix}_truncated"):
             parts.append(f"{stats[f'{prefix}_truncated']} {prefix} truncated to data.max_seq_len")
+        parts.extend(
+            f"{stats[f'{prefix}_{reason}']} {prefix} pairs dropped ({text})"
+            for reason, text in PREFERENCE_DROPS.items()
+            if stats.get(f"{prefix}_{reason}")
+        )
         if stats.get(f"{prefix}_dropped"):
             parts.append(f"{stats[f'{prefix}_dropped']} {prefix} dropped (no response token within data.max_seq_len)")
     return ", ".join(parts)

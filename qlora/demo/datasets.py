@@ -12,6 +12,11 @@ not phrasings of words seen in training.
 fox near the barn."), labelled with the thing's category. `classify-eval.jsonl` does the same for nouns
 that no training sentence mentions (every fifth noun of each class), so the fine-tune cannot learn the
 eval words themselves: only what the base knows about them separates the classes.
+
+`preference.jsonl` / `preference-eval.jsonl` (the DPO demo) pair each instruction row's right answer with a
+plausible wrong word: the regular form of an irregular word ("mouses", "runned"), the input word itself,
+or the answer to another word of the same task. The eval pairs are the SFT demo's own held-out rows
+(its split: eval_size 64, seed 42), so neither demo trains on the words they are scored on.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ CLASSES = ("animal", "food", "tool", "clothing", "vehicle")
 CLASSIFY_ROWS_PER_CLASS = 160  # training sentences per class
 CLASSIFY_EVAL_ROWS_PER_CLASS = 40  # held-out sentences per class
 CLASSIFY_EVAL_NOUN_EVERY = 5  # every fifth noun of a class appears in held-out sentences only
+SFT_DEMO_EVAL_SIZE, SFT_DEMO_SEED = 64, 42  # recipes/demo.yaml's data.eval_size and training.seed
 
 
 def instruction_rows(seed: int = corpus.DEFAULT_SEED) -> list[dict]:
@@ -48,6 +54,43 @@ def instruction_rows(seed: int = corpus.DEFAULT_SEED) -> list[dict]:
 def _row(task: str, word: str, answer: str) -> dict:
     """One Alpaca row."""
     return {"instruction": TASKS[task], "input": word, "output": answer}
+
+
+def preference_rows(seed: int = corpus.DEFAULT_SEED) -> tuple[list[dict], list[dict]]:
+    """(train, eval) prompt / chosen / rejected rows over the instruction rows, split as the SFT demo splits them."""
+    import datasets
+
+    from qlora.config.recipe import DataSpec
+    from qlora.data.prepare import format_alpaca
+
+    rows = instruction_rows(seed)
+    # The SFT demo's split (qlora.data.prepare.split_raw: datasets' seeded train_test_split) of the same rows.
+    parts = datasets.Dataset.from_list(rows).train_test_split(test_size=SFT_DEMO_EVAL_SIZE, seed=SFT_DEMO_SEED)
+    rng = random.Random(seed + 2)
+    spec = DataSpec()
+
+    def pair(row: dict) -> dict:
+        prompt = format_alpaca(row, spec).prompt
+        return {"prompt": prompt, "chosen": row["output"], "rejected": wrong_answer(row, rng)}
+
+    return [pair(r) for r in parts["train"]], [pair(r) for r in parts["test"]]
+
+
+def wrong_answer(row: dict, rng: random.Random) -> str:
+    """A plausible wrong one-word answer to an instruction row (never the right one)."""
+    task = next(t for t, text in TASKS.items() if text == row["instruction"])
+    word, answer = row["input"], row["output"]
+    candidates = [word]  # repeating the question's word
+    if task == "plural":
+        candidates.append(corpus.regular_plural(word))  # "mouses" for mouse (a regular noun's is its answer)
+        candidates.append(rng.choice(corpus.NOUNS).plural)
+    elif task == "past":
+        candidates.append(word + ("d" if word.endswith("e") else "ed"))  # "runned" for run
+        candidates.append(rng.choice(corpus.VERBS).past)
+    else:
+        candidates.append(rng.choice(corpus.ADJECTIVES))
+    candidates = [c for c in candidates if c != answer]
+    return rng.choice(candidates)
 
 
 def classify_rows(seed: int = corpus.DEFAULT_SEED) -> tuple[list[dict], list[dict]]:
@@ -84,7 +127,7 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write instructions.jsonl, classify.jsonl and classify-eval.jsonl."""
+    """Write instructions.jsonl, classify.jsonl, classify-eval.jsonl, preference.jsonl and preference-eval.jsonl."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the .jsonl files")
     parser.add_argument("--seed", type=int, default=corpus.DEFAULT_SEED)
@@ -93,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     train, evaluation = classify_rows(args.seed)
     write_jsonl(train, args.out / "classify.jsonl")
     write_jsonl(evaluation, args.out / "classify-eval.jsonl")
+    train, evaluation = preference_rows(args.seed)
+    write_jsonl(train, args.out / "preference.jsonl")
+    write_jsonl(evaluation, args.out / "preference-eval.jsonl")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from qlora.memory.activations import Step, activation_bytes, batch_bytes, checkp
 from qlora.memory.flops import recompute_saved_pct
 from qlora.memory.inventory import Inventory, load_inventory
 from qlora.memory.overheads import overhead, slack
+from qlora.memory.preference import eval_with_preference_head, with_preference_head
 from qlora.memory.settings import METHODS, Settings, compute_dtype, from_recipe
 from qlora.memory.sharding import per_gpu
 from qlora.memory.storage import MIN_8BIT_SIZE, QMAP_BYTES, adamw_state_bytes, int8_weight_bytes, nf4_weight_bytes
@@ -145,20 +146,34 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         loss="standard" if inv.chunked_loss_unsupported else settings.loss,  # as qlora.ops.loss falls back in training
         kernels=liger_kernels(settings),
     )
+    preference = settings.objective != "sft"  # TRL's step: chosen + rejected in one batch, its own log-prob head
+    if preference:
+        # TRL's trainer turns dropout off (DPOConfig.disable_dropout): LoRA's dropout saves nothing
+        step = dataclasses.replace(step, batch=2 * settings.batch_size, loss="chunked", lora_dropout=0.0)
     acts = activation_bytes(inv, step)
+    if preference:
+        acts = with_preference_head(acts, inv, step, reference=not settings.precompute_ref)
     step_temps = optimizer_step_temporaries(
         settings.optimizer, settings.device, trainable, trainable_dtype(method, dtype)
     )
     at_step = step_temps + batch_bytes(step) > acts.total  # the last micro-batch is still alive at the step
     buffers = sum(b.numel * b.itemsize for b in inv.buffers)
-    resident = {"weights": sum(weights.values()), "adapters": (adapter_numel + head_numel) * ADAPTER_DTYPE.itemsize}
+    # a preference step keeps a frozen copy of the adapter as its reference (TRL's 'ref' adapter)
+    copies = 2 if preference and method != "full" else 1
+    resident = {
+        "weights": sum(weights.values()),
+        "adapters": (copies * adapter_numel + head_numel) * ADAPTER_DTYPE.itemsize,
+    }
     train = {
         **resident,
         "gradients": sum(trainable) * train_itemsize,
         "optimizer": sum(states.values()) + (step_temps if at_step else 0),
         "activations": batch_bytes(step) if at_step else acts.total,
     }
-    eval_acts = eval_activation_bytes(inv, dataclasses.replace(step, batch=settings.eval_batch), batch_bytes(step))
+    eval_step = dataclasses.replace(step, batch=(2 if preference else 1) * settings.eval_batch)
+    eval_acts = eval_activation_bytes(inv, eval_step, batch_bytes(step))
+    if preference:
+        eval_acts = eval_with_preference_head(eval_acts, inv, eval_step)
     evaluation = {**resident, "gradients": 0, "optimizer": sum(states.values()), "activations": eval_acts.total}
     overheads = {}
     for name, phase in (("train", train), ("eval", evaluation)):

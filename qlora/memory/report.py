@@ -86,6 +86,14 @@ class Run:
         return next((f for f in self.plan.methods if f.method == method), None) if self.plan else None
 
 
+def loss_words(settings: Settings) -> str:
+    """How the step scores tokens: qlora's loss, or a preference objective's pairs through TRL's head."""
+    if settings.objective == "sft":
+        return f"{settings.loss} loss"
+    reference = "precomputed reference" if settings.precompute_ref else "reference forward"
+    return f"{settings.objective.upper()} pairs (chosen + rejected), TRL's log-prob head, {reference}"
+
+
 def describe(settings: Settings) -> str:
     """The settings in one line, as tables and captions show them."""
     targets = settings.targets if isinstance(settings.targets, str) else ",".join(settings.targets)
@@ -94,7 +102,7 @@ def describe(settings: Settings) -> str:
         f"{task}seq {settings.seq_len:,} · batch {settings.batch_size} · r {settings.rank} ({targets}) · "
         f"{settings.optimizer} · {'checkpointing' if settings.checkpointing else 'no checkpointing'} · "
         f"{settings.attn_implementation} · {dtype_name(compute_dtype(settings))} on {settings.device}"
-        f"{'' if settings.task == 'classification' else f' · {settings.loss} loss'}"
+        f"{'' if settings.task == 'classification' else f' · {loss_words(settings)}'}"
         f"{f' · eval batch {settings.eval_batch}' if settings.eval_batch != settings.batch_size else ''}"
         + (" · Liger kernels" if liger_kernels(settings) else "")
         + (f" · MLP tiles {settings.mlp_tiles}" if settings.mlp_tiles != "auto" else "")

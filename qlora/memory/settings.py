@@ -67,6 +67,8 @@ class Settings:
     # eval.metric exact_match: greedy generation of this many tokens at the eval batch (KV cache)
     generate_tokens: int = derived_from("eval.max_new_tokens", 0)
     kernels: str = from_key("training.kernels")
+    objective: str = from_key("training.objective")  # 'dpo': TRL's preference step (chosen + rejected, a reference)
+    precompute_ref: bool = from_key("dpo.precompute_ref_log_probs")  # no reference forward in the step
     # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): the same bytes
     native_bf16: bool = True
 

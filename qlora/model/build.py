@@ -19,7 +19,7 @@ from qlora.config.long_context import checkpointed_layers, mlp_tiles_for
 from qlora.config.precision import resolve_compute_dtype
 from qlora.config.recipe import SHARDED_STRATEGIES, Recipe
 from qlora.model.load import load_base_model, load_model_config, load_tokenizer
-from qlora.model.lora import attach_lora
+from qlora.model.lora import adapter_folder, attach_lora, continue_adapter
 from qlora.ops.kernels import apply_decoder_kernels
 from qlora.ops.loss import install_chunked_loss
 from qlora.ops.offload import offloaded
@@ -70,6 +70,8 @@ def install_loss(model, recipe: Recipe) -> str:
     """`training.loss` on a causal LM (qlora.ops.loss); a classifier keeps its own small loss. Returns the loss."""
     if recipe.task != "causal_lm" or recipe.training.loss != "chunked":
         return "standard"
+    if recipe.training.objective != "sft":  # TRL's preference trainers score tokens with their own chunked head
+        return "standard"
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     reason = chunked_loss_unsupported(causal_lm)
     if reason:
@@ -87,7 +89,11 @@ def prepare_for_training(base, recipe: Recipe, lora: bool = True, offload: bool 
         enable_gradient_checkpointing(
             base, reentrant=recipe.distributed.strategy in SHARDED_STRATEGIES, offload=offload, layers=layers
         )
-    model = attach_lora(base, recipe.lora, recipe.task) if lora else base
+    adapter = adapter_folder(recipe.model, announce=False) if lora else None
+    if adapter is not None:  # model.adapter: its own LoRA settings, trained further
+        model = continue_adapter(base, adapter, recipe.task)
+    else:
+        model = attach_lora(base, recipe.lora, recipe.task) if lora else base
     loss = install_loss(model, recipe)
     if t.mlp_tiles != 1:
         hidden = base.config.get_text_config().hidden_size

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
@@ -11,8 +13,11 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 from qlora.config.architecture import CLASSIFIER_HEADS, lora_target_names
+from qlora.config.errors import QLoraError
 from qlora.config.precision import ADAPTER_DTYPE
 from qlora.config.recipe import LoraSpec
+
+log = logging.getLogger(__name__)
 
 
 def linear_leaf_names(model) -> set[str]:
@@ -54,6 +59,40 @@ def attach_lora(model, spec: LoraSpec, task: str = "causal_lm"):
     # autocast_adapter_dtype keeps LoRA weights in fp32 even on a 16-bit base (precision.ADAPTER_DTYPE).
     with quiet_peft_deprecations():
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    upcast_trainable(peft_model)
+    return peft_model
+
+
+def adapter_folder(spec, announce: bool = True) -> Path | None:
+    """`model.adapter` as the adapter folder to continue (a run folder means its adapter/), or None.
+
+    Missing: an error naming the key, or None with a note under `model.adapter_optional` (the DPO demo
+    before the SFT demo has run)."""
+    if not spec.adapter:
+        return None
+    path = Path(spec.adapter).expanduser()
+    for candidate in (path, path / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    if spec.adapter_optional and not path.exists():
+        if announce:
+            log.info(
+                f"note: model.adapter {spec.adapter} does not exist yet: training a new adapter from the base "
+                "(its reference is the base alone)"
+            )
+        return None
+    what = "not found" if not path.exists() else "holds no adapter_config.json (nor adapter/adapter_config.json)"
+    raise QLoraError(f"model.adapter: {spec.adapter} {what}; give an adapter folder or a qlora run folder")
+
+
+def continue_adapter(model, folder: Path, task: str = "causal_lm"):
+    """The base with a trained adapter loaded to train further (peft's `is_trainable`), fp32 like a new one.
+
+    A LoRA adapter on a 4-bit base is continued, never merged into it (merging rounds the update away)."""
+    from peft import PeftModel
+
+    with quiet_peft_deprecations():
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     upcast_trainable(peft_model)
     return peft_model
 

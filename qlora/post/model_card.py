@@ -31,7 +31,7 @@ METHOD_TEXT = {
     "lora-8bit": "LoRA adapters trained on a frozen 8-bit base",
     "lora": "LoRA adapters trained on a frozen 16-bit base",
 }
-RECIPE_PATH_KEYS = (("model", "name_or_path"), ("data", "path"), ("data", "eval_path"))
+RECIPE_PATH_KEYS = (("model", "name_or_path"), ("model", "adapter"), ("data", "path"), ("data", "eval_path"))
 
 
 # --- what the front matter says about the base ------------------------------------------------------
@@ -145,6 +145,33 @@ def data_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
         f"- examples: {stats['train_examples']} train, {stats.get('eval_examples', 0)} eval",
         f"- truncated to max_seq_len: {stats.get('train_truncated', 0)} train, {stats.get('eval_truncated', 0)} eval; "
         f"dropped (prompt too long): {stats.get('train_dropped', 0)} train, {stats.get('eval_dropped', 0)} eval",
+        "",
+    ]
+
+
+def objective_section(recipe: Recipe, metrics: dict[str, Any]) -> list[str]:
+    """A preference run: the objective, its settings, its reference and the pairs left out (nothing for SFT)."""
+    if recipe.training.objective == "sft":
+        return []
+    p, stats = recipe.dpo, metrics["data"]
+    losses = p.loss_type if isinstance(p.loss_type, str) else " + ".join(p.loss_type)
+    continued = metrics.get("continued_adapter")
+    start = f"the adapter of `{Path(continued).parent.name}`" if continued else "a new adapter"
+    dropped = ", ".join(
+        f"{stats.get(f'train_{reason}', 0)} {reason.replace('_', ' ')}"
+        for reason in ("identical", "empty", "long_prompt")
+    )
+    return [
+        "## Preference tuning",
+        "",
+        f"- objective: {recipe.training.objective.upper()} (TRL's trainer), loss {losses}, beta {p.beta}, "
+        f"label smoothing {p.label_smoothing}",
+        f"- policy: {start} trained further on the 4-bit base; reference: that adapter as training began, frozen "
+        f"({'log-probs precomputed' if p.precompute_ref_log_probs else 'a second forward per step'})",
+        "- reward accuracy: share of held-out pairs whose implicit reward (beta x log-ratio to the reference) is "
+        "higher for the chosen answer; before training the policy is the reference, every reward is 0, a tie "
+        "counts as a miss",
+        f"- training pairs dropped: {dropped}",
         "",
     ]
 
@@ -267,6 +294,7 @@ def render_card(run, base_model: str, license_id: str | None, repo_id: str | Non
         *(alpaca_section() if recipe.data.format == "alpaca" else []),
         *results_section(metrics),
         *data_section(recipe, metrics),
+        *objective_section(recipe, metrics),
         *lora_section(recipe, adapter_config, metrics),
         *memory_section(recipe, metrics),
         "## Training recipe",

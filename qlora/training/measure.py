@@ -210,6 +210,10 @@ class Built:
     optimizer: object
     method: str
     autocast: torch.dtype | None = None  # Trainer's bf16/fp16 autocast around forward and loss (GPU only)
+    loss: object = None  # a preference objective: TRL's loss of a batch (its trainer's compute_loss)
+
+    def step_loss(self, batch: dict):
+        return self.loss(batch) if self.loss is not None else self.model(**batch).loss
 
 
 def build(recipe: Recipe, method: str, settings: Settings, weights: Path) -> Built:
@@ -238,13 +242,56 @@ def build(recipe: Recipe, method: str, settings: Settings, weights: Path) -> Bui
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     optimizer = optimizer_cls([p for p in net.parameters() if p.requires_grad], **kwargs)
     autocast = compute if any(trainer_precision_flags(compute, settings.device).values()) else None
-    return Built(net, optimizer, method, autocast)
+    loss = preference_loss(recipe, net, settings, weights) if settings.objective != "sft" else None
+    return Built(net, optimizer, method, autocast, loss)
+
+
+def preference_loss(recipe: Recipe, net, settings: Settings, weights: Path):
+    """TRL's DPO loss of a batch, from the DPOTrainer `qlora train` builds around `net` (qlora.training.preference):
+    its 'ref' adapter copy, its fused log-prob head and its `compute_loss`, as training runs them."""
+    from types import SimpleNamespace
+
+    import datasets
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora.training.preference import preference_trainer
+
+    # TRL's trainer wants a tokenizer; a random model has none, and the step only needs its pad id.
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0}, "<pad>")))
+    tokenizer.pad_token = tokenizer.eos_token = "<pad>"
+    pair = datasets.Dataset.from_list([{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3]}])
+    values = dict(
+        output_dir=str(weights / "out"),
+        report_to="none",
+        use_cpu=settings.device == "cpu",
+        per_device_train_batch_size=settings.batch_size,
+        **trainer_precision_flags(resolve_compute_dtype(recipe.quantization.compute_dtype, settings.device)),
+    )
+    loaded = SimpleNamespace(model=net, tokenizer=tokenizer)
+    trainer = preference_trainer(recipe, loaded, SimpleNamespace(train=pair, eval=None), values, [])
+    return lambda batch: trainer.compute_loss(trainer.model, batch)
 
 
 def _batch(model, settings: Settings, device: str) -> dict[str, torch.Tensor]:
     """Random token ids, and labels as a separate tensor as the data collator makes them (one class
-    id per sequence for a classifier)."""
+    id per sequence for a classifier). A preference step: TRL's collated pairs, chosen then rejected
+    (2 x batch sequences), the second half of each sequence its completion."""
     generator = torch.Generator().manual_seed(0)
+    if settings.objective != "sft":
+        shape = (2 * settings.batch_size, settings.seq_len)
+        ids = torch.randint(0, model.config.vocab_size, shape, generator=generator)
+        completion = torch.zeros(shape, dtype=torch.long)
+        completion[:, settings.seq_len // 2 :] = 1
+        batch = {
+            "input_ids": ids,
+            "attention_mask": torch.ones(shape, dtype=torch.long),
+            "completion_mask": completion,
+        }
+        if settings.precompute_ref:  # the reference's log-probs come with the batch
+            reference = -torch.ones(settings.batch_size)
+            batch.update(ref_chosen_logps=reference, ref_rejected_logps=reference.clone())
+        return {k: v.to(device) for k, v in batch.items()}
     ids = torch.randint(0, model.config.vocab_size, (settings.batch_size, settings.seq_len), generator=generator)
     if settings.task == "classification":
         labels = torch.randint(0, settings.num_labels, (settings.batch_size,), generator=generator)
@@ -259,7 +306,7 @@ def cycle(built: Built, batch: dict, tracker: PeakTracker | None = None, on_phas
     for _ in range(MICRO_BATCHES):
         _phase("forward", tracker, on_phase)
         with torch.autocast(device, dtype=built.autocast, enabled=built.autocast is not None):
-            loss = built.model(**batch).loss / MICRO_BATCHES
+            loss = built.step_loss(batch) / MICRO_BATCHES
         _phase("backward", tracker, on_phase)
         loss.backward()
         del loss
@@ -278,7 +325,7 @@ def evaluate(built: Built, make_batch, tracker: PeakTracker | None = None, on_ph
     batch = make_batch()
     device = next(iter(batch.values())).device.type
     with torch.no_grad(), torch.autocast(device, dtype=built.autocast, enabled=built.autocast is not None):
-        loss = built.model(**batch).loss
+        loss = built.step_loss(batch)
     del loss, batch
     _phase(None, tracker, on_phase)
     built.model.train()
@@ -360,6 +407,9 @@ def _categories(built: Built, serial) -> dict[int, str]:
     kinds = {}
     for tensor, kind in model_tensors(built.model):
         kinds[serial(tensor)] = {"trainable": trainable_kind, "frozen": "weights", "buffer": "overhead"}[kind]
+    for name, param in built.model.named_parameters():  # a preference step's frozen 'ref' adapter copy
+        if ".ref." in name:
+            kinds[serial(param)] = "adapters"
         if getattr(tensor, "grad", None) is not None:
             kinds[serial(tensor.grad)] = "gradients"
     for tensor in optimizer_tensors(built.optimizer):

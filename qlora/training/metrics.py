@@ -140,7 +140,8 @@ def task_metrics(recipe, trainer, loaded, data) -> dict[str, float]:
         return classification_metrics(output.predictions, output.label_ids, ranked=recipe.eval.metric == "map@3")
     if recipe.eval.metric == "exact_match":
         examples = data.eval_examples[: recipe.eval.max_examples]
-        add_bos = recipe.data.format != "chat"  # a chat template writes its own BOS into the prompt
+        # a chat template writes its own BOS into the prompt (preference pairs may be rendered with one too)
+        add_bos = recipe.data.format != "chat" and not data.stats.get("chat_template")
         return {
             "eval_exact_match": exact_match(
                 loaded.model,

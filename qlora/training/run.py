@@ -23,11 +23,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from qlora.config.disk import writing
 from qlora.config.io import atomic_write_json, publish_dir, staged_dir, staging_dir_for
 from qlora.config.precision import trainer_precision_flags
+from qlora.config.recipe import PREFERENCE_OBJECTIVES
 from qlora.config.tracking import report_targets
+from qlora.data.preference import prepare_preference_data
 from qlora.data.prepare import data_collator, describe, prepare_data
 from qlora.model.build import build_model
 from qlora.model.load import check_model_source, load_tokenizer
-from qlora.model.lora import parameter_counts
+from qlora.model.lora import adapter_folder, parameter_counts
 from qlora.model.release import free_memory
 from qlora.training import distributed
 from qlora.training.auto import resolve_checkpointing, resolve_kernels, wants_offload
@@ -39,6 +41,7 @@ from qlora.training.logbook import log_callback
 from qlora.training.metrics import memory_figures, task_metrics
 from qlora.training.oom import OutOfMemoryExit, fit_advice
 from qlora.training.plots import write_training_plot
+from qlora.training.preference import preference_trainer, reward_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +51,13 @@ EVAL_ADVICE = "evaluation runs training.eval_batch_size sequences at a time; low
 
 def training_arguments(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool, parallel: dict | None = None):
     """transformers `TrainingArguments` from the recipe's training section (`parallel`: training.distributed's)."""
+    return TrainingArguments(**training_values(recipe, compute_dtype, checkpoint_root, has_eval, parallel))
+
+
+def training_values(recipe, compute_dtype, checkpoint_root: Path, has_eval: bool, parallel: dict | None = None):
+    """The Trainer settings of a run, shared by SFT's TrainingArguments and a preference objective's TRL config."""
     t = recipe.training
-    return TrainingArguments(
+    return dict(
         output_dir=str(checkpoint_root),
         optim=t.optimizer,
         learning_rate=t.learning_rate,
@@ -136,8 +144,18 @@ def tensorboard_dir(recipe):
 def build_trainer(
     recipe, loaded, data, checkpoint_root: Path, parallel: dict | None = None, first: list | None = None
 ):
-    """The Trainer of a run; `first`: callbacks that run before qlora's checkpoint and stop callbacks."""
+    """The Trainer of a run; `first`: callbacks that run before qlora's checkpoint and stop callbacks.
+    A preference objective gets TRL's trainer (qlora.training.preference) with the same settings and callbacks."""
+    callbacks = [
+        *(first or []),
+        log_callback(Path(recipe.output_dir)),
+        checkpoint_marker_callback(),
+        *run_callbacks(recipe),
+    ]
     with tensorboard_dir(recipe):
+        if recipe.training.objective in PREFERENCE_OBJECTIVES:
+            values = training_values(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None, parallel)
+            return preference_trainer(recipe, loaded, data, values, callbacks)
         return Trainer(
             model=loaded.model,
             args=training_arguments(recipe, loaded.compute_dtype, checkpoint_root, data.eval is not None, parallel),
@@ -145,20 +163,17 @@ def build_trainer(
             eval_dataset=data.eval,
             data_collator=data_collator(loaded.tokenizer, recipe.data),
             processing_class=loaded.tokenizer,
-            callbacks=[
-                *(first or []),
-                log_callback(Path(recipe.output_dir)),
-                checkpoint_marker_callback(),
-                *run_callbacks(recipe),
-            ],
+            callbacks=callbacks,
         )
 
 
 def evaluate_metrics(trainer, loaded, data, recipe) -> dict[str, float]:
-    """Eval loss and the task metric on the held-out split (empty when there is none)."""
+    """Eval loss, a preference run's reward accuracy and margin, and the task metric on the held-out split
+    (empty when there is none)."""
     if data.eval is None:
         return {}
-    results = {"eval_loss": float(trainer.evaluate()["eval_loss"])}
+    evaluated = trainer.evaluate()
+    results = {"eval_loss": float(evaluated["eval_loss"]), **reward_metrics(evaluated)}
     results.update(task_metrics(recipe, trainer, loaded, data))
     return results
 
@@ -193,7 +208,8 @@ def save_adapter(loaded, output_dir: Path, sharded_trainer=None, needed: int | N
 def write_adapter(loaded, final: Path) -> None:
     """One process: the adapter and tokenizer into a staging folder, published when complete."""
     with staged_dir(final) as staging:  # a failed write (disk full) leaves no debris and the old adapter
-        loaded.model.save_pretrained(staging, safe_serialization=True)
+        # the trained adapter only: a preference run's frozen 'ref' copy is not part of the result
+        loaded.model.save_pretrained(staging, safe_serialization=True, selected_adapters=["default"])
         loaded.tokenizer.save_pretrained(staging)
 
 
@@ -235,8 +251,10 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock, skip_space_check: bo
     output_dir = Path(recipe.output_dir)
     plan = distributed.resolve(recipe.distributed, recipe.quantization.bits)  # torchrun / accelerate launch
     check_model_source(recipe.model)
+    continued = adapter_folder(recipe.model)  # model.adapter: found, or a note that a new one starts (optional)
     tokenizer = load_tokenizer(recipe.model)
-    data = prepare_data(recipe, tokenizer)
+    prepare = prepare_preference_data if recipe.data.format == "preference" else prepare_data
+    data = prepare(recipe, tokenizer)
     log.info(f"data: {describe(data.stats)}")
     distributed.start(plan)
     lock.acquire()  # before the first write (main process only): a second run into output_dir is refused
@@ -291,6 +309,8 @@ def run_recipe(recipe, resume: bool, overwrite: bool, lock, skip_space_check: bo
     metrics.update({f"{k}_after": v for k, v in after.items()})
     metrics.update(
         method=recipe.method,
+        objective=recipe.training.objective,
+        continued_adapter=str(continued) if continued else None,
         trainable_params=trainable,
         total_params=total,
         **memory,

@@ -231,8 +231,13 @@ def run_point(point: Point) -> tuple[str, dict[str, Any] | None]:
 
 
 def metric_names(points: list[Point]) -> list[str]:
-    """The task metrics the points measure, e.g. ['exact_match'] (the first one ranks the table)."""
-    return sorted({p.recipe.eval.metric for p in points} - {"none"})
+    """The task metrics the points measure, e.g. ['exact_match'] (the first one ranks the table); preference
+    runs measure reward accuracy and margin first."""
+    preference = any(p.recipe.training.objective != "sft" for p in points)
+    return [
+        *(("reward_accuracy", "reward_margin") if preference else ()),
+        *sorted({p.recipe.eval.metric for p in points} - {"none"}),
+    ]
 
 
 def columns(grid_keys: Sequence[str], metrics: Sequence[str]) -> list[str]:

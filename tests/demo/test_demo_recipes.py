@@ -40,3 +40,18 @@ def test_demo_recipe_measures_exact_match_on_held_out_prompts():
     recipe = load_recipe(RECIPES / "demo.yaml")
     assert recipe.eval.metric == "exact_match" and recipe.lora.targets == "all-linear"
     assert recipe.eval.max_examples <= recipe.data.eval_size and recipe.eval.max_new_tokens <= 8
+
+
+def test_dpo_demo_pairs_fit_and_it_continues_the_sft_demo():
+    from transformers import AutoTokenizer
+
+    from qlora.data.preference import prepare_preference_data
+
+    recipe = load_recipe(RECIPES / "demo-dpo.yaml")
+    assert recipe.training.objective == "dpo" and recipe.data.format == "preference"
+    assert recipe.model.adapter == "runs/demo" and recipe.model.adapter_optional  # the SFT demo's output_dir
+    assert Path(recipe.data.path).parent == Path(recipe.data.eval_path).parent == ASSETS
+    data = prepare_preference_data(recipe, AutoTokenizer.from_pretrained(recipe.model.name_or_path))
+    assert data.stats["train_examples"] == 668 and data.stats["eval_examples"] == 64
+    assert not any(v for k, v in data.stats.items() if k.endswith(("truncated", "identical", "empty", "long_prompt")))
+    assert recipe.eval.max_examples == load_recipe(RECIPES / "demo.yaml").eval.max_examples  # the same 40 words
