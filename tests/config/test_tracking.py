@@ -27,7 +27,8 @@ def test_none_is_no_tracker_and_an_installed_one_passes():
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("tensorbord", "unknown tracker 'tensorbord' (did you mean 'tensorboard'?)"),
+        ("tensorbord", "unknown value 'tensorbord' (did you mean 'tensorboard'?)"),  # the schema's choices
+        ("[tensorbord]", "unknown tracker 'tensorbord' (did you mean 'tensorboard'?)"),  # each of a list
         ("[none, tensorboard]", "'none' stands alone"),
         ("wandb", "'wandb' needs wandb, not installed: pip install 'qlora-kit[wandb]'"),
     ],
