@@ -7,6 +7,7 @@ is what `qlora train` holds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ from qlora.config.architecture import CLASSIFIER_HEADS
 from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import ModelSpec, QuantizationSpec, Recipe
+from qlora.ops.experts import finish_quantized_experts, quantizing_experts, register_experts_implementation
 
 keep_deepspeed_off_stdout()  # before anything imports transformers' Trainer (and DeepSpeed with it)
 
@@ -134,11 +136,13 @@ def load_base_model(
     announce: bool = False,
     pad_token_id: int | None = None,
     device: str | None = None,
+    lora: bool = True,
 ):
     """The frozen base: causal LM, or sequence classifier with `len(label_names)` classes (`announce`:
     say which head weights start untrained, as training does; `pad_token_id`: the tokenizer's, for a
     checkpoint whose config has none, since the classifier pools the last non-pad token; `device`:
-    'cpu' or 'cuda', default the GPU when there is one)."""
+    'cpu' or 'cuda', default the GPU when there is one; `lora`: False for full fine-tuning, whose experts
+    train and so keep transformers' own experts code)."""
     from transformers import AutoModelForCausalLM
 
     sharded = recipe.distributed.strategy in ("fsdp", "zero3")
@@ -151,6 +155,8 @@ def load_base_model(
         kwargs["device_map"] = {"": "cpu"}
     elif torch.cuda.is_available():
         kwargs["device_map"] = loading_device_map(recipe.distributed.strategy)
+    moe_kwargs, loading = moe_loading_kwargs(recipe, lora)
+    kwargs.update(moe_kwargs)
     if recipe.task == "classification":
         labels = label_names or []
         kwargs.update(
@@ -158,13 +164,30 @@ def load_base_model(
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
         )
-        model = load_classifier(recipe.model, announce, **kwargs)
+        with loading:
+            model = load_classifier(recipe.model, announce, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id
     else:
-        model = _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
+        with loading:
+            model = _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
+    finish_quantized_experts(model)
     keep_training_layout(model)
     return model
+
+
+def moe_loading_kwargs(recipe: Recipe, lora: bool) -> tuple[dict[str, Any], Any]:
+    """(from_pretrained kwargs, context to load in) for any model under LoRA: qlora's experts implementation
+    (qlora.ops.experts: split LoRA, one layer dequantized at a time; a dense model has no experts module to
+    use it) and, for a 4-bit recipe, fused experts quantized to NF4 as the loader sets them (bitsandbytes'
+    `Linear4bit` replacement covers only the linear layers). Nothing for full fine-tuning."""
+    if not lora:
+        return {}, contextlib.nullcontext()
+    kwargs = {"experts_implementation": register_experts_implementation()}
+    q = recipe.quantization
+    if q.bits != 4:
+        return kwargs, contextlib.nullcontext()
+    return kwargs, quantizing_experts(q.quant_type, q.double_quant)
 
 
 def loading_device_map(strategy: str | None) -> dict[str, int | str]:

@@ -15,7 +15,7 @@ from qlora.config.precision import resolve_compute_dtype
 from qlora.config.recipe import DataSpec
 from qlora.data.prepare import format_alpaca
 from qlora.model.load import load_base_model
-from qlora.model.lora import quiet_peft_deprecations
+from qlora.model.lora import load_adapter
 from qlora.post.export import TrainedRun
 from qlora.training.metrics import generate_answers
 
@@ -30,14 +30,12 @@ def load_run_base(run: TrainedRun, compute_dtype, tokenizer, device: str | None 
 def load_adapted_model(run: TrainedRun, device: str | None = None, compute_dtype: torch.dtype | None = None):
     """(peft model on the 4-bit base as trained, the run's tokenizer), in eval mode; `compute_dtype`: the
     recipe's, resolved for `device`, unless given."""
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(run.adapter_dir))
     compute_dtype = compute_dtype or resolve_compute_dtype(run.recipe.quantization.compute_dtype, device)
     base = load_run_base(run, compute_dtype, tokenizer, device)
-    with quiet_peft_deprecations():
-        model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    model = load_adapter(base, str(run.adapter_dir))
     return model.eval(), tokenizer
 
 
