@@ -93,7 +93,7 @@ def finish_quantized_experts(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         pending = module.__dict__.pop("_qlora_pending", None) or {}
-        for name, item in pending.items():
+        for name, item in sorted(pending.items(), key=lambda kv: STACK_ORDER.index(kv[0])):
             packed = module._parameters[name]
             replace_parameter_4bit_prequantized(
                 module, name, item.quant_state.as_dict(packed=True), device=packed.device
@@ -148,15 +148,19 @@ def experts_as_placeholders(model: torch.nn.Module):
             parametrize.register_parametrization(module, name, Bnb4bitParametrization(state), unsafe=True)
 
 
-def dequantize_experts(model: torch.nn.Module) -> int:
-    """Turn every 4-bit expert stack back into a plain parameter (the merge works on 16-bit weights)."""
+def dequantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None, to: str | None = None) -> int:
+    """Turn every 4-bit expert stack back into a plain parameter (in `dtype`, moved `to` a device one stack at a
+    time): the merge works on 16-bit weights. Re-registered in declaration order, as peft's plain path expects
+    (see `experts_as_placeholders`). Returns how many."""
     from torch.nn.utils import parametrize
 
     count = 0
     for module in model.modules():
-        for name in list(getattr(module, "parametrizations", {}) or {}):
+        for name in sorted(getattr(module, "parametrizations", {}) or {}, key=STACK_ORDER.index):
             if quantized_state(module, name) is not None:
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+                dense = getattr(module, name).detach().to(device=to, dtype=dtype)
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                setattr(module, name, torch.nn.Parameter(dense, requires_grad=False))
                 count += 1
     return count
 
