@@ -148,6 +148,21 @@ def experts_as_placeholders(model: torch.nn.Module):
             parametrize.register_parametrization(module, name, Bnb4bitParametrization(state), unsafe=True)
 
 
+def quant_state_tensors(model: torch.nn.Module):
+    """The tensors of every 4-bit expert stack's quantization state (absmax, code table, double-quant
+    statistics), which live on the parametrization, not among the model's parameters or buffers."""
+    for module in model.modules():
+        for name in getattr(module, "parametrizations", {}) or {}:
+            quantized = quantized_state(module, name)
+            if quantized is None:
+                continue
+            state = quantized[1]
+            nested = state.state2
+            for tensor in (state.absmax, state.code, state.offset, *((nested.absmax, nested.code) if nested else ())):
+                if tensor is not None:
+                    yield tensor
+
+
 def dequantize_experts(model: torch.nn.Module, dtype: torch.dtype | None = None, to: str | None = None) -> int:
     """Turn every 4-bit expert stack back into a plain parameter (in `dtype`, moved `to` a device one stack at a
     time): the merge works on 16-bit weights. Re-registered in declaration order, as peft's plain path expects
