@@ -237,18 +237,19 @@ class ExpertLora:
 
 
 def split_lora(x: torch.Tensor, lora: ExpertLora, counts: list[int], dropout: float, training: bool) -> torch.Tensor:
-    """scaling · B_e A_e x for each routed row x of expert e, A then B on the rows (never ΔW = B_e A_e)."""
+    """scaling · B_e A_e x for each routed row x of expert e, A then B on the rows (never ΔW = B_e A_e).
+
+    The per-expert factors are `unbind` views: their backward stacks all experts' gradients in one tensor
+    (a `select` per expert would allocate a zero gradient the size of the whole factor for each expert)."""
     experts = len(counts)
-    a = lora.a.view(experts, -1, lora.a.shape[-1])  # (E, r, in)
-    b = lora.b.view(lora.b.shape[0], -1, experts)  # (out, r, E)
+    a = lora.a.view(experts, -1, lora.a.shape[-1]).unbind(0)  # E × (r, in)
+    b = lora.b.view(lora.b.shape[0], -1, experts).permute(2, 0, 1).unbind(0)  # E × (out, r)
     if dropout and training:
         x = torch.nn.functional.dropout(x, dropout, training=True)
-    x = x.to(a.dtype)
-    pieces = [
-        (rows @ a[e].t()) @ b[:, :, e].t() if rows.shape[0] else rows.new_zeros(0, b.shape[0])
-        for e, rows in enumerate(x.split(counts))
-    ]
-    return torch.cat(pieces) * lora.scaling
+    x = x.to(lora.a.dtype)
+    # scaled on A's rank-sized output: no second copy of the (rows, out) result
+    pieces = [(rows @ a[e].t() * lora.scaling) @ b[e].t() for e, rows in enumerate(x.split(counts)) if rows.shape[0]]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, lora.b.shape[0])
 
 
 def expert_linear(module, name: str, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -267,18 +268,20 @@ def experts_forward(module, hidden_states: torch.Tensor, top_k_index: torch.Tens
     order = torch.argsort(expert_ids, stable=True)
     counts = torch.bincount(expert_ids, minlength=module.num_experts).tolist()
     sorted_ids = expert_ids[order]
-    x = hidden_states[order // top_k]
     first = "gate_up_proj" if module.has_gate else "up_proj"
-    h = expert_linear(module, first, x, counts)
+    h = expert_linear(module, first, hidden_states[order // top_k], counts)  # the routed rows, dropped after use
     if module.has_bias:
         h = h + getattr(module, f"{first}_bias")[sorted_ids]
     h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
     y = expert_linear(module, "down_proj", h, counts)
+    del h
     if module.has_bias:
         y = y + module.down_proj_bias[sorted_ids]
     y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
-    out = torch.zeros(tokens * top_k, y.shape[-1], dtype=y.dtype, device=y.device).index_copy(0, order, y)
-    return out.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    # back to token order by a gather, whose backward needs only the indices (index_copy's keeps y itself)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return y[inverse].view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
 def register_experts_implementation() -> str:

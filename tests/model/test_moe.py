@@ -136,7 +136,11 @@ def test_qlora_weights_are_well_under_half_of_16bit_lora(family, tmp_path):
     model = make_tiny_moe(family, tmp_path / family, **wide)  # experts 90 % of the weights, as in Qwen3-30B-A3B
 
     def weight_bytes(bits):
-        data = {"model": {"name_or_path": str(model), "attn_implementation": "eager"}, "data": {"path": "d.jsonl"}, "output_dir": "unused"}
+        data = {
+            "model": {"name_or_path": str(model), "attn_implementation": "eager"},
+            "data": {"path": "d.jsonl"},
+            "output_dir": "unused",
+        }
         recipe = recipe_from_mapping({**data, "quantization": {"bits": bits}}, [])
         base = load_base_model(recipe, torch.bfloat16, device="cpu")
         return sum(t.untyped_storage().nbytes() for t, _ in model_tensors(base))
