@@ -12,7 +12,13 @@ import torch
 from qlora.config.architecture import CLASSIFIER_HEADS, expert_target_names, lora_target_names
 from qlora.config.precision import ADAPTER_DTYPE
 from qlora.config.recipe import LoraSpec
-from qlora.ops.experts import ExpertLora, expert_parameter_names, experts_as_placeholders, is_experts_module
+from qlora.ops.experts import (
+    ExpertLora,
+    expert_parameter_names,
+    experts_as_placeholders,
+    is_experts_module,
+    packed_expert_codes,
+)
 
 
 def linear_leaf_names(model) -> set[str]:
@@ -172,4 +178,6 @@ def upcast_trainable(model) -> None:
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameters, counting a 4-bit weight as its unpacked element count."""
     trainable, total = model.get_nb_trainable_parameters()
+    # peft unpacks bitsandbytes' Params4bit only; a 4-bit expert stack's codes are plain uint8 (two per byte)
+    total += sum(packed.numel() for packed in packed_expert_codes(model))
     return int(trainable), int(total)

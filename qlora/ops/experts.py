@@ -148,6 +148,15 @@ def experts_as_placeholders(model: torch.nn.Module):
             parametrize.register_parametrization(module, name, Bnb4bitParametrization(state), unsafe=True)
 
 
+def packed_expert_codes(model: torch.nn.Module):
+    """The packed 4-bit codes of every expert stack (uint8, two values per byte)."""
+    for module in model.modules():
+        for name in getattr(module, "parametrizations", {}) or {}:
+            quantized = quantized_state(module, name)
+            if quantized is not None:
+                yield quantized[0]
+
+
 def quant_state_tensors(model: torch.nn.Module):
     """The tensors of every 4-bit expert stack's quantization state (absmax, code table, double-quant
     statistics), which live on the parametrization, not among the model's parameters or buffers."""

@@ -76,6 +76,12 @@ def test_trains_without_traceback_and_the_adapter_holds_expert_lora(trained):
     assert not any(".gate." in k or ".router." in k for k in weights)  # routers are never adapted
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["lora_dropout"] == 0.0 and config["target_parameters"]
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(trained[1])  # 4-bit expert codes count as their unpacked values
+    assert json.loads((run / "metrics.json").read_text())["total_params"] == plain.num_parameters() + sum(
+        len(weights[k].flatten()) for k in weights
+    )
 
 
 @pytest.mark.slow
