@@ -72,6 +72,22 @@ def chunked_loss_unsupported(model) -> str | None:
     return None
 
 
+def peft_remapped_names(model_type: str) -> frozenset[str]:
+    """Linear leaf names that peft (0.21) turns into expert targets for this model type, whose experts transformers
+    5 fuses: peft drops them from `target_modules` (and adapts the fused stacks instead), so a dense or shared-expert
+    MLP with these names (GLM-4.5's first layer and shared expert) cannot carry a LoRA that plain peft would load.
+    Read from peft's own table; empty when peft or transformers has none."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return frozenset()
+    if get_checkpoint_conversion_mapping(model_type) is None:
+        return frozenset()
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
+    return frozenset(mapping) - {"gate"}  # the router, never a target here
+
+
 def expert_target_names(expert_leaves: set[str], targets: str | list[str] | tuple[str, ...]) -> list[str]:
     """The fused expert stacks (leaf names, e.g. gate_up_proj, down_proj) that `lora.targets` adapts: all of them
     for `all-linear` and `mlp`, none for the attention presets, the named ones for a list."""

@@ -20,6 +20,7 @@ from qlora.config.architecture import (
     chunked_loss_unsupported,
     expert_target_names,
     lora_target_names,
+    peft_remapped_names,
 )
 from qlora.config.errors import QLoraError
 from qlora.memory.catalog import resolve
@@ -110,6 +111,7 @@ class Inventory:
     )
     experts: tuple[ExpertStack, ...] = ()  # fused expert stacks (mixture of experts)
     head_norms: bool = False  # RMSNorm on each query and key head (Qwen3, Qwen3-MoE, Gemma 3)
+    model_type: str = ""
 
     def parameter_count(self) -> int:
         return (
@@ -138,6 +140,7 @@ class Inventory:
         heads = {lin.leaf for lin in self.linears if lin.role in HEAD_ROLES}
         experts = {stack.leaf for stack in self.experts}
         names = set(lora_target_names({lin.leaf for lin in self.linears}, heads, targets, experts))
+        names -= peft_remapped_names(self.model_type)  # as qlora.model.lora drops them (peft's remapping)
         return tuple(lin for lin in self.linears if lin.leaf in names and lin.role not in HEAD_ROLES)
 
     def expert_targets(self, targets: str | tuple[str, ...]) -> tuple[ExpertStack, ...]:
@@ -265,6 +268,7 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
         task=task,
         chunked_loss_unsupported=chunked_loss_unsupported(model) if task == "causal_lm" else None,
         experts=tuple(experts),
+        model_type=model.config.model_type,
         head_norms=any(p.name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for p in params),
     )
 

@@ -9,7 +9,12 @@ from contextlib import contextmanager
 
 import torch
 
-from qlora.config.architecture import CLASSIFIER_HEADS, expert_target_names, lora_target_names
+from qlora.config.architecture import (
+    CLASSIFIER_HEADS,
+    expert_target_names,
+    lora_target_names,
+    peft_remapped_names,
+)
 from qlora.config.precision import ADAPTER_DTYPE
 from qlora.config.recipe import LoraSpec
 from qlora.ops.experts import (
@@ -48,7 +53,15 @@ def lora_target_modules(model, targets: str | list[str]) -> list[str]:
     """Resolve `lora.targets` (a preset or names) against the model's own linear layers (the profiler applies
     the same rule, `lora_target_names`, to its meta-device inventory)."""
     leaves = {leaf for stacks in expert_stacks(model).values() for leaf in stacks}
-    return lora_target_names(linear_leaf_names(model), output_head_names(model), targets, leaves)
+    names = lora_target_names(linear_leaf_names(model), output_head_names(model), targets, leaves)
+    remapped = sorted(set(names) & peft_remapped_names(getattr(model.config, "model_type", "")))
+    if remapped:
+        print(
+            f"lora: {', '.join(remapped)} not adapted on this model's dense/shared MLP: peft maps these names to its "
+            "fused experts (which qlora adapts as expert stacks)",
+            file=sys.stderr,
+        )
+    return [name for name in names if name not in remapped]
 
 
 def lora_target_parameters(model, targets: str | list[str]) -> list[str]:
