@@ -4,6 +4,8 @@ so that both resolve `lora.targets` and the output head the same way."""
 
 from __future__ import annotations
 
+import functools
+
 from qlora.config.errors import QLoraError, did_you_mean
 
 ATTENTION_NAMES = {
@@ -72,6 +74,7 @@ def chunked_loss_unsupported(model) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=16)
 def peft_remapped_names(model_type: str) -> frozenset[str]:
     """Linear leaf names that peft (0.21) turns into expert targets for this model type, whose experts transformers
     5 fuses: peft drops them from `target_modules` (and adapts the fused stacks instead), so a dense or shared-expert

@@ -140,7 +140,8 @@ class Inventory:
         heads = {lin.leaf for lin in self.linears if lin.role in HEAD_ROLES}
         experts = {stack.leaf for stack in self.experts}
         names = set(lora_target_names({lin.leaf for lin in self.linears}, heads, targets, experts))
-        names -= peft_remapped_names(self.model_type)  # as qlora.model.lora drops them (peft's remapping)
+        if self.experts:  # as qlora.model.lora drops them (peft's remapping); peft is imported for MoE models only
+            names -= peft_remapped_names(self.model_type)
         return tuple(lin for lin in self.linears if lin.leaf in names and lin.role not in HEAD_ROLES)
 
     def expert_targets(self, targets: str | tuple[str, ...]) -> tuple[ExpertStack, ...]:
