@@ -306,6 +306,7 @@ def moe_shape(inv: Inventory, step: Step) -> moe.MoeShape:
         mask_bytes=CUDA_MASK if step.device == "cuda" else step.adapter_bytes,
         adapted=step.expert_leaves if step.method != "full" else frozenset(),
         quantized=step.method == "qlora",
+        shared=d.shared_intermediate > 0,
     )
 
 

@@ -34,6 +34,7 @@ class MoeShape:
     mask_bytes: int  # dropout's kept mask per element (CUDA: bool; CPU: the scaled noise)
     adapted: frozenset[str]  # expert stacks with LoRA: 'gate_up_proj', 'down_proj'
     quantized: bool  # 4-bit stacks (dequantized for each matmul)
+    shared: bool = False  # a shared experts' MLP runs after the routed experts (GLM-4.5, DeepSeek-V3)
 
     @property
     def rows(self) -> int:
@@ -81,17 +82,22 @@ def dequantized(m: MoeShape, leaf: str) -> int:
 
 def backward(m: MoeShape) -> dict[str, int]:
     """In flight at the busiest points of the block's backward, beside the incoming gradient and the layer's
-    saved tensors (negative terms: saved tensors not yet recomputed, or already freed).
+    saved tensors (negative terms: saved tensors not yet recomputed).
 
-    Checkpointing recomputes the layer when the combine's gather first unpacks a saved index: the gradient
-    already reshaped to the routed rows (S × H) waits while the forward runs again; its busiest point is
-    down_proj's LoRA concatenating its rows' outputs beside the base output (three S × H) and the gated
-    product (S × I), before the combine's own saved tensors exist again."""
+    - recompute: checkpointing recomputes the layer when its last saving op's backward first unpacks a saved
+      tensor: the combine's gather (the gradient already reshaped to the routed rows, S × H, waits), or with a
+      shared experts' MLP, which runs last, that MLP (nothing routed waits yet). The busiest point of the
+      recompute is down_proj's LoRA concatenating its rows' outputs beside the base output (three S × H) and the
+      gated product (S × I), with the block's input and the router's logits alive, before the combine's own
+      saved tensors exist again;
+    - combine: its backward, everything saved: the gradient reshaped to the routed rows, scattered back to
+      expert order (a zero tensor and the scattered copy)."""
     S, H, I, c = m.rows, m.hidden, m.intermediate, m.compute
     combine_saved = S * H * c + S * c
-    recompute = S * H * c + (3 if "down_proj" in m.adapted else 1) * S * H * c + S * I * c - combine_saved
-    recompute += m.tokens * H * c + m.tokens * m.experts * c  # the block's input and the router's logits
-    return {"recompute": recompute}
+    waiting = 0 if m.shared else S * H * c
+    outputs = (3 if "down_proj" in m.adapted else 1) * S * H * c
+    recompute = waiting + outputs + S * I * c - combine_saved + m.tokens * H * c + m.tokens * m.experts * c
+    return {"recompute": recompute, "combine": 3 * S * H * c}
 
 
 def forward(m: MoeShape) -> int:
