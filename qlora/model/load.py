@@ -20,6 +20,7 @@ from qlora.config.architecture import CLASSIFIER_HEADS
 from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import ModelSpec, QuantizationSpec, Recipe
+from qlora.memory.inventory import EXPERT_KEYS
 from qlora.ops.experts import finish_quantized_experts, quantizing_experts, register_experts_implementation
 
 keep_deepspeed_off_stdout()  # before anything imports transformers' Trainer (and DeepSpeed with it)
@@ -176,6 +177,28 @@ def load_base_model(
     return model
 
 
+def check_moe_source(recipe: Recipe, config) -> None:
+    """One-line errors for what qlora's 4-bit experts do not cover (before any weight is loaded).
+
+    A checkpoint that ships quantized experts (gpt-oss's MXFP4) keeps its own quantizer in transformers, which
+    ignores the recipe's bitsandbytes config: the experts would be MXFP4 or 16-bit depending on the kernels
+    installed, never qlora's NF4. Sharded strategies flatten parameters, which 4-bit expert stacks are not yet
+    prepared for."""
+    moe = any(getattr(config.get_text_config(), key, None) for key in EXPERT_KEYS)
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if moe and method and str(method) != "bitsandbytes" and recipe.quantization.bits is not None:
+        raise QLoraError(
+            f"model.name_or_path: {recipe.model.name_or_path} ships {method}-quantized weights; use its 16-bit "
+            "checkpoint (e.g. unsloth/gpt-oss-20b-BF16), which qlora quantizes to NF4 while loading"
+        )
+    if moe and recipe.quantization.bits == 4 and recipe.distributed.strategy in ("fsdp", "zero3"):
+        raise QLoraError(
+            f"distributed.strategy: '{recipe.distributed.strategy}' does not shard 4-bit expert stacks yet; "
+            "use ddp (or one GPU) for a mixture-of-experts QLoRA"
+        )
+
+
 def moe_loading_kwargs(recipe: Recipe, lora: bool) -> tuple[dict[str, Any], Any]:
     """(from_pretrained kwargs, context to load in) for any model under LoRA: qlora's experts implementation
     (qlora.ops.experts: split LoRA, one layer dequantized at a time; a dense model has no experts module to
@@ -183,6 +206,7 @@ def moe_loading_kwargs(recipe: Recipe, lora: bool) -> tuple[dict[str, Any], Any]
     `Linear4bit` replacement covers only the linear layers). Nothing for full fine-tuning."""
     if not lora:
         return {}, contextlib.nullcontext()
+    check_moe_source(recipe, load_model_config(recipe.model))
     kwargs = {"experts_implementation": register_experts_implementation()}
     q = recipe.quantization
     if q.bits != 4:

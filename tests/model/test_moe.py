@@ -153,3 +153,18 @@ def test_qlora_weights_are_well_under_half_of_16bit_lora(family, tmp_path):
 
     qlora, lora = weight_bytes(4), weight_bytes(None)
     assert qlora < 0.35 * lora, (qlora, lora)
+
+
+def test_a_checkpoint_with_mxfp4_experts_is_a_one_line_error(tmp_path):
+    """gpt-oss's published checkpoint keeps transformers' own MXFP4 quantizer, never qlora's NF4: refused before loading."""
+    from qlora.config.errors import QLoraError
+    from qlora.config.recipe import recipe_from_mapping
+    from qlora.model.load import load_base_model
+
+    model = make_tiny_moe("qwen3_moe", tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = recipe_from_mapping({"model": {"name_or_path": str(model)}, "data": {"path": "d"}, "output_dir": "o"}, [])
+    with pytest.raises(QLoraError, match="ships mxfp4-quantized weights; use its 16-bit checkpoint"):
+        load_base_model(recipe, torch.float32, device="cpu")
