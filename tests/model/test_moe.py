@@ -156,7 +156,7 @@ def test_qlora_weights_are_well_under_half_of_16bit_lora(family, tmp_path):
 
 
 def test_a_checkpoint_with_mxfp4_experts_is_a_one_line_error(tmp_path):
-    """gpt-oss's published checkpoint keeps transformers' MXFP4 quantizer, never qlora's NF4: refused before loading."""
+    """gpt-oss's published checkpoint keeps transformers' MXFP4 quantizer, not qlora's NF4: refused before loading."""
     from qlora.config.errors import QLoraError
     from qlora.config.recipe import recipe_from_mapping
     from qlora.model.load import load_base_model
