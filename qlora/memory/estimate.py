@@ -233,7 +233,10 @@ def long_context_step(inv: Inventory, settings: Settings) -> dict:
     tokens = settings.batch_size * settings.seq_len
     offload = settings.offload_checkpoints is True and settings.checkpointing and settings.device == "cuda"
     return {
-        "mlp_tiles": mlp_tiles_for(settings.mlp_tiles, tokens, inv.dims.hidden, settings.strategy),
+        # qlora.ops.tiled_mlp leaves mixture-of-experts blocks untiled (a dense first layer is counted as routed)
+        "mlp_tiles": 1
+        if inv.dims.moe_layers
+        else mlp_tiles_for(settings.mlp_tiles, tokens, inv.dims.hidden, settings.strategy),
         "offload": offload,
     }
 
