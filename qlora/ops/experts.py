@@ -255,7 +255,8 @@ def split_lora(x: torch.Tensor, lora: ExpertLora, counts: list[int], dropout: fl
     b = lora.b.view(lora.b.shape[0], -1, experts).permute(2, 0, 1).unbind(0)  # E × (out, r)
     if dropout and training:
         x = torch.nn.functional.dropout(x, dropout, training=True)
-    x = x.to(lora.a.dtype)
+    if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls run (and save) 16-bit anyway
+        x = x.to(lora.a.dtype)
     # scaled on A's rank-sized output: no second copy of the (rows, out) result
     pieces = [(rows @ a[e].t() * lora.scaling) @ b[e].t() for e, rows in enumerate(x.split(counts)) if rows.shape[0]]
     return torch.cat(pieces) if pieces else x.new_zeros(0, lora.b.shape[0])
