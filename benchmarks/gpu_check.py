@@ -140,6 +140,40 @@ DRY_CONFIGS = {  # the same wiring on a CPU in seconds; vocabulary >= the demo t
         "tie_word_embeddings": False,
     },
 }
+# The mixture-of-experts point (qlora.ops.experts: NF4 expert stacks, split expert LoRA): a Qwen3-MoE shape, QLoRA
+# and LoRA at the longest sequence, in its own process per point as the others.
+MOE_NAME = "qwen3-moe"
+MOE_CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "moe_intermediate_size": 384,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "vocab_size": 32768,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-06,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+DRY_MOE_CONFIG = {
+    **MOE_CONFIG,
+    "hidden_size": 64,
+    "moe_intermediate_size": 48,
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 3000,
+}
 METHODS = ("qlora", "lora")
 SEQ_LENS, DRY_SEQ_LENS = (2048,), (32, 64)
 RANK, DRY_RANK = 64, 8
@@ -315,7 +349,22 @@ def long_context_keys() -> dict:
 def points(plan: Plan, config: str, part: str) -> list[dict]:
     """The memory points of one config: part 'baseline' (every method and sequence length), 'features'
     (each feature row at the longest sequence) or 'long-context' (the 8B shape only: the long-context
-    recipe's keys at 32,768 and 80,000 tokens)."""
+    recipe's keys at 32,768 and 80,000 tokens) or 'moe' (the mixture-of-experts shape, once, at the longest)."""
+    if part == "moe":
+        if config != list(plan.configs)[0]:
+            return []
+        seq = plan.seq_lens[-1]
+        return [
+            {
+                "config": MOE_NAME,
+                "method": m,
+                "seq_len": seq,
+                "feature": "mixture of experts",
+                "changes": {},
+                "skipped": None,
+            }
+            for m in METHODS
+        ]
     if part == "long-context":
         if config != list(plan.configs)[-1]:
             return []
@@ -429,7 +478,10 @@ def memory_worker(plan: Plan, config: str, part: str, deadline: float, index: in
             yield {**point, "skipped": "time budget"}
             continue
         try:
-            weights = weights or save_random_model(plan.configs[config], plan.work / "models" / config)
+            shape = (
+                (DRY_MOE_CONFIG if plan.dry else MOE_CONFIG) if point["config"] == MOE_NAME else plan.configs[config]
+            )
+            weights = weights or save_random_model(shape, plan.work / "models" / point["config"])
             yield measure_point(point, plan, weights)
         except Exception as exc:  # an OOM or a missing kernel: recorded, and the grid goes on
             yield {**point, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
@@ -440,7 +492,7 @@ def run_memory(plan: Plan, deadline: float) -> list[dict]:
     in-process for the dry run, one subprocess per config and part on a GPU (the random weights, saved
     once per config, stay on disk until the end: 25 GB for 1B + 3B + 8B in 16 bits)."""
     rows = []
-    for part in ("baseline", "long-context", "features"):
+    for part in ("baseline", "moe", "long-context", "features"):
         for config in plan.configs:
             if (
                 plan.isolate
@@ -853,7 +905,7 @@ def parse_args(argv=None):
     parser.add_argument("--worker", choices=("context", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--part", choices=("baseline", "long-context", "features"), default="baseline", help=argparse.SUPPRESS
+        "--part", choices=("baseline", "moe", "long-context", "features"), default="baseline", help=argparse.SUPPRESS
     )
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-in", type=float, default=0.0, help=argparse.SUPPRESS)

@@ -31,11 +31,15 @@ def test_dry_run_measures_trains_merges_and_generates(tmp_path):
     assert sorted({(r["config"], r["method"], r["seq_len"]) for r in measured}) == sorted(
         {(c, m, s) for c in ("tiny-a", "tiny-b", "tiny-c") for m in ("qlora", "lora") for s in (32, 64)}
         | {("tiny-c", "qlora", 128)}
+        | {("qwen3-moe", m, 64) for m in ("qlora", "lora")}
     )
     long_context = [r for r in measured if r["feature"] == "long-context recipe"]
     assert [r["seq_len"] for r in long_context] == [64, 128] and all(r["measured_bytes"] > 0 for r in long_context)
-    # 12 baseline points, the 2 long-context recipe points, and the 5 feature rows at the longest sequence (30 more)
-    assert report["points_within_target"] == report["points_measured"] == 44
+    # 12 baseline points, the 2 mixture-of-experts points, the 2 long-context recipe points, and the 5 feature rows
+    # at the longest sequence (30 more)
+    assert report["points_within_target"] == report["points_measured"] == 46
+    moe = [r for r in measured if r["feature"] == "mixture of experts"]
+    assert len(moe) == 2 and all(abs(r["error_pct"]) <= 1.0 for r in moe)
     assert {r["feature"] for r in measured} >= {"no Liger kernels", "chunked loss"}
     baseline = [r for r in measured if r["feature"] == "baseline"]
     assert len(baseline) == 12 and all(r["measured_bytes"] > 0 and abs(r["error_pct"]) <= 0.01 for r in baseline)

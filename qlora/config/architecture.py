@@ -4,6 +4,8 @@ so that both resolve `lora.targets` and the output head the same way."""
 
 from __future__ import annotations
 
+import functools
+
 from qlora.config.errors import QLoraError, did_you_mean
 
 ATTENTION_NAMES = {
@@ -34,6 +36,11 @@ MLP_NAMES = {
     "w3",
 }
 PRESETS = {"attention": ATTENTION_NAMES, "qv": QV_NAMES, "mlp": MLP_NAMES}
+# Fused expert stacks (transformers 5: one (experts, out, in) parameter per projection of a MoE layer); the
+# presets that cover the MLP cover them. Routers (`gate`, `router`) are never adapted: LoRA on the routing
+# would move tokens between experts whose 4-bit weights cannot follow.
+EXPERT_PARAMETER_NAMES = {"gate_up_proj", "up_proj", "down_proj"}
+EXPERT_PRESETS = {"all-linear", "mlp"}
 CLASSIFIER_HEADS = ("score", "classifier")
 IGNORE_INDEX = -100  # labels with this value are skipped by the loss (PyTorch's cross-entropy default)
 # Config keys of heads that are more than `hidden @ W.T (+ b)`; the chunked loss would not reproduce them.
@@ -67,26 +74,54 @@ def chunked_loss_unsupported(model) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def peft_remapped_names(model_type: str) -> frozenset[str]:
+    """Linear leaf names that peft (0.21) turns into expert targets for this model type, whose experts transformers
+    5 fuses: peft drops them from `target_modules` (and adapts the fused stacks instead), so a dense or shared-expert
+    MLP with these names (GLM-4.5's first layer and shared expert) cannot carry a LoRA that plain peft would load.
+    Read from peft's own table; empty when peft or transformers has none."""
+    try:
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return frozenset()
+    if get_checkpoint_conversion_mapping(model_type) is None:
+        return frozenset()
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model_type, ""), {})
+    return frozenset(mapping) - {"gate"}  # the router, never a target here
+
+
+def expert_target_names(expert_leaves: set[str], targets: str | list[str] | tuple[str, ...]) -> list[str]:
+    """The fused expert stacks (leaf names, e.g. gate_up_proj, down_proj) that `lora.targets` adapts: all of them
+    for `all-linear` and `mlp`, none for the attention presets, the named ones for a list."""
+    if isinstance(targets, str):
+        return sorted(expert_leaves) if targets in EXPERT_PRESETS else []
+    return sorted(set(targets) & expert_leaves)
+
+
 def lora_target_names(
-    linear_leaves: set[str], head_leaves: set[str], targets: str | list[str] | tuple[str, ...]
+    linear_leaves: set[str],
+    head_leaves: set[str],
+    targets: str | list[str] | tuple[str, ...],
+    expert_leaves: set[str] | frozenset[str] = frozenset(),
 ) -> list[str]:
-    """`lora.targets` (a preset or module names) resolved against a model's linear layer leaf names; the one
-    rule used by training (`qlora.model.lora`) and the profiler (`qlora.memory.inventory`)."""
+    """`lora.targets` (a preset or module names) resolved against a model's linear layer leaf names (`expert_leaves`:
+    its fused expert stacks, which `expert_target_names` resolves); the one rule used by training
+    (`qlora.model.lora`) and the profiler (`qlora.memory.inventory`)."""
     if targets == "all-linear":
         # peft's own 'all-linear' writes every full module path into adapter_config.json (hundreds for a 70B);
         # the leaf names say the same, stay readable and portable to other tools.
         return sorted(linear_leaves - head_leaves)
     if isinstance(targets, str):
         chosen = sorted(linear_leaves & PRESETS[targets])
-        if not chosen:
+        if not chosen and not expert_target_names(expert_leaves, targets):
             raise QLoraError(
                 f"lora.targets: preset '{targets}' matches no linear layer of this model "
                 f"(its linear layers: {', '.join(sorted(linear_leaves))}); list module names instead"
             )
         return chosen
     for name in targets:
-        if name not in linear_leaves:
-            raise QLoraError(
-                f"lora.targets: this model has no linear layer named '{name}'{did_you_mean(name, linear_leaves)}"
-            )
-    return list(targets)
+        if name not in linear_leaves | expert_leaves:
+            known = linear_leaves | expert_leaves
+            raise QLoraError(f"lora.targets: this model has no linear layer named '{name}'{did_you_mean(name, known)}")
+    return [name for name in targets if name in linear_leaves]

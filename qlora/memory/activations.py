@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from qlora.config.long_context import chunk_tokens, fused_loss_is_smaller, fused_loss_terms, torch_loss_chunk_bytes
+from qlora.memory import moe
 from qlora.memory.inventory import Inventory
 
 FP32 = 4
@@ -79,6 +80,7 @@ class Step:
     generate_tokens: int = 0  # eval.metric exact_match: new tokens generated per prompt in the eval phase (0: none)
     loss: str = "standard"  # 'chunked': qlora.ops.loss (causal LM only)
     kernels: bool = False  # Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss (training.kernels: auto on CUDA)
+    expert_leaves: frozenset[str] = frozenset()  # fused expert stacks with LoRA (mixture of experts)
 
     @property
     def tiled(self) -> bool:
@@ -272,6 +274,11 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
     else:  # sdpa (flash / memory-efficient) and flash_attention_2: q, k, v, output, logsumexp
         attention = T * (2 * q + 2 * kv) * c + B * d.heads * S * FP32
     parts = {"norms": norms, "attention": attention, "mlp": _mlp_saved(step) * T * d.intermediate * c}
+    if inv.head_norms and not step.kernels:  # Qwen3's per-head q/k RMSNorm: fp32 input and one rsqrt per head
+        parts["q/k norms"] = T * (q + kv) * FP32 + T * (d.heads + d.kv_heads) * FP32
+    if d.moe_layers:  # a MoE block (and the shared experts' MLP beside it) instead of the dense MLP
+        parts["mlp"] = _mlp_saved(step) * T * d.shared_intermediate * c
+        parts.update(moe.saved(moe_shape(inv, step)))
     if step.tiled:
         del parts["mlp"]
         return {**parts, **tiled_mlp_saved(inv, step)}
@@ -282,6 +289,26 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
         if _adapters_cast(step):  # autocast's 16-bit copies of the layer's adapter weights, saved by its matmuls
             parts["adapter copies"] = step.adapter_numel // d.layers * c
     return parts
+
+
+def moe_shape(inv: Inventory, step: Step) -> moe.MoeShape:
+    """The MoE block of `inv` under `step`, as qlora.memory.moe counts it."""
+    d = inv.dims
+    return moe.MoeShape(
+        tokens=step.tokens,
+        hidden=d.hidden,
+        experts=d.experts,
+        top_k=d.top_k,
+        intermediate=d.expert_intermediate,
+        compute=step.compute_bytes,
+        rank=step.rank,
+        lora_bytes=step.lora_matmul_bytes,
+        dropout=step.lora_dropout > 0,
+        mask_bytes=CUDA_MASK if step.device == "cuda" else step.adapter_bytes,
+        adapted=step.expert_leaves if step.method != "full" else frozenset(),
+        quantized=step.method == "qlora",
+        shared=d.shared_intermediate > 0,
+    )
 
 
 def _mlp_saved(step: Step) -> int:
@@ -408,6 +435,8 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
       tensors are freed.
     """
     d, T, c = inv.dims, step.tokens, step.compute_bytes
+    if d.moe_layers:
+        return T * d.hidden * c + max(moe.backward(moe_shape(inv, step)).values())
     H, I = d.hidden, d.intermediate
     down_lora = "down_proj" in step.lora_leaves
     recompute_end = 0
@@ -671,6 +700,8 @@ def _layer_forward(inv: Inventory, step: Step) -> int:
     t = step.tile_tokens if step.tiled else T
     up = (4 if "up_proj" in step.lora_leaves else 3) * t * d.intermediate * c
     mlp = (4 if d.layers > 1 else 3) * T * d.hidden * c + max(up, 2 * t * d.intermediate * c + temporary)
+    if d.moe_layers:
+        mlp = (4 if d.layers > 1 else 3) * T * d.hidden * c + moe.forward(moe_shape(inv, step))
     if step.tiled:
         mlp += T * d.hidden * c
     if step.attention != "eager":

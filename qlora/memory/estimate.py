@@ -117,11 +117,15 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
     if inv.task != settings.task:
         raise ValueError(f"inventory of a {inv.task} model profiled as {settings.task}")
     targets = () if method == "full" else inv.lora_targets(settings.targets)
+    stacks = () if method == "full" else inv.expert_targets(settings.targets)
     adapter_numel = sum(settings.rank * (lin.in_features + lin.out_features) for lin in targets)
+    # expert LoRA in peft's ParamWrapper layout: A (experts·r, in) and B (out, r·experts) per stack
+    expert_adapter_numel = sum(settings.rank * s.experts * (s.in_features + s.out_features) for s in stacks)
+    adapter_numel += expert_adapter_numel
     head = [] if method == "full" else _head_tensors(inv)  # full FT counts the head with every weight
     head_numel = sum(head)
     train_itemsize = trainable_dtype(method, dtype).itemsize
-    trainable = _trainable_tensors(inv, method, targets, settings.rank, head)
+    trainable = _trainable_tensors(inv, method, targets, settings.rank, head, stacks)
     weights = weight_bytes(inv, METHODS[method], settings.double_quant)
     states = optimizer_bytes(settings.optimizer, trainable, trainable_dtype(method, dtype), settings.device)
     step = Step(
@@ -138,6 +142,7 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         rank=settings.rank,
         lora_dropout=settings.lora_dropout,
         lora_leaves=frozenset(lin.leaf for lin in targets),
+        expert_leaves=frozenset(s.leaf for s in stacks),
         adapter_numel=adapter_numel,
         adapter_bytes=ADAPTER_DTYPE.itemsize,
         task=settings.task,
@@ -243,7 +248,10 @@ def long_context_step(inv: Inventory, settings: Settings) -> dict:
     tokens = settings.batch_size * settings.seq_len
     offload = settings.offload_checkpoints is True and settings.checkpointing and settings.device == "cuda"
     return {
-        "mlp_tiles": mlp_tiles_for(settings.mlp_tiles, tokens, inv.dims.hidden, settings.strategy),
+        # qlora.ops.tiled_mlp leaves mixture-of-experts blocks untiled (a dense first layer is counted as routed)
+        "mlp_tiles": 1
+        if inv.dims.moe_layers
+        else mlp_tiles_for(settings.mlp_tiles, tokens, inv.dims.hidden, settings.strategy),
         "offload": offload,
     }
 
@@ -263,12 +271,14 @@ def _head_tensors(inv: Inventory) -> list[int]:
     return _linear_tensors(inv.classifier_head())
 
 
-def _trainable_tensors(inv: Inventory, method: str, targets, rank: int, head: list[int]) -> list[int]:
-    """Element counts of the tensors the optimizer updates: every weight for full FT; LoRA A and B
-    and the classifier head's copy (`head`) otherwise."""
+def _trainable_tensors(inv: Inventory, method: str, targets, rank: int, head: list[int], stacks=()) -> list[int]:
+    """Element counts of the tensors the optimizer updates: every weight for full FT; LoRA A and B (on
+    linears and expert `stacks`) and the classifier head's copy (`head`) otherwise."""
     if method != "full":
-        return [n for lin in targets for n in (rank * lin.in_features, rank * lin.out_features)] + head
-    return [t.numel for t in inv.params] + _linear_tensors(inv.linears)
+        lora = [n for lin in targets for n in (rank * lin.in_features, rank * lin.out_features)]
+        experts = [n for s in stacks for n in (rank * s.experts * s.in_features, rank * s.experts * s.out_features)]
+        return lora + experts + head
+    return [t.numel for t in inv.params] + _linear_tensors(inv.linears) + [s.numel for s in inv.experts]
 
 
 def weight_bytes(inv: Inventory, bits: int | None, double_quant: bool = True) -> dict[str, int]:
@@ -292,6 +302,12 @@ def weight_bytes(inv: Inventory, bits: int | None, double_quant: bool = True) ->
         )
         for name, size in layout.items():
             parts[name] = parts.get(name, 0) + size
+    for stack in inv.experts:  # qlora quantizes fused expert stacks in a 4-bit load only (qlora.ops.experts)
+        if bits != 4:
+            parts["expert stacks (16-bit)"] = parts.get("expert stacks (16-bit)", 0) + stack.numel * stack.itemsize
+            continue
+        for name, size in nf4_weight_bytes(stack.numel, double_quant).items():
+            parts[f"experts: {name}"] = parts.get(f"experts: {name}", 0) + size
     return {k: v for k, v in parts.items() if v}
 
 

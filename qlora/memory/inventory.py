@@ -21,14 +21,17 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from qlora.config.architecture import (
     ATTENTION_NAMES,
     CLASSIFIER_HEADS,
+    EXPERT_PARAMETER_NAMES,
     MLP_NAMES,
     chunked_loss_unsupported,
+    expert_target_names,
     lora_target_names,
+    peft_remapped_names,
 )
 from qlora.config.errors import QLoraError
 from qlora.memory.catalog import resolve
 
-ROLES = ("embedding", "attention", "mlp", "norm", "bias", "lm_head", "classifier", "other")
+ROLES = ("embedding", "attention", "mlp", "experts", "norm", "bias", "lm_head", "classifier", "other")
 HEAD_ROLES = ("lm_head", "classifier")  # output heads: LoRA never wraps them
 
 
@@ -47,6 +50,26 @@ class Linear:
     @property
     def leaf(self) -> str:
         return self.name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class ExpertStack:
+    """A fused (experts, out, in) weight of a mixture-of-experts layer (transformers 5): `experts` linears
+    in one parameter, quantized by qlora (qlora.ops.experts) in a 4-bit load, adapted by expert LoRA."""
+
+    name: str
+    experts: int
+    in_features: int
+    out_features: int
+    itemsize: int
+
+    @property
+    def leaf(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def numel(self) -> int:
+        return self.experts * self.in_features * self.out_features
 
 
 @dataclass(frozen=True)
@@ -71,6 +94,11 @@ class Dims:
     head_dim: int
     vocab: int
     max_positions: int  # the longest sequence the model was trained for (the planner searches up to it)
+    experts: int = 0  # mixture of experts: routed experts per MoE layer (0: dense)
+    top_k: int = 0  # experts each token is routed to
+    expert_intermediate: int = 0  # one expert's intermediate size
+    moe_layers: int = 0  # decoder layers with routed experts (the others are dense)
+    shared_intermediate: int = 0  # the shared experts' MLP beside the routed ones (GLM-4.5, DeepSeek-V3)
 
 
 @dataclass(frozen=True)
@@ -87,16 +115,23 @@ class Inventory:
     chunked_loss_unsupported: str | None = (
         None  # why qlora.ops.loss falls back to the standard loss here (soft-capping, …)
     )
+    experts: tuple[ExpertStack, ...] = ()  # fused expert stacks (mixture of experts)
+    head_norms: bool = False  # RMSNorm on each query and key head (Qwen3, Qwen3-MoE, Gemma 3)
+    model_type: str = ""
 
     def parameter_count(self) -> int:
-        return sum(t.numel for t in self.params) + sum(
-            lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0) for lin in self.linears
+        return (
+            sum(t.numel for t in self.params)
+            + sum(lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0) for lin in self.linears)
+            + sum(stack.numel for stack in self.experts)
         )
 
     def counts_by_role(self) -> dict[str, int]:
         counts = dict.fromkeys(ROLES, 0)
         for t in self.params:
             counts[t.role] += t.numel
+        for stack in self.experts:
+            counts["experts"] += stack.numel
         for lin in self.linears:
             counts[lin.role] += lin.in_features * lin.out_features
             counts["bias"] += lin.out_features if lin.bias else 0
@@ -109,8 +144,16 @@ class Inventory:
     def lora_targets(self, targets: str | tuple[str, ...]) -> tuple[Linear, ...]:
         """The linear layers LoRA wraps: `lora_target_names`, the rule training applies to a real model."""
         heads = {lin.leaf for lin in self.linears if lin.role in HEAD_ROLES}
-        names = set(lora_target_names({lin.leaf for lin in self.linears}, heads, targets))
+        experts = {stack.leaf for stack in self.experts}
+        names = set(lora_target_names({lin.leaf for lin in self.linears}, heads, targets, experts))
+        if self.experts:  # as qlora.model.lora drops them (peft's remapping); peft is imported for MoE models only
+            names -= peft_remapped_names(self.model_type)
         return tuple(lin for lin in self.linears if lin.leaf in names and lin.role not in HEAD_ROLES)
+
+    def expert_targets(self, targets: str | tuple[str, ...]) -> tuple[ExpertStack, ...]:
+        """The expert stacks LoRA adapts (`expert_target_names`, the rule training applies)."""
+        names = set(expert_target_names({stack.leaf for stack in self.experts}, targets))
+        return tuple(stack for stack in self.experts if stack.leaf in names)
 
     def classifier_head(self) -> tuple[Linear, ...]:
         """A classifier's new head (trained in full next to LoRA); empty for a causal LM."""
@@ -196,6 +239,16 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
                 )
             )
             claimed.update(id(p) for p in module.parameters())
+    experts = []
+    for mod_name, module in model.named_modules():
+        if not hasattr(module, "is_transposed"):  # transformers' fused-experts modules (use_experts_implementation)
+            continue
+        for leaf, param in module.named_parameters(recurse=False):
+            if leaf in EXPERT_PARAMETER_NAMES and param.ndim == 3:
+                count, first, second = param.shape
+                inputs, outputs = (first, second) if module.is_transposed else (second, first)
+                experts.append(ExpertStack(f"{mod_name}.{leaf}", count, inputs, outputs, param.element_size()))
+                claimed.add(id(param))
     for param_name, param in model.named_parameters():  # deduplicated: a tied weight is listed once
         if id(param) in claimed:
             continue
@@ -220,6 +273,9 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
         layer_prefix=_first_layer_prefix(model),
         task=task,
         chunked_loss_unsupported=chunked_loss_unsupported(model) if task == "causal_lm" else None,
+        experts=tuple(experts),
+        model_type=model.config.model_type,
+        head_norms=any(p.name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for p in params),
     )
 
 
@@ -235,11 +291,6 @@ def _dims(config) -> Dims:
             f"{config.model_type}: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, "
             f"Gemma, Phi-3, …): its config has no {', '.join(missing)}"
         )
-    if any(getattr(config, key, None) for key in EXPERT_KEYS):
-        raise QLoraError(
-            f"{config.model_type}: mixture-of-experts models are not modeled by the profiler "
-            "(routing changes both the activations and what bitsandbytes quantizes)"
-        )
     heads = config.num_attention_heads
     return Dims(
         hidden=config.hidden_size,
@@ -250,7 +301,26 @@ def _dims(config) -> Dims:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab=config.vocab_size,
         max_positions=getattr(config, "max_position_embeddings", None) or 4096,  # 4096 when the config does not say
+        **_moe_dims(config),
     )
+
+
+def _moe_dims(config) -> dict[str, int]:
+    """The routed-experts sizes of a mixture-of-experts config (none for a dense one)."""
+    experts = next((getattr(config, key) for key in EXPERT_KEYS if getattr(config, key, None)), 0)
+    if not experts:
+        return {}
+    dense_first = getattr(config, "first_k_dense_replace", 0) or 0
+    dense_only = len(getattr(config, "mlp_only_layers", None) or ())
+    shared = getattr(config, "n_shared_experts", 0) or 0
+    expert_intermediate = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    return {
+        "experts": experts,
+        "top_k": config.num_experts_per_tok,
+        "expert_intermediate": expert_intermediate,
+        "moe_layers": config.num_hidden_layers - dense_first - dense_only,
+        "shared_intermediate": shared * expert_intermediate,
+    }
 
 
 def _first_layer_prefix(model) -> str:

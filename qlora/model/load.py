@@ -7,6 +7,7 @@ is what `qlora train` holds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -27,6 +28,8 @@ from transformers import (
 from qlora.config.architecture import CLASSIFIER_HEADS
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import SHARDED_STRATEGIES, ModelSpec, QuantizationSpec, Recipe
+from qlora.memory.inventory import EXPERT_KEYS
+from qlora.ops.experts import finish_quantized_experts, quantizing_experts, register_experts_implementation
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +138,13 @@ def load_base_model(
     announce: bool = False,
     pad_token_id: int | None = None,
     device: str | None = None,
+    lora: bool = True,
 ):
     """The frozen base: causal LM, or sequence classifier with `len(label_names)` classes (`announce`:
     say which head weights start untrained, as training does; `pad_token_id`: the tokenizer's, for a
     checkpoint whose config has none, since the classifier pools the last non-pad token; `device`:
-    'cpu' or 'cuda', default the GPU when there is one)."""
+    'cpu' or 'cuda', default the GPU when there is one; `lora`: False for full fine-tuning, whose experts
+    train and so keep transformers' own experts code)."""
     sharded = recipe.distributed.strategy in SHARDED_STRATEGIES
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype,  # frozen unquantized weights stay in the compute dtype (qlora.config.precision)
@@ -150,6 +155,8 @@ def load_base_model(
         kwargs["device_map"] = {"": "cpu"}
     elif torch.cuda.is_available():
         kwargs["device_map"] = loading_device_map(recipe.distributed.strategy)
+    moe_kwargs, loading = moe_loading_kwargs(recipe, lora)
+    kwargs.update(moe_kwargs)
     if recipe.task == "classification":
         labels = label_names or []
         kwargs.update(
@@ -157,13 +164,53 @@ def load_base_model(
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
         )
-        model = load_classifier(recipe.model, announce, **kwargs)
+        with loading:
+            model = load_classifier(recipe.model, announce, **kwargs)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = pad_token_id
     else:
-        model = _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
+        with loading:
+            model = _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
+    finish_quantized_experts(model)
     keep_training_layout(model)
     return model
+
+
+def check_moe_source(recipe: Recipe, config) -> None:
+    """One-line errors for what qlora's 4-bit experts do not cover (before any weight is loaded).
+
+    A checkpoint that ships quantized experts (gpt-oss's MXFP4) keeps its own quantizer in transformers, which
+    ignores the recipe's bitsandbytes config: the experts would be MXFP4 or 16-bit depending on the kernels
+    installed, never qlora's NF4. Sharded strategies flatten parameters, which 4-bit expert stacks are not yet
+    prepared for."""
+    moe = any(getattr(config.get_text_config(), key, None) for key in EXPERT_KEYS)
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if moe and method and str(method) != "bitsandbytes" and recipe.quantization.bits is not None:
+        raise QLoraError(
+            f"model.name_or_path: {recipe.model.name_or_path} ships {method}-quantized weights; use its 16-bit "
+            "checkpoint (e.g. unsloth/gpt-oss-20b-BF16), which qlora quantizes to NF4 while loading"
+        )
+    if moe and recipe.quantization.bits == 4 and recipe.distributed.strategy in ("fsdp", "zero3"):
+        raise QLoraError(
+            f"distributed.strategy: '{recipe.distributed.strategy}' does not shard 4-bit expert stacks yet; "
+            "use ddp (or one GPU) for a mixture-of-experts QLoRA"
+        )
+
+
+def moe_loading_kwargs(recipe: Recipe, lora: bool) -> tuple[dict[str, Any], Any]:
+    """(from_pretrained kwargs, context to load in) for any model under LoRA: qlora's experts implementation
+    (qlora.ops.experts: split LoRA, one layer dequantized at a time; a dense model has no experts module to
+    use it) and, for a 4-bit recipe, fused experts quantized to NF4 as the loader sets them (bitsandbytes'
+    `Linear4bit` replacement covers only the linear layers). Nothing for full fine-tuning."""
+    if not lora:
+        return {}, contextlib.nullcontext()
+    check_moe_source(recipe, load_model_config(recipe.model))
+    kwargs = {"experts_implementation": register_experts_implementation()}
+    q = recipe.quantization
+    if q.bits != 4:
+        return kwargs, contextlib.nullcontext()
+    return kwargs, quantizing_experts(q.quant_type, q.double_quant)
 
 
 def loading_device_map(strategy: str | None) -> dict[str, int | str]:

@@ -1,7 +1,8 @@
-"""LoRA on the frozen base: which linear layers get adapters, attaching them (peft), their dtype."""
+"""LoRA on the frozen base: which linear layers and expert stacks get adapters, attaching them (peft), their dtype."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from contextlib import contextmanager
@@ -12,10 +13,22 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
-from qlora.config.architecture import CLASSIFIER_HEADS, lora_target_names
+from qlora.config.architecture import (
+    CLASSIFIER_HEADS,
+    expert_target_names,
+    lora_target_names,
+    peft_remapped_names,
+)
 from qlora.config.errors import QLoraError
 from qlora.config.precision import ADAPTER_DTYPE
 from qlora.config.recipe import LoraSpec
+from qlora.ops.experts import (
+    ExpertLora,
+    expert_parameter_names,
+    experts_as_placeholders,
+    is_experts_module,
+    packed_expert_codes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,28 +50,62 @@ def output_head_names(model) -> set[str]:
     return heads
 
 
+def expert_stacks(model) -> dict[str, list[str]]:
+    """{experts module path: its fused weight stacks}, e.g. {'model.layers.0.mlp.experts': ['gate_up_proj', ...]}."""
+    return {name: expert_parameter_names(m) for name, m in model.named_modules() if is_experts_module(m)}
+
+
 def lora_target_modules(model, targets: str | list[str]) -> list[str]:
     """Resolve `lora.targets` (a preset or names) against the model's own linear layers (the profiler applies
     the same rule, `lora_target_names`, to its meta-device inventory)."""
-    return lora_target_names(linear_leaf_names(model), output_head_names(model), targets)
+    leaves = {leaf for stacks in expert_stacks(model).values() for leaf in stacks}
+    names = lora_target_names(linear_leaf_names(model), output_head_names(model), targets, leaves)
+    remapped = sorted(set(names) & peft_remapped_names(getattr(model.config, "model_type", "")))
+    if remapped:
+        log.info(
+            f"lora: {', '.join(remapped)} not adapted on this model's dense/shared MLP: peft maps these names to its "
+            "fused experts (which qlora adapts as expert stacks)"
+        )
+    return [name for name in names if name not in remapped]
+
+
+def lora_target_parameters(model, targets: str | list[str]) -> list[str]:
+    """Full paths of the expert stacks `lora.targets` adapts (peft's `target_parameters`; full paths because
+    peft matches a parametrized, i.e. 4-bit, parameter by its exact path)."""
+    leaves = {leaf for stacks in expert_stacks(model).values() for leaf in stacks}
+    chosen = set(expert_target_names(leaves, targets))
+    return [f"{path}.{leaf}" for path, stacks in expert_stacks(model).items() for leaf in stacks if leaf in chosen]
 
 
 def attach_lora(model, spec: LoraSpec, task: str = "causal_lm"):
-    """Wrap the frozen base with LoRA adapters; only adapter (and a new classifier head) train."""
+    """Wrap the frozen base with LoRA adapters; only adapter (and a new classifier head) train.
+
+    Expert stacks are adapted through peft's `target_parameters` (so the adapter is plain peft), which peft
+    refuses with `lora_dropout` != 0: the config peft saves says 0 and the dropout is put back by
+    `use_split_expert_lora` on every target, experts included (qlora's split LoRA drops the routed tokens).
+    """
+    parameters = lora_target_parameters(model, spec.targets)
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
+        lora_dropout=0.0 if parameters else spec.dropout,
         target_modules=lora_target_modules(model, spec.targets),
         # GPT-2's Conv1D stores its weight as (in, out); peft transposes it when told (a 4- or 8-bit load has
         # already turned those layers into bitsandbytes' Linear, which is not transposed).
         fan_in_fan_out=any(isinstance(module, Conv1D) for module in model.modules()),
+        target_parameters=parameters or None,
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         modules_to_save=[n for n in CLASSIFIER_HEADS if hasattr(model, n)] if task == "classification" else None,
     )
     # autocast_adapter_dtype keeps LoRA weights in fp32 even on a 16-bit base (precision.ADAPTER_DTYPE).
-    with quiet_peft_deprecations():
+    with quiet_peft_deprecations(), experts_as_placeholders(model):
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    if parameters:
+        use_split_expert_lora(peft_model, spec.dropout)
+        log.info(
+            f"lora: {len(parameters)} expert stacks adapted (split LoRA on the routed tokens); lora.dropout "
+            f"{spec.dropout} applies to every target, adapter_config.json records 0 (peft loads expert LoRA only so)"
+        )
     upcast_trainable(peft_model)
     return peft_model
 
@@ -97,6 +144,68 @@ def continue_adapter(model, folder: Path, task: str = "causal_lm"):
     return peft_model
 
 
+def load_adapter(base, adapter_dir: str):
+    """A saved adapter on `base` as peft loads it (the expert stacks of a 4-bit base wrapped as on a 16-bit
+    one, then routed through qlora's split LoRA)."""
+    from peft import PeftModel
+
+    with quiet_peft_deprecations(), experts_as_placeholders(base):
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    use_split_expert_lora(model)
+    return model
+
+
+def active_expert_loras(wrapper) -> list[ExpertLora]:
+    """The LoRA factors of a peft ParamWrapper that apply now (none when disabled or already merged)."""
+    if wrapper.disable_adapters or wrapper.merged:
+        return []
+    return [
+        ExpertLora(wrapper.lora_A[name].weight, wrapper.lora_B[name].weight, wrapper.scaling[name])
+        for name in wrapper.active_adapters
+        if name in wrapper.lora_A
+    ]
+
+
+def use_split_expert_lora(model, dropout: float = 0.0) -> int:
+    """Route peft's expert LoRA through qlora's experts implementation (qlora.ops.experts): each peft
+    ParamWrapper passes its call straight to the experts module, which applies A then B to the routed tokens.
+
+    peft's own ParamWrapper forward parametrizes the stack as W + ΔW for every expert in every call: the
+    4-bit stack dequantized and a second full-size ΔW, both kept for backward. Returns the stacks routed.
+    Linear LoRA layers get `dropout` back (peft was given 0 for the reason in `attach_lora`).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import ParamWrapper
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, ParamWrapper):
+            experts = module.get_base_layer()
+            experts.__dict__.setdefault("expert_lora", {})[module.parameter_name] = functools.partial(
+                active_expert_loras, module
+            )
+            experts.__dict__["expert_lora_dropout"] = dropout
+            module.__class__ = pass_through_wrapper_class()
+            count += 1
+        elif isinstance(module, LoraLayer) and dropout:
+            for name in module.lora_dropout:
+                module.lora_dropout[name] = torch.nn.Dropout(p=dropout)
+    return count
+
+
+def _pass_through(self, x, *args, **kwargs):
+    return self.base_layer(x, *args, **kwargs)
+
+
+@functools.cache
+def pass_through_wrapper_class():
+    """peft's ParamWrapper whose call goes straight to the experts module (built on first use: importing
+    qlora.model must not import peft). A subclass, so save, merge and unload stay peft's own."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return type("PassThroughParamWrapper", (ParamWrapper,), {"forward": _pass_through})
+
+
 @contextmanager
 def quiet_peft_deprecations():
     """peft still reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model; the
@@ -121,4 +230,6 @@ def upcast_trainable(model) -> None:
 def parameter_counts(model) -> tuple[int, int]:
     """(trainable, total) parameters, counting a 4-bit weight as its unpacked element count."""
     trainable, total = model.get_nb_trainable_parameters()
+    # peft unpacks bitsandbytes' Params4bit only; a 4-bit expert stack's codes are plain uint8 (two per byte)
+    total += sum(packed.numel() for packed in packed_expert_codes(model))
     return int(trainable), int(total)

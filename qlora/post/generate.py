@@ -9,7 +9,6 @@ ones the run's metrics describe.
 from __future__ import annotations
 
 import torch
-from peft import PeftModel
 from transformers import AutoTokenizer
 
 from qlora.config.errors import QLoraError
@@ -17,7 +16,7 @@ from qlora.config.precision import resolve_compute_dtype
 from qlora.config.recipe import DataSpec
 from qlora.data.prepare import format_alpaca
 from qlora.model.load import load_base_model
-from qlora.model.lora import quiet_peft_deprecations
+from qlora.model.lora import load_adapter
 from qlora.model.release import release
 from qlora.post.export import TrainedRun
 from qlora.training.metrics import generate_answers
@@ -36,8 +35,7 @@ def load_adapted_model(run: TrainedRun, device: str | None = None, compute_dtype
     tokenizer = AutoTokenizer.from_pretrained(str(run.adapter_dir))
     compute_dtype = compute_dtype or resolve_compute_dtype(run.recipe.quantization.compute_dtype, device)
     base = load_run_base(run, compute_dtype, tokenizer, device)
-    with quiet_peft_deprecations():
-        model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    model = load_adapter(base, str(run.adapter_dir))
     return model.eval(), tokenizer
 
 

@@ -34,6 +34,7 @@ from qlora.memory.inventory import load_inventory
 from qlora.memory.merge import PLACEMENTS, MergeMemory, choose_placement, describe, free_gpu_bytes, merge_memory_bytes
 from qlora.model.lora import quiet_peft_deprecations
 from qlora.model.release import free_memory, release
+from qlora.ops.experts import dequantize_experts
 from qlora.post.export import TrainedRun, check_destination, tokenizer_files_bytes
 from qlora.post.generate import format_prompt, load_adapted_model, load_run_base
 
@@ -148,6 +149,7 @@ def dequantize_layer_by_layer(model, dtype: torch.dtype, to: str = "cpu"):
         release(module)  # the replaced 4-bit layer is freed here, not at the next collection
         del module, weight
         free_memory()
+    dequantize_experts(model, dtype, to)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     return model.to(to)
@@ -165,7 +167,9 @@ def dequantized_base(run: TrainedRun, compute_dtype: torch.dtype, tokenizer, pla
         return base if placement == "cuda" else base.to("cpu")
     if placement == "layers":
         return dequantize_layer_by_layer(base, compute_dtype, to="cpu")
-    return base.dequantize(dtype=compute_dtype)
+    base = base.dequantize(dtype=compute_dtype)
+    dequantize_experts(base, compute_dtype)  # fused expert stacks: qlora's own 4-bit, not bitsandbytes Linears
+    return base
 
 
 def merged_model(run: TrainedRun, compute_dtype: torch.dtype, save_dtype: str, tokenizer, placement: str = "cuda"):

@@ -46,6 +46,7 @@ from qlora.memory.settings import METHODS, Settings, from_recipe
 from qlora.model.build import prepare_for_training, use_decoder_kernels
 from qlora.model.load import load_base_model
 from qlora.model.release import release
+from qlora.ops.experts import quant_state_tensors
 from qlora.training.metrics import paged_optimizer_bytes
 
 MICRO_BATCHES = 2  # gradient accumulation, so gradients exist while activations peak (as in the recipes)
@@ -352,6 +353,8 @@ def model_tensors(model):
                     yield tensor, "frozen"
         if getattr(param, "SCB", None) is not None:
             yield param.SCB, "frozen"
+    for tensor in quant_state_tensors(model):  # 4-bit expert stacks (qlora.ops.experts)
+        yield tensor, "frozen"
     for module in model.modules():
         scb = getattr(getattr(module, "state", None), "SCB", None)
         if isinstance(scb, torch.Tensor):

@@ -158,21 +158,8 @@ def test_catalog_models_order_full_lora_qlora_and_add_up(name):
             "gpt2: not a Llama-style decoder the profiler models (Llama, Mistral, Qwen2, Gemma, Phi-3, …): its config "
             "has no intermediate_size",
         ),
-        (
-            {
-                "model_type": "mixtral",
-                "num_hidden_layers": 2,
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "vocab_size": 512,
-                "num_local_experts": 4,
-            },
-            "mixtral: mixture-of-experts models are not modeled by the profiler",
-        ),
     ],
-    ids=["gpt2", "mixtral"],
+    ids=["gpt2"],
 )
 def test_architectures_outside_the_model_of_memory_are_one_line_errors(config, message, tmp_path):
     from qlora.config.errors import QLoraError
@@ -180,6 +167,48 @@ def test_architectures_outside_the_model_of_memory_are_one_line_errors(config, m
     (tmp_path / "config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(QLoraError, match=f"^{re.escape(message)}"):
         load_inventory(str(tmp_path / "config.json"))
+
+
+MIXTRAL = {
+    "model_type": "mixtral",
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+}
+
+
+@pytest.mark.parametrize("bits,double_quant", [(4, True), (4, False), (None, True)], ids=["nf4-dq", "nf4", "bf16"])
+def test_moe_weight_bytes_equal_a_loaded_model_with_4bit_experts(bits, double_quant, tmp_path):
+    """Fused expert stacks (experts, out, in): NF4 with their statistics in a 4-bit load (qlora.ops.experts)."""
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(MIXTRAL), encoding="utf-8")
+    model = load_real(config_path, tmp_path / "model", bits, double_quant)
+    inv = load_inventory(str(config_path), "bfloat16")
+    assert [(s.leaf, s.experts, s.in_features, s.out_features) for s in inv.experts[:2]] == [
+        ("gate_up_proj", 8, 64, 256),
+        ("down_proj", 8, 128, 64),
+    ]
+    assert inv.dims.experts == 8 and inv.dims.top_k == 2 and inv.dims.moe_layers == 2
+    assert sum(weight_bytes(inv, bits, double_quant).values()) == stored_bytes(model)
+    assert inv.counts_by_role()["experts"] == 2 * 8 * 3 * 64 * 128
+
+
+def test_expert_lora_is_counted_in_peft_layout_and_routers_never(tmp_path):
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(MIXTRAL), encoding="utf-8")
+    inv = load_inventory(str(config_path), "bfloat16")
+    settings = Settings(seq_len=64, rank=4, targets="all-linear")
+    attention = estimate(inv, "qlora", Settings(seq_len=64, rank=4, targets="attention"))
+    every = estimate(inv, "qlora", settings)
+    expert_lora = 2 * 8 * 4 * ((64 + 256) + (128 + 64))  # per layer: A (E·r, in) and B (out, r·E), both stacks
+    assert every.trainable - attention.trainable == expert_lora
+    assert {s.leaf for s in inv.expert_targets("mlp")} == {"gate_up_proj", "down_proj"}
+    assert inv.expert_targets("attention") == ()
 
 
 def test_a_soft_capped_head_is_profiled_with_the_standard_loss_the_trainer_falls_back_to(tmp_path):
