@@ -410,11 +410,11 @@ def _categories(built: Built, serial) -> dict[int, str]:
     kinds = {}
     for tensor, kind in model_tensors(built.model):
         kinds[serial(tensor)] = {"trainable": trainable_kind, "frozen": "weights", "buffer": "overhead"}[kind]
+        if getattr(tensor, "grad", None) is not None:
+            kinds[serial(tensor.grad)] = "gradients"
     for name, param in built.model.named_parameters():  # a preference step's frozen 'ref' adapter copy
         if ".ref." in name:
             kinds[serial(param)] = "adapters"
-        if getattr(tensor, "grad", None) is not None:
-            kinds[serial(tensor.grad)] = "gradients"
     for tensor in optimizer_tensors(built.optimizer):
         kinds[serial(tensor)] = "optimizer"
     kinds.pop(None, None)

@@ -55,7 +55,7 @@ def test_zero3_without_deepspeed_installed_says_how_to_get_it(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
-    with pytest.raises(QLoraError, match=r"distributed.strategy: 'zero3' needs DeepSpeed.*qlora\[deepspeed\]"):
+    with pytest.raises(QLoraError, match=r"distributed.strategy: 'zero3' needs DeepSpeed.*qlora-kit\[deepspeed\]"):
         resolve(DistributedSpec("zero3"), 4, TWO, cuda=False)
 
 

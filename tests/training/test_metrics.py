@@ -80,7 +80,7 @@ def test_chat_prompts_are_generated_without_an_extra_bos(monkeypatch):
     monkeypatch.setattr(
         qlora.training.metrics, "exact_match", lambda *args: seen.append(args[4:]) or 0.5
     )  # (add_bos, batch)
-    data = type("Data", (), {"eval_examples": []})()
+    data = type("Data", (), {"eval_examples": [], "stats": {}})()
     loaded = type("Loaded", (), {"model": None, "tokenizer": None})()
     for fmt in ("chat", "alpaca"):
         assert task_metrics(recipe(metric="exact_match", fmt=fmt), None, loaded, data) == {"eval_exact_match": 0.5}
