@@ -181,8 +181,10 @@ def test_architectures_outside_the_model_of_memory_are_one_line_errors(config, m
         load_inventory(str(tmp_path / "config.json"))
 
 
-def test_a_soft_capped_head_is_profiled_with_the_standard_loss_the_trainer_falls_back_to(tmp_path):
-    """qlora.ops.loss cannot reproduce a soft-capped head and trains it with the standard loss: so does the profiler."""
+def test_a_head_the_chunked_loss_cannot_reproduce_is_profiled_with_the_standard_loss_the_trainer_falls_back_to(
+    tmp_path,
+):
+    """A head transform qlora.ops.loss does not reproduce is trained with the standard loss: so is it profiled."""
     llama = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -196,10 +198,10 @@ def test_a_soft_capped_head_is_profiled_with_the_standard_loss_the_trainer_falls
     (tmp_path / "capped").mkdir()
     (tmp_path / "plain").mkdir()
     capped, plain = tmp_path / "capped" / "config.json", tmp_path / "plain" / "config.json"
-    capped.write_text(json.dumps({**llama, "final_logit_softcapping": 30.0}))
+    capped.write_text(json.dumps({**llama, "output_multiplier_scale": 2.0}))
     plain.write_text(json.dumps(llama))
     inv = load_inventory(str(capped))
-    assert inv.chunked_loss_unsupported == "its config sets final_logit_softcapping=30.0"
+    assert inv.chunked_loss_unsupported == "its config sets output_multiplier_scale=2.0"
     chunked, standard = (estimate(str(capped), "qlora", Settings(loss=loss)) for loss in ("chunked", "standard"))
     assert chunked.total == standard.total and chunked.peak_moment == "start of backward (loss gradient)"
     assert load_inventory(str(plain)).chunked_loss_unsupported is None
