@@ -88,7 +88,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, help="LoRA rank (default 64)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default paged_adamw_32bit")
     parser.add_argument("--no-checkpointing", action="store_true", help="profile without gradient checkpointing")
-    parser.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="attention implementation (default sdpa)")
+    parser.add_argument("--attn", choices=ATTN_IMPLEMENTATIONS, help="attention implementation (default auto)")
     parser.add_argument(
         "--task",
         choices=TASKS,

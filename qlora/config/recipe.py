@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from qlora.config.attention import ATTN_IMPLEMENTATIONS
 from qlora.config.errors import QLoraError, did_you_mean
 from qlora.config.gpus import parse_gpu_memory
 from qlora.config.io import atomic_write_text
@@ -34,7 +35,6 @@ DATA_FORMATS = ("alpaca", "chat", "text", "classification")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")
 METRICS = ("none", "exact_match", "accuracy", "map@3")  # map@3: ranked multiple choice (classification)
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "zero3")  # qlora.training.distributed turns them into Trainer settings
 SHARDED_STRATEGIES = ("fsdp", "zero3")  # the strategies that split the weights across processes
 DISTRIBUTED_OFFLOADS = ("none", "cpu")
@@ -57,7 +57,11 @@ class ModelSpec:
     name_or_path: str = ""
     revision: str | None = None
     trust_remote_code: bool = False  # off unless the recipe asks: remote code runs on your machine
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = key(
+        "auto",
+        help="attention kernel; auto: the first of sdpa, flex_attention (GPU), eager the family supports",
+        choices=ATTN_IMPLEMENTATIONS,
+    )
 
 
 @dataclass
@@ -475,10 +479,14 @@ def _normalise_bits(data: dict) -> None:
     """`quantization.bits: none` (a string in YAML) means no quantization."""
     quant = data.get("quantization")
     if (
-        isinstance(quant, dict)
-        and isinstance(quant.get("bits"), str)
-        and quant["bits"].lower() in ("none", "null", "16")
-    ) or isinstance(quant, dict) and quant.get("bits") == 16:
+        (
+            isinstance(quant, dict)
+            and isinstance(quant.get("bits"), str)
+            and quant["bits"].lower() in ("none", "null", "16")
+        )
+        or isinstance(quant, dict)
+        and quant.get("bits") == 16
+    ):
         quant["bits"] = None
 
 

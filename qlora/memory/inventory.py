@@ -16,9 +16,13 @@ from qlora.config.architecture import (
     ATTENTION_NAMES,
     CLASSIFIER_HEADS,
     MLP_NAMES,
+    PLAIN_HEAD,
+    HeadTransform,
     chunked_loss_unsupported,
+    head_transform,
     lora_target_names,
 )
+from qlora.config.attention import supported_attention
 from qlora.config.errors import QLoraError
 from qlora.memory.catalog import resolve
 
@@ -79,8 +83,10 @@ class Inventory:
     layer_prefix: str  # e.g. 'model.layers.0.': the linears of one decoder layer start with it
     task: str = "causal_lm"
     chunked_loss_unsupported: str | None = (
-        None  # why qlora.ops.loss falls back to the standard loss here (soft-capping, …)
+        None  # why qlora.ops.loss falls back to the standard loss here (an unknown head transform)
     )
+    head: HeadTransform = PLAIN_HEAD  # the logits' scaling and soft-capping (qlora.ops.loss applies them per chunk)
+    attention: tuple[str, ...] | None = None  # the attention implementations transformers supports for this class
 
     def parameter_count(self) -> int:
         return sum(t.numel for t in self.params) + sum(
@@ -215,6 +221,8 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
         layer_prefix=_first_layer_prefix(model),
         task=task,
         chunked_loss_unsupported=chunked_loss_unsupported(model) if task == "causal_lm" else None,
+        head=head_transform(model.config),
+        attention=supported_attention(type(model)),
     )
 
 

@@ -39,7 +39,7 @@ class Settings:
     checkpoint_layers: int | str | None = (
         None  # with checkpointing: the first N decoder layers, 'auto' (the planner's), None (all)
     )
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"  # model.attn_implementation; resolved per family (qlora.config.attention)
     compute_dtype: str = "auto"
     double_quant: bool = True
     device: str = "cuda"

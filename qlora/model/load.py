@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qlora.config.architecture import CLASSIFIER_HEADS
+from qlora.config.attention import choose_attention, describe_choice, model_class, supported_attention
 from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import ModelSpec, QuantizationSpec, Recipe
@@ -144,7 +145,7 @@ def load_base_model(
     sharded = recipe.distributed.strategy in ("fsdp", "zero3")
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype,  # frozen unquantized weights stay in the compute dtype (qlora.config.precision)
-        "attn_implementation": recipe.model.attn_implementation,
+        "attn_implementation": resolve_attention(recipe, device, announce),
         "quantization_config": quantization_config(recipe.quantization, compute_dtype, sharded),
     }
     if device == "cpu":
@@ -165,6 +166,23 @@ def load_base_model(
         model = _from_pretrained(AutoModelForCausalLM, recipe.model, **kwargs)
     keep_training_layout(model)
     return model
+
+
+def resolve_attention(recipe: Recipe, device: str | None = None, announce: bool = False) -> str:
+    """`model.attn_implementation` for this family on `device` (qlora.config.attention, the profiler's rule too);
+    `announce`: print the one line saying what `auto` chose and why."""
+    config = load_model_config(recipe.model)
+    cls = model_class(config, recipe.task)
+    where = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name, why = choose_attention(
+        cls.__name__ if cls else config.model_type,
+        supported_attention(cls) if cls else None,
+        recipe.model.attn_implementation,
+        where,
+    )
+    if announce and recipe.model.attn_implementation == "auto":
+        print(describe_choice(name, why), file=sys.stderr)
+    return name
 
 
 def loading_device_map(strategy: str | None) -> dict[str, int | str]:
