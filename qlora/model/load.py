@@ -20,6 +20,7 @@ from qlora.config.attention import choose_attention, describe_choice, model_clas
 from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import ModelSpec, QuantizationSpec, Recipe
+from qlora.ops.attention import install as install_sdpa
 
 keep_deepspeed_off_stdout()  # before anything imports transformers' Trainer (and DeepSpeed with it)
 
@@ -145,7 +146,7 @@ def load_base_model(
     sharded = recipe.distributed.strategy in ("fsdp", "zero3")
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype,  # frozen unquantized weights stay in the compute dtype (qlora.config.precision)
-        "attn_implementation": resolve_attention(recipe, device, announce),
+        "attn_implementation": loading_attention(resolve_attention(recipe, device, announce)),
         "quantization_config": quantization_config(recipe.quantization, compute_dtype, sharded),
     }
     if device == "cpu":
@@ -183,6 +184,12 @@ def resolve_attention(recipe: Recipe, device: str | None = None, announce: bool 
     if announce and recipe.model.attn_implementation == "auto":
         print(describe_choice(name, why), file=sys.stderr)
     return name
+
+
+def loading_attention(name: str) -> str:
+    """What `from_pretrained` gets for the chosen implementation: sdpa is qlora's mask-free sdpa (qlora.ops.attention:
+    no tokens x tokens mask for packed sequences and sliding windows), transformers' sdpa otherwise."""
+    return install_sdpa() if name == "sdpa" else name
 
 
 def loading_device_map(strategy: str | None) -> dict[str, int | str]:
