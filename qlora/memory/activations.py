@@ -271,6 +271,8 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
     else:  # sdpa (flash / memory-efficient) and flash_attention_2: q, k, v, output, logsumexp
         attention = T * (2 * q + 2 * kv) * c + B * d.heads * S * FP32
     parts = {"norms": norms, "attention": attention, "mlp": _mlp_saved(step) * T * d.intermediate * c}
+    if inv.qk_norms():
+        parts["query and key norms"] = qk_norm_saved(inv, step)
     if step.tiled:
         del parts["mlp"]
         return {**parts, **tiled_mlp_saved(inv, step)}
@@ -281,6 +283,17 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
         if _adapters_cast(step):  # autocast's 16-bit copies of the layer's adapter weights, saved by its matmuls
             parts["adapter copies"] = step.adapter_numel // d.layers * c
     return parts
+
+
+def qk_norm_saved(inv: Inventory, step: Step) -> int:
+    """What the query and key RMSNorms save (Qwen3, OLMo 2, Gemma 3): their fp32 input (the projection's output, or
+    its fp32 copy) and one rsqrt per normalized vector; for full FT also the normalized input, for the weight's
+    gradient."""
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    q_width, k_width = inv.qk_norms()
+    saved = T * (q + kv) * FP32 + T * (q // q_width + kv // k_width) * FP32
+    return saved + (T * (q + kv) * c if step.method == "full" else 0)
 
 
 def _mlp_saved(step: Step) -> int:

@@ -106,6 +106,16 @@ class Inventory:
         """Leaf name -> linear layer, for one decoder layer (all layers have the same shapes)."""
         return {lin.leaf: lin for lin in self.linears if lin.name.startswith(self.layer_prefix)}
 
+    def qk_norms(self) -> tuple[int, int] | None:
+        """The widths of one layer's query and key norms (Qwen3, Gemma 3: per head; OLMo 2: the whole projection),
+        None for a family without them."""
+        widths = {
+            t.name.rsplit(".", 2)[-2]: t.numel
+            for t in self.params
+            if t.name.startswith(self.layer_prefix) and t.name.endswith(("q_norm.weight", "k_norm.weight"))
+        }
+        return (widths["q_norm"], widths["k_norm"]) if len(widths) == 2 else None
+
     def lora_targets(self, targets: str | tuple[str, ...]) -> tuple[Linear, ...]:
         """The linear layers LoRA wraps: `lora_target_names`, the rule training applies to a real model."""
         heads = {lin.leaf for lin in self.linears if lin.role in HEAD_ROLES}
