@@ -270,6 +270,10 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
         attention = T * 3 * q * c + B * d.heads * S * S * (FP32 + (c if c != FP32 else 0))
     else:  # sdpa (flash / memory-efficient) and flash_attention_2: q, k, v, output, logsumexp
         attention = T * (2 * q + 2 * kv) * c + B * d.heads * S * FP32
+    if "qkv_proj" in inv.layer_linears() and step.attention != "eager":
+        # Phi-3's fused projection: v is a view of its output, so what attention saves keeps all of it (q and k
+        # are rotated copies)
+        attention += T * (q + kv) * c
     parts = {"norms": norms, "attention": attention, "mlp": _mlp_saved(step) * T * d.intermediate * c}
     if inv.qk_norms():
         parts["query and key norms"] = qk_norm_saved(inv, step)
@@ -434,7 +438,14 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
             recompute_end += T * I * step.adapter_bytes * (2 if step.lora_dropout > 0 and step.autocast else 1)
     # down_proj's LoRA branch backpropagated (its rank-sized tensor freed): its input gradient beside the base's
     branch = 2 * T * I * c - T * step.rank * step.lora_matmul_bytes if down_lora and step.method != "full" else 0
-    return T * H * c + max(recompute_end, branch, *_mlp_backward(inv, step))
+    down, product = _mlp_backward(inv, step)
+    if d.residual_scaled:
+        # Granite multiplies the MLP's output before the residual sum: that product's gradient is a second
+        # hidden-sized tensor until down_proj's backward is done; at the recompute's end one more hidden-sized
+        # tensor is alive (measured on a CPU: the recomputed attention branch, scaled)
+        down, branch = down + T * H * c, branch + T * H * c if branch else 0
+        recompute_end += 2 * T * H * c if recompute_end else 0
+    return T * H * c + max(recompute_end, branch, down, product)
 
 
 def _mlp_backward(inv: Inventory, step: Step) -> tuple[int, int]:

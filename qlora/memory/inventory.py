@@ -69,6 +69,7 @@ class Dims:
     head_dim: int
     vocab: int
     max_positions: int  # the longest sequence the model was trained for (the planner searches up to it)
+    residual_scaled: bool = False  # Granite: each residual branch is multiplied (residual_multiplier) before the sum
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ def _dims(config) -> Dims:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab=config.vocab_size,
         max_positions=getattr(config, "max_position_embeddings", None) or 4096,  # 4096 when the config does not say
+        residual_scaled=getattr(config, "residual_multiplier", None) is not None,  # multiplied even by 1.0
     )
 
 
