@@ -78,6 +78,7 @@ class Step:
     generate_tokens: int = 0  # eval.metric exact_match: new tokens generated per prompt in the eval phase (0: none)
     loss: str = "standard"  # 'chunked': qlora.ops.loss (causal LM only)
     kernels: bool = False  # Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss (training.kernels: auto on CUDA)
+    packed: bool = False  # data.packing: several documents per sequence (qlora.ops.attention attends each alone)
 
     @property
     def tiled(self) -> bool:
@@ -163,7 +164,7 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
         held = _linear_inputs(inv, step, count_attention_output=True, skip=MLP_LEAVES if step.tiled else frozenset())
         kept["int8 layers' inputs (held by bitsandbytes)"] = n * held
     kept["token ids, labels, positions"] = batch_bytes(step) + S * 8
-    kept["rotary tables"] = 2 * S * d.head_dim * c
+    kept["rotary tables"] = d.rope_tables * 2 * S * d.head_dim * c
     if step.attention == "eager":
         kept["causal mask"] = step.batch * S * S * c
     head = _head_saved(inv, step)
@@ -270,6 +271,10 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
         attention = T * 3 * q * c + B * d.heads * S * S * (FP32 + (c if c != FP32 else 0))
     else:  # sdpa (flash / memory-efficient) and flash_attention_2: q, k, v, output, logsumexp
         attention = T * (2 * q + 2 * kv) * c + B * d.heads * S * FP32
+    if split_attention(inv, step):
+        attention += split_attention_saved(inv, step)
+    if inv.sandwich_norms():  # Gemma: the post-attention norm saves the attention output (fp32) and its rsqrt
+        norms += T * d.hidden * FP32 + T * FP32
     if "qkv_proj" in inv.layer_linears() and step.attention != "eager":
         # Phi-3's fused projection: v is a view of its output, so what attention saves keeps all of it (q and k
         # are rotated copies)
@@ -287,6 +292,25 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
         if _adapters_cast(step):  # autocast's 16-bit copies of the layer's adapter weights, saved by its matmuls
             parts["adapter copies"] = step.adapter_numel // d.layers * c
     return parts
+
+
+def split_attention(inv: Inventory, step: Step) -> bool:
+    """Whether qlora.ops.attention splits a layer's attention (training's sdpa): packed documents, or a sliding
+    window shorter than the sequence."""
+    window = inv.dims.sliding_window
+    return step.attention == "sdpa" and (step.packed or (window is not None and window < step.seq))
+
+
+def split_attention_saved(inv: Inventory, step: Step) -> int:
+    """What qlora.ops.attention saves beyond one sdpa call: the band mask of a sliding window (window x 2 window, in
+    the compute dtype, shared by the blocks); and, where o_proj saves its input as it is (full FT, LoRA without
+    dropout or cast), that input, which is now the blocks' gathered output rather than sdpa's own."""
+    d, c = inv.dims, step.compute_bytes
+    window = d.sliding_window if d.sliding_window and d.sliding_window < step.seq else 0
+    saved = window * 2 * window * c
+    if step.method == "full" or "attn_out" in _saved_as_is(step):
+        saved += step.tokens * d.heads * d.head_dim * c
+    return saved
 
 
 def qk_norm_saved(inv: Inventory, step: Step) -> int:

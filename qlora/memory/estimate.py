@@ -149,6 +149,7 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         **long_context_step(inv, settings),
         loss="standard" if inv.chunked_loss_unsupported else settings.loss,  # as qlora.ops.loss falls back in training
         kernels=liger_kernels(settings),
+        packed=settings.packing,
     )
     acts = activation_bytes(inv, step)
     step_temps = optimizer_step_temporaries(

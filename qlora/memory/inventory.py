@@ -70,6 +70,8 @@ class Dims:
     vocab: int
     max_positions: int  # the longest sequence the model was trained for (the planner searches up to it)
     residual_scaled: bool = False  # Granite: each residual branch is multiplied (residual_multiplier) before the sum
+    sliding_window: int | None = None  # the window of the sliding-window layers (Mistral, Gemma 2/3), None: none
+    rope_tables: int = 1  # rotary cos/sin tables per forward: Gemma 3 has one per layer type (local and global)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,10 @@ class Inventory:
             if t.name.startswith(self.layer_prefix) and t.name.endswith(("q_norm.weight", "k_norm.weight"))
         }
         return (widths["q_norm"], widths["k_norm"]) if len(widths) == 2 else None
+
+    def sandwich_norms(self) -> bool:
+        """Whether each sub-layer's output is normalized before the residual sum (Gemma 2 and 3's four norms)."""
+        return any(t.name.startswith(self.layer_prefix) and "pre_feedforward_layernorm" in t.name for t in self.params)
 
     def lora_targets(self, targets: str | tuple[str, ...]) -> tuple[Linear, ...]:
         """The linear layers LoRA wraps: `lora_target_names`, the rule training applies to a real model."""
@@ -265,7 +271,28 @@ def _dims(config) -> Dims:
         vocab=config.vocab_size,
         max_positions=getattr(config, "max_position_embeddings", None) or 4096,  # 4096 when the config does not say
         residual_scaled=getattr(config, "residual_multiplier", None) is not None,  # multiplied even by 1.0
+        sliding_window=_sliding_window(config),
+        rope_tables=_rope_tables(config),
     )
+
+
+def _rope_tables(config) -> int:
+    """Rotary tables a forward makes: one per layer type with its own rope parameters (Gemma 3), else one."""
+    rope = getattr(config, "rope_parameters", None)
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if isinstance(rope, dict) and layer_types and layer_types <= set(rope):
+        return len(layer_types)
+    return 1
+
+
+def _sliding_window(config) -> int | None:
+    """The window of the config's sliding-window layers (transformers' `layer_types`, or every layer where a window
+    is set and not switched off by `use_sliding_window`)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    return window if layer_types is None or "sliding_attention" in layer_types else None
 
 
 def _first_layer_prefix(model) -> str:

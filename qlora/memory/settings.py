@@ -58,6 +58,7 @@ class Settings:
         0  # eval.metric exact_match: greedy generation of this many tokens at the eval batch (KV cache)
     )
     kernels: str = "auto"  # training.kernels: 'auto' = Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss on CUDA (a GPU install brings it); 'none'
+    packing: bool = False  # data.packing: documents packed into each sequence (position ids restart)
     native_bf16: bool = (
         True  # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): same bytes
     )
@@ -121,6 +122,7 @@ def from_recipe(recipe, num_labels: int | None = None, device: str = "cuda") -> 
         offload=recipe.distributed.offload,
         loss=recipe.training.loss,
         kernels=recipe.training.kernels,
+        packing=recipe.data.packing,
         eval_batch_size=recipe.training.eval_batch_size,
         generate_tokens=recipe.eval.max_new_tokens
         if recipe.eval.metric == "exact_match" and recipe.task == "causal_lm"
