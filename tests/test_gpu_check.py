@@ -30,12 +30,13 @@ def test_dry_run_measures_trains_merges_and_generates(tmp_path):
     # and the long-context recipe's keys on the largest config at two longer lengths
     assert sorted({(r["config"], r["method"], r["seq_len"]) for r in measured}) == sorted(
         {(c, m, s) for c in ("tiny-a", "tiny-b", "tiny-c") for m in ("qlora", "lora") for s in (32, 64)}
-        | {("tiny-c", "qlora", 128)}
+        | {("tiny-c", "qlora", 128), ("tiny-gemma3", "qlora", 64)}  # the Gemma 3 family point
     )
     long_context = [r for r in measured if r["feature"] == "long-context recipe"]
     assert [r["seq_len"] for r in long_context] == [64, 128] and all(r["measured_bytes"] > 0 for r in long_context)
-    # 12 baseline points, the 2 long-context recipe points, and the 5 feature rows at the longest sequence (30 more)
-    assert report["points_within_target"] == report["points_measured"] == 44
+    # 12 baseline points, the 2 long-context recipe points, the Gemma 3 point and the 5 feature rows at the longest
+    # sequence (30 more)
+    assert report["points_within_target"] == report["points_measured"] == 45
     assert {r["feature"] for r in measured} >= {"no Liger kernels", "chunked loss"}
     baseline = [r for r in measured if r["feature"] == "baseline"]
     assert len(baseline) == 12 and all(r["measured_bytes"] > 0 and abs(r["error_pct"]) <= 0.01 for r in baseline)
