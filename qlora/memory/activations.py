@@ -165,8 +165,8 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
         kept["int8 layers' inputs (held by bitsandbytes)"] = n * held
     kept["token ids, labels, positions"] = batch_bytes(step) + S * 8
     kept["rotary tables"] = d.rope_tables * 2 * S * d.head_dim * c
-    if step.attention == "eager":
-        kept["causal mask"] = step.batch * S * S * c
+    if step.attention == "eager":  # one additive mask per layer type (Gemma 2/3: full and sliding)
+        kept["causal mask"] = d.attention_kinds * step.batch * S * S * c
     head = _head_saved(inv, step)
     recomputed = layer if n else 0
     if n and step.offload:  # the layer's input, back from host RAM for its recompute
@@ -186,6 +186,17 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
             "end of forward (logits, loss)": head + _forward_end(inv, cached),
             "start of backward (loss gradient)": head + _loss_backward(inv, step),
         }
+    if step.attention == "eager":
+        # attention's backward, the MLP's saved tensors freed: softmax's and the scores' gradients (two fp32 tokens x
+        # tokens tensors per head) beside the incoming gradient
+        scores = 2 * step.batch * d.heads * S * S * FP32 + T * d.hidden * c - _mlp_saved(step) * T * d.intermediate * c
+        after = 2 if inv.sandwich_norms() else 1  # the norms after attention, backpropagated first too
+        scores -= after * (T * d.hidden * FP32 + T * FP32)
+        if step.method != "full":
+            scores -= _lora_saved(inv, step, step.lora_leaves & MLP_LEAVES)
+        else:  # the MLP's linear inputs and the normalized inputs its norms saved for their weights
+            scores -= T * (d.hidden + d.intermediate) * c + after * T * d.hidden * c
+        moments["backward through one layer's eager attention"] = (recomputed if n else unchecked // (L - n)) + scores
     if n < L:  # the last layers keep their activations: no recompute
         moments.update(layer_backward_moment(inv, free, 0))
     if n:
@@ -269,6 +280,8 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
         norms += 2 * T * d.hidden * c  # the normalized input, for the norm weight's gradient
     if step.attention == "eager":  # q and repeated k, v; softmax output in fp32 and its 16-bit copy
         attention = T * 3 * q * c + B * d.heads * S * S * (FP32 + (c if c != FP32 else 0))
+        if d.scores_capped:  # Gemma 2: tanh saves its output, a second tokens x tokens tensor per head
+            attention += B * d.heads * S * S * c
     else:  # sdpa (flash / memory-efficient) and flash_attention_2: q, k, v, output, logsumexp
         attention = T * (2 * q + 2 * kv) * c + B * d.heads * S * FP32
     if split_attention(inv, step):
@@ -675,7 +688,7 @@ def eval_activation_bytes(inv: Inventory, step: Step, train_batch: int) -> Activ
         "one layer's forward": _layer_forward(inv, step),
     }
     if step.attention == "eager":
-        layer["causal mask"] = step.batch * S * S * c
+        layer["causal mask"] = d.attention_kinds * step.batch * S * S * c
     parts["eval forward through one layer"] = layer
     if step.generate_tokens and not step.classifier:  # eval.metric exact_match: greedy generation at the eval batch
         parts["exact-match generation (KV cache)"] = generation_terms(inv, step)

@@ -72,6 +72,8 @@ class Dims:
     residual_scaled: bool = False  # Granite: each residual branch is multiplied (residual_multiplier) before the sum
     sliding_window: int | None = None  # the window of the sliding-window layers (Mistral, Gemma 2/3), None: none
     rope_tables: int = 1  # rotary cos/sin tables per forward: Gemma 3 has one per layer type (local and global)
+    attention_kinds: int = 1  # layer types with their own mask (Gemma 2/3: full and sliding)
+    scores_capped: bool = False  # Gemma 2 soft-caps the attention scores (eager keeps their tanh)
 
 
 @dataclass(frozen=True)
@@ -273,6 +275,8 @@ def _dims(config) -> Dims:
         residual_scaled=getattr(config, "residual_multiplier", None) is not None,  # multiplied even by 1.0
         sliding_window=_sliding_window(config),
         rope_tables=_rope_tables(config),
+        attention_kinds=len(set(getattr(config, "layer_types", None) or ["one"])),
+        scores_capped=bool(getattr(config, "attn_logit_softcapping", None)),
     )
 
 

@@ -11,11 +11,6 @@ import pytest
 
 CONFIGS = Path(__file__).resolve().parents[2] / "benchmarks" / "configs"
 NOT_YET = {  # family -> (methods off by more than 1 %, why); figures from this test, CPU, 2,048 tokens
-    "gemma2": (
-        ("qlora", "lora", "full"),
-        "-49 %: eager attention with score soft-capping (the CPU's only choice: flex attention has no CPU backward) "
-        "keeps several tokens x tokens tensors per layer the model does not count; a GPU runs flex attention",
-    ),
     "gpt-neox": (("qlora", "lora", "full"), "+16 %: LayerNorm, a plain GELU MLP and parallel residuals"),
     "olmo2": (("qlora", "lora", "full"), "-1.9 % / +3.5 % (full): norms after each sub-layer instead of before"),
     "phi3": (("full",), "-2.3 %: one more hidden-sized tensor in full fine-tuning's layer backward"),
