@@ -196,7 +196,10 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
             scores -= _lora_saved(inv, step, step.lora_leaves & MLP_LEAVES)
         else:  # the MLP's linear inputs and the normalized inputs its norms saved for their weights
             scores -= T * (d.hidden + d.intermediate) * c + after * T * d.hidden * c
-        moments["backward through one layer's eager attention"] = (recomputed if n else unchecked // (L - n)) + scores
+        # (the layers' own saved tensors: in `kept` for unchecked layers, recomputed for checkpointed ones)
+        moments["backward through one layer's eager attention"] = max(
+            scores if n < L else 0, recomputed + scores - (unchecked if n < L else 0) if n else 0
+        )
     if n < L:  # the last layers keep their activations: no recompute
         moments.update(layer_backward_moment(inv, free, 0))
     if n:
