@@ -291,6 +291,11 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
         attention += split_attention_saved(inv, step)
     if inv.sandwich_norms():  # Gemma: the post-attention norm saves the attention output (fp32) and its rsqrt
         norms += T * d.hidden * FP32 + T * FP32
+    if inv.post_norms() and c == FP32 and not step.kernels:
+        # OLMo 2: the first norm normalizes attention's output, not the layer input it would share in fp32
+        norms += T * d.hidden * FP32 - T * FP32
+        if step.method == "full":  # q, k and v read the layer input itself (kept by checkpointing), no norm output
+            norms -= T * d.hidden * c
     if "qkv_proj" in inv.layer_linears() and step.attention != "eager":
         # Phi-3's fused projection: v is a view of its output, so what attention saves keeps all of it (q and k
         # are rotated copies)

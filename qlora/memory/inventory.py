@@ -125,6 +125,11 @@ class Inventory:
         """Whether each sub-layer's output is normalized before the residual sum (Gemma 2 and 3's four norms)."""
         return any(t.name.startswith(self.layer_prefix) and "pre_feedforward_layernorm" in t.name for t in self.params)
 
+    def post_norms(self) -> bool:
+        """Whether the norms come after each sub-layer and none before (OLMo 2)."""
+        names = [t.name for t in self.params if t.name.startswith(self.layer_prefix)]
+        return any("post_feedforward_layernorm" in n for n in names) and not any("input_layernorm" in n for n in names)
+
     def lora_targets(self, targets: str | tuple[str, ...]) -> tuple[Linear, ...]:
         """The linear layers LoRA wraps: `lora_target_names`, the rule training applies to a real model."""
         heads = {lin.leaf for lin in self.linears if lin.role in HEAD_ROLES}
