@@ -324,11 +324,14 @@ def split_attention(inv: Inventory, step: Step) -> bool:
 
 def split_attention_saved(inv: Inventory, step: Step) -> int:
     """What qlora.ops.attention saves beyond one sdpa call: the band mask of a sliding window (window x 2 window, in
-    the compute dtype, shared by the blocks); and, where o_proj saves its input as it is (full FT, LoRA without
+    the compute dtype, shared by the blocks; on a GPU with grouped-query attention, the keys and values repeated
+    to every query head); and, where o_proj saves its input as it is (full FT, LoRA without
     dropout or cast), that input, which is now the blocks' gathered output rather than sdpa's own."""
     d, c = inv.dims, step.compute_bytes
     window = d.sliding_window if d.sliding_window and d.sliding_window < step.seq else 0
     saved = window * 2 * window * c
+    if window and step.device == "cuda" and d.kv_heads != d.heads:  # keys and values repeated for the masked blocks
+        saved += 2 * step.tokens * (d.heads - d.kv_heads) * d.head_dim * c
     if step.method == "full" or "attn_out" in _saved_as_is(step):
         saved += step.tokens * d.heads * d.head_dim * c
     return saved

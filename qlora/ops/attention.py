@@ -92,6 +92,11 @@ def windowed(q, k, v, window: int | None, scaling, dropout: float, gqa: bool):
     if window is None or tokens <= window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **options)
     band = band_mask(window, q.dtype, q.device)
+    if gqa and q.is_cuda:
+        # CUDA's kernels that take a mask do not take grouped keys (torch would fall back to the math kernel, which
+        # keeps every block's scores): the keys and values repeated once per document, each block a view of them
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        options["enable_gqa"] = False
     blocks = [
         F.scaled_dot_product_attention(q[:, :, :window], k[:, :, :window], v[:, :, :window], is_causal=True, **options)
     ]
