@@ -1,6 +1,6 @@
 """Write benchmarks/configs/<family>/config.json: one tiny config per dense family, built by transformers' own
 config class (`AutoConfig.for_model`), for `qlora profile --model DIR --measure` at 2,048 tokens on a CPU (seconds
-each) and the profiler's per-family test (tests/memory/test_families.py).
+each) and the profiler's per-family test (tests/memory/test_family_profiles.py).
 
     python benchmarks/families/make_configs.py
 """
