@@ -50,6 +50,10 @@ LINEAR_SOURCE = {
     "gate_proj": "mlp_norm",
     "up_proj": "mlp_norm",
     "down_proj": "mlp_act",
+    "query_key_value": "attn_norm",  # GPT-NeoX
+    "dense": "attn_out",
+    "dense_h_to_4h": "mlp_norm",
+    "dense_4h_to_h": "mlp_act",
 }
 
 
@@ -164,7 +168,7 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
         held = _linear_inputs(inv, step, count_attention_output=True, skip=MLP_LEAVES if step.tiled else frozenset())
         kept["int8 layers' inputs (held by bitsandbytes)"] = n * held
     kept["token ids, labels, positions"] = batch_bytes(step) + S * 8
-    kept["rotary tables"] = d.rope_tables * 2 * S * d.head_dim * c
+    kept["rotary tables"] = d.rope_tables * 2 * S * (d.rotary_dim or d.head_dim) * c
     if step.attention == "eager":  # one additive mask per layer type (Gemma 2/3: full and sliding)
         kept["causal mask"] = d.attention_kinds * step.batch * S * S * c
     head = _head_saved(inv, step)
@@ -296,11 +300,13 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
         norms += T * d.hidden * FP32 - T * FP32
         if step.method == "full":  # q, k and v read the layer input itself (kept by checkpointing), no norm output
             norms -= T * d.hidden * c
-    if "qkv_proj" in inv.layer_linears() and step.attention != "eager":
+    if d.parallel_layer_norm:  # LayerNorm keeps its input as it is (the layer input, twice), a mean and an rstd
+        norms = 4 * T * FP32
+    if {"qkv_proj", "query_key_value"} & set(inv.layer_linears()) and step.attention != "eager":
         # Phi-3's fused projection: v is a view of its output, so what attention saves keeps all of it (q and k
         # are rotated copies)
         attention += T * (q + kv) * c
-    parts = {"norms": norms, "attention": attention, "mlp": _mlp_saved(step) * T * d.intermediate * c}
+    parts = {"norms": norms, "attention": attention, "mlp": _mlp_saved(step, inv) * T * d.intermediate * c}
     if inv.qk_norms():
         parts["query and key norms"] = qk_norm_saved(inv, step)
     if step.tiled:
@@ -348,9 +354,22 @@ def qk_norm_saved(inv: Inventory, step: Step) -> int:
     return saved + (T * (q + kv) * c if step.method == "full" else 0)
 
 
-def _mlp_saved(step: Step) -> int:
-    """Intermediate-sized tensors the gated MLP saves: gate, SiLU and up outputs; Liger's SwiGLU recomputes SiLU."""
+def _mlp_saved(step: Step, inv: Inventory | None = None) -> int:
+    """Intermediate-sized tensors the gated MLP saves: gate, SiLU and up outputs; Liger's SwiGLU recomputes SiLU.
+    A plain MLP (GPT-NeoX): the activation's input."""
+    if inv is not None and not gated(inv):
+        return 1
     return 2 if step.kernels else 3
+
+
+def gated(inv: Inventory) -> bool:
+    """Whether the MLP is gated (Llama's gate and up projections, Phi-3's fused gate_up_proj)."""
+    return bool({"gate_proj", "gate_up_proj", "w1"} & set(inv.layer_linears())) or not inv.dims.parallel_layer_norm
+
+
+def _down(inv: Inventory) -> str:
+    """The MLP's output projection's leaf name."""
+    return "dense_4h_to_h" if "dense_4h_to_h" in inv.layer_linears() else "down_proj"
 
 
 def _adapters_cast(step: Step) -> bool:
@@ -420,10 +439,13 @@ def _head_saved(inv: Inventory, step: Step) -> int:
     so it keeps its input (and, under autocast, its 16-bit weight copy)."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     saved = T * d.hidden * (c if step.kernels else FP32) + T * FP32
+    layer_norm = d.parallel_layer_norm  # GPT-NeoX's LayerNorm: its input, a mean and an rstd; no normalized copy
+    if layer_norm:
+        saved = T * d.hidden * c + 2 * T * FP32
     if (
         step.method == "full"
     ):  # the norm's normalized input (not Liger's); the standard loss's head also saves its input
-        return saved + ((0 if step.kernels else 1) + (0 if step.chunked else 1)) * T * d.hidden * c
+        return saved + ((0 if step.kernels or layer_norm else 1) + (0 if step.chunked else 1)) * T * d.hidden * c
     if step.classifier:
         saved += T * d.hidden * c + (step.num_labels * d.hidden * c if _adapters_cast(step) else 0)
     return saved
@@ -472,7 +494,7 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
     """
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     H, I = d.hidden, d.intermediate
-    down_lora = "down_proj" in step.lora_leaves
+    down_lora = _down(inv) in step.lora_leaves
     recompute_end = 0
     if step.checkpointing and down_lora:
         saved = _saved_as_is(step)
@@ -493,7 +515,9 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
         # tensor is alive (measured on a CPU: the recomputed attention branch, scaled)
         down, branch = down + T * H * c, branch + T * H * c if branch else 0
         recompute_end += 2 * T * H * c if recompute_end else 0
-    return T * H * c + max(recompute_end, branch, down, product)
+    # GPT-NeoX's parallel branches: the other branch's input gradient waits to be added to the residual's
+    incoming = T * H * c * (2 if d.parallel_layer_norm else 1)
+    return incoming + max(recompute_end, branch, down, product)
 
 
 def _mlp_backward(inv: Inventory, step: Step) -> tuple[int, int]:
@@ -504,14 +528,15 @@ def _mlp_backward(inv: Inventory, step: Step) -> tuple[int, int]:
     weight = d.hidden * d.intermediate
     temporary = {"full": weight * c, "qlora": weight * c + -(-weight // 64) * FP32, "lora-8bit": weight * c}
     down_backward = T * d.intermediate * c + temporary.get(step.method, 0)
-    down_lora = "down_proj" in step.lora_leaves
+    down = _down(inv)
+    down_lora = down in step.lora_leaves
     down_saved = (
-        _lora_saved(inv, step, ["down_proj"])
-        if down_lora
-        else (T * d.intermediate * c if step.method == "full" else 0)
+        _lora_saved(inv, step, [down]) if down_lora else (T * d.intermediate * c if step.method == "full" else 0)
     )
-    # torch: three intermediate-sized gradients; Liger's SwiGLU writes the gate's and up's over their saved outputs
-    return down_backward, (1 if step.kernels else 3) * T * d.intermediate * c - down_saved
+    # torch: three intermediate-sized gradients; Liger's SwiGLU writes the gate's and up's over their saved outputs;
+    # a plain MLP: the activation's input gradient beside its output's
+    count = (1 if step.kernels else 3) if gated(inv) else 2
+    return down_backward, count * T * d.intermediate * c - down_saved
 
 
 # --- the tiled MLP (training.mlp_tiles, qlora.ops.tiled_mlp) ---------------------------------------------

@@ -74,6 +74,8 @@ class Dims:
     rope_tables: int = 1  # rotary cos/sin tables per forward: Gemma 3 has one per layer type (local and global)
     attention_kinds: int = 1  # layer types with their own mask (Gemma 2/3: full and sliding)
     scores_capped: bool = False  # Gemma 2 soft-caps the attention scores (eager keeps their tanh)
+    parallel_layer_norm: bool = False  # GPT-NeoX: two LayerNorms of the layer input, attention and MLP in parallel
+    rotary_dim: int | None = None  # rotated dimensions per head where only part rotates (GPT-NeoX's rotary_pct)
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,17 @@ def _dims(config) -> Dims:
         rope_tables=_rope_tables(config),
         attention_kinds=len(set(getattr(config, "layer_types", None) or ["one"])),
         scores_capped=bool(getattr(config, "attn_logit_softcapping", None)),
+        parallel_layer_norm=config.model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", False)),
+        rotary_dim=_rotary_dim(config, getattr(config, "head_dim", None) or config.hidden_size // heads),
     )
+
+
+def _rotary_dim(config, head_dim: int) -> int | None:
+    """Rotated dimensions per head when the config rotates only part of each head (None: all of it)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    share = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    share = share or getattr(config, "partial_rotary_factor", None) or getattr(config, "rotary_pct", None)
+    return int(head_dim * share) if share and share < 1 else None
 
 
 def _rope_tables(config) -> int:
