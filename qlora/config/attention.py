@@ -16,7 +16,6 @@ from qlora.config.errors import QLoraError
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 AUTO_ORDER = ("sdpa", "flex_attention", "eager")
 FLAGS = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn", "flash_attention": "_supports_flash_attn"}
-FUSED = ("sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")  # keep no tokens x tokens scores
 
 
 def supported_attention(model_class) -> tuple[str, ...]:
