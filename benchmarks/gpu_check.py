@@ -12,9 +12,11 @@ What no CPU test can show, measured on the GPU it runs on, each section under it
    named assumptions (CUDA_CONTEXT_BYTES, ALLOCATOR_SLACK there); qlora runs with expandable segments;
 3. memory: `qlora.training.measure` for QLoRA and LoRA on Llama-shaped ~1B / 3B / 8B configs with
    random weights at 2,048 tokens, the long-context recipe's keys on the 8B shape at 32,768 and 80,000
-   tokens, and each long-context feature (FEATURES) whose recipe key exists; one process per point;
-   predicted `allocated_bytes` vs measured `max_memory_allocated` (+ paged optimizer states) with the %
-   error (target <= 3 %), reserved and NVML's device use per point; the random weights saved once per config;
+   tokens, each long-context feature (FEATURES) whose recipe key exists, a mixture-of-experts shape
+   (MOE_CONFIG: QLoRA and LoRA) and one QLoRA point per other family (FAMILY_CONFIGS: Gemma 3 4B's text model,
+   sliding windows); one process per point; predicted
+   `allocated_bytes` vs measured `max_memory_allocated` (+ paged optimizer states) with the % error
+   (target <= 3 %), reserved and NVML's device use per point; the random weights saved once per config;
 4. training: `qlora.training.run` for a few steps with each optimizer on a generated dataset: tokens/s and
    the labelled peaks of metrics.json;
 5. merge (float16 and bfloat16) and generate once, on the last training run (`qlora merge`, `qlora generate`);
@@ -174,6 +176,49 @@ DRY_MOE_CONFIG = {
     "head_dim": 16,
     "vocab_size": 3000,
 }
+_GEMMA3 = {
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 8192,
+    "sliding_window_pattern": 6,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+    "tie_word_embeddings": True,
+}
+# Families beside the Llama grid, one QLoRA point each at the longest baseline sequence: Gemma 3 4B's text model
+# (its 1,024-token sliding windows through qlora's sdpa, no tokens x tokens mask; QK-norm; 262k vocabulary)
+FAMILY_CONFIGS = {
+    "gemma-3-4b": {
+        **_GEMMA3,
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "num_hidden_layers": 34,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 1024,
+        "vocab_size": 262208,
+    },
+}
+DRY_FAMILY_CONFIGS = {
+    "tiny-gemma3": {
+        **_GEMMA3,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "vocab_size": 3000,
+    },
+}
 METHODS = ("qlora", "lora")
 SEQ_LENS, DRY_SEQ_LENS = (2048,), (32, 64)
 RANK, DRY_RANK = 64, 8
@@ -200,7 +245,7 @@ LONG_SEQ_LENS, DRY_LONG_SEQ_LENS = (32768, 80000), (64, 128)
 TARGET_ERROR_PCT = 3.0
 # Seconds per section. A point already running finishes past its budget (an 8B point takes ~30 s), so
 # the budgets add up to ~6.5 minutes to end within 8.
-BUDGET_S = {"overheads": 45, "memory": 185, "training": 50, "merge": 50, "speed": 180, "gpu tests": 30}
+BUDGET_S = {"overheads": 45, "memory": 215, "training": 50, "merge": 50, "speed": 180, "gpu tests": 30}
 GPU_TESTS = [
     "tests/training/test_measure.py",
     "tests/training/test_distributed.py",
@@ -230,13 +275,14 @@ class Plan:
     train: dict
     work: Path
     isolate: bool  # a process per config and per training run (the GPU default: bnb never frees paged buffers)
+    families: dict = dataclasses.field(default_factory=dict)  # other families' configs: one QLoRA point each
 
     @classmethod
     def make(cls, dry: bool, work: Path, isolate: bool | None = None) -> Plan:
         isolate = not dry if isolate is None else isolate
         if dry:
-            return cls(True, DRY_CONFIGS, DRY_SEQ_LENS, DRY_RANK, DRY_TRAIN, work, isolate)
-        return cls(False, CONFIGS, SEQ_LENS, RANK, TRAIN, work, isolate)
+            return cls(True, DRY_CONFIGS, DRY_SEQ_LENS, DRY_RANK, DRY_TRAIN, work, isolate, DRY_FAMILY_CONFIGS)
+        return cls(False, CONFIGS, SEQ_LENS, RANK, TRAIN, work, isolate, FAMILY_CONFIGS)
 
 
 # --- 1. environment --------------------------------------------------------------------------------
@@ -349,7 +395,8 @@ def long_context_keys() -> dict:
 def points(plan: Plan, config: str, part: str) -> list[dict]:
     """The memory points of one config: part 'baseline' (every method and sequence length), 'features'
     (each feature row at the longest sequence) or 'long-context' (the 8B shape only: the long-context
-    recipe's keys at 32,768 and 80,000 tokens) or 'moe' (the mixture-of-experts shape, once, at the longest)."""
+    recipe's keys at 32,768 and 80,000 tokens), 'moe' (the mixture-of-experts shape, once, at
+    the longest) or 'families' (one QLoRA point per family config)."""
     if part == "moe":
         if config != list(plan.configs)[0]:
             return []
@@ -364,6 +411,18 @@ def points(plan: Plan, config: str, part: str) -> list[dict]:
                 "skipped": None,
             }
             for m in METHODS
+        ]
+    if part == "families":
+        feature = f"family: {plan.families[config]['model_type']} (default attention)"
+        return [
+            {
+                "config": config,
+                "method": "qlora",
+                "seq_len": plan.seq_lens[-1],
+                "feature": feature,
+                "changes": {},
+                "skipped": None,
+            }
         ]
     if part == "long-context":
         if config != list(plan.configs)[-1]:
@@ -478,10 +537,8 @@ def memory_worker(plan: Plan, config: str, part: str, deadline: float, index: in
             yield {**point, "skipped": "time budget"}
             continue
         try:
-            shape = (
-                (DRY_MOE_CONFIG if plan.dry else MOE_CONFIG) if point["config"] == MOE_NAME else plan.configs[config]
-            )
-            weights = weights or save_random_model(shape, plan.work / "models" / point["config"])
+            shapes = {**plan.configs, **plan.families, MOE_NAME: DRY_MOE_CONFIG if plan.dry else MOE_CONFIG}
+            weights = weights or save_random_model(shapes[point["config"]], plan.work / "models" / point["config"])
             yield measure_point(point, plan, weights)
         except Exception as exc:  # an OOM or a missing kernel: recorded, and the grid goes on
             yield {**point, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
@@ -492,8 +549,8 @@ def run_memory(plan: Plan, deadline: float) -> list[dict]:
     in-process for the dry run, one subprocess per config and part on a GPU (the random weights, saved
     once per config, stay on disk until the end: 25 GB for 1B + 3B + 8B in 16 bits)."""
     rows = []
-    for part in ("baseline", "moe", "long-context", "features"):
-        for config in plan.configs:
+    for part in ("baseline", "moe", "long-context", "families", "features"):
+        for config in plan.families if part == "families" else plan.configs:
             if (
                 plan.isolate
             ):  # one process per point: allocator statistics and bitsandbytes' paged buffers are per process
@@ -905,7 +962,10 @@ def parse_args(argv=None):
     parser.add_argument("--worker", choices=("context", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument(
-        "--part", choices=("baseline", "moe", "long-context", "features"), default="baseline", help=argparse.SUPPRESS
+        "--part",
+        choices=("baseline", "moe", "long-context", "families", "features"),
+        default="baseline",
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--point", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-in", type=float, default=0.0, help=argparse.SUPPRESS)

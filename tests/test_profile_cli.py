@@ -32,7 +32,7 @@ def test_no_arguments_print_the_headline_table(capsys):
         for model in ("llama-2-7b", "llama-2-13b", "llama-2-70b")
         for method in ("full", "lora", "qlora")
     ]
-    assert "seq 512 · batch 1 · r 64 (all-linear) · paged_adamw_32bit · checkpointing · sdpa · bfloat16 on cuda" in out
+    assert "seq 512 · batch 1 · r 64 (all-linear) · paged_adamw_32bit · checkpointing · auto · bfloat16 on cuda" in out
 
 
 def test_json_for_llama_2_7b(capsys):

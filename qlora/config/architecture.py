@@ -5,6 +5,7 @@ so that both resolve `lora.targets` and the output head the same way."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from qlora.config.errors import QLoraError, did_you_mean
 
@@ -43,14 +44,38 @@ EXPERT_PARAMETER_NAMES = {"gate_up_proj", "up_proj", "down_proj"}
 EXPERT_PRESETS = {"all-linear", "mlp"}
 CLASSIFIER_HEADS = ("score", "classifier")
 IGNORE_INDEX = -100  # labels with this value are skipped by the loss (PyTorch's cross-entropy default)
-# Config keys of heads that are more than `hidden @ W.T (+ b)`; the chunked loss would not reproduce them.
-HEAD_TRANSFORMS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "output_multiplier_scale",
-    "logit_softcapping",
-)
+# Config keys of heads that are more than `hidden @ W.T (+ b)` in ways the chunked loss does not reproduce
+# (no transformers 5 causal LM uses them; remote code might). Scaling and final soft-capping are reproduced.
+HEAD_TRANSFORMS = ("output_multiplier_scale", "logit_softcapping")
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """What a causal LM's forward does to `hidden @ W.T (+ b)` before the loss: multiply by `scale` (Granite divides
+    by `logits_scaling`, Cohere multiplies by `logit_scale`), then soft-cap to `softcap * tanh(logits / softcap)`
+    (Gemma 2's `final_logit_softcapping`). The chunked loss applies both inside each chunk."""
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and not self.softcap
+
+
+PLAIN_HEAD = HeadTransform()  # logits = hidden @ W.T (+ b), as most families
+
+
+def head_transform(config) -> HeadTransform:
+    """The output head's transform, read from a model config the way the families' forwards read it."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
+        scale /= float(config.logits_scaling)
+    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale *= float(config.logit_scale)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return HeadTransform(scale=scale, softcap=float(softcap) if softcap else None)
 
 
 def chunked_loss_unsupported(model) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from qlora.config.attention import ATTN_IMPLEMENTATIONS
 from qlora.config.errors import QLoraError, did_you_mean
 from qlora.config.gpus import parse_gpu_memory
 from qlora.config.io import atomic_write_text
@@ -62,7 +63,6 @@ METRICS = ("none", "exact_match", "accuracy", "map@3")  # map@3: ranked multiple
 # The eval.metric values each task accepts. Classification reports accuracy and weighted F1 whatever the
 # value (one forward pass); 'map@3' adds MAP@3 for ranked multiple choice (Kaggle science-exam style).
 TASK_METRICS = {"causal_lm": ("none", "exact_match"), "classification": ("none", "accuracy", "map@3")}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "zero3")  # qlora.training.distributed turns them into Trainer settings
 SHARDED_STRATEGIES = ("fsdp", "zero3")  # the strategies that split the weights across processes
 DISTRIBUTED_OFFLOADS = ("none", "cpu")
@@ -95,7 +95,10 @@ class ModelSpec:
     revision: str | None = key(None, help="Hub revision (branch, tag or commit)")
     trust_remote_code: bool = key(False, help="run the model repo's own Python code; off unless you ask")
     attn_implementation: str = key(
-        "sdpa", help="attention implementation", choices=ATTN_IMPLEMENTATIONS, flag="--attn"
+        "auto",
+        help="attention kernel; auto: the first of sdpa, flex_attention (GPU), eager the family supports",
+        choices=ATTN_IMPLEMENTATIONS,
+        flag="--attn",
     )
     adapter: str | None = key(
         None,

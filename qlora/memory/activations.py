@@ -52,6 +52,10 @@ LINEAR_SOURCE = {
     "gate_proj": "mlp_norm",
     "up_proj": "mlp_norm",
     "down_proj": "mlp_act",
+    "query_key_value": "attn_norm",  # GPT-NeoX
+    "dense": "attn_out",
+    "dense_h_to_4h": "mlp_norm",
+    "dense_4h_to_h": "mlp_act",
 }
 
 
@@ -81,6 +85,7 @@ class Step:
     loss: str = "standard"  # 'chunked': qlora.ops.loss (causal LM only)
     kernels: bool = False  # Liger Kernel's RMSNorm, SwiGLU, RoPE and fused loss (training.kernels: auto on CUDA)
     expert_leaves: frozenset[str] = frozenset()  # fused expert stacks with LoRA (mixture of experts)
+    packed: bool = False  # data.packing: several documents per sequence (qlora.ops.attention attends each alone)
 
     @property
     def tiled(self) -> bool:
@@ -166,9 +171,9 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
         held = _linear_inputs(inv, step, count_attention_output=True, skip=MLP_LEAVES if step.tiled else frozenset())
         kept["int8 layers' inputs (held by bitsandbytes)"] = n * held
     kept["token ids, labels, positions"] = batch_bytes(step) + S * 8
-    kept["rotary tables"] = 2 * S * d.head_dim * c
-    if step.attention == "eager":
-        kept["causal mask"] = step.batch * S * S * c
+    kept["rotary tables"] = d.rope_tables * 2 * S * (d.rotary_dim or d.head_dim) * c
+    if step.attention == "eager":  # one additive mask per layer type (Gemma 2/3: full and sliding)
+        kept["causal mask"] = d.attention_kinds * step.batch * S * S * c
     head = _head_saved(inv, step)
     recomputed = layer if n else 0
     if n and step.offload:  # the layer's input, back from host RAM for its recompute
@@ -188,6 +193,20 @@ def activation_bytes(inv: Inventory, step: Step) -> Activations:
             "end of forward (logits, loss)": head + _forward_end(inv, cached),
             "start of backward (loss gradient)": head + _loss_backward(inv, step),
         }
+    if step.attention == "eager":
+        # attention's backward, the MLP's saved tensors freed: softmax's and the scores' gradients (two fp32 tokens x
+        # tokens tensors per head) beside the incoming gradient
+        scores = 2 * step.batch * d.heads * S * S * FP32 + T * d.hidden * c - _mlp_saved(step) * T * d.intermediate * c
+        after = 2 if inv.sandwich_norms() else 1  # the norms after attention, backpropagated first too
+        scores -= after * (T * d.hidden * FP32 + T * FP32)
+        if step.method != "full":
+            scores -= _lora_saved(inv, step, step.lora_leaves & MLP_LEAVES)
+        else:  # the MLP's linear inputs and the normalized inputs its norms saved for their weights
+            scores -= T * (d.hidden + d.intermediate) * c + after * T * d.hidden * c
+        # (the layers' own saved tensors: in `kept` for unchecked layers, recomputed for checkpointed ones)
+        moments["backward through one layer's eager attention"] = max(
+            scores if n < L else 0, recomputed + scores - (unchecked if n < L else 0) if n else 0
+        )
     if n < L:  # the last layers keep their activations: no recompute
         moments.update(layer_backward_moment(inv, free, 0))
     if n:
@@ -271,13 +290,30 @@ def layer_saved(inv: Inventory, step: Step) -> dict[str, int]:
         norms += 2 * T * d.hidden * c  # the normalized input, for the norm weight's gradient
     if step.attention == "eager":  # q and repeated k, v; softmax output in fp32 and its 16-bit copy
         attention = T * 3 * q * c + B * d.heads * S * S * (FP32 + (c if c != FP32 else 0))
+        if d.scores_capped:  # Gemma 2: tanh saves its output, a second tokens x tokens tensor per head
+            attention += B * d.heads * S * S * c
     else:  # sdpa (flash / memory-efficient) and flash_attention_2: q, k, v, output, logsumexp
         attention = T * (2 * q + 2 * kv) * c + B * d.heads * S * FP32
-    parts = {"norms": norms, "attention": attention, "mlp": _mlp_saved(step) * T * d.intermediate * c}
-    if inv.head_norms and not step.kernels:  # Qwen3's per-head q/k RMSNorm: fp32 input and one rsqrt per head
-        parts["q/k norms"] = T * (q + kv) * FP32 + T * (d.heads + d.kv_heads) * FP32
+    if split_attention(inv, step):
+        attention += split_attention_saved(inv, step)
+    if inv.sandwich_norms():  # Gemma: the post-attention norm saves the attention output (fp32) and its rsqrt
+        norms += T * d.hidden * FP32 + T * FP32
+    if inv.post_norms() and c == FP32 and not step.kernels:
+        # OLMo 2: the first norm normalizes attention's output, not the layer input it would share in fp32
+        norms += T * d.hidden * FP32 - T * FP32
+        if step.method == "full":  # q, k and v read the layer input itself (kept by checkpointing), no norm output
+            norms -= T * d.hidden * c
+    if d.parallel_layer_norm:  # LayerNorm keeps its input as it is (the layer input, twice), a mean and an rstd
+        norms = 4 * T * FP32
+    if {"qkv_proj", "query_key_value"} & set(inv.layer_linears()) and step.attention != "eager":
+        # Phi-3's fused projection: v is a view of its output, so what attention saves keeps all of it (q and k
+        # are rotated copies)
+        attention += T * (q + kv) * c
+    parts = {"norms": norms, "attention": attention, "mlp": _mlp_saved(step, inv) * T * d.intermediate * c}
+    if inv.qk_norms():
+        parts["query and key norms"] = qk_norm_saved(inv, step)
     if d.moe_layers:  # a MoE block (and the shared experts' MLP beside it) instead of the dense MLP
-        parts["mlp"] = _mlp_saved(step) * T * d.shared_intermediate * c
+        parts["mlp"] = _mlp_saved(step, inv) * T * d.shared_intermediate * c
         parts.update(moe.saved(moe_shape(inv, step)))
     if step.tiled:
         del parts["mlp"]
@@ -311,9 +347,55 @@ def moe_shape(inv: Inventory, step: Step) -> moe.MoeShape:
     )
 
 
-def _mlp_saved(step: Step) -> int:
-    """Intermediate-sized tensors the gated MLP saves: gate, SiLU and up outputs; Liger's SwiGLU recomputes SiLU."""
+def split_attention(inv: Inventory, step: Step) -> bool:
+    """Whether qlora.ops.attention splits a layer's attention (training's sdpa): packed documents, or a sliding
+    window shorter than the sequence."""
+    window = inv.dims.sliding_window
+    return step.attention == "sdpa" and (step.packed or (window is not None and window < step.seq))
+
+
+def split_attention_saved(inv: Inventory, step: Step) -> int:
+    """What qlora.ops.attention saves beyond one sdpa call: the band mask of a sliding window (window x 2 window, in
+    the compute dtype, shared by the blocks; on a GPU with grouped-query attention, the keys and values repeated
+    to every query head); and, where o_proj saves its input as it is (full FT, LoRA without
+    dropout or cast), that input, which is now the blocks' gathered output rather than sdpa's own."""
+    d, c = inv.dims, step.compute_bytes
+    window = d.sliding_window if d.sliding_window and d.sliding_window < step.seq else 0
+    saved = window * 2 * window * c
+    if window and step.device == "cuda" and d.kv_heads != d.heads:  # keys and values repeated for the masked blocks
+        saved += 2 * step.tokens * (d.heads - d.kv_heads) * d.head_dim * c
+    if step.method == "full" or "attn_out" in _saved_as_is(step):
+        saved += step.tokens * d.heads * d.head_dim * c
+    return saved
+
+
+def qk_norm_saved(inv: Inventory, step: Step) -> int:
+    """What the query and key RMSNorms save (Qwen3, OLMo 2, Gemma 3): their fp32 input (the projection's output, or
+    its fp32 copy) and one rsqrt per normalized vector; for full FT also the normalized input, for the weight's
+    gradient."""
+    d, T, c = inv.dims, step.tokens, step.compute_bytes
+    q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    q_width, k_width = inv.qk_norms()
+    saved = T * (q + kv) * FP32 + T * (q // q_width + kv // k_width) * FP32
+    return saved + (T * (q + kv) * c if step.method == "full" else 0)
+
+
+def _mlp_saved(step: Step, inv: Inventory | None = None) -> int:
+    """Intermediate-sized tensors the gated MLP saves: gate, SiLU and up outputs; Liger's SwiGLU recomputes SiLU.
+    A plain MLP (GPT-NeoX): the activation's input."""
+    if inv is not None and not gated(inv):
+        return 1
     return 2 if step.kernels else 3
+
+
+def gated(inv: Inventory) -> bool:
+    """Whether the MLP is gated (Llama's gate and up projections, Phi-3's fused gate_up_proj)."""
+    return bool({"gate_proj", "gate_up_proj", "w1"} & set(inv.layer_linears())) or not inv.dims.parallel_layer_norm
+
+
+def _down(inv: Inventory) -> str:
+    """The MLP's output projection's leaf name."""
+    return "dense_4h_to_h" if "dense_4h_to_h" in inv.layer_linears() else "down_proj"
 
 
 def _adapters_cast(step: Step) -> bool:
@@ -384,10 +466,13 @@ def _head_saved(inv: Inventory, step: Step) -> int:
     so it keeps its input (and, under autocast, its 16-bit weight copy)."""
     d, T, c = inv.dims, step.tokens, step.compute_bytes
     saved = T * d.hidden * (c if step.kernels else FP32) + T * FP32
+    layer_norm = d.parallel_layer_norm  # GPT-NeoX's LayerNorm: its input, a mean and an rstd; no normalized copy
+    if layer_norm:
+        saved = T * d.hidden * c + 2 * T * FP32
     if (
         step.method == "full"
     ):  # the norm's normalized input (not Liger's); the standard loss's head also saves its input
-        return saved + ((0 if step.kernels else 1) + (0 if step.chunked else 1)) * T * d.hidden * c
+        return saved + ((0 if step.kernels or layer_norm else 1) + (0 if step.chunked else 1)) * T * d.hidden * c
     if step.classifier:
         saved += T * d.hidden * c + (step.num_labels * d.hidden * c if _adapters_cast(step) else 0)
     return saved
@@ -438,7 +523,7 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
     if d.moe_layers:
         return T * d.hidden * c + max(moe.backward(moe_shape(inv, step)).values())
     H, I = d.hidden, d.intermediate
-    down_lora = "down_proj" in step.lora_leaves
+    down_lora = _down(inv) in step.lora_leaves
     recompute_end = 0
     if step.checkpointing and down_lora:
         saved = _saved_as_is(step)
@@ -452,7 +537,16 @@ def _layer_backward(inv: Inventory, step: Step) -> int:
             recompute_end += T * I * step.adapter_bytes * (2 if step.lora_dropout > 0 and step.autocast else 1)
     # down_proj's LoRA branch backpropagated (its rank-sized tensor freed): its input gradient beside the base's
     branch = 2 * T * I * c - T * step.rank * step.lora_matmul_bytes if down_lora and step.method != "full" else 0
-    return T * H * c + max(recompute_end, branch, *_mlp_backward(inv, step))
+    down, product = _mlp_backward(inv, step)
+    if d.residual_scaled:
+        # Granite multiplies the MLP's output before the residual sum: that product's gradient is a second
+        # hidden-sized tensor until down_proj's backward is done; at the recompute's end one more hidden-sized
+        # tensor is alive (measured on a CPU: the recomputed attention branch, scaled)
+        down, branch = down + T * H * c, branch + T * H * c if branch else 0
+        recompute_end += 2 * T * H * c if recompute_end else 0
+    # GPT-NeoX's parallel branches: the other branch's input gradient waits to be added to the residual's
+    incoming = T * H * c * (2 if d.parallel_layer_norm else 1)
+    return incoming + max(recompute_end, branch, down, product)
 
 
 def _mlp_backward(inv: Inventory, step: Step) -> tuple[int, int]:
@@ -463,14 +557,15 @@ def _mlp_backward(inv: Inventory, step: Step) -> tuple[int, int]:
     weight = d.hidden * d.intermediate
     temporary = {"full": weight * c, "qlora": weight * c + -(-weight // 64) * FP32, "lora-8bit": weight * c}
     down_backward = T * d.intermediate * c + temporary.get(step.method, 0)
-    down_lora = "down_proj" in step.lora_leaves
+    down = _down(inv)
+    down_lora = down in step.lora_leaves
     down_saved = (
-        _lora_saved(inv, step, ["down_proj"])
-        if down_lora
-        else (T * d.intermediate * c if step.method == "full" else 0)
+        _lora_saved(inv, step, [down]) if down_lora else (T * d.intermediate * c if step.method == "full" else 0)
     )
-    # torch: three intermediate-sized gradients; Liger's SwiGLU writes the gate's and up's over their saved outputs
-    return down_backward, (1 if step.kernels else 3) * T * d.intermediate * c - down_saved
+    # torch: three intermediate-sized gradients; Liger's SwiGLU writes the gate's and up's over their saved outputs;
+    # a plain MLP: the activation's input gradient beside its output's
+    count = (1 if step.kernels else 3) if gated(inv) else 2
+    return down_backward, count * T * d.intermediate * c - down_saved
 
 
 # --- the tiled MLP (training.mlp_tiles, qlora.ops.tiled_mlp) ---------------------------------------------
@@ -658,7 +753,7 @@ def eval_activation_bytes(inv: Inventory, step: Step, train_batch: int) -> Activ
         "one layer's forward": _layer_forward(inv, step),
     }
     if step.attention == "eager":
-        layer["causal mask"] = step.batch * S * S * c
+        layer["causal mask"] = d.attention_kinds * step.batch * S * S * c
     parts["eval forward through one layer"] = layer
     if step.generate_tokens and not step.classifier:  # eval.metric exact_match: greedy generation at the eval batch
         parts["exact-match generation (KV cache)"] = generation_terms(inv, step)

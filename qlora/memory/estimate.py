@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from qlora.config.attention import choose_attention
 from qlora.config.errors import QLoraError, did_you_mean
 from qlora.config.long_context import mlp_tiles_for
 from qlora.config.precision import (
@@ -114,6 +115,10 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         raise QLoraError(f"method: unknown value '{method}'{did_you_mean(method, METHODS)}")
     dtype = compute_dtype(settings)
     inv = settings_inventory(model, settings)
+    attention, _ = choose_attention(
+        inv.architecture, inv.attention, settings.attn_implementation, settings.device, check_installed=False
+    )
+    settings = settings.replace(attn_implementation=attention)  # what training runs (qlora.model.load decides alike)
     if inv.task != settings.task:
         raise ValueError(f"inventory of a {inv.task} model profiled as {settings.task}")
     targets = () if method == "full" else inv.lora_targets(settings.targets)
@@ -150,6 +155,7 @@ def estimate(model: str | Inventory, method: str, settings: Settings) -> Estimat
         **long_context_step(inv, settings),
         loss="standard" if inv.chunked_loss_unsupported else settings.loss,  # as qlora.ops.loss falls back in training
         kernels=liger_kernels(settings),
+        packed=settings.packing,
     )
     preference = settings.objective != "sft"  # TRL's step: chosen + rejected in one batch, its own log-prob head
     if preference:

@@ -23,11 +23,15 @@ from qlora.config.architecture import (
     CLASSIFIER_HEADS,
     EXPERT_PARAMETER_NAMES,
     MLP_NAMES,
+    PLAIN_HEAD,
+    HeadTransform,
     chunked_loss_unsupported,
     expert_target_names,
+    head_transform,
     lora_target_names,
     peft_remapped_names,
 )
+from qlora.config.attention import supported_attention
 from qlora.config.errors import QLoraError
 from qlora.memory.catalog import resolve
 
@@ -99,6 +103,13 @@ class Dims:
     expert_intermediate: int = 0  # one expert's intermediate size
     moe_layers: int = 0  # decoder layers with routed experts (the others are dense)
     shared_intermediate: int = 0  # the shared experts' MLP beside the routed ones (GLM-4.5, DeepSeek-V3)
+    residual_scaled: bool = False  # Granite: each residual branch is multiplied (residual_multiplier) before the sum
+    sliding_window: int | None = None  # the window of the sliding-window layers (Mistral, Gemma 2/3), None: none
+    rope_tables: int = 1  # rotary cos/sin tables per forward: Gemma 3 has one per layer type (local and global)
+    attention_kinds: int = 1  # layer types with their own mask (Gemma 2/3: full and sliding)
+    scores_capped: bool = False  # Gemma 2 soft-caps the attention scores (eager keeps their tanh)
+    parallel_layer_norm: bool = False  # GPT-NeoX: two LayerNorms of the layer input, attention and MLP in parallel
+    rotary_dim: int | None = None  # rotated dimensions per head where only part rotates (GPT-NeoX's rotary_pct)
 
 
 @dataclass(frozen=True)
@@ -113,11 +124,12 @@ class Inventory:
     layer_prefix: str  # e.g. 'model.layers.0.': the linears of one decoder layer start with it
     task: str = "causal_lm"
     chunked_loss_unsupported: str | None = (
-        None  # why qlora.ops.loss falls back to the standard loss here (soft-capping, …)
+        None  # why qlora.ops.loss falls back to the standard loss here (an unknown head transform)
     )
     experts: tuple[ExpertStack, ...] = ()  # fused expert stacks (mixture of experts)
-    head_norms: bool = False  # RMSNorm on each query and key head (Qwen3, Qwen3-MoE, Gemma 3)
     model_type: str = ""
+    head: HeadTransform = PLAIN_HEAD  # the logits' scaling and soft-capping (qlora.ops.loss applies them per chunk)
+    attention: tuple[str, ...] | None = None  # the attention implementations transformers supports for this class
 
     def parameter_count(self) -> int:
         return (
@@ -140,6 +152,25 @@ class Inventory:
     def layer_linears(self) -> dict[str, Linear]:
         """Leaf name -> linear layer, for one decoder layer (all layers have the same shapes)."""
         return {lin.leaf: lin for lin in self.linears if lin.name.startswith(self.layer_prefix)}
+
+    def qk_norms(self) -> tuple[int, int] | None:
+        """The widths of one layer's query and key norms (Qwen3, Gemma 3: per head; OLMo 2: the whole projection),
+        None for a family without them."""
+        widths = {
+            t.name.rsplit(".", 2)[-2]: t.numel
+            for t in self.params
+            if t.name.startswith(self.layer_prefix) and t.name.endswith(("q_norm.weight", "k_norm.weight"))
+        }
+        return (widths["q_norm"], widths["k_norm"]) if len(widths) == 2 else None
+
+    def sandwich_norms(self) -> bool:
+        """Whether each sub-layer's output is normalized before the residual sum (Gemma 2 and 3's four norms)."""
+        return any(t.name.startswith(self.layer_prefix) and "pre_feedforward_layernorm" in t.name for t in self.params)
+
+    def post_norms(self) -> bool:
+        """Whether the norms come after each sub-layer and none before (OLMo 2)."""
+        names = [t.name for t in self.params if t.name.startswith(self.layer_prefix)]
+        return any("post_feedforward_layernorm" in n for n in names) and not any("input_layernorm" in n for n in names)
 
     def lora_targets(self, targets: str | tuple[str, ...]) -> tuple[Linear, ...]:
         """The linear layers LoRA wraps: `lora_target_names`, the rule training applies to a real model."""
@@ -275,7 +306,8 @@ def _describe(model, name: str, task: str = "causal_lm") -> Inventory:
         chunked_loss_unsupported=chunked_loss_unsupported(model) if task == "causal_lm" else None,
         experts=tuple(experts),
         model_type=model.config.model_type,
-        head_norms=any(p.name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) for p in params),
+        head=head_transform(model.config),
+        attention=supported_attention(type(model)),
     )
 
 
@@ -301,6 +333,13 @@ def _dims(config) -> Dims:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab=config.vocab_size,
         max_positions=getattr(config, "max_position_embeddings", None) or 4096,  # 4096 when the config does not say
+        residual_scaled=getattr(config, "residual_multiplier", None) is not None,  # multiplied even by 1.0
+        sliding_window=_sliding_window(config),
+        rope_tables=_rope_tables(config),
+        attention_kinds=len(set(getattr(config, "layer_types", None) or ["one"])),
+        scores_capped=bool(getattr(config, "attn_logit_softcapping", None)),
+        parallel_layer_norm=config.model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", False)),
+        rotary_dim=_rotary_dim(config, getattr(config, "head_dim", None) or config.hidden_size // heads),
         **_moe_dims(config),
     )
 
@@ -321,6 +360,33 @@ def _moe_dims(config) -> dict[str, int]:
         "moe_layers": config.num_hidden_layers - dense_first - dense_only,
         "shared_intermediate": shared * expert_intermediate,
     }
+
+
+def _rotary_dim(config, head_dim: int) -> int | None:
+    """Rotated dimensions per head when the config rotates only part of each head (None: all of it)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    share = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    share = share or getattr(config, "partial_rotary_factor", None) or getattr(config, "rotary_pct", None)
+    return int(head_dim * share) if share and share < 1 else None
+
+
+def _rope_tables(config) -> int:
+    """Rotary tables a forward makes: one per layer type with its own rope parameters (Gemma 3), else one."""
+    rope = getattr(config, "rope_parameters", None)
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if isinstance(rope, dict) and layer_types and layer_types <= set(rope):
+        return len(layer_types)
+    return 1
+
+
+def _sliding_window(config) -> int | None:
+    """The window of the config's sliding-window layers (transformers' `layer_types`, or every layer where a window
+    is set and not switched off by `use_sliding_window`)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    return window if layer_types is None or "sliding_attention" in layer_types else None
 
 
 def _first_layer_prefix(model) -> str:

@@ -51,7 +51,7 @@ class Settings:
     checkpointing: bool = derived_from("training.gradient_checkpointing", True)
     # with checkpointing: the first N decoder layers, 'auto' (the planner's), None (all)
     checkpoint_layers: int | str | None = derived_from("training.gradient_checkpointing", None)
-    attn_implementation: str = from_key("model.attn_implementation")
+    attn_implementation: str = from_key("model.attn_implementation")  # resolved per family (config.attention)
     compute_dtype: str = from_key("quantization.compute_dtype")
     double_quant: bool = from_key("quantization.double_quant")
     device: str = "cuda"
@@ -67,6 +67,7 @@ class Settings:
     # eval.metric exact_match: greedy generation of this many tokens at the eval batch (KV cache)
     generate_tokens: int = derived_from("eval.max_new_tokens", 0)
     kernels: str = from_key("training.kernels")
+    packing: bool = from_key("data.packing")  # documents packed into each sequence (position ids restart)
     objective: str = from_key("training.objective")  # 'dpo': TRL's preference step (chosen + rejected, a reference)
     precompute_ref: bool = from_key("dpo.precompute_ref_log_probs")  # no reference forward in the step
     # the planned GPU computes bf16 (compute capability >= 8.0); fp16 below (T4, V100): the same bytes

@@ -26,9 +26,11 @@ from transformers import (
 )
 
 from qlora.config.architecture import CLASSIFIER_HEADS
+from qlora.config.attention import choose_attention, describe_choice, model_class, supported_attention
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import SHARDED_STRATEGIES, ModelSpec, QuantizationSpec, Recipe
 from qlora.memory.inventory import EXPERT_KEYS
+from qlora.ops.attention import install as install_sdpa
 from qlora.ops.experts import finish_quantized_experts, quantizing_experts, register_experts_implementation
 
 log = logging.getLogger(__name__)
@@ -148,7 +150,7 @@ def load_base_model(
     sharded = recipe.distributed.strategy in SHARDED_STRATEGIES
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype,  # frozen unquantized weights stay in the compute dtype (qlora.config.precision)
-        "attn_implementation": recipe.model.attn_implementation,
+        "attn_implementation": loading_attention(resolve_attention(recipe, device, announce)),
         "quantization_config": quantization_config(recipe.quantization, compute_dtype, sharded),
     }
     if device == "cpu":
@@ -191,7 +193,7 @@ def check_moe_source(recipe: Recipe, config) -> None:
             f"model.name_or_path: {recipe.model.name_or_path} ships {method}-quantized weights; use its 16-bit "
             "checkpoint (e.g. unsloth/gpt-oss-20b-BF16), which qlora quantizes to NF4 while loading"
         )
-    if moe and recipe.quantization.bits == 4 and recipe.distributed.strategy in ("fsdp", "zero3"):
+    if moe and recipe.quantization.bits == 4 and recipe.distributed.strategy in SHARDED_STRATEGIES:
         raise QLoraError(
             f"distributed.strategy: '{recipe.distributed.strategy}' does not shard 4-bit expert stacks yet; "
             "use ddp (or one GPU) for a mixture-of-experts QLoRA"
@@ -211,6 +213,29 @@ def moe_loading_kwargs(recipe: Recipe, lora: bool) -> tuple[dict[str, Any], Any]
     if q.bits != 4:
         return kwargs, contextlib.nullcontext()
     return kwargs, quantizing_experts(q.quant_type, q.double_quant)
+
+
+def resolve_attention(recipe: Recipe, device: str | None = None, announce: bool = False) -> str:
+    """`model.attn_implementation` for this family on `device` (qlora.config.attention, the profiler's rule too);
+    `announce`: print the one line saying what `auto` chose and why."""
+    config = load_model_config(recipe.model)
+    cls = model_class(config, recipe.task)
+    where = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name, why = choose_attention(
+        cls.__name__ if cls else config.model_type,
+        supported_attention(cls) if cls else None,
+        recipe.model.attn_implementation,
+        where,
+    )
+    if announce and recipe.model.attn_implementation == "auto":
+        log.info(describe_choice(name, why))
+    return name
+
+
+def loading_attention(name: str) -> str:
+    """What `from_pretrained` gets for the chosen implementation: sdpa is qlora's mask-free sdpa (qlora.ops.attention:
+    no tokens x tokens mask for packed sequences and sliding windows), transformers' sdpa otherwise."""
+    return install_sdpa() if name == "sdpa" else name
 
 
 def loading_device_map(strategy: str | None) -> dict[str, int | str]:

@@ -11,6 +11,10 @@ because Liger and Apple's Cut Cross-Entropy need CUDA and Triton, and the CPU (t
 must run the same code the profiler models. On CUDA, Liger's kernel is used when it is installed
 (`pip install qlora-kit[kernels]`).
 
+Heads that transform the logits are reproduced inside each chunk (`qlora.config.architecture.head_transform`):
+Granite's and Cohere's scaling, Gemma 2's final soft-capping (whose derivative, 1 - tanh², is one more fp32
+chunk while the chunk's gradient is made), so no family falls back to vocabulary-sized logits.
+
 The reduction is transformers' `ForCausalLMLoss`: labels shifted by one, `ignore_index` -100, the sum
 divided by `num_items_in_batch` when the Trainer passes it (gradient accumulation), else the mean.
 """
@@ -18,11 +22,12 @@ divided by `num_items_in_batch` when the Trainer passes it (gradient accumulatio
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from qlora.config.architecture import IGNORE_INDEX
+from qlora.config.architecture import IGNORE_INDEX, PLAIN_HEAD, HeadTransform, head_transform
 from qlora.config.long_context import chunk_tokens, fused_loss_is_smaller
 
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
@@ -38,9 +43,18 @@ def shifted_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, shif
     return positions, flat.index_select(0, positions)
 
 
-def _chunk(h, weight, bias, targets, want_grads: bool):
-    """Summed CE of one chunk, and its fp32 probabilities minus one-hot (the logits' gradient, unscaled)."""
+def _chunk(h, weight, bias, targets, want_grads: bool, scale: float = 1.0, softcap: float | None = None):
+    """Summed CE of one chunk, and the gradient w.r.t. its raw logits `h @ W.T + b` (unscaled by the denominator):
+    fp32 probabilities minus one-hot, times the head transform's derivative (`scale`, then soft-capping to
+    `softcap * tanh(logits / softcap)`, as Granite, Cohere and Gemma 2 do in their forward)."""
     logits = (torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()).float()
+    slope = None  # soft-capping's derivative, 1 - tanh², kept for the gradient (one more fp32 chunk)
+    if softcap:
+        logits.mul_(scale / softcap).tanh_()
+        slope = torch.mul(logits, logits).neg_().add_(1) if want_grads else None
+        logits.mul_(softcap)
+    elif scale != 1.0:
+        logits.mul_(scale)
     target_logit = logits.gather(1, targets.unsqueeze(1))
     peak = logits.amax(1, keepdim=True)
     logits.sub_(peak).exp_()
@@ -52,6 +66,11 @@ def _chunk(h, weight, bias, targets, want_grads: bool):
     logits.div_(sums)
     del sums
     logits.scatter_add_(1, targets.unsqueeze(1), logits.new_full((targets.numel(), 1), -1.0))
+    if slope is not None:
+        logits.mul_(slope)
+        del slope
+    if scale != 1.0:
+        logits.mul_(scale)
     return loss, logits
 
 
@@ -66,6 +85,8 @@ def chunked_cross_entropy_forward(
     grad_hidden: bool = False,
     grad_weight: bool = False,
     grad_bias: bool = False,
+    scale: float = 1.0,
+    softcap: float | None = None,
 ):
     """Loss (sum / denominator) and the requested gradients, one chunk of logits at a time.
 
@@ -81,7 +102,7 @@ def chunked_cross_entropy_forward(
     for start in range(0, positions.numel(), chunk):
         rows = positions[start : start + chunk]
         h = flat.index_select(0, rows)
-        loss, probs = _chunk(h, weight, bias, targets[start : start + chunk], want)
+        loss, probs = _chunk(h, weight, bias, targets[start : start + chunk], want, scale, softcap)
         total += loss
         del loss
         if g_hidden is not None:
@@ -103,7 +124,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """CE(hidden @ W.T + b) with the gradients made in forward, chunk by chunk; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, positions, targets, denominator, chunk):
+    def forward(ctx, hidden, weight, bias, positions, targets, denominator, chunk, scale=1.0, softcap=None):
         need = ctx.needs_input_grad
         ctx.denominator = denominator
         loss, ctx.grads = chunked_cross_entropy_forward(
@@ -117,6 +138,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden=need[0],
             grad_weight=need[1],
             grad_bias=bias is not None and need[2],
+            scale=scale,
+            softcap=softcap,
         )
         return loss
 
@@ -129,7 +152,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         factor = grad_output / ctx.denominator
         scaled = [g.mul_(factor.to(g.dtype)) if g is not None else None for g in grads]  # in place: no new tensor
-        return (*scaled, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None)
 
 
 def chunked_causal_lm_loss(
@@ -142,9 +165,10 @@ def chunked_causal_lm_loss(
     shift_labels=None,
     chunk: int | None = None,
     fused: bool = True,
+    transform: HeadTransform = PLAIN_HEAD,
 ):
-    """transformers' ForCausalLMLoss(hidden @ W.T + b, labels), without the full logits (`fused`: Liger's kernel
-    on CUDA where it is installed and holds less)."""
+    """transformers' ForCausalLMLoss(transform(hidden @ W.T + b), labels), without the full logits (`fused`: Liger's
+    kernel on CUDA where it is installed, holds less and applies `transform`)."""
     positions, targets = shifted_targets(
         labels.to(hidden.device), ignore_index, shift_labels.to(hidden.device) if shift_labels is not None else None
     )
@@ -155,17 +179,22 @@ def chunked_causal_lm_loss(
         fused
         and hidden.is_cuda
         and _liger() is not None
+        and liger_applies(transform, bias)
         and fused_loss_is_smaller(
             positions.numel(), hidden[..., 0].numel(), weight.shape[0], weight.shape[1], hidden.element_size()
         )
     ):
-        return _liger_loss(hidden, weight, bias, positions, targets, denominator)
+        return _liger_loss(hidden, weight, bias, positions, targets, denominator, transform)
     chunk = chunk or chunk_tokens(weight.shape[0])
     if torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
-        return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, positions, targets, denominator, chunk)
-    return chunked_cross_entropy_forward(hidden, weight, bias, positions, targets, denominator, chunk)[0]
+        return ChunkedLinearCrossEntropy.apply(
+            hidden, weight, bias, positions, targets, denominator, chunk, transform.scale, transform.softcap
+        )
+    return chunked_cross_entropy_forward(
+        hidden, weight, bias, positions, targets, denominator, chunk, scale=transform.scale, softcap=transform.softcap
+    )[0]
 
 
 def fused_kernel_installed() -> bool:
@@ -184,10 +213,21 @@ def _liger():
     return LigerFusedLinearCrossEntropyLoss
 
 
-def _liger_loss(hidden, weight, bias, positions, targets, denominator):
+def liger_applies(transform: HeadTransform, bias) -> bool:
+    """Whether Liger's kernel reproduces the head's transform: soft-capping where its loss takes `softcap`; a scale
+    by scaling the rows instead of the logits ((s h) W^T = s (h W^T)), which a bias would break."""
+    if transform.softcap and "softcap" not in inspect.signature(_liger().__init__).parameters:
+        return False
+    return transform.scale == 1.0 or bias is None
+
+
+def _liger_loss(hidden, weight, bias, positions, targets, denominator, transform: HeadTransform = PLAIN_HEAD):
     """Liger's Triton kernel on the kept tokens (summed, then divided as transformers does)."""
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-    loss = _liger()(ignore_index=IGNORE_INDEX, reduction="sum")(weight, rows, targets, bias)
+    if transform.scale != 1.0:
+        rows.mul_(transform.scale)  # in place on index_select's output: its backward needs no saved tensor
+    options = {"softcap": transform.softcap} if transform.softcap else {}
+    loss = _liger()(ignore_index=IGNORE_INDEX, reduction="sum", **options)(weight, rows, targets, bias)
     return (loss[0] if isinstance(loss, tuple) else loss) / denominator
 
 
@@ -204,7 +244,7 @@ def install_chunked_loss(model, fused: bool = True) -> None:
     `chunked_causal_lm_loss`); False: the torch path everywhere.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    call = _ChunkedCall(fused)
+    call = _ChunkedCall(fused, head_transform(causal_lm.config))
     model.register_forward_pre_hook(call.before, with_kwargs=True)
     model.register_forward_hook(call.after)
     causal_lm.base_model.register_forward_hook(call.keep_hidden)
@@ -213,8 +253,9 @@ def install_chunked_loss(model, fused: bool = True) -> None:
 class _ChunkedCall:
     """What one call with labels carries from the pre-hook to the forward hook (empty between calls)."""
 
-    def __init__(self, fused: bool):
+    def __init__(self, fused: bool, transform: HeadTransform = PLAIN_HEAD):
         self.fused = fused
+        self.transform = transform
         self.labels = self.hidden = None
         self.loss_kwargs: dict = {}
 
@@ -239,7 +280,9 @@ class _ChunkedCall:
         self.loss_kwargs = {}
         causal_lm = module.get_base_model() if hasattr(module, "get_base_model") else module
         head = causal_lm.get_output_embeddings()
-        loss = chunked_causal_lm_loss(hidden, head.weight, head.bias, labels, **loss_kwargs, fused=self.fused)
+        loss = chunked_causal_lm_loss(
+            hidden, head.weight, head.bias, labels, **loss_kwargs, fused=self.fused, transform=self.transform
+        )
         return CausalLMOutputWithPast(
             loss=loss, logits=None, hidden_states=output.hidden_states, attentions=output.attentions
         )

@@ -211,8 +211,10 @@ def test_expert_lora_is_counted_in_peft_layout_and_routers_never(tmp_path):
     assert inv.expert_targets("attention") == ()
 
 
-def test_a_soft_capped_head_is_profiled_with_the_standard_loss_the_trainer_falls_back_to(tmp_path):
-    """qlora.ops.loss cannot reproduce a soft-capped head: it trains with the standard loss, as the profiler plans."""
+def test_a_head_the_chunked_loss_cannot_reproduce_is_profiled_with_the_standard_loss_the_trainer_falls_back_to(
+    tmp_path,
+):
+    """A head transform qlora.ops.loss does not reproduce is trained with the standard loss: so is it profiled."""
     llama = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -226,10 +228,10 @@ def test_a_soft_capped_head_is_profiled_with_the_standard_loss_the_trainer_falls
     (tmp_path / "capped").mkdir()
     (tmp_path / "plain").mkdir()
     capped, plain = tmp_path / "capped" / "config.json", tmp_path / "plain" / "config.json"
-    capped.write_text(json.dumps({**llama, "final_logit_softcapping": 30.0}))
+    capped.write_text(json.dumps({**llama, "output_multiplier_scale": 2.0}))
     plain.write_text(json.dumps(llama))
     inv = load_inventory(str(capped))
-    assert inv.chunked_loss_unsupported == "its config sets final_logit_softcapping=30.0"
+    assert inv.chunked_loss_unsupported == "its config sets output_multiplier_scale=2.0"
     chunked, standard = (estimate(str(capped), "qlora", Settings(loss=loss)) for loss in ("chunked", "standard"))
     assert chunked.total == standard.total and chunked.peak_moment == "start of backward (loss gradient)"
     assert load_inventory(str(plain)).chunked_loss_unsupported is None

@@ -55,7 +55,7 @@ def test_terminal_table_prints_every_row_and_the_advice(runs):
     assert "Predicted peak training memory (MiB)" in text
     assert text.count("│ tiny ") == 3
     assert text.count(f"{runs[0].plan.model} ") == 3  # one advice line per method
-    assert "seq 64 · batch 2 · r 8 (all-linear) · paged_adamw_32bit · checkpointing · sdpa · bfloat16 on cuda" in text
+    assert "seq 64 · batch 2 · r 8 (all-linear) · paged_adamw_32bit · checkpointing · auto · bfloat16 on cuda" in text
 
 
 def test_markdown_has_the_table_measured_components_and_environment(runs):

@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from qlora.config.architecture import HeadTransform
 from qlora.config.long_context import chunk_tokens
 from qlora.config.recipe import LoraSpec, recipe_from_mapping
 from qlora.model.build import install_loss
@@ -179,13 +180,75 @@ def test_a_deep_copy_keeps_its_own_forward():
         assert clone(input_ids=ids, labels=ids).loss.item() != chunked(input_ids=ids, labels=ids).loss.item()
 
 
-def test_a_soft_capped_head_falls_back_to_the_standard_loss_with_one_line(capsys):
-    model = tiny(final_logit_softcapping=30.0)
+HEADS = {  # a family per head transform, its value made large enough to change the loss
+    "gemma2": {"final_logit_softcapping": 0.5, "attn_implementation": "eager"},  # softcap * tanh(logits / softcap)
+    "granite": {"logits_scaling": 4.0},  # logits / logits_scaling
+    "cohere": {"logit_scale": 3.0},  # logits * logit_scale
+}
+
+
+def family_pair(model_type: str, lora: bool):
+    """(standard, chunked): a tiny `model_type` causal LM twice (LoRA on every linear layer, or trained in full)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    options = dict(HEADS[model_type])
+    attn = options.pop("attn_implementation", "sdpa")
+    sizes = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    models = []
+    for loss in ("standard", "chunked"):
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(model_type, num_key_value_heads=2, head_dim=8, **sizes, **options)
+        config._attn_implementation = attn
+        model = AutoModelForCausalLM.from_config(config).float()
+        if lora:
+            torch.manual_seed(1)
+            model = attach_lora(model, LoraSpec(r=4, alpha=8, dropout=0.0, targets="all-linear"))
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        assert install_loss(model, loss_recipe(loss)) == loss
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("model_type", sorted(HEADS))
+def test_soft_capped_and_scaled_heads_take_the_chunked_loss_with_the_same_loss_and_gradients(model_type, lora, capsys):
+    standard, chunked = family_pair(model_type, lora)
+    assert "standard loss" not in capsys.readouterr().err  # no fallback any more
+    with torch.no_grad():
+        batch = batches()[0]
+        plain = standard(input_ids=batch["input_ids"]).logits
+    assert plain.abs().max() < (HEADS[model_type].get("final_logit_softcapping") or float("inf"))
+    assert_same(standard, chunked, batches(), torch.tensor(40))
+
+
+def test_soft_capping_and_scaling_over_many_chunks_with_a_bias():
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight, bias = torch.randn(50, 16, requires_grad=True), torch.randn(50, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = -100
+    cap, scale = 2.0, 0.7
+    logits = cap * torch.tanh((hidden @ weight.T + bias) * scale / cap)
+    ref = ForCausalLMLoss(logits, labels, 50, num_items_in_batch=torch.tensor(11))
+    out = chunked_causal_lm_loss(
+        hidden, weight, bias, labels, num_items_in_batch=torch.tensor(11), chunk=4, transform=HeadTransform(scale, cap)
+    )
+    assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+    for a, b in zip(
+        torch.autograd.grad(3 * ref, (hidden, weight, bias)), torch.autograd.grad(3 * out, (hidden, weight, bias))
+    ):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_a_head_the_chunked_loss_cannot_reproduce_falls_back_to_the_standard_loss_with_one_line(capsys):
+    model = tiny(output_multiplier_scale=2.0)
     forward = model.forward
     assert install_loss(model, loss_recipe("chunked")) == "standard"
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "training.loss: chunked cannot reproduce this model's logits (its config sets final_logit_softcapping=30.0); "
+        "training.loss: chunked cannot reproduce this model's logits (its config sets output_multiplier_scale=2.0); "
         "using the standard loss"
     ]
     assert model.forward == forward
