@@ -65,8 +65,9 @@ class RunDisk:
 def trainable_tensors(inv: Inventory, method: str, settings: Settings) -> list[int]:
     """Element counts of the tensors training saves (LoRA A and B, a classifier head's copy; every weight for full)."""
     targets = () if method == "full" else inv.lora_targets(settings.targets)
+    stacks = () if method == "full" else inv.expert_targets(settings.targets)  # expert LoRA (mixture of experts)
     head = [] if method == "full" else _head_tensors(inv)
-    return _trainable_tensors(inv, method, targets, settings.rank, head)
+    return _trainable_tensors(inv, method, targets, settings.rank, head, stacks)
 
 
 def adapter_bytes(inv: Inventory, method: str, settings: Settings, tokenizer_bytes: int = 0) -> int:

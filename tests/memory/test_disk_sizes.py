@@ -96,3 +96,16 @@ def test_a_full_disk_while_writing_the_reports_is_one_line(llama_config, tmp_pat
         line,
     ), line
     assert sorted(p.name for p in out.iterdir()) == ["memory.md"]  # no temporary file left
+
+
+def test_a_moe_adapter_on_disk_holds_its_expert_lora():
+    """Qwen3-30B-A3B, r 8 on all linear layers and every expert stack: the adapter file holds what the memory
+    estimate counts as adapters (expert LoRA is most of it), in fp32, plus small files."""
+    from qlora.memory.estimate import estimate
+
+    settings = Settings(rank=8, targets="all-linear", optimizer="paged_adamw_8bit")
+    inv = settings_inventory("qwen3-30b-a3b", settings)
+    adapters = estimate(inv, "qlora", settings).bytes["adapters"]
+    disk = profile_disk(inv, "qlora", settings, 3, 100, 10)
+    assert adapters > 2**30  # the expert LoRA alone is over a GiB at r 8
+    assert adapters <= disk["adapter_bytes"] < adapters * 1.01 + 10 * 2**20
