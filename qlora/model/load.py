@@ -178,6 +178,11 @@ def load_base_model(
     return model
 
 
+def is_moe(config) -> bool:
+    """Whether a transformers config has routed experts (Mixtral, Qwen3-MoE, gpt-oss, GLM-4.5-MoE, ...)."""
+    return any(getattr(config.get_text_config(), key, None) for key in EXPERT_KEYS)
+
+
 def check_moe_source(recipe: Recipe, config) -> None:
     """One-line errors for what qlora's 4-bit experts do not cover (before any weight is loaded).
 
@@ -185,7 +190,7 @@ def check_moe_source(recipe: Recipe, config) -> None:
     ignores the recipe's bitsandbytes config: the experts would be MXFP4 or 16-bit depending on the kernels
     installed, never qlora's NF4. Sharded strategies flatten parameters, which 4-bit expert stacks are not yet
     prepared for."""
-    moe = any(getattr(config.get_text_config(), key, None) for key in EXPERT_KEYS)
+    moe = is_moe(config)
     quant = getattr(config, "quantization_config", None)
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     if moe and method and str(method) != "bitsandbytes" and recipe.quantization.bits is not None:
@@ -201,13 +206,14 @@ def check_moe_source(recipe: Recipe, config) -> None:
 
 
 def moe_loading_kwargs(recipe: Recipe, lora: bool) -> tuple[dict[str, Any], Any]:
-    """(from_pretrained kwargs, context to load in) for any model under LoRA: qlora's experts implementation
+    """(from_pretrained kwargs, context to load in) for a mixture-of-experts model under LoRA: qlora's experts code
     (qlora.ops.experts: split LoRA, one layer dequantized at a time; a dense model has no experts module to
     use it) and, for a 4-bit recipe, fused experts quantized to NF4 as the loader sets them (bitsandbytes'
     `Linear4bit` replacement covers only the linear layers). Nothing for full fine-tuning."""
-    if not lora:
+    config = load_model_config(recipe.model)
+    if not lora or not is_moe(config):
         return {}, contextlib.nullcontext()
-    check_moe_source(recipe, load_model_config(recipe.model))
+    check_moe_source(recipe, config)
     kwargs = {"experts_implementation": register_experts_implementation()}
     q = recipe.quantization
     if q.bits != 4:
