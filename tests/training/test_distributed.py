@@ -238,7 +238,14 @@ def test_ddp_equals_one_process_with_the_same_global_batch(ddp_run, single_run, 
 @pytest.mark.slow
 def test_only_the_main_process_writes_one_output_folder(ddp_run):
     out, proc = ddp_run
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.json", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter",
+        "checkpoints",
+        "log.jsonl",
+        "metrics.json",
+        "recipe.yaml",
+        "training.png",
+    ]
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == [
         "checkpoint-12",
         "checkpoint-4",

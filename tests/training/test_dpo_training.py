@@ -201,7 +201,7 @@ def test_a_nan_dpo_loss_stops_with_exit_5_and_keeps_the_last_good_checkpoint(
     """TRL's DPO loss is not the model output's loss: the stop sees it through the non-finite gradients."""
     import trl
 
-    from qlora.training.nonfinite import NONFINITE_EXIT_CODE
+    from qlora.config.errors import ExitCode
     from qlora.training.run import train
 
     original = trl.DPOTrainer.compute_loss
@@ -214,7 +214,7 @@ def test_a_nan_dpo_loss_stops_with_exit_5_and_keeps_the_last_good_checkpoint(
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as info:
         train(dpo_recipe(tiny_llama, preference_file, out))
-    assert info.value.code == NONFINITE_EXIT_CODE
+    assert info.value.code == ExitCode.NONFINITE
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
     assert not (out / "adapter").exists()
 
@@ -228,7 +228,7 @@ def test_sigterm_mid_dpo_run_saves_the_step_reached_and_resumes(
 
     import trl
 
-    from qlora.training.preemption import PREEMPTED_EXIT_CODE
+    from qlora.config.errors import ExitCode
     from qlora.training.run import train
 
     original = trl.DPOTrainer.compute_loss
@@ -243,7 +243,7 @@ def test_sigterm_mid_dpo_run_saves_the_step_reached_and_resumes(
         patch.setattr(trl.DPOTrainer, "compute_loss", compute_loss)
         with pytest.raises(SystemExit) as info:
             train(dpo_recipe(tiny_llama, preference_file, out))
-    assert info.value.code == PREEMPTED_EXIT_CODE
+    assert info.value.code == ExitCode.PREEMPTED
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     train(dpo_recipe(tiny_llama, preference_file, out), resume=True)
     resumed, uninterrupted = adapter(out), adapter(dpo_run[0])
