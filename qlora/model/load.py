@@ -27,6 +27,7 @@ from transformers import (
 
 from qlora.config.architecture import CLASSIFIER_HEADS
 from qlora.config.attention import choose_attention, describe_choice, model_class, supported_attention
+from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.errors import QLoraError
 from qlora.config.recipe import SHARDED_STRATEGIES, ModelSpec, QuantizationSpec, Recipe
 from qlora.memory.inventory import EXPERT_KEYS
@@ -147,6 +148,7 @@ def load_base_model(
     checkpoint whose config has none, since the classifier pools the last non-pad token; `device`:
     'cpu' or 'cuda', default the GPU when there is one; `lora`: False for full fine-tuning, whose experts
     train and so keep transformers' own experts code)."""
+    keep_deepspeed_off_stdout()  # before transformers or accelerate first ask DeepSpeed for its accelerator
     sharded = recipe.distributed.strategy in SHARDED_STRATEGIES
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype,  # frozen unquantized weights stay in the compute dtype (qlora.config.precision)

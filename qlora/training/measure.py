@@ -37,6 +37,7 @@ from transformers.utils import (
     logging as hf_logging,
 )
 
+from qlora.config.environment import keep_deepspeed_off_stdout
 from qlora.config.precision import default_device, resolve_compute_dtype, trainer_precision_flags
 from qlora.config.recipe import Recipe
 from qlora.memory.catalog import resolve
@@ -115,6 +116,7 @@ def measure(recipe: Recipe, method: str, num_labels: int | None = None, weights:
     `num_labels`: a classifier's head size (else counted from the recipe's data). `weights`: a folder of
     `random_weights` to load, so a caller measuring one config several times builds them once. Nothing the
     measurement built outlives it: on a GPU, allocated memory is back where it started (checked)."""
+    keep_deepspeed_off_stdout()  # `qlora profile --measure --format json` prints nothing but the JSON on stdout
     device = default_device()
     _, _, settings = from_recipe(recipe, num_labels, device)  # the batch shapes, as the profiler sees them
     hf_logging.disable_progress_bar()  # saving and loading the random model is not news to the user
@@ -155,6 +157,7 @@ def _measure(recipe: Recipe, method: str, settings: Settings, weights: Path, dev
 def random_weights(recipe: Recipe, num_labels: int | None, folder: Path) -> Path:
     """The recipe's model config with random weights (a classifier's head with `num_labels` outputs), saved in
     the compute dtype, built on the GPU when there is one and with every CPU thread; returns `folder`."""
+    keep_deepspeed_off_stdout()  # saving the model asks DeepSpeed for its accelerator (a line on stdout)
     torch.manual_seed(0)
     config = load_config(resolve(recipe.model.name_or_path).config_path)
     if num_labels:  # saved with its head, so loading it reports nothing missing
