@@ -236,11 +236,13 @@ def label_text(raw, spec: DataSpec):
 def label_names_of(raws, spec: DataSpec) -> list[str]:
     """Sorted label names (ints numerically, then strings): the sort fixes each label's id."""
     values = [v for raw in raws if raw is not None for v in raw[column(spec, "label")]]
-    odd = next((v for v in values if not isinstance(v, (str, int))), None)
-    if odd is not None:  # lists, mappings, floats: not a class name, and not hashable or sortable as one
+    # lists, mappings, floats, nulls: not a class name, and not hashable or sortable as one (a list, not
+    # next(..., None): a null label is itself one of these)
+    odd = [v for v in values if not isinstance(v, (str, int))]
+    if odd:
         raise QLoraError(
             f"data.path: column '{column(spec, 'label')}' must hold text or integer labels, "
-            f"got {type(odd).__name__} {str(odd)[:60]}"
+            f"got {type(odd[0]).__name__} {str(odd[0])[:60]}"
         )
     values = set(values)
     if len(values) < 2:

@@ -311,3 +311,19 @@ def test_training_runs_on_packed_and_chat_data(tmp_path, tiny_llama, alpaca_file
     assert metrics["train_steps"] == 2 and metrics["eval_loss_after"] < metrics["eval_loss_before"]
     assert "eval_exact_match_after" in metrics
     assert ("train_blocks" in metrics["data"]) == packed
+
+
+@pytest.mark.parametrize(
+    "labels", [[None, True], [None, "x"], [["a"], ["b"]]], ids=["null-and-bool", "null-and-text", "lists"]
+)
+def test_a_null_or_list_label_is_one_error_naming_the_column(labels):
+    """Found by the fuzz test: a null label slipped past the check (it was also the 'nothing odd' sentinel)."""
+    import datasets
+
+    from qlora.config.errors import QLoraError
+    from qlora.config.recipe import DataSpec
+    from qlora.data.prepare import label_names_of
+
+    raw = datasets.Dataset.from_list([{"text": "a", "label": labels[0]}, {"text": "b", "label": labels[1]}])
+    with pytest.raises(QLoraError, match="column 'label' must hold text or integer labels"):
+        label_names_of([raw], DataSpec(format="classification"))
