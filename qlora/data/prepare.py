@@ -317,6 +317,11 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        if i == 0:  # its prompt would be the empty conversation, which transformers refuses to render
+            raise QLoraError(
+                f"data.path: a conversation starts with an assistant turn (nothing for it to answer): "
+                f"{str(messages)[:120]}"
+            )
         start, end = (
             render_chat(tokenizer, messages[:i], generation_prompt=True),
             render_chat(tokenizer, messages[: i + 1]),

@@ -272,6 +272,11 @@ def test_unusable_path_names_are_one_error(folder, value, message):
             "column 'label' must hold text or integer labels, got list",
         ),  # was TypeError
         ("chat", {"messages": []}, "column 'messages' must hold lists of {role, content} messages"),  # was ValueError
+        (
+            "chat",
+            {"messages": [{"role": "assistant", "content": "x"}]},
+            "a conversation starts with an assistant turn",
+        ),  # was ValueError (transformers refuses to render the empty conversation before it)
     ],
 )
 def test_malformed_cells_are_one_error(folder, tokenizer, fmt, row, message):
