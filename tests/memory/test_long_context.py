@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import predicted_and_measured
+from conftest import TINY_LLAMA, predicted_and_measured
 
 from qlora.config.errors import QLoraError, run_cli
 from qlora.config.recipe import recipe_from_mapping
@@ -15,19 +15,6 @@ from qlora.memory.activations import OFFLOADED
 from qlora.memory.estimate import estimate
 from qlora.memory.planner import plan, predict
 from qlora.memory.settings import Settings, from_recipe
-
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 160,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 512,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-}
 
 
 def write_config(folder, config: dict):
